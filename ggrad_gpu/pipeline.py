@@ -75,6 +75,10 @@ class Refinement:
         "numpy" or "cupy": where it was computed.
     timings : dict
         Seconds per stage.
+    quality : dict
+        TRE-free figures of the match, before and after: ``mse_before``,
+        ``mse_after``, ``ncc_before``, ``ncc_after`` of the first estimate's
+        gradient images over their overlap (what the guard compares).
     """
 
     matrix: np.ndarray
@@ -88,6 +92,7 @@ class Refinement:
     message: str
     backend: str
     timings: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)
 
 
 def working_grid(guide_shape, initial, working_shape=None) -> tuple[int, tuple[int, int], np.ndarray]:
@@ -294,6 +299,7 @@ def refine(
         message=message,
         backend=xp.__name__,
         timings=timings,
+        quality={"mse_before": before, "mse_after": after, "ncc_before": ncc_before, "ncc_after": ncc_after},
     )
 
 
