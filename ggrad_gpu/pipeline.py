@@ -130,6 +130,7 @@ def refine(
     output_grid: str = "working",
     method: str = "gradient",
     reestimate: bool = True,
+    screen_bands: bool = True,
     order: int = 1,
     psf_sigma: float | None = 0.5,
     absorbance: bool = True,
@@ -165,6 +166,16 @@ def refine(
         is then brought onto the working grid with that transform, the weights
         are estimated again there and the registration is refined once more:
         the estimate from a misplaced cube is what limits the first result.
+    screen_bands : bool, default True
+        Before the re-estimate on the working grid, estimate once more at the
+        cube's resolution from the aligned cube (cheap: a few thousand pixels)
+        and re-estimate on the working grid from only the bands that this
+        estimate weights at some level; the others get weight 0. The working
+        grid's Gram matrices then cost ``(bands kept / bands)**2`` of the full
+        ones, typically a hundredth. On the 1000-band phantom sweep it gave
+        the same registration error as the full re-estimate (see
+        ``benchmarks/RESULTS.md``). ``False`` re-estimates over all bands,
+        solving eq. 5 exactly on the working grid.
     order : {1, 3}
         Interpolation of the final resampling.
     psf_sigma : float or None, default 0.5
@@ -206,14 +217,14 @@ def refine(
         working_guide = _optical_density(working_guide, xp)
     timings["prepare"] = time.perf_counter() - clock
 
-    def estimate_at(rotation, coarse_pass):
+    def estimate_at(rotation, step, bands=None):
+        """Estimate on the working grid's pyramid level ``log2(step)``, from bands ``bands`` (default all)."""
         to_native = initial @ scale @ rotation
-        # The final pass estimates on the working grid itself: its accuracy needs it.
-        step = 2 ** _estimation_level(to_native) if coarse_pass else 1
         coarse = ((shape[0] + step - 1) // step, (shape[1] + step - 1) // step)
         to_coarse = np.diag([step, step, 1.0])  # estimation pixel i sits at working coordinate step * i
         start = time.perf_counter()
-        on_grid = warp_cube(cube_d, to_native @ to_coarse, coarse, order=1)
+        source = cube_d if bands is None else cube_d[:, :, xp.asarray(bands)]
+        on_grid = warp_cube(source, to_native @ to_coarse, coarse, order=1)
         covered = _footprint(cube.shape[:2], to_native @ to_coarse, coarse, xp)
         on_grid[~covered] = 0
         timings["resample"] = timings.get("resample", 0.0) + time.perf_counter() - start
@@ -224,6 +235,10 @@ def refine(
         else:
             result = _baseline_gradient(reference, on_grid, covered, method, xp)
         result = _to_working_grid(result, step, shape, xp)
+        if bands is not None:
+            every_band = np.zeros((result.channel_weights.shape[0], cube.shape[2]))
+            every_band[:, bands] = result.channel_weights
+            result = replace(result, channel_weights=every_band)
         timings["estimate"] = timings.get("estimate", 0.0) + time.perf_counter() - start
         return result
 
@@ -235,13 +250,22 @@ def refine(
         timings["register"] = timings.get("register", 0.0) + time.perf_counter() - start
         return registration, rotation @ registration.matrix
 
-    gradient = estimate_at(np.eye(3), coarse_pass=True)
+    gradient = estimate_at(np.eye(3), _cube_resolution_step(initial @ scale))
     first = gradient
     registration, rotation = register(gradient, np.eye(3), coarse_search=True)
     if reestimate:
-        # Aligned now: estimate on the working grid itself, and no coarse
-        # search, which could only jump away. (More rounds add noise, not accuracy.)
-        gradient = estimate_at(rotation, coarse_pass=False)
+        # Aligned now: estimate on the working grid itself (its accuracy needs
+        # it), and no coarse search, which could only jump away. (More rounds
+        # add noise, not accuracy.)
+        bands = None
+        step = _cube_resolution_step(initial @ scale @ rotation)
+        if screen_bands and method == "gradient" and step > 1:
+            # The bands that can matter: those an exact estimate at the cube's
+            # resolution, now aligned, gives weight at any level.
+            aligned = estimate_at(rotation, step)
+            support = np.flatnonzero((aligned.channel_weights > 0).any(axis=0))
+            bands = support if support.size else None
+        gradient = estimate_at(rotation, 1, bands)
         registration, rotation = register(gradient, rotation, coarse_search=False)
 
     # The guard: the first estimate's images, before against after.
@@ -348,16 +372,16 @@ def _footprint(cube_shape, matrix, shape, xp):
     )
 
 
-def _estimation_level(to_native) -> int:
-    """Pyramid level of the working grid at which the estimation runs.
+def _cube_resolution_step(to_native) -> int:
+    """Pixel step ``2**k`` of the working grid's pyramid level ``k`` at the cube's resolution.
 
     Levels finer than the cube resolves carry no information of the cube's
-    (its values there are interpolated) but cost the most: the estimation
-    starts at the finest level whose pixels still sample the cube at least
+    (its values there are interpolated) but cost the most: the first estimate
+    runs on the finest level whose pixels still sample the cube at least
     every 0.8 cube pixels.
     """
     pixel = 1.0 / math.sqrt(abs(float(np.linalg.det(to_native[:2, :2]))))  # working px per cube px
-    return max(0, int(math.floor(math.log2(max(pixel / 1.25, 1.0)))))
+    return 2 ** max(0, int(math.floor(math.log2(max(pixel / 1.25, 1.0)))))
 
 
 def _to_working_grid(result, step, shape, xp):
