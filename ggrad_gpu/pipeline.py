@@ -134,6 +134,7 @@ def refine(
     order: int = 1,
     psf_sigma: float | None = 0.5,
     absorbance: bool = True,
+    progress=None,
 ) -> Refinement:
     """Refine a cube's registration to a guide image.
 
@@ -191,6 +192,9 @@ def refine(
         intensity, is linear in the components' concentrations as the
         spectra are; blurred edges then peak at the same place in both.
         Set False for guides that are not transmitted light.
+    progress : callable, optional
+        Called with a short description of each stage as it starts (e.g. to
+        drive a progress bar).
 
     Returns
     -------
@@ -198,6 +202,7 @@ def refine(
     """
     timings = {}
     clock = time.perf_counter()
+    report = progress if progress is not None else (lambda stage: None)
     check_array(guide, "guide", (2,), "2-D (rows, cols)")
     check_array(cube, "cube", (3,), "3-D (rows, cols, bands)")
     if method not in METHODS:
@@ -219,6 +224,7 @@ def refine(
 
     def estimate_at(rotation, step, bands=None):
         """Estimate on the working grid's pyramid level ``log2(step)``, from bands ``bands`` (default all)."""
+        report(f"estimate ({'all' if bands is None else len(bands)} bands, grid step {step})")
         to_native = initial @ scale @ rotation
         coarse = ((shape[0] + step - 1) // step, (shape[1] + step - 1) // step)
         to_coarse = np.diag([step, step, 1.0])  # estimation pixel i sits at working coordinate step * i
@@ -243,6 +249,7 @@ def refine(
         return result
 
     def register(result, rotation, coarse_search):
+        report("register" + (" (with coarse search)" if coarse_search else ""))
         start = time.perf_counter()
         registration = register_affine(
             result.grad_x, result.grad_y, moving_mask=result.valid, coarse_search=coarse_search
@@ -294,6 +301,7 @@ def refine(
         warnings.warn(message, UserWarning, stacklevel=2)
     timings["guard"] = time.perf_counter() - start
 
+    report("resample the cube")
     start = time.perf_counter()
     if output_grid == "working":
         out_matrix, out_shape = matrix @ scale, shape
