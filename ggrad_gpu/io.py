@@ -1,0 +1,849 @@
+"""Reading and writing cubes, guide images and JSON records.
+
+Cubes come back as :class:`CubeData`: the array as ``(rows, cols, bands)``,
+bands last, with the band centres and their unit where the file holds them.
+Where the format allows, the array is a read-only memory map, so a large cube
+is not read until it is used; every file is opened read-only.
+
+========  ======================  ==============================  ==========
+format    suffix                  library (``pip install ...``)   memory map
+========  ======================  ==============================  ==========
+npy       ``.npy``                NumPy                           yes
+npz       ``.npz``                NumPy                           no
+tiff      ``.tif``, ``.tiff``     ``tifffile``                    if uncompressed
+envi      ``.hdr`` (+ data file)  ``spectral``                    yes
+hdf5      ``.h5``, ``.hdf5``      ``h5py``                        no
+zarr      ``.zarr`` (a folder)    ``zarr``                        no
+========  ======================  ==============================  ==========
+
+The optional libraries are imported only when a file of their format is read
+or written (``pip install ggrad_gpu[io]`` installs them all).
+
+Writers never leave a half-written file under the target name: they write to a
+temporary name beside it and rename it into place once complete
+(:func:`atomic_write`), and an existing file is replaced only when asked to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ._backend import to_host
+from ._validation import check_array
+
+__all__ = [
+    "CUBE_FORMATS",
+    "CUBE_SUFFIXES",
+    "CubeData",
+    "GUIDE_SUFFIXES",
+    "LUMA_WEIGHTS",
+    "atomic_write",
+    "read_cube",
+    "read_guide",
+    "write_cube",
+    "write_json",
+]
+
+CUBE_FORMATS = ("npy", "npz", "tiff", "envi", "hdf5", "zarr")
+CUBE_SUFFIXES = {
+    ".npy": "npy", ".npz": "npz", ".tif": "tiff", ".tiff": "tiff", ".hdr": "envi",
+    ".h5": "hdf5", ".hdf5": "hdf5", ".zarr": "zarr",
+}
+GUIDE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
+#: ITU-R BT.709 luma weights for R, G, B (as scikit-image's ``rgb2gray``).
+LUMA_WEIGHTS = (0.2125, 0.7154, 0.0721)
+
+# Names under which a file may hold the band centres, in order of preference.
+_CENTRE_KEYS = ("band_centres", "wavenumbers", "wavelengths", "energy")
+_DATASET_FORMATS = ("npz", "hdf5", "zarr")
+# ENVI "wavelength units" and the short units of CubeData.band_unit.
+_ENVI_TO_UNIT = {
+    "nanometers": "nm", "nanometer": "nm", "nm": "nm",
+    "micrometers": "um", "micrometer": "um", "microns": "um", "um": "um", "\u00b5m": "um",
+    "millimeters": "mm", "millimeter": "mm", "mm": "mm",
+    "centimeters": "cm", "centimeter": "cm", "cm": "cm",
+    "meters": "m", "meter": "m", "m": "m",
+    "wavenumber": "cm-1", "wavenumbers": "cm-1", "cm-1": "cm-1",
+    "ghz": "GHz", "mhz": "MHz", "index": None, "unknown": None,
+}
+_UNIT_TO_ENVI = {
+    "nm": "Nanometers", "um": "Micrometers", "\u00b5m": "Micrometers", "mm": "Millimeters",
+    "cm": "Centimeters", "m": "Meters", "cm-1": "Wavenumber", "1/cm": "Wavenumber",
+    "ghz": "GHz", "mhz": "MHz",
+}
+# ENVI data types (spectral's map); other real types are stored as float32.
+_ENVI_DTYPES = tuple(np.dtype(t) for t in ("u1", "i2", "i4", "f4", "f8", "u2", "u4", "i8", "u8"))
+
+
+@dataclass(frozen=True, eq=False)
+class CubeData:
+    """A cube read from a file, with what the file says about its bands.
+
+    Attributes
+    ----------
+    data : numpy.ndarray, shape (rows, cols, bands)
+        Bands last. A read-only ``numpy.memmap`` for npy, uncompressed TIFF and
+        ENVI files (writing into it raises); an in-memory array otherwise.
+    band_centres : numpy.ndarray of float64, shape (bands,), or None
+        The band centres (wavelengths, wavenumbers, energies), if stored.
+    band_unit : str or None
+        Their unit, e.g. ``"nm"``, ``"cm-1"``, ``"keV"``, if stored.
+    path : pathlib.Path
+        The file (for ENVI, the header; for Zarr, the folder).
+    format : str
+        One of :data:`CUBE_FORMATS`.
+    dataset : str or None
+        The array's name inside an npz, HDF5 or Zarr container.
+    """
+
+    data: np.ndarray
+    band_centres: np.ndarray | None
+    band_unit: str | None
+    path: Path
+    format: str
+    dataset: str | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(rows, cols, bands)``."""
+        return tuple(self.data.shape)
+
+    def __repr__(self) -> str:
+        centres = "no band centres" if self.band_centres is None else f"band centres in {self.band_unit}"
+        inside = f", dataset={self.dataset!r}" if self.dataset else ""
+        return (f"CubeData({self.format} {self.data.dtype} {' x '.join(map(str, self.shape))}, "
+                f"{centres}, path={str(self.path)!r}{inside})")
+
+
+# --------------------------------------------------------------------------- reading cubes
+
+
+def read_cube(path, *, dataset: str | None = None, band_axis: int | None = None,
+              format: str | None = None) -> CubeData:
+    """Read a hyperspectral cube as ``(rows, cols, bands)``.
+
+    Parameters
+    ----------
+    path : path-like
+        The file: ``.npy``, ``.npz``, ``.tif``/``.tiff``, ``.hdr`` (ENVI; the
+        data file beside it is found as ENVI does, or give the data file and
+        its ``.hdr`` is found), ``.h5``/``.hdf5`` or a ``.zarr`` folder. An
+        HDF5 or Zarr path may name the array inside: ``"scan.h5:/raman/cube"``.
+    dataset : str, optional
+        The array inside an npz, HDF5 or Zarr container. Default: the one
+        named ``cube``, else the only 3-D array (more than one is an error).
+    band_axis : int, optional
+        The axis of the *stored* array that holds the bands; it is moved last
+        with :func:`numpy.moveaxis` (a view, no copy). Default: the format's
+        own: the first axis (pages) for TIFF, the last for npy, npz, HDF5 and
+        Zarr. (A TIFF's first series is used, with any length-1 axes beyond
+        three dropped, as in ImageJ stacks.) ENVI cubes always come as ``(lines, samples, bands)`` whatever
+        their interleave (bsq, bil, bip), so only the default is accepted.
+    format : {"npy", "npz", "tiff", "envi", "hdf5", "zarr"}, optional
+        Override the format picked from the suffix.
+
+    Returns
+    -------
+    CubeData
+        ``data`` is a read-only memory map for npy, uncompressed TIFF and ENVI
+        files; HDF5, Zarr, npz and compressed TIFF arrays are read into memory.
+        Band centres come from, per format: npz arrays ``band_centres``,
+        ``wavenumbers``, ``wavelengths`` or ``energy`` and ``band_unit``; the
+        JSON ImageDescription that :func:`write_cube` puts in a TIFF; the ENVI
+        header's ``wavelength`` and ``wavelength units`` (``Nanometers`` becomes
+        ``"nm"``, ``Micrometers`` ``"um"``, ``Wavenumber`` ``"cm-1"``); attributes
+        of the HDF5 dataset or Zarr array with those names (or 1-D arrays with
+        those names beside it). npy files hold no band centres.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    ValueError
+        For an unknown suffix (the message lists the supported ones), a
+        stored array that is not 3-D, or an ambiguous or missing ``dataset``.
+    ImportError
+        If the format's library is missing; the message says what to install.
+
+    Notes
+    -----
+    Values are returned as stored: nothing is scaled or masked. In particular
+    an ENVI header's ``reflectance scale factor``, ``data ignore value`` and
+    ``bbl`` (bad band list) are not applied.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from ggrad_gpu.io import read_cube, write_cube
+    >>> cube = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    >>> path = os.path.join(tempfile.mkdtemp(), "cube.npz")
+    >>> path = write_cube(path, cube, band_centres=[500, 600, 700, 800], band_unit="nm")
+    >>> found = read_cube(path)
+    >>> found.shape, found.format, found.band_centres.tolist(), found.band_unit
+    ((2, 3, 4), 'npz', [500.0, 600.0, 700.0, 800.0], 'nm')
+    >>> bool((found.data == cube).all())
+    True
+    """
+    if format is not None and format not in CUBE_FORMATS:
+        raise ValueError(f"format must be one of {CUBE_FORMATS}; got {format!r}")
+    band_axis = _check_band_axis(band_axis)
+    path, dataset = _split_dataset(path, dataset)
+    if not path.exists():
+        raise FileNotFoundError(f"cube file {path} does not exist")
+    fmt = format or _format_from_suffix(path, reading=True)
+    if dataset is not None and fmt not in _DATASET_FORMATS:
+        raise ValueError(f"dataset applies to {', '.join(_DATASET_FORMATS)} files only; got "
+                         f"dataset={dataset!r} for a {fmt} file ({path})")
+    if fmt == "envi" and band_axis not in (None, -1, 2):
+        raise ValueError(f"band_axis must be left unset for an ENVI cube, whose header's interleave "
+                         f"places the bands; got band_axis={band_axis}")
+    reader = {"npy": _read_npy, "npz": _read_npz, "tiff": _read_tiff, "envi": _read_envi,
+              "hdf5": _read_hdf5, "zarr": _read_zarr}[fmt]
+    data, centres, unit, dataset = reader(path, dataset)
+    if data.ndim != 3:
+        raise ValueError(f"cube must be 3-D (rows, cols, bands); got shape {tuple(data.shape)} "
+                         f"in {path}" + (f" (dataset {dataset!r})" if dataset else ""))
+    check_array(data, "cube", (3,), "3-D (rows, cols, bands)")
+    if band_axis is None:
+        band_axis = 0 if fmt == "tiff" else -1
+    data = np.moveaxis(data, band_axis, -1)
+    centres = _band_centres(centres, data.shape[2], f"the band centres in {path}")
+    return CubeData(data=data, band_centres=centres, band_unit=_unit(unit), path=path, format=fmt,
+                    dataset=dataset)
+
+
+def _check_band_axis(band_axis):
+    if band_axis is None:
+        return None
+    if isinstance(band_axis, bool) or not isinstance(band_axis, (int, np.integer)):
+        raise TypeError(f"band_axis must be an integer or None; got {band_axis!r}")
+    if not -3 <= band_axis <= 2:
+        raise ValueError(f"band_axis must be an axis of a 3-D array (-3 to 2); got {band_axis}")
+    return int(band_axis)
+
+
+def _split_dataset(path, dataset):
+    """Split ``file.h5:/group/name`` (or ``store.zarr:group/name``) into the file and the name."""
+    text = os.fspath(path)
+    if not os.path.exists(text):
+        match = re.match(r"^(.*\.(?:h5|hdf5|zarr)):(.*)$", text, flags=re.IGNORECASE)
+        if match:
+            inner = match.group(2)
+            if dataset is not None and dataset.strip("/") != inner.strip("/"):
+                raise ValueError(f"dataset={dataset!r} contradicts the dataset in the path {text!r}")
+            return Path(match.group(1)), inner
+    return Path(text), dataset
+
+
+def _format_from_suffix(path: Path, *, reading: bool) -> str:
+    suffix = path.suffix.lower()
+    if suffix in CUBE_SUFFIXES:
+        return CUBE_SUFFIXES[suffix]
+    if reading and _envi_header(path) is not None:
+        return "envi"
+    supported = ", ".join(CUBE_SUFFIXES)
+    raise ValueError(f"cannot tell the cube format of {path} from its suffix {path.suffix!r}; "
+                     f"supported: {supported} (or pass format= one of {CUBE_FORMATS})")
+
+
+def _require(module: str, package: str, what: str):
+    """Import an optional library, or say which ``pip install`` provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"{what} needs the optional package {package!r}: pip install {package} "
+                          f"(or pip install 'ggrad_gpu[io]' for every format)") from exc
+
+
+def _band_centres(values, bands: int, name: str):
+    """``values`` as a 1-D float64 array of length ``bands`` (None stays None)."""
+    if values is None:
+        return None
+    try:
+        centres = np.array(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be numbers; got {values!r}") from None
+    if centres.size != bands:
+        raise ValueError(f"{name} must hold one value per band ({bands}); got {centres.size}")
+    return centres
+
+
+def _unit(value):
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if isinstance(value, np.ndarray):
+        value = value.item()
+        if isinstance(value, bytes):
+            value = value.decode("utf-8")
+    value = str(value).strip()
+    return value or None
+
+
+def _read_npy(path, dataset):
+    return np.load(path, mmap_mode="r", allow_pickle=False), None, None, None
+
+
+def _read_npz(path, dataset):
+    with np.load(path, allow_pickle=False) as archive:
+        names = list(archive.files)
+        if dataset is None:
+            shapes = {name: _npz_shape(archive, name) for name in names}
+            dataset = _pick_dataset(shapes, path)
+        elif dataset not in names:
+            raise ValueError(f"dataset {dataset!r} is not in {path}; it holds {names}")
+        data = archive[dataset]
+        centres = next((archive[key] for key in _CENTRE_KEYS if key in names and key != dataset), None)
+        unit = archive["band_unit"] if "band_unit" in names else None
+    return data, centres, unit, dataset
+
+
+def _npz_shape(archive, name):
+    """The shape of one npz member, from its header (the data stay unread)."""
+    with archive.zip.open(name + ".npy") as member:
+        version = np.lib.format.read_magic(member)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        return read(member)[0]
+
+
+def _pick_dataset(shapes: dict, path) -> str:
+    """``cube`` if present, else the only 3-D array; ``shapes`` maps names to shapes."""
+    if "cube" in shapes:
+        return "cube"
+    candidates = [name for name, shape in shapes.items() if len(shape) == 3]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        found = ", ".join(f"{name} {tuple(shape)}" for name, shape in shapes.items()) or "nothing"
+        raise ValueError(f"cube must be 3-D (rows, cols, bands); {path} holds no 3-D array "
+                         f"(found: {found})")
+    raise ValueError(f"{path} holds several 3-D arrays ({', '.join(candidates)}); choose one with dataset=")
+
+
+def _read_tiff(path, dataset):
+    tifffile = _require("tifffile", "tifffile", "reading a TIFF cube")
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        mappable = getattr(series, "dataoffset", None) is not None
+        centres, unit = _tiff_metadata(tif)
+        data = None if mappable else series.asarray()
+    if data is None:
+        data = tifffile.memmap(path, mode="r", series=0)
+    while data.ndim > 3 and 1 in data.shape:  # e.g. an ImageJ stack's unused axes
+        data = np.squeeze(data, axis=data.shape.index(1))
+    return data, centres, unit, None
+
+
+def _tiff_metadata(tif):
+    """Band centres and unit from the JSON ImageDescription that :func:`write_cube` writes."""
+    try:
+        meta = json.loads(tif.pages[0].description)
+    except (ValueError, TypeError, AttributeError, IndexError):
+        return None, None
+    if not isinstance(meta, dict):
+        return None, None
+    return meta.get("band_centres"), meta.get("band_unit")
+
+
+def _envi_header(path: Path):
+    """The ENVI header of ``path`` (itself if a ``.hdr``, else one beside it), or None."""
+    if path.suffix.lower() == ".hdr":
+        return path
+    for header in (path.with_suffix(".hdr"), path.with_suffix(".HDR"), Path(f"{path}.hdr")):
+        if header != path and header.is_file():
+            return header
+    return None
+
+
+def _read_envi(path, dataset):
+    envi = _require("spectral.io.envi", "spectral", "reading an ENVI cube")
+    header = _envi_header(path)
+    if header is None or not header.is_file():
+        raise FileNotFoundError(f"no ENVI header (.hdr) found for {path}")
+    image = None if header == path else str(path)
+    try:
+        img = envi.open(str(header), image)
+    except envi.EnviDataFileNotFoundError as exc:
+        raise FileNotFoundError(f"the data file of the ENVI header {header} was not found beside it "
+                                f"({exc})") from None
+    try:
+        try:
+            data = img.open_memmap(writable=False)
+        except Exception:  # noqa: BLE001 - e.g. a compressed file: read it instead
+            data = np.asarray(img.load(dtype=np.dtype(img.dtype), scale=False))
+    finally:
+        fid = getattr(img, "fid", None)
+        if fid is not None:
+            fid.close()  # the memory map holds its own handle
+    centres = img.metadata.get("wavelength")
+    unit = img.metadata.get("wavelength units")
+    if unit is not None:
+        unit = _ENVI_TO_UNIT.get(unit.strip().lower(), unit.strip())
+    return data, centres, unit, None
+
+
+def _read_hdf5(path, dataset):
+    h5py = _require("h5py", "h5py", "reading an HDF5 cube")
+    with h5py.File(path, "r") as file:
+        if dataset is None:
+            shapes = {}
+
+            def visit(name, node):  # returning None keeps the walk going
+                if isinstance(node, h5py.Dataset):
+                    shapes[name] = node.shape
+
+            file.visititems(visit)
+            dataset = _pick_dataset(shapes, path)
+        node = file.get(dataset)
+        if not isinstance(node, h5py.Dataset):
+            raise ValueError(f"dataset {dataset!r} is not an array in {path}")
+        data, dataset = node[()], node.name
+        centres = _attr(node.attrs, _CENTRE_KEYS)
+        if centres is None:
+            centres = next((node.parent[key][()] for key in _CENTRE_KEYS
+                            if isinstance(node.parent.get(key), h5py.Dataset)
+                            and node.parent[key].ndim == 1), None)
+        unit = _attr(node.attrs, ("band_unit",))
+        if unit is None:
+            unit = _attr(node.parent.attrs, ("band_unit",))
+    return np.asarray(data), centres, unit, dataset
+
+
+def _attr(attrs, keys):
+    return next((attrs[key] for key in keys if key in attrs), None)
+
+
+def _read_zarr(path, dataset):
+    zarr = _require("zarr", "zarr", "reading a Zarr cube")
+    root = zarr.open(store=str(path), mode="r")
+    if isinstance(root, zarr.Group):
+        arrays = dict(_zarr_arrays(root))
+        if dataset is None:
+            dataset = _pick_dataset({name: array.shape for name, array in arrays.items()}, path)
+        dataset = dataset.strip("/")
+        if dataset not in arrays:
+            raise ValueError(f"dataset {dataset!r} is not an array in {path}; it holds {sorted(arrays)}")
+        array = arrays[dataset]
+        parent = dataset.rpartition("/")[0]
+        siblings = {name.rpartition("/")[2]: a for name, a in arrays.items() if name.rpartition("/")[0] == parent}
+        group = root[parent] if parent else root
+    else:
+        if dataset not in (None, "", "/"):
+            raise ValueError(f"{path} is a single Zarr array; it has no dataset {dataset!r}")
+        array, siblings, group, dataset = root, {}, None, None
+    attrs = dict(array.attrs)
+    centres = _attr(attrs, _CENTRE_KEYS)
+    if centres is None:
+        centres = next((siblings[key][...] for key in _CENTRE_KEYS
+                        if key in siblings and len(siblings[key].shape) == 1), None)
+    unit = _attr(attrs, ("band_unit",))
+    if unit is None and group is not None:
+        unit = _attr(dict(group.attrs), ("band_unit",))
+    return np.asarray(array[...]), centres, unit, dataset
+
+
+def _zarr_arrays(group, prefix=""):
+    """Every array below a Zarr group, as ``(path, array)``."""
+    for name, array in group.arrays():
+        yield prefix + name, array
+    for name, sub in group.groups():
+        yield from _zarr_arrays(sub, prefix + name + "/")
+
+
+# --------------------------------------------------------------------------- reading guides
+
+
+def read_guide(path) -> np.ndarray:
+    """Read a guide (brightfield) image as a 2-D float32 array.
+
+    Parameters
+    ----------
+    path : path-like
+        PNG, JPEG or BMP (read with Pillow), TIFF (``tifffile``) or ``.npy``.
+
+    Returns
+    -------
+    numpy.ndarray of float32, shape (rows, cols)
+        Colour images become grayscale with the ITU-R BT.709 luma weights
+        :data:`LUMA_WEIGHTS` (0.2125 R + 0.7154 G + 0.0721 B, as scikit-image's
+        ``rgb2gray``); an alpha channel is dropped. Values are not rescaled:
+        an 8-bit image gives 0 to 255 and a 16-bit one 0 to 65535 (unlike
+        ``rgb2gray``, which first scales integers to [0, 1]); booleans give 0
+        and 1. Integers above 2**24 are rounded to float32's precision.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    ValueError
+        For an unknown suffix, or an image that is neither 2-D nor RGB(A).
+    ImportError
+        If Pillow (PNG, JPEG, BMP) or tifffile (TIFF) is missing.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from ggrad_gpu.io import read_guide
+    >>> path = os.path.join(tempfile.mkdtemp(), "guide.npy")
+    >>> np.save(path, np.full((2, 3, 3), [100, 100, 100], dtype=np.uint8))
+    >>> guide = read_guide(path)
+    >>> guide.shape, guide.dtype, float(guide[0, 0])
+    ((2, 3), dtype('float32'), 100.0)
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"guide image {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in GUIDE_SUFFIXES:
+        raise ValueError(f"cannot tell the image format of guide {path} from its suffix "
+                         f"{path.suffix!r}; supported: {', '.join(GUIDE_SUFFIXES)}")
+    if suffix == ".npy":
+        image = np.load(path, allow_pickle=False)
+    elif suffix in (".tif", ".tiff"):
+        image = _read_tiff_image(path)
+    else:
+        image = _read_pillow_image(path)
+    return _to_gray(image, path)
+
+
+def _read_tiff_image(path):
+    tifffile = _require("tifffile", "tifffile", "reading a TIFF guide")
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        image, axes = series.asarray(), series.axes
+    if "S" in axes:  # colour samples, possibly stored planar: put them last
+        image = np.moveaxis(image, axes.index("S"), -1)
+    keep = tuple(i for i, n in enumerate(image.shape) if n != 1 or i >= image.ndim - 2)
+    return image.reshape([image.shape[i] for i in keep])
+
+
+def _read_pillow_image(path):
+    image_module = _require("PIL.Image", "pillow", "reading a PNG, JPEG or BMP guide")
+    with image_module.open(path) as img:
+        if img.mode in ("P", "PA"):
+            img = img.convert("RGBA")
+        elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+            img = img.convert("RGB")
+        return np.array(img)
+
+
+def _to_gray(image, path) -> np.ndarray:
+    image = np.asarray(image)
+    layout = "2-D (rows, cols) or RGB(A) (rows, cols, 3 or 4)"
+    if image.ndim == 3 and image.shape[-1] in (1, 2):  # gray, gray + alpha
+        image = image[..., 0]
+    if image.ndim == 3 and image.shape[-1] in (3, 4):
+        check_array(image, "guide", (3,), layout)
+        rgb = image[..., :3].astype(np.float32)
+        red, green, blue = (np.float32(w) for w in LUMA_WEIGHTS)
+        image = red * rgb[..., 0] + green * rgb[..., 1] + blue * rgb[..., 2]
+    if image.ndim != 2:
+        raise ValueError(f"guide must be {layout}; got shape {tuple(image.shape)} from {path}")
+    check_array(image, "guide", (2,), layout)
+    return np.ascontiguousarray(image, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def atomic_write(path, *, overwrite: bool = False):
+    """Write a file (or a folder) under a temporary name; rename it into place when done.
+
+    Yields the temporary path, ``.<stem>.tmp-<random><suffix>`` in the same
+    folder (the suffix is kept for libraries that go by it). When the block
+    ends normally, what was written there is renamed to ``path`` (atomic for a
+    file on one file system); when it raises (or is interrupted), the
+    temporary file or folder is removed and ``path`` is left as it was.
+
+    Parameters
+    ----------
+    path : path-like
+        The final name.
+    overwrite : bool
+        Replace an existing ``path``. A folder is replaced only by a folder
+        and a file only by a file.
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is False (checked before the
+        block runs and again before renaming).
+    FileNotFoundError
+        If the folder to hold ``path`` does not exist, or nothing was written.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from ggrad_gpu.io import atomic_write
+    >>> path = os.path.join(tempfile.mkdtemp(), "notes.txt")
+    >>> with atomic_write(path) as temp:
+    ...     _ = temp.write_text("complete")
+    >>> open(path).read()
+    'complete'
+    """
+    with _atomic_paths([path], overwrite=overwrite) as temps:
+        yield temps[0]
+
+
+@contextlib.contextmanager
+def _atomic_paths(paths, *, overwrite: bool):
+    """:func:`atomic_write` for files that belong together, renamed in the given order."""
+    paths = [Path(p) for p in paths]
+    for target in paths:
+        _check_target(target, overwrite)
+    token = uuid.uuid4().hex[:10]
+    temps = [_temp_name(target, token) for target in paths]
+    try:
+        yield temps
+        for temp, target in zip(temps, paths):
+            if not os.path.lexists(temp):
+                raise FileNotFoundError(f"nothing was written for {target}")
+            _check_target(target, overwrite)
+        for temp, target in zip(temps, paths):
+            _move_into_place(temp, target)
+    except BaseException:
+        for temp in temps:
+            _remove(temp)
+        raise
+
+
+def _temp_name(path: Path, token: str) -> Path:
+    return path.parent / f".{path.stem}.tmp-{token}{path.suffix}"
+
+
+def _check_target(path: Path, overwrite: bool) -> None:
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"the folder to hold {path} does not exist: {path.parent}")
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+
+
+def _move_into_place(temp: Path, target: Path) -> None:
+    if not os.path.lexists(target):
+        os.rename(temp, target)
+        return
+    if temp.is_dir() != (target.is_dir() and not target.is_symlink()):
+        kind = "folder" if target.is_dir() else "file"
+        raise FileExistsError(f"{target} exists and is a {kind}; it is only replaced by a {kind}")
+    if not temp.is_dir():
+        os.replace(temp, target)
+        return
+    retired = _temp_name(target, "old-" + uuid.uuid4().hex[:10])
+    os.rename(target, retired)
+    try:
+        os.rename(temp, target)
+    except BaseException:
+        os.rename(retired, target)  # put the old folder back
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def write_json(path, obj, *, overwrite: bool = False) -> Path:
+    """Write ``obj`` as indented JSON, atomically (see :func:`atomic_write`).
+
+    NumPy scalars and arrays are written as numbers and lists, paths as
+    strings. NaN and infinity are refused (JSON has no such numbers).
+
+    Parameters
+    ----------
+    path : path-like
+    obj : JSON-serialisable object
+    overwrite : bool
+        Replace an existing file.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Examples
+    --------
+    >>> import json, os, tempfile
+    >>> import numpy as np
+    >>> from ggrad_gpu.io import write_json
+    >>> path = write_json(os.path.join(tempfile.mkdtemp(), "record.json"), {"matrix": np.eye(2)})
+    >>> json.loads(path.read_text())
+    {'matrix': [[1.0, 0.0], [0.0, 1.0]]}
+    """
+    path = Path(path)
+    try:
+        text = json.dumps(obj, indent=2, allow_nan=False, default=_json_default) + "\n"
+    except ValueError as exc:
+        raise ValueError(f"cannot write {path} as JSON: {exc}") from exc
+    with atomic_write(path, overwrite=overwrite) as temp:
+        temp.write_text(text, encoding="utf-8")
+    return path
+
+
+def _json_default(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def write_cube(path, cube, *, band_centres=None, band_unit: str | None = None, format: str | None = None,
+               overwrite: bool = False) -> Path:
+    """Write a cube ``(rows, cols, bands)``, atomically.
+
+    Parameters
+    ----------
+    path : path-like
+        The file to create; its suffix picks the format unless ``format`` is
+        given (see :data:`CUBE_SUFFIXES`). For ENVI, the header gets ``.hdr``
+        and the data file ``.img`` (or the suffix given, if not ``.hdr``).
+    cube : array, shape (rows, cols, bands)
+        NumPy (or CuPy, copied to the host). Its dtype is kept, except that
+        ENVI stores types it has no code for (bool, int8, float16) as float32.
+    band_centres : sequence of float, shape (bands,), optional
+    band_unit : str, optional
+        E.g. ``"nm"``, ``"cm-1"``, ``"keV"``.
+    format : {"npy", "npz", "tiff", "envi", "hdf5", "zarr"}, optional
+    overwrite : bool
+        Replace an existing file (or Zarr folder, or ENVI header and data).
+
+    Returns
+    -------
+    pathlib.Path
+        The file written (for ENVI, the header).
+
+    Notes
+    -----
+    What is stored where, read back by :func:`read_cube`:
+
+    - npy: the array only; ``band_centres`` and ``band_unit`` are **not**
+      stored (use another format to keep them);
+    - npz: arrays ``cube``, ``band_centres``, ``band_unit``;
+    - tiff: one page per band, ``(bands, rows, cols)`` (BigTIFF past 4 GB),
+      uncompressed so that it can be memory-mapped; band centres and unit in
+      the JSON ImageDescription;
+    - envi: BSQ, little-endian, with ``wavelength`` and ``wavelength units``
+      (``"nm"`` written as ``Nanometers``, ``"um"`` as ``Micrometers``,
+      ``"cm-1"`` as ``Wavenumber``; other units as given);
+    - hdf5: dataset ``cube`` with attributes ``band_centres``, ``band_unit``;
+    - zarr: an array at the store's root with those attributes.
+
+    Every file is written under a temporary name and renamed into place once
+    complete; on any error the temporary files are removed. The two ENVI
+    files are renamed one after the other (data first, then the header).
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from ggrad_gpu.io import read_cube, write_cube
+    >>> path = write_cube(os.path.join(tempfile.mkdtemp(), "cube.npy"), np.zeros((4, 5, 3)))
+    >>> path.name, read_cube(path).shape
+    ('cube.npy', (4, 5, 3))
+    """
+    cube = to_host(cube)
+    check_array(cube, "cube", (3,), "3-D (rows, cols, bands)")
+    centres = None if band_centres is None else to_host(band_centres)
+    centres = _band_centres(centres, cube.shape[2], "band_centres")
+    if band_unit is not None and not isinstance(band_unit, str):
+        raise TypeError(f"band_unit must be a string or None; got {band_unit!r}")
+    if format is not None and format not in CUBE_FORMATS:
+        raise ValueError(f"format must be one of {CUBE_FORMATS}; got {format!r}")
+    path = Path(path)
+    fmt = format or _format_from_suffix(path, reading=False)
+    saver = {"npy": _save_npy, "npz": _save_npz, "tiff": _save_tiff, "envi": _save_envi,
+             "hdf5": _save_hdf5, "zarr": _save_zarr}[fmt]
+    if fmt == "envi":
+        data_file = path.with_suffix(".img") if path.suffix.lower() in (".hdr", "") else path
+        targets = [data_file, data_file.with_suffix(".hdr")]
+    else:
+        targets = [path]
+    with _atomic_paths(targets, overwrite=overwrite) as temps:
+        saver(temps, cube, centres, band_unit)
+    return targets[-1]
+
+
+def _save_npy(temps, cube, centres, unit):
+    with open(temps[0], "wb") as file:
+        np.save(file, cube, allow_pickle=False)
+
+
+def _save_npz(temps, cube, centres, unit):
+    arrays = {"cube": cube}
+    if centres is not None:
+        arrays["band_centres"] = centres
+    if unit is not None:
+        arrays["band_unit"] = np.array(unit)
+    with open(temps[0], "wb") as file:
+        np.savez(file, **arrays)
+
+
+def _save_tiff(temps, cube, centres, unit):
+    tifffile = _require("tifffile", "tifffile", "writing a TIFF cube")
+    pages = np.ascontiguousarray(np.moveaxis(cube, -1, 0))
+    metadata = {}
+    if centres is not None:
+        metadata["band_centres"] = centres.tolist()
+    if unit is not None:
+        metadata["band_unit"] = unit
+    tifffile.imwrite(temps[0], pages, photometric="minisblack", metadata=metadata,
+                     bigtiff=pages.nbytes > 2**32 - 2**25)
+
+
+def _save_envi(temps, cube, centres, unit):
+    envi = _require("spectral.io.envi", "spectral", "writing an ENVI cube")
+    data_file, header = temps
+    dtype = cube.dtype.newbyteorder("=")
+    if dtype not in _ENVI_DTYPES:
+        dtype = np.dtype(np.float32)
+    metadata = {}
+    if centres is not None:
+        metadata["wavelength"] = [float(value) for value in centres]
+    if unit is not None:
+        metadata["wavelength units"] = _UNIT_TO_ENVI.get(unit.strip().lower(), unit)
+    envi.save_image(str(header), np.asarray(cube, dtype=dtype), dtype=dtype, interleave="bsq",
+                    byteorder=0, ext=data_file.suffix, metadata=metadata, force=True)
+
+
+def _save_hdf5(temps, cube, centres, unit):
+    h5py = _require("h5py", "h5py", "writing an HDF5 cube")
+    with h5py.File(temps[0], "w") as file:
+        dataset = file.create_dataset("cube", data=cube)
+        if centres is not None:
+            dataset.attrs["band_centres"] = centres
+        if unit is not None:
+            dataset.attrs["band_unit"] = unit
+
+
+def _save_zarr(temps, cube, centres, unit):
+    zarr = _require("zarr", "zarr", "writing a Zarr cube")
+    array = zarr.open_array(store=str(temps[0]), mode="w", shape=cube.shape, dtype=cube.dtype)
+    array[...] = cube
+    attrs = {}
+    if centres is not None:
+        attrs["band_centres"] = centres.tolist()
+    if unit is not None:
+        attrs["band_unit"] = unit
+    if attrs:
+        array.attrs.update(attrs)
