@@ -54,6 +54,29 @@ def cube(phantom):
     return phantom.cube_on_guide
 
 
+def pytest_addoption(parser):
+    """Options of the stage suite (``test_stages.py``); each falls back to an environment variable."""
+    group = parser.getgroup("ggrad_gpu stage benchmarks")
+    group.addoption(
+        "--bench-sizes",
+        default=None,
+        help="sizes of test_stages.py: 'small' (default), 'all' or a comma list of RxCxB; "
+        "else $GGRAD_BENCH_SIZES",
+    )
+    group.addoption(
+        "--bench-backends",
+        default=None,
+        help="backends of test_stages.py: comma list of numpy, cupy, scipy (default: all; "
+        "CuPy skipped where not usable); else $GGRAD_BENCH_BACKENDS",
+    )
+    group.addoption(
+        "--bench-rounds",
+        type=int,
+        default=None,
+        help="timed rounds per case in test_stages.py (default 3); else $GGRAD_BENCH_ROUNDS",
+    )
+
+
 @pytest.fixture(scope="session")
 def summary():
     """Session-wide dict where benchmarks leave the figures for the final summary."""
@@ -152,7 +175,7 @@ def summary_lines(summary: dict) -> list[str]:
     if plain:
         # For scale: the plain way's level-0 matrix alone, float64 pixels x bands.
         lines.append("the plain way's explicit float64 A_0 alone is 2 x cube.nbytes (float32 cube)")
-    if "refine_sweep" in summary or "refine_speed" in summary:
+    if any(key in summary for key in ("refine_sweep", "refine_tissue_sweep", "refine_speed")):
         # Filled by test_refine.py; its formatting lives beside its peers.
         from benchmarks.peers import refine_summary_lines
 

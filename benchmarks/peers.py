@@ -61,6 +61,7 @@ __all__ = [
     "sitk",
     "sitk_to_matrix",
     "summarise",
+    "sweep_summary_lines",
 ]
 
 # (row, col) <-> (x, y): this permutation is its own inverse.
@@ -411,32 +412,42 @@ def draw_cases(count: int, *, seed: int = 2024, first_phantom_seed: int = 0) -> 
 # --------------------------------------------------------------------------- report
 
 FAIL_PX = 1.0  # a case fails when its max TRE exceeds this many guide pixels
+FAR_PX = 25.0  # the registration issue's "shifts over 25 px": a case's shift length beyond this
 
 
-def summarise(rows: list[dict], methods, *, reference: str = "ggrad", fail_px: float = FAIL_PX) -> dict:
+def summarise(rows: list[dict], methods, *, reference: str = "ggrad", fail_px: float = FAIL_PX,
+              far_px: float | None = None) -> dict:
     """Per-method figures of a sweep and the cases the reference fails but a peer does not.
 
     Parameters
     ----------
     rows : list of dict
-        One per case: ``{"case": int, method: {"tre_mean", "tre_max", "seconds"}, ...}``.
+        One per case: ``{"case": int, method: {"tre_mean", "tre_max", "seconds"}, ...}``,
+        and ``"shift_px"`` (the length of the case's shift) when ``far_px`` is given.
     methods : sequence of str
         The methods to report, in table order.
+    far_px : float, optional
+        Also count each method's failures among the cases whose shift is
+        longer than this (guide pixels).
 
     Returns
     -------
     dict
         ``table``: one dict per method (``method``, ``mean_tre``, ``median_tre``,
-        ``worst_max_tre``, ``failures``, ``failed_cases``, ``seconds_per_case``);
-        ``reference_fails_peer_succeeds``: per peer, the case numbers.
+        ``worst_max_tre``, ``failures``, ``failed_cases``, ``seconds_per_case``;
+        with ``far_px``, also ``far_failures``, ``far_failed_cases`` and
+        ``far_total``, the number of such cases);
+        ``reference_fails_peer_succeeds``: per peer, the case numbers;
+        ``fail_px``, ``far_px`` and ``far_cases`` (the case numbers beyond ``far_px``).
     """
+    far = [] if far_px is None else [row["case"] for row in rows if row["shift_px"] > far_px]
     table = []
     for method in methods:
         means = np.array([row[method]["tre_mean"] for row in rows])
         maxes = np.array([row[method]["tre_max"] for row in rows])
         seconds = [row[method]["seconds"] for row in rows if row[method].get("seconds") is not None]
         failed = [row["case"] for row in rows if row[method]["tre_max"] > fail_px]
-        table.append({
+        entry = {
             "method": method,
             "mean_tre": float(means.mean()),
             "median_tre": float(np.median(means)),
@@ -444,57 +455,98 @@ def summarise(rows: list[dict], methods, *, reference: str = "ggrad", fail_px: f
             "failures": len(failed),
             "failed_cases": failed,
             "seconds_per_case": float(np.mean(seconds)) if seconds else None,
-        })
+        }
+        if far_px is not None:
+            far_failed = [case for case in failed if case in far]
+            entry.update(far_failures=len(far_failed), far_failed_cases=far_failed, far_total=len(far))
+        table.append(entry)
     lost = {}
     for method in methods:
         if method == reference or reference not in rows[0]:
             continue
         lost[method] = [row["case"] for row in rows
                         if row[reference]["tre_max"] > fail_px and row[method]["tre_max"] <= fail_px]
-    return {"table": table, "reference_fails_peer_succeeds": lost, "fail_px": fail_px}
+    return {"table": table, "reference_fails_peer_succeeds": lost, "fail_px": fail_px,
+            "far_px": far_px, "far_cases": far}
 
 
-def markdown_table(table: list[dict], labels: dict | None = None) -> list[str]:
-    """The sweep's Markdown table: method | mean TRE | median | worst max | failures | s/case."""
+def markdown_table(table: list[dict], labels: dict | None = None, *, far_px: float | None = None,
+                   lost: dict | None = None, seconds: bool = True) -> list[str]:
+    """The sweep's Markdown table: method | mean TRE | median | worst max | failures | s/case.
+
+    With ``far_px`` (entries from :func:`summarise` with the same ``far_px``),
+    a column of failures among the cases shifted further, as ``failures /
+    cases``; with ``lost`` (``reference_fails_peer_succeeds``), a column of the
+    cases the reference fails and the row's method does not ("-" for the
+    reference itself and for methods not in ``lost``); ``seconds=False``
+    leaves out the time per case.
+    """
     labels = labels or {}
-    lines = ["| method | mean TRE (px) | median (px) | worst max (px) | failures | s/case |",
-             "|---|---:|---:|---:|---:|---:|"]
+    header = ["method", "mean TRE (px)", "median (px)", "worst max (px)", "failures"]
+    if far_px is not None:
+        header.append(f"failures, shift > {far_px:g} px")
+    if lost is not None:
+        header.append("ggrad fails, this succeeds")
+    if seconds:
+        header.append("s/case")
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     for entry in table:
-        seconds = "-" if entry["seconds_per_case"] is None else f"{entry['seconds_per_case']:.2f}"
+        cells = [labels.get(entry["method"], entry["method"]), f"{entry['mean_tre']:.3f}",
+                 f"{entry['median_tre']:.3f}", f"{entry['worst_max_tre']:.3f}", str(entry["failures"])]
+        if far_px is not None:
+            cells.append(f"{entry['far_failures']} / {entry['far_total']}")
+        if lost is not None:
+            cases = lost.get(entry["method"])
+            cells.append("-" if cases is None else str(len(cases)))
+        if seconds:
+            cells.append("-" if entry["seconds_per_case"] is None else f"{entry['seconds_per_case']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def sweep_summary_lines(sweep: dict) -> list[str]:
+    """End-of-run lines of one accuracy sweep of ``test_refine.py`` (its ``summary`` entry)."""
+    lines = [
+        f"{sweep['title']}: {sweep['cases']} {sweep['data']}, {sweep['shape'][0]} x {sweep['shape'][1]} guide,"
+        f" {sweep['native'][0]} x {sweep['native'][1]} x {sweep['bands']} cube; failure = max TRE > "
+        f"{sweep['fail_px']:g} px"
+    ]
+    lines.extend(sweep["markdown"])
+    for method, cases in sweep["reference_fails_peer_succeeds"].items():
+        lines.append(f"ggrad fails, {method} succeeds: {cases if cases else 'none'}")
+    if sweep.get("far_px") is not None:
+        lines.append(f"cases with shift > {sweep['far_px']:g} px: {sweep['far_cases']}")
+    for entry in sweep["table"]:
+        if entry["failed_cases"]:
+            far = entry.get("far_failed_cases")
+            lines.append(f"{entry['method']} fails: {entry['failed_cases']}"
+                         + ("" if far is None else f" (shift > {sweep['far_px']:g} px: {far})"))
+    if sweep.get("kept_initial"):
+        lines.append(f"refine kept the initial transform (improved=False): {sweep['kept_initial']}")
+    sanity = sweep.get("sanity")
+    if sanity:
+        exact = sanity["exact"]
+        checked = sweep.get("conversion_checked", list(exact))
+        worst = max(exact[name]["tre_max"] for name in checked)
         lines.append(
-            f"| {labels.get(entry['method'], entry['method'])} | {entry['mean_tre']:.3f} | {entry['median_tre']:.3f}"
-            f" | {entry['worst_max_tre']:.3f} | {entry['failures']} | {seconds} |"
+            f"SimpleITK conversion check (known answer, case {sweep['first_case']}): worst max TRE {worst:.3f} px;"
+            " started at the truth on the real images the peers end at "
+            + ", ".join(f"{name} {tre['tre_mean']:.2f} / {tre['tre_max']:.2f} px (mean / max)"
+                        for name, tre in sanity["real_from_truth"].items())
         )
+        unchecked = [name for name in exact if name not in checked]
+        if unchecked:
+            lines.append("  known answer, not a conversion check: " + ", ".join(
+                f"{name} {exact[name]['tre_mean']:.2f} / {exact[name]['tre_max']:.2f} px" for name in unchecked))
     return lines
 
 
 def refine_summary_lines(summary: dict) -> list[str]:
-    """End-of-run lines of ``test_refine.py``: the sweep's table and the speed ratio."""
+    """End-of-run lines of ``test_refine.py``: the sweeps' tables and the speed ratio."""
     lines = []
-    sweep = summary.get("refine_sweep")
-    if sweep:
-        lines.append(
-            f"refine accuracy sweep: {sweep['cases']} phantoms, {sweep['shape'][0]} x {sweep['shape'][1]} guide,"
-            f" {sweep['native'][0]} x {sweep['native'][1]} x {sweep['bands']} cube; failure = max TRE > "
-            f"{sweep['fail_px']:g} px"
-        )
-        lines.extend(sweep["markdown"])
-        for method, cases in sweep["reference_fails_peer_succeeds"].items():
-            lines.append(f"ggrad fails, {method} succeeds: {cases if cases else 'none'}")
-        for entry in sweep["table"]:
-            if entry["failed_cases"]:
-                lines.append(f"{entry['method']} fails: {entry['failed_cases']}")
-        if sweep.get("kept_initial"):
-            lines.append(f"refine kept the initial transform (improved=False): {sweep['kept_initial']}")
-        sanity = sweep.get("sanity")
-        if sanity:
-            worst = max(entry["tre_max"] for entry in sanity["exact"].values())
-            lines.append(
-                f"SimpleITK conversion check (known answer, case {sweep['first_case']}): worst max TRE {worst:.3f} px;"
-                " started at the truth on the real images the peers end at "
-                + ", ".join(f"{name} {tre['tre_mean']:.2f} / {tre['tre_max']:.2f} px (mean / max)"
-                            for name, tre in sanity["real_from_truth"].items())
-            )
+    for key in ("refine_sweep", "refine_tissue_sweep"):
+        if summary.get(key):
+            lines.extend(sweep_summary_lines(summary[key]))
     speed = summary.get("refine_speed")
     if speed:
         shape = speed["shape"]
