@@ -1,17 +1,25 @@
 """The ``ggrad`` command.
 
-``ggrad demo`` estimates the global gradient of a built-in phantom, prints the
-recovered level weights and how well ``grad_y`` matches ``grad_x``, then
-refines the phantom cube's placement and prints the registration error before
-and after.
+``ggrad refine GUIDE CUBE -o OUTDIR`` refines the placement of a cube on a
+guide image and writes the registered cube, ``transform.json``,
+``weights.json`` and ``report.png`` into a new OUTDIR. ``ggrad demo`` does the
+same on a built-in phantom and prints the registration error before and
+after.
+
+Exit codes: 0 done (also when the initial transform was kept, unless
+``--strict``); 1 the refinement kept the initial transform and ``--strict``
+was given; 2 bad input or usage (one line on stderr); 3 an unexpected error
+(one line; ``--debug`` shows the traceback); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -20,40 +28,166 @@ from ._backend import BACKENDS, resolve_backend, to_device
 from .estimate import estimate_global_gradient
 from .filters import sobel_magnitude
 from .metrics import ncc, target_registration_error
-from .pipeline import refine
+from .outputs import CUBE_FORMATS, check_new_directory, write_outputs
+from .pipeline import OUTPUT_GRIDS, refine
+from .records import read_transform
+
+EXIT_OK, EXIT_KEPT, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ggrad",
         description="Refine the registration of hyperspectral images to a brightfield image.",
+        epilog="exit codes: 0 done; 1 initial transform kept (with --strict); 2 bad input; "
+               "3 unexpected error; 130 interrupted",
     )
     parser.add_argument("--version", action="version", version=f"ggrad_gpu {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("refine", help="refine a cube's placement on a guide image and write the results")
+    run.add_argument("guide", type=Path, help="guide image: PNG, TIFF, JPEG (RGB becomes grayscale) or .npy")
+    run.add_argument("cube", type=Path,
+                     help="cube: .npy, .npz, multi-page TIFF, ENVI .hdr, HDF5 (file.h5:/dataset) or .zarr")
+    run.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR",
+                     help="folder to create for the results (never replaced without --force)")
+    run.add_argument("--initial", type=Path, metavar="FILE",
+                     help="initial guide-to-cube transform: a transform.json (key 'matrix') or a text 3x3 "
+                          "matrix (default: the cube spans the guide's field of view)")
+    run.add_argument("--dataset", help="dataset path inside an HDF5 or Zarr cube")
+    run.add_argument("--band-axis", type=int, default=None,
+                     help="axis of the stored cube that holds the bands (default: the format's own)")
+    _common_options(run)
+    run.add_argument("--alpha", type=_float_list, metavar="A0,A1,...",
+                     help="manual guide level weights (with --beta; default: solved, eq. 9)")
+    run.add_argument("--beta", type=_float_list, metavar="B0,B1,...", help="manual cube level weights")
+    run.add_argument("--working-shape", type=int, nargs=2, metavar=("ROWS", "COLS"),
+                     help="size of the working grid (default: from the cube's resolution)")
+    run.add_argument("--output-grid", choices=OUTPUT_GRIDS, default="working",
+                     help="grid of the registered cube (default: working)")
+    run.add_argument("--format", choices=CUBE_FORMATS, default="npy", dest="cube_format",
+                     help="file format of the registered cube (default: npy)")
+    run.add_argument("--no-absorbance", action="store_false", dest="absorbance",
+                     help="compare the cube with the guide's intensity, not its optical density "
+                          "(for guides that are not transmitted light)")
+    run.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
+    run.add_argument("--strict", action="store_true", help="exit with 1 when the initial transform is kept")
+    run.set_defaults(run=_refine_command)
+
     demo = commands.add_parser(
-        "demo", help="estimate the global gradient of a built-in phantom, then refine its registration"
+        "demo", help="estimate and refine on a built-in phantom; print the error before and after"
     )
     demo.add_argument("--shape", type=int, nargs=2, default=(350, 415), metavar=("ROWS", "COLS"),
                       help="guide shape (default: 350 415, the paper's)")
     demo.add_argument("--bands", type=int, default=1000, help="spectral bands (default: 1000)")
-    demo.add_argument("--levels", type=int, default=4, help="pyramid levels K (default: 4)")
     demo.add_argument("--seed", type=int, default=0, help="phantom seed (default: 0)")
-    demo.add_argument("--backend", choices=BACKENDS, default="auto",
-                      help="compute on NumPy or CuPy (default: auto, CuPy where a GPU is usable)")
+    demo.add_argument("-o", "--output", type=Path, metavar="OUTDIR",
+                      help="folder to create for the report (default: a new temporary folder)")
+    _common_options(demo)
+    demo.set_defaults(run=_demo_command, force=False, cube_format="npy")
     return parser
 
 
+def _common_options(parser) -> None:
+    parser.add_argument("--levels", type=int, default=4, help="pyramid levels K (default: 4)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="compute on NumPy or CuPy (default: auto, CuPy where a GPU is usable)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only results and errors")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers; got {text!r}") from None
+
+
 def main(argv=None) -> int:
+    """Run ``ggrad`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return _demo(args)
-    except (ValueError, TypeError, RuntimeError) as exc:
-        print(f"ggrad: error: {exc}", file=sys.stderr)
-        return 2
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("ggrad: interrupted; no output was left behind", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, TypeError, OSError, ImportError) as exc:
+        # Bad input, missing files, an existing OUTDIR, a missing optional reader.
+        if args.debug:
+            raise
+        print(f"ggrad: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_INPUT
+    except Exception as exc:  # noqa: BLE001 - scripts get one line and a code; --debug the rest
+        if args.debug:
+            raise
+        print(f"ggrad: internal error ({type(exc).__name__}): {_one_line(exc)} (--debug shows more)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
 
 
-def _demo(args) -> int:
+def _one_line(exc) -> str:
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _refine_command(args) -> int:
+    from . import io
+
+    check_new_directory(args.output, force=args.force)
+    weights = _manual_weights(args)
+    initial = None if args.initial is None else read_transform(args.initial)
+    guide = io.read_guide(args.guide)
+    cube_data = io.read_cube(args.cube, dataset=args.dataset, band_axis=args.band_axis)
+    say = _printer(args)
+    say(f"guide {guide.shape[0]} x {guide.shape[1]}; cube {' x '.join(map(str, cube_data.data.shape))} "
+        f"({cube_data.format})")
+    refinement = _run_refine(args, guide, cube_data.data, initial=initial, weights=weights)
+    written = write_outputs(
+        args.output, refinement, guide, cube_data, cube_format=args.cube_format, force=args.force,
+        inputs={"guide": str(args.guide), "cube": str(args.cube)},
+    )
+    print(f"{refinement.message}")
+    print(f"wrote {', '.join(path.name for path in written)} to {args.output}")
+    return EXIT_KEPT if args.strict and not refinement.improved else EXIT_OK
+
+
+def _manual_weights(args):
+    if args.alpha is None and args.beta is None:
+        return "auto"
+    if args.alpha is None or args.beta is None:
+        raise ValueError("manual level weights need both --alpha and --beta")
+    return (args.alpha, args.beta)
+
+
+def _run_refine(args, guide, cube, **options):
+    """``refine`` with a progress bar on stderr (quiet when not a terminal or with --quiet)."""
+    from tqdm.auto import tqdm
+
+    with tqdm(desc="refine", unit=" stage", disable=True if args.quiet else None, file=sys.stderr,
+              leave=False) as bar, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the message is printed instead
+
+        def progress(stage):
+            bar.set_description_str(stage)
+            bar.update()
+
+        return refine(guide, cube, levels=args.levels, backend=args.backend, progress=progress,
+                      working_shape=getattr(args, "working_shape", None),
+                      output_grid=getattr(args, "output_grid", "working"),
+                      absorbance=getattr(args, "absorbance", True), **options)
+
+
+def _printer(args):
+    return (lambda *a, **k: None) if args.quiet else print
+
+
+def _demo_command(args) -> int:
+    say = _printer(args)
     xp = resolve_backend(args.backend)
+    output = args.output
+    if output is None:
+        output = Path(tempfile.mkdtemp(prefix="ggrad-demo-")) / "results"
+    check_new_directory(output, force=False)
     phantom = synthetic.make_phantom(shape=tuple(args.shape), bands=args.bands, seed=args.seed)
     guide = to_device(phantom.guide, xp)
     cube = to_device(phantom.cube_on_guide, xp)
@@ -69,27 +203,29 @@ def _demo(args) -> int:
     single = [ncc(result.grad_x, band_gradients[..., b]) for b in range(bands)]
     band_sum = ncc(result.grad_x, sobel_magnitude(cube.sum(axis=2)))
     active = (result.channel_weights > 0).sum(axis=1)
+    del band_gradients, cube
 
-    print(f"estimated in {elapsed:.2f} s")
-    print("level   alpha   beta   active bands")
+    say(f"estimated on the guide grid in {elapsed:.2f} s")
+    say("level   alpha   beta   active bands")
     for k in range(args.levels):
-        print(f"{k:>5}  {result.alpha[k]:6.3f} {result.beta[k]:6.3f}  {active[k]:>13d}")
-    print("how well each image's gradient matches grad_x (normalised cross-correlation):")
-    print(f"  grad_y (global gradient)        {ncc(result.grad_x, result.grad_y):.3f}")
-    print(f"  best single band (#{int(np.argmax(single)):<4d})       {max(single):.3f}")
-    print(f"  band sum (paper eq. 2)          {band_sum:.3f}")
+        say(f"{k:>5}  {result.alpha[k]:6.3f} {result.beta[k]:6.3f}  {active[k]:>13d}")
+    say("how well each image's gradient matches grad_x (normalised cross-correlation):")
+    say(f"  grad_y (global gradient)        {ncc(result.grad_x, result.grad_y):.3f}")
+    say(f"  best single band (#{int(np.argmax(single)):<4d})       {max(single):.3f}")
+    say(f"  band sum (paper eq. 2)          {band_sum:.3f}")
 
     # The whole job: refine the native cube's placement from the device's.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the message is printed below
-        refined = refine(to_device(phantom.guide, xp), to_device(phantom.cube, xp), initial=phantom.initial,
-                         levels=args.levels, backend=args.backend)
+    refined = _run_refine(args, guide, to_device(phantom.cube, xp), initial=phantom.initial)
     before = target_registration_error(phantom.initial, phantom.matrix, phantom.guide.shape)
     after = target_registration_error(refined.matrix, phantom.matrix, phantom.guide.shape)
     print(f"refine: {refined.message}")
     print(f"  target registration error, guide px (mean / max): {before.mean:.2f} / {before.max:.2f} "
           f"-> {after.mean:.3f} / {after.max:.3f}, in {refined.timings['total']:.2f} s")
-    return 0
+    written = write_outputs(output, refined, phantom.guide, phantom.cube, save_cube=False,
+                            inputs={"guide": "built-in phantom", "cube": f"built-in phantom, seed {args.seed}"})
+    report = next(path for path in written if path.suffix == ".png")
+    print(f"report: {report}")
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

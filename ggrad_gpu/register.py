@@ -231,6 +231,7 @@ class _Level:
         self.p_rows = xp.arange(rows, dtype=self.fixed.dtype)[:, None]
         self.p_cols = xp.arange(cols, dtype=self.fixed.dtype)[None, :]
         self.fixed_valid = self.fixed_cov > 0.5
+        self._sources = {}
 
     def _sample(self, matrix, *images):
         """Bilinear samples of ``images`` (moving grid) at ``matrix @ p``, and where they are covered."""
@@ -245,18 +246,30 @@ class _Level:
         r0 = xp.minimum(q_rows.astype(xp.int32), max(n_rows - 2, 0))
         c0 = xp.minimum(q_cols.astype(xp.int32), max(n_cols - 2, 0))
         fr, fc = q_rows - r0, q_cols - c0
-        r1 = xp.minimum(r0 + 1, n_rows - 1)
-        c1 = xp.minimum(c0 + 1, n_cols - 1)
+        # Flat indices of the four neighbours; one gather each fetches every
+        # image at once from the stacked (pixels, channels) source.
+        top_left = (r0 * n_cols + c0).ravel()
+        right = 1 if n_cols > 1 else 0
+        down = n_cols if n_rows > 1 else 0
+        source = self._stacked(images)
+        taps = [source[top_left + offset] for offset in (0, right, down, down + right)]
+        fr, fc = fr.reshape(-1, 1), fc.reshape(-1, 1)
+        top = taps[0] * (1 - fc) + taps[1] * fc
+        bottom = taps[2] * (1 - fc) + taps[3] * fc
+        values = (top * (1 - fr) + bottom * fr).reshape(q_rows.shape + (source.shape[1],))
+        # A point counts when every one of its four neighbours is covered
+        # (coverage is the last channel: the product of the four taps).
+        cover = taps[0][:, -1] * taps[1][:, -1] * taps[2][:, -1] * taps[3][:, -1]
+        covered = inside & (cover.reshape(q_rows.shape) > 0.5)
+        return covered, [values[..., i] for i in range(len(images))]
 
-        def bilinear(image):
-            top = image[r0, c0] * (1 - fc) + image[r0, c1] * fc
-            bottom = image[r1, c0] * (1 - fc) + image[r1, c1] * fc
-            return top * (1 - fr) + bottom * fr
-
-        # A point counts when every one of its four neighbours is covered.
-        cov = self.moving_cov
-        covered = inside & ((cov[r0, c0] * cov[r0, c1] * cov[r1, c0] * cov[r1, c1]) > 0.5)
-        return covered, [bilinear(image) for image in images]
+    def _stacked(self, images):
+        """``images`` and the moving coverage as one (pixels, channels) array, built once per choice."""
+        key = tuple(id(image) for image in images)
+        if key not in self._sources:
+            channels = list(images) + [self.moving_cov]
+            self._sources[key] = self.xp.stack([c.ravel() for c in channels], axis=1)
+        return self._sources[key]
 
     def _overlap(self, matrix):
         """The warped moving image and the pixels both images cover there."""
@@ -307,11 +320,13 @@ class _Level:
             jtj, jtr, mse, center, radius = current
             while True:
                 step = np.linalg.solve(jtj + damping * np.diag(np.diag(jtj) + 1e-12), -jtr)
+                if np.abs(step).max() < tolerance:
+                    return matrix, iteration, True  # no step worth taking is left: a minimum
                 candidate = _update(matrix, step, center, radius)
                 trial = self._normal_equations(candidate)
                 if trial is not None and trial[2] <= mse:
                     break
-                damping *= 4
+                damping *= 10
                 if damping > 1e8:
                     return matrix, iteration, True  # no downhill step left: a minimum
             matrix, current = candidate, trial

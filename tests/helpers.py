@@ -1,6 +1,13 @@
-"""Small assertions shared by the tests."""
+"""Small assertions and constants shared by the tests."""
+
+import os
+from pathlib import Path
 
 import numpy as np
+
+# The real data sets beside the project (``shared/data``), or ``GGRAD_DATA``;
+# tests that read them skip where they are absent.
+DATA = Path(os.environ.get("GGRAD_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 def assert_backend(result, xp):

@@ -1,18 +1,195 @@
+"""The ``ggrad`` command: round trips through every cube format, outputs, exit codes, real files."""
+
+import hashlib
+import json
+import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
 
 import ggrad_gpu
+from ggrad_gpu import io
 from ggrad_gpu.cli import main
+from ggrad_gpu.metrics import target_registration_error
+from ggrad_gpu.synthetic import make_phantom
+
+from helpers import DATA
+
+FORMATS = {"npy": ".npy", "npz": ".npz", "tiff": ".tif", "envi": ".hdr", "hdf5": ".h5", "zarr": ".zarr"}
+NEEDS = {"envi": "spectral", "hdf5": "h5py", "zarr": "zarr"}
+OUTPUTS = {"transform.json", "weights.json", "report.png"}
 
 
-def test_demo_prints_weights_and_match(capsys):
-    assert main(["demo", "--shape", "160", "176", "--bands", "24", "--levels", "3", "--backend", "numpy"]) == 0
-    out = capsys.readouterr().out
-    assert "alpha" in out and "grad_y (global gradient)" in out
-    assert "target registration error" in out and "refine: refined" in out
-    lines = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert len(lines) == 3  # one row per level
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(shape=(200, 240), bands=24, seed=4, rotation_deg=2.0, scale=1.02, shift=(12.0, -15.0))
+
+
+@pytest.fixture(scope="module")
+def centres():
+    return np.linspace(500.0, 1800.0, 24)
+
+
+def _digest(path):
+    """SHA-256 of a file, or of every file under a folder (names and bytes)."""
+    digest = hashlib.sha256()
+    paths = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for item in paths:
+        digest.update(str(item.relative_to(path.parent)).encode())
+        digest.update(item.read_bytes())
+    return digest.hexdigest()
+
+
+def _inputs(tmp_path, phantom, centres, fmt):
+    guide = tmp_path / "guide.npy"
+    np.save(guide, phantom.guide)
+    cube = tmp_path / ("cube" + FORMATS[fmt])
+    io.write_cube(cube, phantom.cube, band_centres=centres, band_unit="cm-1")
+    return guide, cube
+
+
+def _tre(out, phantom):
+    matrix = np.array(json.loads((out / "transform.json").read_text())["matrix"])
+    return target_registration_error(matrix, phantom.matrix, phantom.guide.shape)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_round_trip_every_format(tmp_path, phantom, centres, fmt, capsys):
+    if fmt in NEEDS:
+        pytest.importorskip(NEEDS[fmt])
+    guide, cube = _inputs(tmp_path, phantom, centres, fmt)
+    files = [guide] + sorted(p for p in tmp_path.iterdir() if p.name.startswith("cube"))
+    before = {p: _digest(p) for p in files}
+    out = tmp_path / "out"
+    code = main(["refine", str(guide), str(cube), "-o", str(out), "--backend", "numpy", "-q", "--format", fmt])
+    assert code == 0, capsys.readouterr().err
+    # Everything written, nothing half-written left beside it, the inputs untouched.
+    assert {p.name for p in out.iterdir()} == OUTPUTS | {"registered" + FORMATS[fmt]} | (
+        {"registered.img"} if fmt == "envi" else set()
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert {p: _digest(p) for p in files} == before
+    initial = target_registration_error(phantom.initial, phantom.matrix, phantom.guide.shape)
+    tre = _tre(out, phantom)
+    assert initial.mean > 10 and tre.mean <= 0.3 and tre.max <= 1.0, tre
+    registered = io.read_cube(out / ("registered" + FORMATS[fmt]))
+    assert registered.data.shape == (200, 240, 24)  # the working grid (s = 1 here)
+    weights = json.loads((out / "weights.json").read_text())
+    if fmt != "npy":  # .npy holds no band centres
+        np.testing.assert_array_equal(registered.band_centres, centres)
+        np.testing.assert_array_equal(weights["band_centres"], centres)
+    assert len(weights["channel_weights"]) == 4 and len(weights["channel_weights"][0]) == 24
+
+
+def test_png_guide_and_output_seeds_the_next_run(tmp_path, phantom, centres):
+    from PIL import Image
+
+    # A brightfield PNG as a lab would have it: 8-bit RGB.
+    grey = np.clip(phantom.guide / phantom.guide.max() * 255, 0, 255).astype(np.uint8)
+    Image.fromarray(np.dstack([grey] * 3)).save(tmp_path / "guide.png")
+    cube = tmp_path / "cube.npz"
+    io.write_cube(cube, phantom.cube, band_centres=centres)
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["refine", str(tmp_path / "guide.png"), str(cube), "-o", str(first), "-q"]) == 0
+    assert _tre(first, phantom).max <= 1.0
+    # transform.json seeds the next run, which starts where the first ended.
+    assert main(["refine", str(tmp_path / "guide.png"), str(cube), "-o", str(second), "-q",
+                 "--initial", str(first / "transform.json")]) == 0
+    record = json.loads((second / "transform.json").read_text())
+    np.testing.assert_array_equal(record["initial"], json.loads((first / "transform.json").read_text())["matrix"])
+    assert _tre(second, phantom).max <= 1.0
+
+
+def test_text_initial_manual_weights_and_guide_grid(tmp_path, phantom, centres):
+    guide, cube = _inputs(tmp_path, phantom, centres, "npy")
+    text = tmp_path / "initial.txt"
+    np.savetxt(text, phantom.initial)
+    out = tmp_path / "out"
+    code = main(["refine", str(guide), str(cube), "-o", str(out), "-q", "--initial", str(text),
+                 "--alpha", "1,1,1,0", "--beta", "0,1,1,1", "--output-grid", "guide"])
+    assert code == 0
+    weights = json.loads((out / "weights.json").read_text())
+    np.testing.assert_allclose(weights["alpha"], [1 / 3, 1 / 3, 1 / 3, 0])
+    np.testing.assert_allclose(weights["beta"], [0, 1 / 3, 1 / 3, 1 / 3])
+    assert np.load(out / "registered.npy").shape == (200, 240, 24)
+    # Weights picked by hand, not by eq. 9: closer than the start, not as close as the defaults.
+    assert _tre(out, phantom).mean < 0.2 * target_registration_error(phantom.initial, phantom.matrix, (200, 240)).mean
+
+
+def test_existing_output_is_kept_without_force(tmp_path, phantom, centres, capsys):
+    guide, cube = _inputs(tmp_path, phantom, centres, "npy")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("a user's file")
+    code = main(["refine", str(guide), str(cube), "-o", str(out), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("ggrad: error:") and "--force" in err and err.count("\n") == 1
+    assert (out / "mine.txt").read_text() == "a user's file"
+    assert main(["refine", str(guide), str(cube), "-o", str(out), "-q", "--force"]) == 0
+    assert {p.name for p in out.iterdir()} == OUTPUTS | {"registered.npy"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_failure_while_writing_leaves_no_output(tmp_path, phantom, centres, monkeypatch, capsys):
+    guide, cube = _inputs(tmp_path, phantom, centres, "npy")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("ggrad_gpu.plotting.save_report", full_disk)
+    out = tmp_path / "out"
+    assert main(["refine", str(guide), str(cube), "-o", str(out), "-q"]) == 2
+    assert "No space left" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cube.npy", "guide.npy"]
+
+
+@pytest.mark.parametrize(
+    "make_args, match",
+    [
+        (lambda t: [str(t / "missing.npy"), str(t / "cube.npy")], "missing.npy"),
+        (lambda t: [str(t / "guide.npy"), str(t / "cube.xyz")], "suffix|format"),
+        (lambda t: [str(t / "guide.npy"), str(t / "cube.npy"), "--alpha", "1,0,0,0"], "--beta"),
+        (lambda t: [str(t / "guide.npy"), str(t / "cube.npy"), "--initial", str(t / "guide.npy")], "matrix|JSON|text"),
+        (lambda t: [str(t / "guide.npy"), str(t / "cube.npy"), "--levels", "12"], "levels"),
+    ],
+    ids=["missing-guide", "unknown-format", "alpha-without-beta", "bad-initial", "too-many-levels"],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, phantom, centres, capsys, make_args, match):
+    _inputs(tmp_path, phantom, centres, "npy")
+    (tmp_path / "cube.xyz").write_bytes(b"not a cube")
+    code = main(["refine", *make_args(tmp_path), "-o", str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("ggrad: error:") and err.count("\n") == 1, err
+    assert __import__("re").search(match, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_strict_exit_code_when_the_initial_transform_is_kept(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "guide.npy", np.full((160, 200), 0.5, np.float32))  # no edges at all
+    np.save(tmp_path / "cube.npy", rng.random((32, 40, 8)).astype(np.float32))
+    args = ["refine", str(tmp_path / "guide.npy"), str(tmp_path / "cube.npy"), "-q", "--levels", "3"]
+    assert main(args + ["-o", str(tmp_path / "a")]) == 0
+    assert "kept the initial transform" in capsys.readouterr().out
+    record = json.loads((tmp_path / "a" / "transform.json").read_text())
+    assert record["improved"] is False and record["matrix"] == record["initial"]
+    assert main(args + ["-o", str(tmp_path / "b"), "--strict"]) == 1
+
+
+def test_demo_prints_the_error_and_writes_a_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--shape", "200", "240", "--bands", "24", "--levels", "3", "--backend", "numpy",
+                 "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "alpha" in text and "grad_y (global gradient)" in text
+    assert "target registration error" in text and "refine: refined" in text
+    assert f"report: {out / 'report.png'}" in text
+    assert {p.name for p in out.iterdir()} == OUTPUTS
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [line for line in text.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 3  # one row per level
 
 
 def test_demo_bad_levels_is_one_line_error(capsys):
@@ -21,6 +198,54 @@ def test_demo_bad_levels_is_one_line_error(capsys):
     assert err.startswith("ggrad: error:") and "levels" in err and err.count("\n") == 1
 
 
-def test_version():
+def test_version_and_entry_point():
     out = subprocess.run([sys.executable, "-m", "ggrad_gpu", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and ggrad_gpu.__version__ in out.stdout
+
+
+# --- real files -------------------------------------------------------------------
+
+
+@pytest.mark.data
+def test_eds_cube_against_its_backscatter_image(tmp_path, capsys):
+    folder = DATA / "sem-eds-bruker-30x30"
+    if not (folder / "cube.npy").exists():
+        pytest.skip("the SEM-EDS data set is not available")
+    before = {name: _digest(folder / name) for name in ("cube.npy", "image_asb.npy")}
+    identity = tmp_path / "identity.txt"
+    np.savetxt(identity, np.eye(3))
+    out = tmp_path / "eds"
+    code = main(["refine", str(folder / "image_asb.npy"), str(folder / "cube.npy"), "-o", str(out), "-q",
+                 "--levels", "2", "--no-absorbance", "--initial", str(identity), "--backend", "numpy"])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((out / "transform.json").read_text())
+    tre = target_registration_error(np.array(record["matrix"]), np.eye(3), (30, 30), spacing=3)
+    print(f"EDS: {record['message']}; TRE against the identity {tre.mean:.2f} / {tre.max:.2f} px")
+    assert tre.max < 2.5  # the same scan: the identity is right to about +-1 px
+    assert {name: _digest(folder / name) for name in before} == before
+
+
+@pytest.mark.data
+def test_swir_envi_header_round_trip(tmp_path, capsys):
+    pytest.importorskip("spectral")
+    folder = DATA / "fenix-rock-swir"
+    if not (folder / "image.hdr.orig.txt").exists():
+        pytest.skip("the FENIX SWIR data set is not available")
+    cube = np.load(folder / "cube.npy")
+    wavelengths = np.load(folder / "wavelengths_nm.npy")
+    # The original ENVI header beside its data, rebuilt as BSQ uint16 (exact: the values are integers).
+    (tmp_path / "image.hdr").write_bytes((folder / "image.hdr.orig.txt").read_bytes())
+    np.ascontiguousarray(cube.transpose(2, 0, 1)).astype("<u2").tofile(tmp_path / "image.img")
+    # A guide from the cube's own visible bands, 4x finer.
+    visible = cube[..., (wavelengths > 450) & (wavelengths < 700)].mean(axis=2)
+    np.save(tmp_path / "guide.npy", np.kron(visible, np.ones((4, 4))).astype(np.float32))
+    out = tmp_path / "out"
+    code = main(["refine", str(tmp_path / "guide.npy"), str(tmp_path / "image.hdr"), "-o", str(out), "-q",
+                 "--levels", "2", "--no-absorbance", "--format", "envi"])
+    assert code == 0, capsys.readouterr().err
+    registered = io.read_cube(out / "registered.hdr")
+    np.testing.assert_allclose(registered.band_centres, wavelengths, rtol=1e-6)
+    assert registered.band_unit == "nm" and registered.data.shape[2] == 450
+    weights = json.loads((out / "weights.json").read_text())
+    np.testing.assert_allclose(weights["band_centres"], wavelengths, rtol=1e-6)
+    assert os.path.getsize(tmp_path / "image.img") == cube.size * 2  # the input is untouched

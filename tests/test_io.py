@@ -16,6 +16,8 @@ import pytest
 
 from ggrad_gpu import io
 
+from helpers import DATA
+
 FORMATS = {  # format -> (file name, library the test needs)
     "npy": ("cube.npy", None),
     "npz": ("cube.npz", None),
@@ -25,7 +27,6 @@ FORMATS = {  # format -> (file name, library the test needs)
     "zarr": ("cube.zarr", "zarr"),
 }
 MEMORY_MAPPED = ("npy", "tiff", "envi")
-DATA = Path(os.environ.get("GGRAD_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 def _needs(fmt):

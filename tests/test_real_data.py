@@ -5,9 +5,7 @@ skip where they are absent. The backscatter image comes from the same scan, so
 the true transform is the identity to about +-1 pixel (the data's README).
 """
 
-import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +14,10 @@ from ggrad_gpu import refine
 from ggrad_gpu.metrics import target_registration_error
 from ggrad_gpu.synthetic import affine_about_center
 
+from helpers import DATA
+
 pytestmark = pytest.mark.data
 
-DATA = Path(os.environ.get("GGRAD_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 EDS = DATA / "sem-eds-bruker-30x30"
 
 

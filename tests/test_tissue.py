@@ -8,9 +8,7 @@ the project (``shared/data``, or ``GGRAD_DATA``); the tests that read it skip
 where it is absent.
 """
 
-import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,11 +24,10 @@ from ggrad_gpu.synthetic import (
     separate_stains,
 )
 
-from helpers import MISREGISTRATIONS
+from helpers import DATA, MISREGISTRATIONS
 
 pytestmark = pytest.mark.data
 
-DATA = Path(os.environ.get("GGRAD_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 IHC = DATA / "ihc-brightfield" / "ihc.png"
 
 # Unit optical-density vectors (R, G, B) of the stains, written out here

@@ -1,0 +1,117 @@
+"""Writing a refinement's results into an output folder, all or nothing.
+
+The folder is assembled under a temporary name beside it and renamed into
+place once every file is complete, so an interrupted run (an exception,
+Ctrl-C, a full disk) never leaves a folder that looks finished. An existing
+folder is replaced only when asked to (``force``), and then only after the
+new one is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from ._backend import to_host
+from .records import transform_record, weights_record
+
+__all__ = ["CUBE_FORMATS", "check_new_directory", "write_outputs"]
+
+CUBE_FORMATS = ("npy", "npz", "tiff", "envi", "hdf5", "zarr")
+_SUFFIX = {"npy": ".npy", "npz": ".npz", "tiff": ".tif", "envi": ".hdr", "hdf5": ".h5", "zarr": ".zarr"}
+
+
+def check_new_directory(path, *, force: bool) -> Path:
+    """Fail early if ``path`` exists and may not be replaced, or its parent is missing."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"output folder {path} exists; choose another or pass --force to replace it")
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"output {path} exists and is not a folder; it is never replaced")
+    if not path.parent.exists():
+        raise FileNotFoundError(f"the folder to hold {path} does not exist: {path.parent}")
+    return path
+
+
+def write_outputs(outdir, refinement, guide, cube, *, cube_format: str = "npy", force: bool = False,
+                  inputs: dict | None = None, save_cube: bool = True) -> list[Path]:
+    """Write ``registered.<ext>``, ``transform.json``, ``weights.json`` and ``report.png`` into ``outdir``.
+
+    Parameters
+    ----------
+    outdir : path-like
+        Folder to create. It must not exist unless ``force``.
+    refinement : Refinement
+    guide : array, shape (rows, cols)
+        The guide as given to :func:`~ggrad_gpu.refine` (for the report).
+    cube : CubeData or array, shape (rows, cols, bands)
+        The native cube as given to ``refine``; a :class:`ggrad_gpu.io.CubeData`
+        also brings the band centres and unit.
+    cube_format : {"npy", "npz", "tiff", "envi", "hdf5", "zarr"}
+        Format of ``registered``.
+    force : bool
+        Replace an existing ``outdir``, once the new one is complete.
+    inputs : dict, optional
+        What to record about the inputs in ``transform.json`` (e.g. their paths).
+    save_cube : bool
+        Write the registered cube (the demo leaves it out).
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files written, at their final place.
+    """
+    from . import io
+    from .plotting import report_figure, save_report
+
+    if cube_format not in CUBE_FORMATS:
+        raise ValueError(f"cube_format must be one of {CUBE_FORMATS}; got {cube_format!r}")
+    outdir = check_new_directory(outdir, force=force)
+    if isinstance(cube, io.CubeData):
+        data, band_centres, band_unit, source_format = cube.data, cube.band_centres, cube.band_unit, cube.format
+    else:
+        data, band_centres, band_unit, source_format = cube, None, None, None
+    inputs = dict(inputs or {})
+    staging = outdir.parent / f".{outdir.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        names = []
+        if save_cube:
+            name = "registered" + _SUFFIX[cube_format]
+            io.write_cube(staging / name, to_host(refinement.registered), band_centres=band_centres,
+                          band_unit=band_unit, format=cube_format)
+            names.append(name)
+        shape = {"shape": [int(n) for n in guide.shape]}
+        record = transform_record(refinement, guide={**shape, "source": inputs.get("guide")},
+                                  cube={"shape": [int(n) for n in data.shape], "source": inputs.get("cube"),
+                                        "format": source_format})
+        io.write_json(staging / "transform.json", record)
+        io.write_json(staging / "weights.json",
+                      weights_record(refinement.gradient, band_centres=band_centres, band_unit=band_unit))
+        figure = report_figure(refinement, guide, data, band_centres=band_centres, band_unit=band_unit)
+        save_report(figure, staging / "report.png")
+        names += ["transform.json", "weights.json", "report.png"]
+        _move_into_place(staging, outdir, force)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return [outdir / name for name in names]
+
+
+def _move_into_place(staging: Path, outdir: Path, force: bool) -> None:
+    """Rename the finished folder to ``outdir``; an old one goes only after the new one is in place."""
+    if not outdir.exists():
+        os.rename(staging, outdir)
+        return
+    if not force:
+        raise FileExistsError(f"output folder {outdir} appeared while writing; the results were not moved there")
+    retired = outdir.parent / f".{outdir.name}.replaced-{uuid.uuid4().hex[:8]}"
+    os.rename(outdir, retired)
+    try:
+        os.rename(staging, outdir)
+    except BaseException:
+        os.rename(retired, outdir)  # put the old results back
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
