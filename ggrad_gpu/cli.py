@@ -8,15 +8,26 @@ after.
 
 Exit codes: 0 done (also when the initial transform was kept, unless
 ``--strict``); 1 the refinement kept the initial transform and ``--strict``
-was given; 2 bad input or usage (one line on stderr); 3 an unexpected error
-(one line; ``--debug`` shows the traceback); 130 interrupted.
+was given; 2 bad input or usage, including a corrupt or truncated input file
+and a full disk (one line on stderr, naming the file); 3 an unexpected error
+(one line; ``--debug`` shows the traceback); 130 interrupted (Ctrl-C,
+SIGINT); 143 terminated (SIGTERM, 128 + 15, as a shell reports a process
+that SIGTERM ended).
+
+Data safety: inputs are only read. Results are assembled in a hidden folder
+beside OUTDIR and renamed into place when complete; SIGTERM is handled like
+Ctrl-C, so an interrupted run, a full disk or an error leaves neither OUTDIR
+nor a temporary file behind, and an existing OUTDIR is kept unless
+``--force`` (which refuses an OUTDIR that holds an input).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -32,7 +43,16 @@ from .outputs import CUBE_FORMATS, check_new_directory, write_outputs
 from .pipeline import OUTPUT_GRIDS, refine
 from .records import read_transform
 
-EXIT_OK, EXIT_KEPT, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_KEPT, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when the process receives SIGTERM while :func:`main` runs.
+
+    A subclass of :class:`KeyboardInterrupt`, so that everything that cleans
+    up after Ctrl-C (the output folder's staging, :func:`ggrad_gpu.io.atomic_write`)
+    cleans up after SIGTERM too.
+    """
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ggrad",
         description="Refine the registration of hyperspectral images to a brightfield image.",
         epilog="exit codes: 0 done; 1 initial transform kept (with --strict); 2 bad input; "
-               "3 unexpected error; 130 interrupted",
+               "3 unexpected error; 130 interrupted (SIGINT); 143 terminated (SIGTERM)",
     )
     parser.add_argument("--version", action="version", version=f"ggrad_gpu {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -104,13 +124,22 @@ def _float_list(text: str) -> list[float]:
 
 
 def main(argv=None) -> int:
-    """Run ``ggrad`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    """Run ``ggrad`` with ``argv`` (default ``sys.argv[1:]``); return the exit code.
+
+    While it runs (in the main thread), SIGTERM raises :class:`Terminated`,
+    which unwinds like Ctrl-C: partial outputs are removed and the exit code
+    is 143 (130 for Ctrl-C). The previous SIGTERM handler is restored on
+    return.
+    """
     args = build_parser().parse_args(argv)
+    previous = _handle_sigterm()
     try:
         return args.run(args)
-    except KeyboardInterrupt:
-        print("ggrad: interrupted; no output was left behind", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"ggrad: {'terminated (SIGTERM)' if terminated else 'interrupted'}; no partial output was left "
+              "behind", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except (ValueError, TypeError, OSError, ImportError) as exc:
         # Bad input, missing files, an existing OUTDIR, a missing optional reader.
         if args.debug:
@@ -123,6 +152,24 @@ def main(argv=None) -> int:
         print(f"ggrad: internal error ({type(exc).__name__}): {_one_line(exc)} (--debug shows more)",
               file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _handle_sigterm():
+    """Make SIGTERM raise :class:`Terminated`; return the handler it replaced (None if unchanged)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None  # only the main thread may set handlers
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is None or previous is signal.SIG_IGN:  # set outside Python, or ignored on purpose
+        return None
+
+    def terminate(signum, frame):
+        raise Terminated("SIGTERM")
+
+    signal.signal(signal.SIGTERM, terminate)
+    return previous
 
 
 def _one_line(exc) -> str:
@@ -134,6 +181,7 @@ def _refine_command(args) -> int:
     from . import io
 
     check_new_directory(args.output, force=args.force)
+    _check_outside(args.output, [args.guide, args.cube, args.initial])
     weights = _manual_weights(args)
     initial = None if args.initial is None else read_transform(args.initial)
     guide = io.read_guide(args.guide)
@@ -141,7 +189,24 @@ def _refine_command(args) -> int:
     say = _printer(args)
     say(f"guide {guide.shape[0]} x {guide.shape[1]}; cube {' x '.join(map(str, cube_data.data.shape))} "
         f"({cube_data.format})")
-    refinement = _run_refine(args, guide, cube_data.data, initial=initial, weights=weights)
+    try:
+        with np.errstate(over="raise"):  # values so large that they overflow: an input error, said once
+            refinement = _run_refine(args, guide, cube_data.data, initial=initial, weights=weights)
+    except FloatingPointError as exc:
+        largest = ", ".join(f"{_largest_magnitude(data):.3g} in {path}"
+                            for data, path in ((cube_data.data, args.cube), (guide, args.guide)))
+        raise ValueError(f"values too large to compute with ({exc}); the largest magnitudes are {largest}: "
+                         f"rescale the data") from exc
+    except (ValueError, TypeError) as exc:  # e.g. "cube contains NaN": say which file
+        text = str(exc)
+        source = args.cube if text.startswith("cube") else args.guide if text.startswith("guide") else None
+        if source is None or str(source) in text:
+            raise
+        try:
+            named = type(exc)(f"{source}: {text}")
+        except Exception:  # noqa: BLE001 - an exception type with another signature
+            named = ValueError(f"{source}: {text}")
+        raise named from exc
     written = write_outputs(
         args.output, refinement, guide, cube_data, cube_format=args.cube_format, force=args.force,
         inputs={"guide": str(args.guide), "cube": str(args.cube)},
@@ -149,6 +214,30 @@ def _refine_command(args) -> int:
     print(f"{refinement.message}")
     print(f"wrote {', '.join(path.name for path in written)} to {args.output}")
     return EXIT_KEPT if args.strict and not refinement.improved else EXIT_OK
+
+
+def _largest_magnitude(data) -> float:
+    """The largest finite ``abs`` value of ``data`` (0 if none), for an error message."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        magnitudes = np.abs(np.asarray(data, dtype=np.float64))
+    finite = magnitudes[np.isfinite(magnitudes)]
+    return float(finite.max()) if finite.size else 0.0
+
+
+def _check_outside(output: Path, inputs) -> None:
+    """Refuse an OUTDIR that is, or holds, one of the inputs (``--force`` would replace them)."""
+    if not output.exists():
+        return
+    from .io import _split_dataset
+
+    folder = output.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        path = _split_dataset(given, None)[0].resolve()  # "scan.h5:/cube" is the file scan.h5
+        if path == folder or folder in path.parents:
+            raise ValueError(f"output folder {output} holds the input {given}; it is never replaced: "
+                             f"choose another OUTDIR")
 
 
 def _manual_weights(args):

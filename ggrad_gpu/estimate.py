@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import array_module, ndimage_module
-from ._validation import check_array, check_finite, check_levels, float_dtype
-from .filters import iter_sobel_blocks, sobel_magnitude
+from ._backend import array_module, ndimage_module, retry_smaller, to_host
+from ._validation import check_array, check_finite, check_levels, check_mask, float_dtype, power_of_two_scale
+from .filters import _yield_rows, iter_sobel_blocks, sobel_magnitude
 from .level_weights import level_weights_matrix, manual_level_weights, solve_level_weights
 from .nnls import GramAccumulator, nnls_gram, spurious_blas_flags_ignored
 from .pyramid import blur_decimate, gaussian_pyramid, upsample_level
@@ -74,7 +74,7 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", ma
         Pixels the cube covers. Gradients whose filter footprint (pyramid
         blur, Sobel, cubic upsampling) reaches an uncovered pixel are left
         out of the Gram matrices and of eq. 9. Cube values outside the mask
-        are ignored and may be NaN.
+        are ignored and may be NaN. Nonzero numbers count as True.
 
     Returns
     -------
@@ -98,15 +98,30 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", ma
     >>> round(float(result.alpha.sum()), 12), round(float(result.beta.sum()), 12)
     (1.0, 1.0)
     """
+    return _estimate(guide, cube, levels=levels, weights=weights, mask=mask)
+
+
+def _estimate(guide, cube, *, levels, weights, mask=None, filled=None) -> GlobalGradient:
+    """:func:`estimate_global_gradient`, and pixels whose values were filled in.
+
+    ``filled`` (boolean, (rows, cols), optional) marks pixels whose guide or
+    cube values are stand-ins for missing data (interpolated from their
+    neighbours, see ``pipeline._inpaint``). Unlike ``mask``, which excludes
+    every gradient whose filter footprint reaches an uncovered pixel, it
+    excludes the filled pixels themselves at level 0, and at coarser levels
+    the pixels whose pyramid blur is more than half filled values
+    (:func:`_filled_levels`): scattered missing pixels then cost only
+    themselves, while holes stay out.
+    """
     check_array(guide, "guide", (2,), "2-D (rows, cols)")
     check_array(cube, "cube", (3,), "3-D (rows, cols, bands)")
-    xp = array_module(guide=guide, cube=cube)
+    xp = array_module(guide=guide, cube=cube, mask=mask, filled=filled)
     if cube.shape[:2] != guide.shape:
         raise ValueError(
             f"cube must be on the guide's grid: cube has {cube.shape[0]} x {cube.shape[1]} pixels, "
             f"guide has {guide.shape[0]} x {guide.shape[1]}"
         )
-    levels = check_levels(levels, guide.shape)
+    levels = check_levels(levels, guide.shape, image="guide")
     if not (isinstance(weights, str) and weights == "auto"):
         manual = manual_level_weights(weights, levels)
     else:
@@ -117,29 +132,51 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", ma
         level_masks = [None] * levels
     else:
         cube, level_masks = _apply_mask(cube, mask, levels, xp)
+    if filled is not None:
+        filled = check_mask(filled, "filled", guide.shape)
+    filled_levels = [None] * levels if filled is None else _filled_levels(filled, levels, xp)
 
     dtype = np.promote_types(float_dtype(guide.dtype), float_dtype(cube.dtype))
-    guide_pyramid = gaussian_pyramid(guide.astype(dtype, copy=False), levels)
+    guide = guide.astype(dtype, copy=False)
+    cube_level = cube.astype(dtype, copy=False)
+    scale = _band_scale(cube_level, mask, xp)
+    # Values far from 1 would overflow (or underflow) the Gram products: scale
+    # the guide and each band by a power of two (exact), and the results back.
+    guide_unit = power_of_two_scale(float(xp.abs(guide).max()))
+    band_units = np.array([power_of_two_scale(v) for v in scale])
+    if guide_unit != 1.0:
+        guide = guide * dtype.type(guide_unit)
+    if (band_units != 1.0).any():
+        cube_level = cube_level * xp.asarray(band_units, dtype=dtype)
+        scale = scale * band_units
+    guide_pyramid = gaussian_pyramid(guide, levels)
     shape = guide.shape
     channel_weights = np.zeros((levels, cube.shape[2]))
     guide_levels = xp.empty((levels,) + shape, dtype=dtype)
     cube_levels = xp.empty((levels,) + shape, dtype=dtype)
-    valid = None if mask is None else xp.ones(shape, dtype=bool)
-    cube_level = cube.astype(dtype, copy=False)
+    valid = None if mask is None and filled is None else xp.ones(shape, dtype=bool)
     for k in range(levels):
         if k > 0:
             cube_level = blur_decimate(cube_level)
         target = sobel_magnitude(guide_pyramid[k])
-        x = nnls_gram(*_level_gram(cube_level, target, level_masks[k]))
-        channel_weights[k] = x
+        used = _and_not(level_masks[k], filled_levels[k], xp)
+        gram, rhs = _level_gram(cube_level, target, used)
+        count = target.size if used is None else int(used.sum())
+        x = nnls_gram(*_without_flat_bands(gram, rhs, scale, count, dtype, xp))
+        channel_weights[k] = x * band_units / guide_unit
         guide_levels[k] = upsample_level(target, k, shape)
         combined = _combine_bands(cube_level, x)
         if mask is not None:
             # Zero, not whatever the uncovered pixels held: the spline prefilter reaches far.
             combined *= level_masks[k]
         cube_levels[k] = upsample_level(combined, k, shape)
+        if guide_unit != 1.0:
+            guide_levels[k] /= dtype.type(guide_unit)
+            cube_levels[k] /= dtype.type(guide_unit)
         if mask is not None:
             valid &= _upsampled_validity(level_masks[k], k, shape, xp)
+        if filled is not None:
+            valid &= ~_level_lookup(filled_levels[k], k, shape, xp)
 
     if manual is None:
         alpha, beta = solve_level_weights(level_weights_matrix(guide_levels, cube_levels, valid))
@@ -157,7 +194,7 @@ def _apply_mask(cube, mask, levels, xp):
     non-finite values there) and, per level, a boolean map of pixels whose
     Sobel magnitude sees covered pixels only.
     """
-    ndi = ndimage_module(xp)
+    check_array(mask, "mask", (2,), "2-D (rows, cols)")
     if getattr(mask, "shape", None) != cube.shape[:2]:
         raise ValueError(
             f"mask must have the cube's {cube.shape[0]} x {cube.shape[1]} pixels; "
@@ -172,14 +209,112 @@ def _apply_mask(cube, mask, levels, xp):
         if bool((bad & mask).any()):
             raise ValueError("cube contains NaN or inf values inside mask")
         cube = xp.where(mask[..., None], cube, 0)
+    return cube, _coverage_levels(mask, levels, float_dtype(cube.dtype), xp)
+
+
+def _coverage_levels(mask, levels, dtype, xp):
+    """Per level, the pixels whose Sobel magnitude sees pixels inside ``mask`` only."""
+    ndi = ndimage_module(xp)
     masks = []
-    coverage = mask.astype(float_dtype(cube.dtype))
+    coverage = mask.astype(dtype)
     for k in range(levels):
         if k > 0:
             # A pyramid pixel is covered when its whole blur footprint is.
             coverage = (blur_decimate(coverage) > 1 - 1e-4).astype(coverage.dtype)
         masks.append(ndi.minimum_filter(coverage, size=3, mode="nearest") > 0.5)  # Sobel's 3 x 3
-    return cube, masks
+    return masks
+
+
+def _mask_validity(mask, levels, dtype, xp):
+    """The ``valid`` map :func:`_estimate` derives from ``mask`` alone (for a cube of ``dtype``)."""
+    shape = mask.shape
+    valid = xp.ones(shape, dtype=bool)
+    for k, level_mask in enumerate(_coverage_levels(mask, levels, dtype, xp)):
+        valid &= _upsampled_validity(level_mask, k, shape, xp)
+    return valid
+
+
+# A band whose Sobel magnitudes stay below this many units in the last place
+# of its values (RMS) is numerically constant: what it holds is the rounding
+# of the warp and the pyramid, which NNLS would otherwise scale up to match
+# the guide (its columns are normalised).
+FLAT_ULPS = 100
+
+
+def _band_scale(cube, mask, xp) -> np.ndarray:
+    """Each band's largest magnitude, from every 8th row and column (host float64).
+
+    A cheap read of 1/64 of the cube; an underestimate only makes
+    :func:`_without_flat_bands` keep more bands.
+    """
+    sample = cube[::8, ::8]
+    if mask is not None:
+        sample = xp.where(mask[::8, ::8, None].astype(bool), sample, 0)
+    return to_host(xp.abs(sample).max(axis=(0, 1))).astype(np.float64)
+
+
+def _without_flat_bands(gram, rhs, scale, count, dtype, xp):
+    """``gram`` and ``rhs`` with the numerically constant bands' rows and columns zeroed.
+
+    Such a band gets weight 0 (as an exactly constant one does); see
+    :data:`FLAT_ULPS`.
+    """
+    threshold = count * (FLAT_ULPS * np.finfo(dtype).eps * scale) ** 2
+    flat = np.flatnonzero(to_host(xp.diagonal(gram)) <= threshold)
+    if flat.size == 0:
+        return gram, rhs
+    flat = xp.asarray(flat)
+    gram, rhs = gram.copy(), rhs.copy()
+    gram[flat, :] = 0
+    gram[:, flat] = 0
+    rhs[flat] = 0
+    return gram, rhs
+
+
+def _filled_levels(filled, levels, xp):
+    """Per level, the pixels that :func:`_estimate` leaves out for filled-in values.
+
+    Level 0: the filled pixels. Level ``k``: the pixels whose pyramid blur
+    (the same ``blur_decimate`` as the data's) draws more than half its weight
+    from filled pixels.
+    """
+    fraction = filled.astype(xp.float32)
+    out = [filled]
+    for _ in range(1, levels):
+        fraction = blur_decimate(fraction)
+        out.append(fraction > 0.5)
+    return out
+
+
+def _filled_validity(filled, levels, shape, xp):
+    """Level-0 pixels that no level of :func:`_estimate` leaves out for filled-in values."""
+    valid = xp.ones(shape, dtype=bool)
+    for k, excluded in enumerate(_filled_levels(filled, levels, xp)):
+        valid &= ~_level_lookup(excluded, k, shape, xp)
+    return valid
+
+
+def _level_lookup(level_map, level, shape, xp):
+    """A level-``k`` boolean map on the level-0 grid: True where a nearest level pixel is.
+
+    Level-0 pixel ``p`` sits at level coordinate ``p / 2**k``, between level
+    pixels ``floor`` and ``floor + 1``; the result is True if either is.
+    """
+    if level == 0:
+        return level_map
+    either = level_map.copy()
+    either[:-1] |= level_map[1:]
+    either[:, :-1] |= either[:, 1:].copy()
+    rows = xp.minimum(xp.arange(shape[0]) >> level, level_map.shape[0] - 1)
+    cols = xp.minimum(xp.arange(shape[1]) >> level, level_map.shape[1] - 1)
+    return either[rows[:, None], cols[None, :]]
+
+
+def _and_not(mask, excluded, xp):
+    """``mask & ~excluded``, where either may be None (nothing masked, nothing excluded)."""
+    if excluded is None:
+        return mask
+    return ~excluded if mask is None else mask & ~excluded
 
 
 def _upsampled_validity(level_mask, level, shape, xp):
@@ -192,16 +327,27 @@ def _upsampled_validity(level_mask, level, shape, xp):
     return eroded[rows[:, None], cols[None, :]]
 
 
-def _level_gram(cube_level, target, mask=None):
+def _level_gram(cube_level, target, mask=None, *, rows=None):
     """``A^T A`` and ``A^T b`` of one level, with ``A`` the per-band Sobel magnitudes.
 
-    Pixels where ``mask`` is False get weight 0.
+    Pixels where ``mask`` is False get weight 0. The gradients come in blocks
+    of ``rows`` rows (default: :func:`iter_sobel_blocks`'s). Where a block
+    runs out of memory, the level is accumulated again with half the rows:
+    the sums depend on the blocks in their last bits, so the result is
+    exactly the one that ``rows`` set to the size that fitted gives.
     """
     xp = array_module(cube_level=cube_level)
-    # Products in the data's precision (float32 for float32 cubes), sums in float64.
-    acc = GramAccumulator(cube_level.shape[2], xp, product_dtype=cube_level.dtype)
-    for start, stop, gradients in iter_sobel_blocks(cube_level):
-        acc.add(gradients, target[start:stop], None if mask is None else mask[start:stop])
+    if rows is None:
+        rows = _yield_rows(cube_level.shape, cube_level.dtype, xp)
+
+    def accumulate(rows):
+        # Products in the data's precision (float32 for float32 cubes), sums in float64.
+        acc = GramAccumulator(cube_level.shape[2], xp, product_dtype=cube_level.dtype)
+        for start, stop, gradients in iter_sobel_blocks(cube_level, rows=rows):
+            acc.add(gradients, target[start:stop], None if mask is None else mask[start:stop])
+        return acc
+
+    acc, _ = retry_smaller(accumulate, rows, stage="Gram matrices (eq. 5)", unit="rows")
     return acc.gram, acc.rhs
 
 
@@ -213,9 +359,15 @@ def _combine_bands(cube_level, x):
     if active.size == 0:
         return out
     weights = xp.asarray(x[active], dtype=cube_level.dtype)
-    for start, stop, gradients in iter_sobel_blocks(cube_level, bands=active):
-        with spurious_blas_flags_ignored():
-            out[start:stop] = gradients @ weights
+
+    def combine(rows):
+        # Every block overwrites its rows of ``out``, so a retry starts afresh.
+        for start, stop, gradients in iter_sobel_blocks(cube_level, rows=rows, bands=active):
+            with spurious_blas_flags_ignored():
+                out[start:stop] = gradients @ weights
+
+    rows = _yield_rows(cube_level.shape[:2] + (active.size,), cube_level.dtype, xp)
+    retry_smaller(combine, rows, stage="gradient combination (gradG = A x, eq. 5)", unit="rows")
     return out
 
 

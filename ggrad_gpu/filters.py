@@ -6,19 +6,25 @@ applied on the two spatial axes only. ``ndimage.sobel(cube, axis=0)`` on a 3-D
 array would also smooth across the band axis; here each band sees itself alone.
 
 The work runs over blocks of rows, as slices of the band-last array, so each
-elementwise pass streams contiguous spectra and temporaries stay small.
+elementwise pass streams contiguous spectra and temporaries stay small. A
+block that runs out of memory is redone with half the rows
+(:func:`ggrad_gpu._backend.retry_smaller`); every pixel's value is computed
+the same way whatever the block, so the results do not change.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import numpy as np
 
-from ._backend import array_module, block_rows
+from ._backend import array_module, block_rows, retry_smaller
 from ._validation import check_array, float_dtype
 
 __all__ = ["iter_sobel_blocks", "sobel_magnitude"]
+
+STAGE = "Sobel gradients"
 
 
 def sobel_magnitude(image_or_cube):
@@ -34,7 +40,16 @@ def sobel_magnitude(image_or_cube):
     -------
     array, same shape and array module as the input
         ``hypot(sobel(x, axis=0), sobel(x, axis=1))`` per band; float32 for
-        float32 (and integer) input, float64 for float64.
+        float32 (and float16, integer, boolean or byte-swapped float32)
+        input, float64 for float64. Images as small as 1 x 1 are fine (the
+        reflected edges give 0 along an axis of one pixel). NaN and inf
+        propagate to the pixels whose 3 x 3 neighbourhood holds them.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Naming ``image_or_cube``: not a NumPy or CuPy array, not 2-D or 3-D,
+        complex or non-numeric, or empty.
 
     Examples
     --------
@@ -48,17 +63,42 @@ def sobel_magnitude(image_or_cube):
     xp = array_module(image_or_cube=image_or_cube)
     dtype = float_dtype(image_or_cube.dtype)
     out = xp.empty(image_or_cube.shape, dtype=dtype)
-    rows = _cache_rows(image_or_cube.shape, dtype, xp)
-    workspace = _Workspace(rows, image_or_cube.shape[1], image_or_cube.shape[2:], dtype, xp)
-    for start in range(0, image_or_cube.shape[0], rows):
-        stop = min(start + rows, image_or_cube.shape[0])
-        workspace.sobel(image_or_cube, start, stop, None, out=out[start:stop])
+    workspace, rows = retry_smaller(
+        lambda rows: _Workspace(rows, image_or_cube.shape[1], image_or_cube.shape[2:], dtype, xp),
+        _cache_rows(image_or_cube.shape, dtype, xp),
+        stage=STAGE,
+        unit="rows",
+    )
+    _sobel_rows(workspace, image_or_cube, 0, image_or_cube.shape[0], None, out, rows)
     return out
 
 
 def _cache_rows(shape, dtype, xp) -> int:
     """Rows per filter pass: about 2 MiB on the CPU (cache-sized), 256 MiB on a GPU."""
     return block_rows(shape, dtype.itemsize, xp, target_bytes=(2 << 20) if xp is np else None)
+
+
+def _yield_rows(shape, dtype, xp) -> int:
+    """Rows per block of :func:`iter_sobel_blocks`: about 32 MiB on the CPU, 256 MiB on a GPU."""
+    return block_rows(shape, dtype.itemsize, xp, target_bytes=(32 << 20) if xp is np else None)
+
+
+def _sobel_rows(workspace, x, start, stop, bands, out, step) -> int:
+    """Sobel of rows ``start:stop`` of ``x`` into ``out``, ``step`` rows per pass.
+
+    A pass that runs out of memory is redone with half the rows. Returns the
+    rows per pass that worked, for the next call.
+    """
+
+    def one_pass(sub, rows):
+        end = min(sub + rows, stop)
+        workspace.sobel(x, sub, end, bands, out=out[sub - start : end - start])
+        return end
+
+    sub = start
+    while sub < stop:
+        sub, step = retry_smaller(functools.partial(one_pass, sub), step, stage=STAGE, unit="rows")
+    return step
 
 
 def iter_sobel_blocks(x, *, rows: int | None = None, bands=None) -> Iterator[tuple[int, int, object]]:
@@ -93,16 +133,19 @@ def iter_sobel_blocks(x, *, rows: int | None = None, bands=None) -> Iterator[tup
     tail = x.shape[2:] if bands is None else (len(bands),)
     shape = (n_rows, x.shape[1]) + tail
     if rows is None:
-        rows = block_rows(shape, dtype.itemsize, xp, target_bytes=(32 << 20) if xp is np else None)
+        rows = _yield_rows(shape, dtype, xp)
     rows = min(rows, n_rows)
-    step = min(rows, _cache_rows(shape, dtype, xp))
-    workspace = _Workspace(step, x.shape[1], tail, dtype, xp)
-    buffer = xp.empty((rows, x.shape[1]) + tail, dtype=dtype)
+
+    def allocate(rows):
+        # Where the buffers do not fit, blocks get fewer rows (and the caller sees that).
+        step = min(rows, _cache_rows(shape, dtype, xp))
+        workspace = _Workspace(step, x.shape[1], tail, dtype, xp)
+        return workspace, xp.empty((rows, x.shape[1]) + tail, dtype=dtype), step
+
+    (workspace, buffer, step), rows = retry_smaller(allocate, rows, stage=STAGE, unit="rows")
     for start in range(0, n_rows, rows):
         stop = min(start + rows, n_rows)
-        for sub in range(start, stop, step):
-            end = min(sub + step, stop)
-            workspace.sobel(x, sub, end, bands, out=buffer[sub - start : end - start])
+        step = _sobel_rows(workspace, x, start, stop, bands, buffer, step)
         yield start, stop, buffer[: stop - start]
 
 

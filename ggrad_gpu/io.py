@@ -29,17 +29,22 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import logging
 import os
 import re
+import reprlib
 import shutil
+import signal
+import threading
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ._backend import to_host
-from ._validation import check_array
+from ._validation import LUMA_WEIGHTS, check_array, to_gray
 
 __all__ = [
     "CUBE_FORMATS",
@@ -60,8 +65,6 @@ CUBE_SUFFIXES = {
     ".h5": "hdf5", ".hdf5": "hdf5", ".zarr": "zarr",
 }
 GUIDE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
-#: ITU-R BT.709 luma weights for R, G, B (as scikit-image's ``rgb2gray``).
-LUMA_WEIGHTS = (0.2125, 0.7154, 0.0721)
 
 # Names under which a file may hold the band centres, in order of preference.
 _CENTRE_KEYS = ("band_centres", "wavenumbers", "wavelengths", "energy")
@@ -81,6 +84,14 @@ _UNIT_TO_ENVI = {
     "cm": "Centimeters", "m": "Meters", "cm-1": "Wavenumber", "1/cm": "Wavenumber",
     "ghz": "GHz", "mhz": "MHz",
 }
+# What each format is called in the error for a file that cannot be read.
+_FORMAT_NAMES = {"npy": "npy file", "npz": "npz archive", "tiff": "TIFF file", "envi": "ENVI header and data file",
+                 "hdf5": "HDF5 file", "zarr": "Zarr store"}
+# Loggers of the readers' libraries: what they say while a read fails is dropped
+# (the error says it); what they say during a read that succeeds is passed on.
+_LIBRARY_LOGGERS = ("tifffile", "spectral", "h5py", "zarr", "numcodecs", "PIL")
+# Signals held back while finished files are renamed into place (see _signals_deferred).
+_DEFERRED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 # ENVI data types (spectral's map); other real types are stored as float32.
 _ENVI_DTYPES = tuple(np.dtype(t) for t in ("u1", "i2", "i4", "f4", "f8", "u2", "u4", "i8", "u8"))
 
@@ -171,12 +182,17 @@ def read_cube(path, *, dataset: str | None = None, band_axis: int | None = None,
         If the file does not exist.
     ValueError
         For an unknown suffix (the message lists the supported ones), a
-        stored array that is not 3-D, or an ambiguous or missing ``dataset``.
+        stored array that is not 3-D, an ambiguous or missing ``dataset``, or
+        a file that cannot be read (corrupt, truncated, or not of its
+        format): the message starts with the file's path and says what is
+        wrong, whatever the library raised (chained as ``__cause__``).
     ImportError
         If the format's library is missing; the message says what to install.
 
     Notes
     -----
+    Files are only ever opened for reading, memory maps with mode ``"r"``.
+
     Values are returned as stored: nothing is scaled or masked. In particular
     an ENVI header's ``reflectance scale factor``, ``data ignore value`` and
     ``bbl`` (bad band list) are not applied.
@@ -210,15 +226,19 @@ def read_cube(path, *, dataset: str | None = None, band_axis: int | None = None,
                          f"places the bands; got band_axis={band_axis}")
     reader = {"npy": _read_npy, "npz": _read_npz, "tiff": _read_tiff, "envi": _read_envi,
               "hdf5": _read_hdf5, "zarr": _read_zarr}[fmt]
-    data, centres, unit, dataset = reader(path, dataset)
-    if data.ndim != 3:
-        raise ValueError(f"cube must be 3-D (rows, cols, bands); got shape {tuple(data.shape)} "
-                         f"in {path}" + (f" (dataset {dataset!r})" if dataset else ""))
-    check_array(data, "cube", (3,), "3-D (rows, cols, bands)")
-    if band_axis is None:
-        band_axis = 0 if fmt == "tiff" else -1
-    data = np.moveaxis(data, band_axis, -1)
-    centres = _band_centres(centres, data.shape[2], f"the band centres in {path}")
+    with _reading(path, _FORMAT_NAMES[fmt]):
+        data, centres, unit, dataset = reader(path, dataset)
+        if data.ndim != 3:
+            raise ValueError(f"cube must be 3-D (rows, cols, bands); got shape {tuple(data.shape)} "
+                             f"in {path}" + (f" (dataset {dataset!r})" if dataset else ""))
+        try:
+            check_array(data, "cube", (3,), "3-D (rows, cols, bands)")
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{exc} in {path}") from None
+        if band_axis is None:
+            band_axis = 0 if fmt == "tiff" else -1
+        data = np.moveaxis(data, band_axis, -1)
+        centres = _band_centres(centres, data.shape[2], f"the band centres in {path}")
     return CubeData(data=data, band_centres=centres, band_unit=_unit(unit), path=path, format=fmt,
                     dataset=dataset)
 
@@ -266,6 +286,72 @@ def _require(module: str, package: str, what: str):
                           f"(or pip install 'ggrad_gpu[io]' for every format)") from exc
 
 
+@contextlib.contextmanager
+def _reading(path: Path, what: str):
+    """The boundary between a format's library and ggrad_gpu: one clear error per unreadable file.
+
+    Corrupt, truncated or mislabelled files make the libraries raise all kinds
+    of errors (``TiffFileError``, ``BadZipFile``, ``EOFError``, ``OSError``
+    without a file name, ``KeyError``, ``struct.error``, ``MemoryError`` for
+    a header that declares a huge array...). Here they become one
+    ``ValueError("<path>: <what is wrong>")``, the library's error chained as
+    ``__cause__``. Passed on unchanged: a ``ValueError``, ``TypeError`` or
+    ``OSError`` whose message already names the file (ggrad_gpu's own checks
+    and some of the libraries'), an ``ImportError`` (a missing optional
+    package) and whatever is not an ``Exception`` (``KeyboardInterrupt``).
+    An ``OSError`` of the operating system (it has an ``errno``: permission
+    denied, an I/O error) keeps its type and gets the file name.
+
+    What the libraries log or warn while the file is read is held back: it is
+    dropped if the read fails (the error says it all, on one line) and passed
+    on if it succeeds.
+    """
+    records = []
+
+    class _Hold(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    hold, saved = _Hold(), []
+    for name in _LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.handlers[:], logger.propagate))
+        logger.handlers[:], logger.propagate = [hold], False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield
+            except Exception as exc:  # noqa: BLE001 - mapped to one error naming the file
+                error = _read_error(path, what, exc)
+                if error is exc:
+                    raise
+                raise error from exc
+    finally:
+        for logger, handlers, propagate in saved:
+            logger.handlers[:], logger.propagate = handlers, propagate
+    for record in records:
+        logging.getLogger(record.name).handle(record)
+    for message in caught:
+        warnings.warn_explicit(message.message, message.category, message.filename, message.lineno)
+
+
+def _read_error(path: Path, what: str, exc: Exception) -> Exception:
+    """The error to raise for ``exc``, met while reading ``path`` (see :func:`_reading`)."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, ImportError) or (isinstance(exc, (ValueError, TypeError, OSError)) and str(path) in text):
+        return exc
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+        return type(exc)(exc.errno, exc.strerror, str(path))
+    if isinstance(exc, MemoryError):
+        return ValueError(f"{path}: not a readable {what}: it declares more data than fits in memory "
+                          f"(a corrupt header, or a file too large for this machine)")
+    detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if len(detail) > 200:
+        detail = detail[:197] + "..."
+    return ValueError(f"{path}: not a readable {what} (corrupt or truncated?): {detail}")
+
+
 def _band_centres(values, bands: int, name: str):
     """``values`` as a 1-D float64 array of length ``bands`` (None stays None)."""
     if values is None:
@@ -273,7 +359,7 @@ def _band_centres(values, bands: int, name: str):
     try:
         centres = np.array(values, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be numbers; got {values!r}") from None
+        raise ValueError(f"{name} must be numbers; got {reprlib.repr(values)}") from None
     if centres.size != bands:
         raise ValueError(f"{name} must hold one value per band ({bands}); got {centres.size}")
     return centres
@@ -428,6 +514,8 @@ def _attr(attrs, keys):
 
 def _read_zarr(path, dataset):
     zarr = _require("zarr", "zarr", "reading a Zarr cube")
+    if path.is_dir() and not any((path / name).is_file() for name in ("zarr.json", ".zarray", ".zgroup")):
+        raise ValueError(f"{path}: not a readable Zarr store: it holds no zarr.json, .zarray or .zgroup")
     root = zarr.open(store=str(path), mode="r")
     if isinstance(root, zarr.Group):
         arrays = dict(_zarr_arrays(root))
@@ -489,7 +577,9 @@ def read_guide(path) -> np.ndarray:
     FileNotFoundError
         If the file does not exist.
     ValueError
-        For an unknown suffix, or an image that is neither 2-D nor RGB(A).
+        For an unknown suffix, an image that is neither 2-D nor RGB(A), or a
+        file that cannot be read (corrupt, truncated, or not of its format;
+        the message starts with the file's path).
     ImportError
         If Pillow (PNG, JPEG, BMP) or tifffile (TIFF) is missing.
 
@@ -511,12 +601,14 @@ def read_guide(path) -> np.ndarray:
     if suffix not in GUIDE_SUFFIXES:
         raise ValueError(f"cannot tell the image format of guide {path} from its suffix "
                          f"{path.suffix!r}; supported: {', '.join(GUIDE_SUFFIXES)}")
-    if suffix == ".npy":
-        image = np.load(path, allow_pickle=False)
-    elif suffix in (".tif", ".tiff"):
-        image = _read_tiff_image(path)
-    else:
-        image = _read_pillow_image(path)
+    kind = {".npy": "npy file", ".tif": "TIFF image", ".tiff": "TIFF image"}.get(suffix, "image file")
+    with _reading(path, kind):
+        if suffix == ".npy":
+            image = np.load(path, allow_pickle=False)
+        elif suffix in (".tif", ".tiff"):
+            image = _read_tiff_image(path)
+        else:
+            image = _read_pillow_image(path)
     return _to_gray(image, path)
 
 
@@ -542,18 +634,8 @@ def _read_pillow_image(path):
 
 
 def _to_gray(image, path) -> np.ndarray:
-    image = np.asarray(image)
-    layout = "2-D (rows, cols) or RGB(A) (rows, cols, 3 or 4)"
-    if image.ndim == 3 and image.shape[-1] in (1, 2):  # gray, gray + alpha
-        image = image[..., 0]
-    if image.ndim == 3 and image.shape[-1] in (3, 4):
-        check_array(image, "guide", (3,), layout)
-        rgb = image[..., :3].astype(np.float32)
-        red, green, blue = (np.float32(w) for w in LUMA_WEIGHTS)
-        image = red * rgb[..., 0] + green * rgb[..., 1] + blue * rgb[..., 2]
-    if image.ndim != 2:
-        raise ValueError(f"guide must be {layout}; got shape {tuple(image.shape)} from {path}")
-    check_array(image, "guide", (2,), layout)
+    # The conversion is shared with ``refine``'s colour guides (_validation.to_gray).
+    image = to_gray(np.asarray(image), "guide", source=path, dtype=np.float32)
     return np.ascontiguousarray(image, dtype=np.float32)
 
 
@@ -614,12 +696,46 @@ def _atomic_paths(paths, *, overwrite: bool):
             if not os.path.lexists(temp):
                 raise FileNotFoundError(f"nothing was written for {target}")
             _check_target(target, overwrite)
-        for temp, target in zip(temps, paths):
-            _move_into_place(temp, target)
+        with _signals_deferred():  # an ENVI header never goes without its data file
+            for temp, target in zip(temps, paths):
+                _move_into_place(temp, target)
     except BaseException:
-        for temp in temps:
-            _remove(temp)
+        with _signals_deferred():
+            for temp in temps:
+                _remove(temp)
         raise
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT, SIGTERM and SIGHUP back until the block ends, then deliver them.
+
+    For the short steps that must not be cut in two: renaming finished files
+    into place, swapping an old output folder for a new one, removing a
+    temporary folder. A signal that arrives meanwhile is raised again (with
+    :func:`signal.raise_signal`) once the previous handlers are back, so
+    Ctrl-C still stops the program, only a moment later. Outside the main
+    thread (where Python cannot set handlers) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending, previous = [], {}
+
+    def hold(signum, frame):
+        pending.append(signum)
+
+    try:
+        for signum in _DEFERRED_SIGNALS:
+            handler = signal.getsignal(signum)
+            if handler is not None and handler is not signal.SIG_IGN:  # None: set outside Python
+                previous[signum] = signal.signal(signum, hold)
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
 
 
 def _temp_name(path: Path, token: str) -> Path:

@@ -67,8 +67,10 @@ def solve_level_weights(q, *, max_iter: int | None = None) -> tuple[np.ndarray, 
     for a convex QP certifies the global minimum.
     """
     q = np.asarray(q, dtype=np.float64)
-    if q.ndim != 2 or q.shape[0] != q.shape[1] or q.shape[0] % 2:
+    if q.ndim != 2 or q.shape[0] != q.shape[1] or q.shape[0] % 2 or q.shape[0] == 0:
         raise ValueError(f"q must be a square matrix of even size 2K; got shape {q.shape}")
+    if not np.isfinite(q).all():
+        raise ValueError("q must be finite (no NaN or inf)")
     q = 0.5 * (q + q.T)
     n = q.shape[0]
     k = n // 2

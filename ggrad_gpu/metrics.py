@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import numpy as np
 
 from ._backend import array_module
-from ._validation import check_matrix
+from ._validation import check_affine, check_array, check_matrix
 
 __all__ = ["TRE", "mse", "ncc", "target_registration_error"]
 
@@ -25,11 +26,18 @@ def target_registration_error(m_est, m_true, guide_shape, *, spacing: int = 10) 
     Parameters
     ----------
     m_est, m_true : array_like, shape (3, 3)
-        Guide-to-cube matrices in (row, col) pixel coordinates.
+        Guide-to-cube matrices in (row, col) pixel coordinates, finite;
+        ``m_true`` must be an invertible affine matrix.
     guide_shape : tuple of int
         ``(rows, cols)`` of the guide; the points ``p`` lie on a grid with step
         ``spacing`` starting at ``spacing // 2`` inside it.
     spacing : int, default 10
+        A positive integer.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Naming the parameter that is malformed.
 
     Examples
     --------
@@ -40,9 +48,10 @@ def target_registration_error(m_est, m_true, guide_shape, *, spacing: int = 10) 
     TRE(mean=0.5, max=0.5)
     """
     m_est = check_matrix(m_est, "m_est")
-    m_true = check_matrix(m_true, "m_true")
-    if spacing < 1:
-        raise ValueError(f"spacing must be a positive integer; got {spacing}")
+    m_true = check_affine(m_true, "m_true")
+    if isinstance(spacing, bool) or not isinstance(spacing, numbers.Integral) or spacing < 1:
+        raise ValueError(f"spacing must be a positive integer; got {spacing!r}")
+    guide_shape = _check_shape(guide_shape)
     rows = np.arange(spacing // 2, guide_shape[0], spacing)
     cols = np.arange(spacing // 2, guide_shape[1], spacing)
     if rows.size == 0 or cols.size == 0:
@@ -54,16 +63,53 @@ def target_registration_error(m_est, m_true, guide_shape, *, spacing: int = 10) 
     return TRE(float(error.mean()), float(error.max()))
 
 
-def ncc(a, b, mask=None) -> float:
-    """Normalised cross-correlation (Pearson) of two images, optionally within ``mask``."""
+def _check_shape(guide_shape) -> tuple[int, int]:
+    try:
+        shape = tuple(int(n) for n in guide_shape)
+        exact = all(int(n) == n for n in guide_shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"guide_shape must be (rows, cols) with positive sizes; got {guide_shape!r}") from None
+    if len(shape) != 2 or min(shape) < 1 or not exact:
+        raise ValueError(f"guide_shape must be (rows, cols) with positive sizes; got {guide_shape!r}")
+    return shape
+
+
+def _paired(a, b, mask):
+    """The float64 values of ``a`` and ``b`` where both are finite (and ``mask`` is True), checked."""
+    check_array(a, "a", (1, 2, 3), "an image (1-D to 3-D array)")
+    check_array(b, "b", (1, 2, 3), "an image (1-D to 3-D array)")
     xp = array_module(a=a, b=b, mask=mask)
     if a.shape != b.shape:
         raise ValueError(f"a and b must have the same shape; got {a.shape} and {b.shape}")
+    if mask is not None:
+        check_array(mask, "mask", (a.ndim,), f"{a.ndim}-D like a and b")
+        if mask.shape != a.shape:
+            raise ValueError(f"mask must have the shape of a and b, {a.shape}; got {mask.shape}")
     a = a.astype(xp.float64).ravel()
     b = b.astype(xp.float64).ravel()
+    keep = xp.isfinite(a) & xp.isfinite(b)
     if mask is not None:
-        keep = mask.ravel().astype(bool)
+        keep &= mask.ravel().astype(bool)
+    if not bool(keep.all()):
         a, b = a[keep], b[keep]
+    if a.size == 0:
+        raise ValueError("a and b have no pixel in common that is finite (and inside mask)")
+    return xp, a, b
+
+
+def ncc(a, b, mask=None) -> float:
+    """Normalised cross-correlation (Pearson) of two images, optionally within ``mask``.
+
+    Pixels where either image is NaN or inf are left out. 0.0 where either
+    image is constant over the pixels used.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Naming ``a``, ``b`` or ``mask``: not real arrays, different shapes,
+        or no finite pixel in common.
+    """
+    xp, a, b = _paired(a, b, mask)
     a = a - a.mean()
     b = b - b.mean()
     denominator = float(xp.sqrt((a @ a) * (b @ b)))
@@ -71,11 +117,16 @@ def ncc(a, b, mask=None) -> float:
 
 
 def mse(a, b, mask=None) -> float:
-    """Mean squared difference of two images, optionally within ``mask``."""
-    xp = array_module(a=a, b=b, mask=mask)
-    if a.shape != b.shape:
-        raise ValueError(f"a and b must have the same shape; got {a.shape} and {b.shape}")
-    diff = a.astype(xp.float64) - b.astype(xp.float64)
-    if mask is not None:
-        diff = diff[mask.astype(bool)]
+    """Mean squared difference of two images, optionally within ``mask``.
+
+    Pixels where either image is NaN or inf are left out.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Naming ``a``, ``b`` or ``mask``: not real arrays, different shapes,
+        or no finite pixel in common.
+    """
+    xp, a, b = _paired(a, b, mask)
+    diff = a - b
     return float(xp.mean(diff * diff))

@@ -70,10 +70,15 @@ class GramAccumulator:
             b = b * w
         # ``a.T @ a`` on one buffer is a SYRK in NumPy: half the flops of a GEMM.
         with spurious_blas_flags_ignored():
-            self.gram += a.T @ a
-            self.rhs += a.T @ b
+            gram = a.T @ a
+            rhs = a.T @ b
         b64 = b.astype(self.xp.float64)
-        self.target_sq += b64 @ b64
+        target_sq = b64 @ b64
+        # Products first, sums last: a chunk that runs out of memory (and is
+        # retried smaller) has added nothing.
+        self.gram += gram
+        self.rhs += rhs
+        self.target_sq += target_sq
         self.pixels += b.shape[0]
 
 
@@ -128,6 +133,15 @@ def nnls_gram(gram, rhs, *, max_iter: int | None = None):
     x : numpy.ndarray, shape (bands,), float64
         The minimiser, ``x >= 0``.
 
+    Raises
+    ------
+    ValueError, TypeError
+        Naming ``gram``, ``rhs`` or ``max_iter``: complex or non-numeric
+        values, NaN or inf, an empty or non-square ``gram``, one that is not
+        symmetric (to 1e-5 of its largest entry) or has a negative diagonal
+        (not positive semi-definite), an ``rhs`` of the wrong length, a
+        ``max_iter`` below 1.
+
     Notes
     -----
     Columns are scaled to unit norm first (``D G D`` with ``D = diag(G)^-1/2``),
@@ -146,15 +160,30 @@ def nnls_gram(gram, rhs, *, max_iter: int | None = None):
     >>> nnls_gram(a.T @ a, a.T @ b).round(6)
     array([1.5, 0. ])
     """
-    gram = to_host(gram).astype(np.float64)
-    rhs = to_host(rhs).astype(np.float64)
+    gram, rhs = to_host(gram), to_host(rhs)
+    for name, value in (("gram", gram), ("rhs", rhs)):
+        if value.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must be a real numeric array; got dtype {value.dtype}")
+    gram, rhs = gram.astype(np.float64), rhs.astype(np.float64)
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"gram must be a square 2-D matrix; got shape {gram.shape}")
+    if gram.shape[0] == 0:
+        raise ValueError(f"gram must not be empty; got shape {gram.shape}")
     if rhs.shape != gram.shape[:1]:
         raise ValueError(f"rhs must have shape ({gram.shape[0]},) to match gram; got {rhs.shape}")
     if not (np.isfinite(gram).all() and np.isfinite(rhs).all()):
         raise ValueError("gram and rhs must be finite (no NaN or inf)")
+    largest = float(np.abs(gram).max())
+    if float(np.abs(gram - gram.T).max()) > 1e-5 * largest:
+        raise ValueError("gram must be symmetric (a Gram matrix A^T A)")
+    if (np.diag(gram) < 0).any():
+        raise ValueError(
+            f"gram must be positive semi-definite; its diagonal has negative entries {np.diag(gram).min():g}"
+        )
     bands = rhs.shape[0]
+    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer))
+                                 or max_iter < 1):
+        raise ValueError(f"max_iter must be None or an integer >= 1; got {max_iter!r}")
     max_iter = 30 * bands if max_iter is None else int(max_iter)
 
     diag = np.diag(gram)

@@ -1,10 +1,13 @@
 """Writing a refinement's results into an output folder, all or nothing.
 
-The folder is assembled under a temporary name beside it and renamed into
-place once every file is complete, so an interrupted run (an exception,
-Ctrl-C, a full disk) never leaves a folder that looks finished. An existing
-folder is replaced only when asked to (``force``), and then only after the
-new one is complete.
+The folder is assembled under a temporary name beside it
+(``.<name>.partial-<random>``) and renamed into place once every file is
+complete, so an interrupted run (an exception, Ctrl-C, SIGTERM through the
+``ggrad`` command, a full disk) never leaves a folder that looks finished: the
+temporary folder is removed on the way out. An existing folder is replaced only
+when asked to (``force``), and then only after the new one is complete; Ctrl-C
+and SIGTERM are held back for the moment of the swap, so the old folder is
+never lost without the new one in its place.
 """
 
 from __future__ import annotations
@@ -62,6 +65,14 @@ def write_outputs(outdir, refinement, guide, cube, *, cube_format: str = "npy", 
     -------
     list of pathlib.Path
         The files written, at their final place.
+
+    Raises
+    ------
+    FileExistsError
+        If ``outdir`` exists and ``force`` is False, or is not a folder.
+    OSError
+        If a file cannot be written (e.g. a full disk); the message names
+        ``outdir`` and the file, and nothing is left behind.
     """
     from . import io
     from .plotting import report_figure, save_report
@@ -75,43 +86,58 @@ def write_outputs(outdir, refinement, guide, cube, *, cube_format: str = "npy", 
         data, band_centres, band_unit, source_format = cube, None, None, None
     inputs = dict(inputs or {})
     staging = outdir.parent / f".{outdir.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    names, step = [], "the folder"
     try:
-        names = []
+        staging.mkdir()
         if save_cube:
-            name = "registered" + _SUFFIX[cube_format]
-            io.write_cube(staging / name, to_host(refinement.registered), band_centres=band_centres,
+            step = "registered" + _SUFFIX[cube_format]
+            io.write_cube(staging / step, to_host(refinement.registered), band_centres=band_centres,
                           band_unit=band_unit, format=cube_format)
-            names.append(name)
+            names.append(step)
         shape = {"shape": [int(n) for n in guide.shape]}
         record = transform_record(refinement, guide={**shape, "source": inputs.get("guide")},
                                   cube={"shape": [int(n) for n in data.shape], "source": inputs.get("cube"),
                                         "format": source_format})
-        io.write_json(staging / "transform.json", record)
-        io.write_json(staging / "weights.json",
+        step = "transform.json"
+        io.write_json(staging / step, record)
+        step = "weights.json"
+        io.write_json(staging / step,
                       weights_record(refinement.gradient, band_centres=band_centres, band_unit=band_unit))
+        step = "report.png"
         figure = report_figure(refinement, guide, data, band_centres=band_centres, band_unit=band_unit)
-        save_report(figure, staging / "report.png")
+        save_report(figure, staging / step)
         names += ["transform.json", "weights.json", "report.png"]
+        step = "the folder"
         _move_into_place(staging, outdir, force)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException as exc:
+        with io._signals_deferred():
+            shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, FileExistsError) and str(outdir) not in str(exc):
+            reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+            message = f"could not write {step} of {outdir}: {reason}; nothing was left behind"
+            raise (OSError(exc.errno, message) if exc.errno is not None else OSError(message)) from exc
         raise
     return [outdir / name for name in names]
 
 
 def _move_into_place(staging: Path, outdir: Path, force: bool) -> None:
-    """Rename the finished folder to ``outdir``; an old one goes only after the new one is in place."""
-    if not outdir.exists():
-        os.rename(staging, outdir)
-        return
-    if not force:
-        raise FileExistsError(f"output folder {outdir} appeared while writing; the results were not moved there")
-    retired = outdir.parent / f".{outdir.name}.replaced-{uuid.uuid4().hex[:8]}"
-    os.rename(outdir, retired)
-    try:
-        os.rename(staging, outdir)
-    except BaseException:
-        os.rename(retired, outdir)  # put the old results back
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
+    """Rename the finished folder to ``outdir``; an old one goes only after the new one is in place.
+
+    Ctrl-C and SIGTERM wait until the swap is over (see ``io._signals_deferred``).
+    """
+    from .io import _signals_deferred
+
+    with _signals_deferred():
+        if not os.path.lexists(outdir):
+            os.rename(staging, outdir)
+            return
+        if not force:
+            raise FileExistsError(f"output folder {outdir} appeared while writing; the results were not moved there")
+        retired = outdir.parent / f".{outdir.name}.replaced-{uuid.uuid4().hex[:8]}"
+        os.rename(outdir, retired)
+        try:
+            os.rename(staging, outdir)
+        except BaseException:
+            os.rename(retired, outdir)  # put the old results back
+            raise
+        shutil.rmtree(retired, ignore_errors=True)

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -25,20 +26,31 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from . import baselines as _baselines
-from ._backend import is_cupy_array, ndimage_module, resolve_backend, to_device, to_host
-from ._validation import check_array, check_finite, check_levels, check_matrix, float_dtype
-from .estimate import GlobalGradient, _upsampled_validity, estimate_global_gradient
-from .pyramid import upsample_level
+from ._backend import array_module, block_rows, is_cupy_array, ndimage_module, resolve_backend, to_device, to_host
+from ._validation import (
+    GRAY_LAYOUT,
+    all_finite,
+    check_affine,
+    check_array,
+    check_mask,
+    float_dtype,
+    max_levels,
+    to_gray,
+)
+from .estimate import FLAT_ULPS, GlobalGradient, _estimate, _filled_validity, _level_lookup, _mask_validity, _upsampled_validity
 from .filters import sobel_magnitude
-from .register import AffineRegistration, affine_mse, affine_ncc, register_affine
+from .level_weights import manual_level_weights
+from .pyramid import upsample_level
+from .register import AffineRegistration, _register, affine_mse, affine_ncc
 from .synthetic import fov_matrix
-from .warp import warp_cube
+from .warp import _warp, warp_cube
 
 __all__ = ["Refinement", "refine", "working_grid"]
 
 METHODS = ("gradient", "band_sum", "band_std", "pca")
 MAX_SCALE_CHANGE = 1.2  # along any axis, refined against initial
 MIN_NCC = 0.2  # below this, grad_x and grad_y share too little structure to trust a registration
+MIN_OVERLAP = 16  # valid pixels the registration needs at least (its Gauss-Newton step does)
 OUTPUT_GRIDS = ("working", "guide")
 
 
@@ -57,10 +69,12 @@ class Refinement:
         ``S``: working-grid pixel to guide coordinate.
     registered : array, shape (rows, cols, bands)
         The cube resampled with ``matrix`` onto the working grid (or the guide
-        grid); NaN where the cube does not reach. Same array kind as the input
-        cube.
+        grid); NaN where the cube does not reach, and where (per band) it
+        only reaches missing values (NaN, inf, or outside ``mask``). Same
+        array kind as the input cube.
     valid : array of bool, shape (rows, cols)
-        Pixels of ``registered`` the cube covers.
+        Pixels of ``registered`` the cube covers with data (in at least one
+        band).
     gradient : GlobalGradient
         The (last) estimate on the working grid: ``grad_x``, ``grad_y``,
         weights.
@@ -109,7 +123,12 @@ def working_grid(guide_shape, initial, working_shape=None) -> tuple[int, tuple[i
         ratio = 1.0 / math.sqrt(det)
         s = max(1, math.ceil(ratio / 6 - 1e-9))
     else:
-        shape = tuple(int(n) for n in working_shape)
+        try:
+            shape = tuple(int(n) for n in working_shape)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"working_shape must be (rows, cols) with positive sizes; got {working_shape!r}"
+            ) from None
         if len(shape) != 2 or min(shape) < 1:
             raise ValueError(f"working_shape must be (rows, cols) with positive sizes; got {working_shape}")
         s = max(1, min(rows // shape[0], cols // shape[1]))
@@ -135,22 +154,35 @@ def refine(
     psf_sigma: float | None = 0.5,
     absorbance: bool = True,
     progress=None,
+    band_axis: int = -1,
+    mask=None,
 ) -> Refinement:
     """Refine a cube's registration to a guide image.
 
     Parameters
     ----------
-    guide : array, shape (rows, cols)
-        Brightfield image (NumPy or CuPy).
+    guide : array, shape (rows, cols) or (rows, cols, 3 or 4)
+        Brightfield image (NumPy or CuPy). Colour guides (RGB or RGBA) become
+        grayscale with the ITU-R BT.709 weights ``0.2125 R + 0.7154 G +
+        0.0721 B``, the alpha channel dropped (as ``ggrad_gpu.io.read_guide``
+        does). NaN or inf pixels are missing: they are filled from their
+        neighbours for the filters and left out of the Gram matrices, the
+        level weights and the registration metric.
     cube : array, shape (cube_rows, cube_cols, bands)
-        The hyperspectral cube at its native resolution.
+        The hyperspectral cube at its native resolution (bands last, or see
+        ``band_axis``). A pixel with NaN or inf in any band is missing for the
+        estimation (eq. 5 needs every band), the same way as guide pixels;
+        in ``registered`` it stays NaN in the bands where it was not finite.
     initial : array_like, shape (3, 3), optional
-        Guide grid to native cube grid (device-based registration). Default:
-        the cube spans the guide's field of view.
+        Guide grid to native cube grid (device-based registration), affine
+        and invertible. Default: the cube spans the guide's field of view.
     levels : int, default 4
-        Pyramid levels of the estimation.
+        Pyramid levels of the estimation. The working grid and the grid at the
+        cube's resolution must keep the coarsest level at least 3 x 3 pixels;
+        the error for too many levels says how many fit.
     weights : "auto" or (alpha, beta)
-        Level weights (eq. 9) or manual ones.
+        Level weights (eq. 9) or manual ones: two length-``levels``
+        non-negative sequences, not all zero.
     backend : {"auto", "numpy", "cupy"}
         Where to compute; arrays come back in the input's kind.
     working_shape : (int, int), optional
@@ -195,95 +227,238 @@ def refine(
     progress : callable, optional
         Called with a short description of each stage as it starts (e.g. to
         drive a progress bar).
+    band_axis : int, default -1
+        The cube's band axis; it is moved last (``moveaxis``, a view, no
+        copy). Where the cube's last two axes fit the guide's shape much
+        better than its first two, a warning (or the error that the shape
+        causes) suggests ``band_axis=0``.
+    mask : array of bool, shape (cube_rows, cube_cols), optional
+        Valid cube pixels on the cube's native grid (after ``band_axis``);
+        False marks a missing pixel, treated as a NaN in every band.
 
     Returns
     -------
     Refinement
+        ``matrix`` is always finite. Degenerate data (constant or all-zero
+        bands, a guide without edges, a cube without spatial structure, too
+        little valid overlap) give ``improved=False``, the initial matrix and
+        a ``message`` that says why, with a ``UserWarning``.
+
+    Raises
+    ------
+    ValueError, TypeError
+        For input that cannot be used; the message names the parameter:
+        ``guide`` or ``cube`` of the wrong shape, complex, empty or too small
+        for ``levels``, a guide or cube without any finite pixel, a ``mask``
+        of the wrong shape, an ``initial`` that is not an invertible affine
+        matrix or places the cube outside the guide, malformed ``weights``,
+        and options outside their choices. Integer, boolean, float16 and
+        byte-swapped arrays are converted (to float32; float64 stays float64).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from ggrad_gpu import refine, synthetic
+    >>> from ggrad_gpu.metrics import target_registration_error
+    >>> phantom = synthetic.make_phantom(shape=(120, 140), bands=16, seed=1)
+    >>> result = refine(phantom.guide, phantom.cube, initial=phantom.initial, levels=3, backend="numpy")
+    >>> result.improved, result.registered.shape
+    (True, (120, 140, 16))
+    >>> bool(target_registration_error(result.matrix, phantom.matrix, (120, 140)).mean < 0.5)
+    True
     """
     timings = {}
     clock = time.perf_counter()
-    report = progress if progress is not None else (lambda stage: None)
-    check_array(guide, "guide", (2,), "2-D (rows, cols)")
+    # ---- the arguments, before any work
+    check_array(guide, "guide", (2, 3), GRAY_LAYOUT)
+    if guide.ndim == 3 and guide.shape[2] > 4:
+        raise ValueError(
+            f"guide must be {GRAY_LAYOUT}; got shape {tuple(guide.shape)} "
+            f"({guide.shape[2]} channels; is it a cube?)"
+        )
+    guide_shape = tuple(guide.shape[:2])
+    band_axis = _check_band_axis(band_axis)
+    if getattr(cube, "ndim", None) == 2 and hasattr(cube, "dtype"):
+        raise ValueError(
+            f"cube must be 3-D (rows, cols, bands); got shape {tuple(cube.shape)} "
+            "(a single band? pass cube[..., None])"
+        )
     check_array(cube, "cube", (3,), "3-D (rows, cols, bands)")
+    cube = array_module(cube=cube).moveaxis(cube, band_axis, -1)  # a view
+    if mask is not None:
+        mask = check_mask(mask, "mask", cube.shape[:2])
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     if output_grid not in OUTPUT_GRIDS:
         raise ValueError(f"output_grid must be one of {OUTPUT_GRIDS}; got {output_grid!r}")
-    return_device = is_cupy_array(cube)
+    if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order not in (1, 3):
+        raise ValueError(f"order must be 1 or 3; got {order!r}")
+    if psf_sigma is not None and (
+        isinstance(psf_sigma, bool) or not isinstance(psf_sigma, numbers.Real)
+        or not math.isfinite(psf_sigma) or psf_sigma < 0
+    ):
+        raise ValueError(f"psf_sigma must be None or a finite number >= 0; got {psf_sigma!r}")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be callable or None; got {type(progress).__name__}")
+    if isinstance(levels, bool) or not isinstance(levels, numbers.Integral):
+        raise TypeError(f"levels must be an integer; got {levels!r}")
+    if levels < 1:
+        raise ValueError(f"levels must be at least 1; got {levels}")
+    levels = int(levels)
+    if not (isinstance(weights, str) and weights == "auto"):
+        manual_level_weights(weights, levels)  # raises, naming weights
     xp = resolve_backend(backend)
-    guide_d = to_device(guide, xp).astype(float_dtype(guide.dtype), copy=False)
+    initial_given = initial is not None
+    initial = check_affine(initial, "initial") if initial_given else fov_matrix(guide_shape, cube.shape[:2])
+    s, shape, scale = working_grid(guide_shape, initial, working_shape)
+    first_step = _cube_resolution_step(initial @ scale)
+    hint = _bands_first_hint(cube.shape, guide_shape, initial if initial_given else None) if band_axis == 2 else ""
+    _check_grids(levels, guide_shape, cube.shape, shape, _grid(shape, first_step), hint)
+    if not bool(_footprint(cube.shape[:2], initial @ scale @ np.diag([first_step, first_step, 1.0]),
+                           _grid(shape, first_step), np).any()):
+        raise ValueError("initial places the cube outside the guide: no guide pixel maps into the cube")
+    if hint:
+        warnings.warn(
+            f"cube of shape {tuple(cube.shape)} does not fit the guide's {guide_shape[0]} x "
+            f"{guide_shape[1]} pixels as (rows, cols, bands){hint}",
+            UserWarning,
+            stacklevel=2,
+        )
+    report = progress if progress is not None else (lambda stage: None)
+
+    # ---- the data on the compute device; missing values
+    return_device = is_cupy_array(cube)
+    guide_d = to_device(guide, xp)
+    if guide_d.ndim == 3:
+        guide_d = to_gray(guide_d, "guide")
+    guide_d = guide_d.astype(float_dtype(guide_d.dtype), copy=False)
     cube_d = to_device(cube, xp)
-    check_finite(guide_d, "guide", xp)
-    initial = fov_matrix(guide.shape, cube.shape[:2]) if initial is None else check_matrix(initial, "initial")
-    s, shape, scale = working_grid(guide.shape, initial, working_shape)
-    check_levels(levels, shape)
+    # ``cube_out``: NaN wherever a value is missing (for ``registered``);
+    # ``cube_est``: missing pixels filled in, dead bands 0 (for the estimates).
+    cube_out, native_ok, dead_bands = _missing_cube(cube_d, None if mask is None else to_device(mask, xp), xp)
+    cube_est = cube_out
+    if native_ok is not None or dead_bands is not None:
+        cube_est = xp.where(xp.isnan(cube_out), 0, cube_out)
+        if native_ok is not None:
+            cube_est = _inpaint(cube_est, native_ok, xp)
     working_guide = _block_average(guide_d, s)
+    guide_missing = None if all_finite(working_guide, xp) else ~xp.isfinite(working_guide)
+    if guide_missing is not None:
+        if bool(guide_missing.all()):
+            raise ValueError("guide has no finite pixel (all NaN or inf)")
+        working_guide = _inpaint(xp.where(guide_missing, 0, working_guide), ~guide_missing, xp)
     if absorbance:
         working_guide = _optical_density(working_guide, xp)
+    # A constant guide (to rounding) has no edges to register on.
+    guide_flat = float(working_guide.max() - working_guide.min()) <= (
+        FLAT_ULPS * np.finfo(working_guide.dtype).eps * float(xp.abs(working_guide).max())
+    )
     timings["prepare"] = time.perf_counter() - clock
 
     def estimate_at(rotation, step, bands=None):
-        """Estimate on the working grid's pyramid level ``log2(step)``, from bands ``bands`` (default all)."""
+        """Estimate on the working grid's pyramid level ``log2(step)``, from bands ``bands`` (default all).
+
+        Returns the estimate on the working grid and its :class:`_Validity`.
+        """
         report(f"estimate ({'all' if bands is None else len(bands)} bands, grid step {step})")
         to_native = initial @ scale @ rotation
-        coarse = ((shape[0] + step - 1) // step, (shape[1] + step - 1) // step)
-        to_coarse = np.diag([step, step, 1.0])  # estimation pixel i sits at working coordinate step * i
+        coarse = _grid(shape, step)
+        to_coarse = to_native @ np.diag([step, step, 1.0])  # estimation pixel i sits at working coordinate step * i
         start = time.perf_counter()
-        source = cube_d if bands is None else cube_d[:, :, xp.asarray(bands)]
-        on_grid = warp_cube(source, to_native @ to_coarse, coarse, order=1)
-        covered = _footprint(cube.shape[:2], to_native @ to_coarse, coarse, xp)
+        source = cube_est if bands is None else cube_est[:, :, xp.asarray(bands)]
+        on_grid = warp_cube(source, to_coarse, coarse, order=1)
+        covered = _footprint(cube.shape[:2], to_coarse, coarse, xp)
         on_grid[~covered] = 0
+        cube_filled = cube_gap = None
+        if native_ok is not None:
+            # The Gram matrices leave out every pixel that draws on a missing
+            # cube pixel; the registration metric only those that draw mostly
+            # on one (its own cell): excluding the whole bilinear reach there
+            # costs the metric a fifth of the cube at 5 % missing pixels and
+            # makes it noisier than the filled-in values do.
+            share = _missing_share(native_ok, to_coarse, coarse, xp)
+            cube_filled, cube_gap = (share > 0.01) & covered, (share > 0.5) & covered
         timings["resample"] = timings.get("resample", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
-        reference = _matched_guide(working_guide, to_native, psf_sigma, xp)[::step, ::step]
+        reference, guide_filled = _matched_guide(working_guide, to_native, psf_sigma, xp, guide_missing)
+        reference = reference[::step, ::step]
+        if guide_filled is not None:
+            guide_filled = guide_filled[::step, ::step]
+        filled = _either(cube_filled, guide_filled)
         if method == "gradient":
-            result = estimate_global_gradient(reference, on_grid, levels=levels, weights=weights, mask=covered)
+            result = _estimate(reference, on_grid, levels=levels, weights=weights, mask=covered, filled=filled)
+            strict = _mask_validity(covered, levels, on_grid.dtype, xp)
+            cube_missing, guide_missing_grid = (
+                None if f is None else ~_filled_validity(f, levels, coarse, xp) for f in (cube_gap, guide_filled)
+            )
         else:
-            result = _baseline_gradient(reference, on_grid, covered, method, xp)
+            result = _baseline_gradient(reference, on_grid, covered if filled is None else covered & ~filled,
+                                        method, xp)
+            strict, cube_missing, guide_missing_grid = result.valid, None, None
+        validity = _Validity(strict, cube_missing, guide_missing_grid).on_working_grid(step, shape, xp)
         result = _to_working_grid(result, step, shape, xp)
+        result = replace(result, valid=validity.moving & validity.fixed_or_true(xp))
         if bands is not None:
             every_band = np.zeros((result.channel_weights.shape[0], cube.shape[2]))
             every_band[:, bands] = result.channel_weights
             result = replace(result, channel_weights=every_band)
         timings["estimate"] = timings.get("estimate", 0.0) + time.perf_counter() - start
-        return result
+        return result, validity
 
-    def register(result, rotation, coarse_search):
+    def register(result, validity, rotation, coarse_search):
         report("register" + (" (with coarse search)" if coarse_search else ""))
         start = time.perf_counter()
-        registration = register_affine(
-            result.grad_x, result.grad_y, moving_mask=result.valid, coarse_search=coarse_search
-        )
+        if int(result.valid.sum()) < MIN_OVERLAP:
+            # Nothing to register on: keep the placement (the guard reports it).
+            registration = AffineRegistration(np.eye(3), math.inf, math.inf, 0, False,
+                                              message="too few valid pixels to register")
+        else:
+            registration = _register(
+                result.grad_x, result.grad_y, moving_mask=validity.strict, coarse_search=coarse_search,
+                fixed_missing=validity.guide_missing, moving_missing=validity.cube_missing,
+            )
         timings["register"] = timings.get("register", 0.0) + time.perf_counter() - start
         return registration, rotation @ registration.matrix
 
-    gradient = estimate_at(np.eye(3), _cube_resolution_step(initial @ scale))
-    first = gradient
-    registration, rotation = register(gradient, np.eye(3), coarse_search=True)
+    gradient, validity = estimate_at(np.eye(3), first_step)
+    first, first_validity = gradient, validity
+    registration, rotation = register(gradient, validity, np.eye(3), coarse_search=True)
     if reestimate:
         # Aligned now: estimate on the working grid itself (its accuracy needs
         # it), and no coarse search, which could only jump away. (More rounds
         # add noise, not accuracy.)
         bands = None
         step = _cube_resolution_step(initial @ scale @ rotation)
-        if screen_bands and method == "gradient" and step > 1:
+        if screen_bands and method == "gradient" and step > 1 and levels <= max_levels(_grid(shape, step)):
             # The bands that can matter: those an exact estimate at the cube's
             # resolution, now aligned, gives weight at any level.
-            aligned = estimate_at(rotation, step)
+            aligned, _ = estimate_at(rotation, step)
             support = np.flatnonzero((aligned.channel_weights > 0).any(axis=0))
             bands = support if support.size else None
-        gradient = estimate_at(rotation, 1, bands)
-        registration, rotation = register(gradient, rotation, coarse_search=False)
+        gradient, validity = estimate_at(rotation, 1, bands)
+        registration, rotation = register(gradient, validity, rotation, coarse_search=False)
 
     # The guard: the first estimate's images, before against after.
     start = time.perf_counter()
     images = (first.grad_x, first.grad_y)
-    before = affine_mse(*images, np.eye(3), moving_mask=first.valid)
-    after = affine_mse(*images, rotation, moving_mask=first.valid)
-    ncc_before = affine_ncc(*images, np.eye(3), moving_mask=first.valid)
-    ncc_after = affine_ncc(*images, rotation, moving_mask=first.valid)
+    masks = {"fixed_mask": first_validity.fixed, "moving_mask": first_validity.moving}
+    overlap = first.valid
+    before = affine_mse(*images, np.eye(3), **masks)
+    after = affine_mse(*images, rotation, **masks)
+    ncc_before = affine_ncc(*images, np.eye(3), **masks)
+    ncc_after = affine_ncc(*images, rotation, **masks)
     figures = f"gradient MSE {before:.4g} -> {after:.4g}, NCC {ncc_before:.3f} -> {ncc_after:.3f}"
-    if not _plausible(rotation):
+    if int(overlap.sum()) < MIN_OVERLAP:
+        improved, reason = False, (
+            "too few valid pixels where the guide and the cube overlap (little overlap, or missing data)"
+        )
+    elif guide_flat or _is_flat(first.grad_x, overlap, xp):
+        improved, reason = False, "the guide has no edges where the cube overlaps it (its gradient image is 0)"
+    elif _is_flat(first.grad_y, overlap, xp):
+        improved, reason = False, (
+            "the cube has no spatial structure that the guide shares (its global gradient image is 0)"
+        )
+    elif not np.isfinite(rotation).all() or not _plausible(rotation):
         improved, reason = False, f"the refined transform flips or rescales by more than {MAX_SCALE_CHANGE - 1:.0%}"
     elif not (after < before and ncc_after > ncc_before):
         improved, reason = False, "the refinement did not improve the match"
@@ -291,9 +466,8 @@ def refine(
         improved, reason = False, f"the gradient images hardly match (NCC below {MIN_NCC})"
     else:
         improved, reason = True, ""
-    refined = initial @ scale @ rotation @ np.linalg.inv(scale)
     if improved:
-        matrix = refined
+        matrix = initial @ scale @ rotation @ np.linalg.inv(scale)
         message = f"refined: {figures}"
     else:
         matrix = initial
@@ -306,9 +480,11 @@ def refine(
     if output_grid == "working":
         out_matrix, out_shape = matrix @ scale, shape
     else:
-        out_matrix, out_shape = matrix, guide.shape
-    registered = warp_cube(cube_d, out_matrix, out_shape, order=order)
+        out_matrix, out_shape = matrix, guide_shape
+    registered = warp_cube(cube_out, out_matrix, out_shape, order=order)
     valid = _footprint(cube.shape[:2], out_matrix, out_shape, xp)
+    if cube_out is not cube_d:
+        valid &= _has_data(registered, xp)  # missing pixels are not covered
     if not return_device:
         # NumPy in, NumPy out, wherever it was computed.
         registered, valid = to_host(registered), to_host(valid)
@@ -335,7 +511,197 @@ def refine(
     )
 
 
-def _matched_guide(guide, to_native, psf_sigma, xp):
+@dataclass(frozen=True)
+class _Validity:
+    """Where an estimate's gradient images hold data, split by cause.
+
+    ``strict``: pixels whose gradients the cube's footprint fully covers
+    (from ``mask`` in ``_estimate``); ``cube_missing`` and ``guide_missing``:
+    pixels left out for filled-in missing values of the cube (moving image)
+    or of the guide (fixed image), or None where there are none.
+    """
+
+    strict: object
+    cube_missing: object = None
+    guide_missing: object = None
+
+    @property
+    def moving(self):
+        """The cube's valid pixels (the registration's moving mask)."""
+        return self.strict if self.cube_missing is None else self.strict & ~self.cube_missing
+
+    @property
+    def fixed(self):
+        """The guide's valid pixels (the fixed mask), or None if all are."""
+        return None if self.guide_missing is None else ~self.guide_missing
+
+    def fixed_or_true(self, xp):
+        return True if self.guide_missing is None else ~self.guide_missing
+
+    def on_working_grid(self, step, shape, xp):
+        """The maps of an estimate at pixel step ``step``, on the working grid ``shape``.
+
+        The footprint part is eroded as for cubic upsampling
+        (``_upsampled_validity``); the scattered missing pixels are only
+        carried to the working pixels between them.
+        """
+        if step == 1:
+            return self
+        level = int(round(math.log2(step)))
+        return _Validity(
+            _upsampled_validity(self.strict, level, shape, xp),
+            *(None if m is None else _level_lookup(m, level, shape, xp)
+              for m in (self.cube_missing, self.guide_missing)),
+        )
+
+
+def _either(a, b):
+    """``a | b`` where either may be None."""
+    if a is None or b is None:
+        return b if a is None else a
+    return a | b
+
+
+def _check_band_axis(band_axis) -> int:
+    """``band_axis`` as an axis 0, 1 or 2 of a 3-D cube."""
+    if isinstance(band_axis, bool) or not isinstance(band_axis, numbers.Integral):
+        raise TypeError(f"band_axis must be an integer; got {band_axis!r}")
+    if not -3 <= band_axis <= 2:
+        raise ValueError(f"band_axis must be an axis of a 3-D cube (-3 to 2); got {band_axis}")
+    return int(band_axis) % 3
+
+
+def _bands_first_hint(cube_shape, guide_shape, initial=None) -> str:
+    """A hint when the cube's last two axes fit the guide far better than its first two.
+
+    The expected aspect ratio (rows / cols) of the cube's grid is the
+    guide's, or, with an ``initial`` matrix, that of the region of the cube
+    the guide maps to. Bands-first cubes such as (200, 70, 83) or (16, 70,
+    83) for a 350 x 415 guide show up as a grid of the wrong shape: the hint
+    comes where axes 1 and 2 fit within 15 % and axes 0 and 1 miss by more
+    than 25 %.
+    """
+    if initial is None:
+        expected = guide_shape[0] / guide_shape[1]
+    else:
+        extent = np.abs(initial[:2, :2]) @ np.asarray(guide_shape, dtype=np.float64)
+        expected = extent[0] / extent[1]
+    rows, cols, bands = cube_shape
+
+    def misfit(ratio):
+        return abs(math.log(ratio / expected))
+
+    if misfit(cols / bands) < math.log(1.15) and misfit(rows / cols) > math.log(1.25):
+        return "; the bands look like they are first; pass band_axis=0"
+    return ""
+
+
+def _grid(shape, step) -> tuple[int, int]:
+    """The working grid's pyramid level with pixel step ``step``."""
+    return (shape[0] + step - 1) // step, (shape[1] + step - 1) // step
+
+
+def _check_grids(levels, guide_shape, cube_shape, working, first, hint) -> None:
+    """Raise, naming the parameter, where the grids cannot hold ``levels`` pyramid levels."""
+    if max_levels(working) == 0:
+        raise ValueError(
+            f"guide must be at least 3 x 3 pixels; got {guide_shape[0]} x {guide_shape[1]}"
+        )
+    if max_levels(first) == 0:
+        raise ValueError(
+            f"cube of {cube_shape[0]} x {cube_shape[1]} pixels is too small: the estimate at its "
+            f"resolution runs on a {first[0]} x {first[1]} grid, which must be at least 3 x 3{hint}"
+        )
+    maximum = min(max_levels(working), max_levels(first))
+    if levels > maximum:
+        raise ValueError(
+            f"levels={levels} is too many for a guide of {guide_shape[0]} x {guide_shape[1]} and a cube of "
+            f"{cube_shape[0]} x {cube_shape[1]} pixels: the estimate at the cube's resolution runs on a "
+            f"{first[0]} x {first[1]} grid and the working grid is {working[0]} x {working[1]} "
+            f"(at most {maximum} levels){hint}"
+        )
+
+
+def _missing_cube(cube, mask, xp):
+    """The cube with NaN where a value is missing, its valid pixels and its dead bands.
+
+    Returns ``(cube, None, None)`` (the input itself) when every value is
+    finite and ``mask`` is absent or all True. Otherwise a float copy with NaN
+    at non-finite values and at every band of pixels outside ``mask``; the
+    boolean map of pixels finite in every band that has any data (None if
+    all are); and the bands without any finite value (None if there are
+    none), which the estimates leave out.
+    """
+    if (mask is None or bool(mask.all())) and all_finite(cube, xp):
+        return cube, None, None
+    values = cube.astype(float_dtype(cube.dtype))  # a copy
+    finite = xp.isfinite(values)
+    if mask is not None:
+        finite &= mask[..., None]
+    values[~finite] = xp.nan
+    present = finite.any(axis=(0, 1))
+    if not bool(present.any()):
+        raise ValueError("cube has no finite value (inside mask)")
+    ok = (finite | ~present).all(axis=2)
+    if not bool(ok.any()):
+        raise ValueError("cube has no pixel with a finite value in every band (inside mask)")
+    dead = None if bool(present.all()) else ~present
+    return values, (None if bool(ok.all()) else ok), dead
+
+
+def _inpaint(values, ok, xp):
+    """``values`` (rows, cols[, bands]) with the pixels where ``ok`` is False filled in, in place.
+
+    Normalised Gaussian convolution at growing scales (sigma 1, 2, 4, ...
+    pixels) over the valid pixels and those already filled: a missing pixel
+    takes the local mean of its neighbourhood, a hole fills smoothly from
+    its border inwards. Whatever is left when the scale exceeds the image
+    takes the mean of the valid pixels. Values at missing pixels on entry
+    must be finite (e.g. 0).
+    """
+    ndi = ndimage_module(xp)
+    todo = ~ok
+    weight = ok.astype(values.dtype)
+    tail = (0,) * (values.ndim - 2)
+    limit = 2 * max(values.shape[:2])
+    sigma = 1.0
+    while bool(todo.any()):
+        if sigma > limit:
+            values[todo] = values[ok].mean(axis=0)
+            break
+        total_weight = ndi.gaussian_filter(weight, sigma, mode="nearest")
+        total = ndi.gaussian_filter(values, (sigma, sigma) + tail, mode="nearest")
+        here = todo & (total_weight > 0.05)
+        if bool(here.any()):
+            share = total_weight[here]
+            values[here] = total[here] / (share if values.ndim == 2 else share[:, None])
+            weight[here] = 1
+            todo &= ~here
+        sigma *= 2
+    return values
+
+
+def _missing_share(native_ok, matrix, shape, xp):
+    """The share of each grid pixel's bilinear weight that falls on missing cube pixels."""
+    missing = (~native_ok).astype(xp.float32)[:, :, None]
+    return _warp(missing, matrix, shape, order=1, outside="clamp")[:, :, 0]
+
+
+def _has_data(registered, xp):
+    """Pixels of a resampled cube with a finite value in at least one band (by blocks of rows)."""
+    out = xp.empty(registered.shape[:2], dtype=bool)
+    rows = block_rows(registered.shape, 1, xp)
+    for start in range(0, registered.shape[0], rows):
+        out[start : start + rows] = ~xp.isnan(registered[start : start + rows]).all(axis=2)
+    return out
+
+
+def _is_flat(image, valid, xp) -> bool:
+    """Whether ``image`` is 0 at every pixel of ``valid``."""
+    return not float(xp.abs(xp.where(valid, image, 0)).max()) > 0
+
+
+def _matched_guide(guide, to_native, psf_sigma, xp, missing=None):
     """The working guide at the cube's resolution: a Gaussian of the spot plus the interpolation.
 
     ``to_native`` maps working pixels to native cube coordinates. The blur's
@@ -344,12 +710,20 @@ def _matched_guide(guide, to_native, psf_sigma, xp):
     own grid would match even better on paper, but would imprint the grid's
     interpolation pattern on both images and pull the registration back to the
     placement it started from.
+
+    Returns the guide and, where ``missing`` marks filled-in pixels, the
+    pixels whose blurred value draws more than a quarter of its weight from
+    them (else None).
     """
     if psf_sigma is None:
-        return guide
+        return guide, missing
     pixel = 1.0 / math.sqrt(abs(float(np.linalg.det(to_native[:2, :2]))))  # working px per cube px
     sigma = math.sqrt(psf_sigma**2 + 1.0 / 6.0) * pixel
-    return ndimage_module(xp).gaussian_filter(guide, sigma, mode="nearest")
+    ndi = ndimage_module(xp)
+    blurred = ndi.gaussian_filter(guide, sigma, mode="nearest")
+    if missing is None:
+        return blurred, None
+    return blurred, ndi.gaussian_filter(missing.astype(guide.dtype), sigma, mode="nearest") > 0.25
 
 
 def _optical_density(image, xp):
@@ -424,7 +798,8 @@ def _baseline_gradient(guide, on_grid, covered, method, xp):
     grad_y = sobel_magnitude(image.astype(grad_x.dtype))
     valid = ndimage_module(xp).minimum_filter(covered.astype(xp.uint8), size=3, mode="nearest").astype(bool)
     # The MSE needs comparable scales: each gradient image at unit mean over the overlap.
-    grad_x = grad_x / max(float(grad_x[valid].mean()), 1e-30)
-    grad_y = grad_y / max(float(grad_y[valid].mean()), 1e-30)
+    if bool(valid.any()):
+        grad_x = grad_x / max(float(grad_x[valid].mean()), 1e-30)
+        grad_y = grad_y / max(float(grad_y[valid].mean()), 1e-30)
     one = np.ones(1)
     return GlobalGradient(grad_x, grad_y, one, one, np.zeros((1, on_grid.shape[2])), grad_x[None], grad_y[None], valid)

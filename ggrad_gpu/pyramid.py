@@ -5,17 +5,22 @@ axes (``scipy.ndimage.gaussian_filter``'s kernel: radius 4, ``mode="reflect"``)
 and decimated by ``[::2, ::2]``, so level-k pixel ``i`` sits at level-0
 coordinate ``2**k * i``. Only the kept rows and columns are computed, one block
 of output rows at a time, so a cube's blur never materialises a full-size
-temporary and never mixes bands.
+temporary and never mixes bands. A block that runs out of memory is redone
+with half the rows (:func:`ggrad_gpu._backend.retry_smaller`).
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
-from ._backend import array_module, ndimage_module
+from ._backend import array_module, ndimage_module, retry_smaller
 from ._validation import check_array, check_levels, float_dtype
 
 __all__ = ["blur_decimate", "gaussian_pyramid", "upsample_level"]
+
+STAGE = "Gaussian pyramid"
 
 _SIGMA = 1.0
 _RADIUS = 4  # int(truncate * sigma + 0.5) with SciPy's default truncate=4.0
@@ -36,13 +41,14 @@ def gaussian_pyramid(image_or_cube, levels: int) -> list:
         NumPy or CuPy array.
     levels : int
         Number of levels, level 0 included; the coarsest must stay at least
-        3 x 3 pixels.
+        3 x 3 pixels (the error for too many says how many fit).
 
     Returns
     -------
     list of arrays
-        ``levels`` arrays in the input's array module, float32 for float32 or
-        integer input. Level 0 is the input itself when it already has that
+        ``levels`` arrays in the input's array module, float32 for float32,
+        float16, integer, boolean or byte-swapped float32 input, float64 for
+        float64. Level 0 is the input itself when it already has that
         dtype (not a copy). Level ``k`` has shape
         ``(ceil(rows / 2**k), ceil(cols / 2**k)[, bands])``.
 
@@ -54,7 +60,7 @@ def gaussian_pyramid(image_or_cube, levels: int) -> list:
     [(40, 30, 5), (20, 15, 5), (10, 8, 5)]
     """
     check_array(image_or_cube, "image_or_cube", (2, 3), "2-D (rows, cols) or 3-D (rows, cols, bands)")
-    levels = check_levels(levels, image_or_cube.shape)
+    levels = check_levels(levels, image_or_cube.shape, image="image_or_cube")
     pyramid = [image_or_cube.astype(float_dtype(image_or_cube.dtype), copy=False)]
     for _ in range(1, levels):
         pyramid.append(blur_decimate(pyramid[-1]))
@@ -88,12 +94,20 @@ def blur_decimate(x, *, rows: int = 4):
     flat = x.reshape(n_rows, -1)
     row_pass = _BandedDecimation(weights, n_rows, x.dtype, xp)
     col_pass = _BandedDecimation(weights, n_cols, x.dtype, xp)
-    for start in range(0, out_rows, rows):
-        stop = min(start + rows, out_rows)
+
+    def block(start, size):
+        stop = min(start + size, out_rows)
         half = row_pass.apply(flat, start, stop)  # (stop - start, n_cols * bands)
         # Each row of the block, (cols, bands) contiguous, is decimated along its first axis.
         for offset, row in enumerate(half.reshape((stop - start, n_cols, -1))):
             col_pass.apply(row, 0, out_cols, out=out[start + offset].reshape(out_cols, -1))
+        return stop
+
+    # A block that runs out of memory is redone with half the rows (BLAS may
+    # then round a few values differently: the rows per product change).
+    start = 0
+    while start < out_rows:
+        start, rows = retry_smaller(functools.partial(block, start), rows, stage=STAGE, unit="rows")
     return out
 
 

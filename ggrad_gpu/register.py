@@ -20,16 +20,31 @@ host, the same on NumPy and CuPy.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
 from ._backend import array_module, ndimage_module, to_host
-from ._validation import check_array, check_matrix, float_dtype
+from ._validation import (
+    all_finite,
+    check_affine,
+    check_array,
+    check_levels,
+    check_mask,
+    float_dtype,
+    power_of_two_scale,
+)
 from .metrics import ncc
 from .pyramid import blur_decimate
 
 __all__ = ["AffineRegistration", "affine_mse", "affine_ncc", "register_affine"]
+
+# A result that scales by more than this along an axis (relative to the
+# initial matrix), or flips, is degenerate: the optimiser shrank the overlap
+# to where both images are flat, or the images do not match at all.
+MAX_SCALE = 4.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +64,9 @@ class AffineRegistration:
     coarse_shift : tuple of float
         Translation (rows, cols, fixed pixels) found by cross-correlation, added
         before the optimisation.
+    message : str
+        Empty, or why the result was rejected (a degenerate or non-finite
+        matrix: ``matrix`` is then the initial one and ``converged`` False).
     """
 
     matrix: np.ndarray
@@ -57,6 +75,7 @@ class AffineRegistration:
     iterations: int
     converged: bool
     coarse_shift: tuple = (0.0, 0.0)
+    message: str = ""
 
 
 def register_affine(
@@ -77,16 +96,26 @@ def register_affine(
     Parameters
     ----------
     fixed, moving : array, shape (rows, cols)
-        Images on grids of any size (NumPy or CuPy, both the same).
+        Images on grids of any size, at least 2 x 2 pixels (NumPy or CuPy,
+        both the same). Integer and byte-swapped images compute in float32,
+        float64 ones in float64; values of any magnitude are fine (a common
+        power-of-two scale keeps the squares in range). NaN and inf pixels
+        are missing samples: they never enter the metric at full
+        resolution, and a coarse pyramid pixel counts where at least half of
+        its footprint holds data (unlike the masks, which exclude every
+        coarse pixel that reaches outside them).
     initial : array_like, shape (3, 3), optional
-        Starting matrix (fixed to moving); identity by default.
+        Starting matrix (fixed to moving), affine and invertible; identity by
+        default.
     fixed_mask, moving_mask : array of bool, optional
         Pixels of each image that may enter the metric (e.g. what a cube
-        covers). Points mapped outside ``moving``'s field never enter it.
+        covers), of that image's shape; nonzero numbers count as True. Points
+        mapped outside ``moving``'s field never enter it.
     levels : int, optional
         Pyramid levels; by default as many as keep the coarsest level at
         least 64 pixels across (at most 5): coarser gradient images no longer
-        tell the right shift from a wrong one.
+        tell the right shift from a wrong one. Given, the coarsest level of
+        both images must stay at least 3 x 3 pixels.
     coarse_search : bool, default True
         Find a translation by cross-correlation at the coarsest level first.
     max_shift : float, optional
@@ -101,6 +130,17 @@ def register_affine(
     Returns
     -------
     AffineRegistration
+        Its ``matrix`` is always finite. A result that flips or scales by
+        more than ``MAX_SCALE`` against ``initial`` is rejected: ``matrix``
+        is then ``initial`` and ``message`` says why.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Naming the parameter: images that are not 2-D real arrays or are
+        smaller than 2 x 2, images without a finite pixel inside their mask,
+        masks of the wrong shape, an ``initial`` that is not an invertible
+        affine matrix, and options out of range.
 
     Examples
     --------
@@ -115,24 +155,66 @@ def register_affine(
     >>> np.round(result.matrix[:2, 2], 1)
     array([ 2.5, -1.5])
     """
-    check_array(fixed, "fixed", (2,), "2-D (rows, cols)")
-    check_array(moving, "moving", (2,), "2-D (rows, cols)")
-    xp = array_module(fixed=fixed, moving=moving, fixed_mask=fixed_mask, moving_mask=moving_mask)
-    for name, mask, image in (("fixed_mask", fixed_mask, fixed), ("moving_mask", moving_mask, moving)):
-        if mask is not None and mask.shape != image.shape:
-            raise ValueError(f"{name} must have shape {image.shape}; got {mask.shape}")
-    matrix = np.eye(3) if initial is None else check_matrix(initial, "initial")
+    return _register(
+        fixed, moving, initial=initial, fixed_mask=fixed_mask, moving_mask=moving_mask, levels=levels,
+        coarse_search=coarse_search, max_shift=max_shift, max_iter=max_iter, tolerance=tolerance,
+    )
+
+
+def _register(fixed, moving, *, initial=None, fixed_mask=None, moving_mask=None, levels=None,
+              coarse_search=True, max_shift=None, max_iter=60, tolerance=1e-3,
+              fixed_missing=None, moving_missing=None) -> AffineRegistration:
+    """:func:`register_affine`, and pixels whose values are missing.
+
+    ``fixed_missing`` and ``moving_missing`` (boolean, of each image's shape,
+    optional) mark scattered missing samples inside the images' fields (e.g.
+    a cube's NaN pixels). Like masked pixels, they never enter the metric at
+    full resolution; but where the masks exclude every coarse pixel whose
+    footprint reaches them, a coarse pixel counts as long as at least half of
+    its footprint holds data (normalised convolution fills in the rest).
+    """
+    check_array(fixed, "fixed", (2,), "2-D (rows, cols)", min_size=2)
+    check_array(moving, "moving", (2,), "2-D (rows, cols)", min_size=2)
+    xp = array_module(fixed=fixed, moving=moving, fixed_mask=fixed_mask, moving_mask=moving_mask,
+                      fixed_missing=fixed_missing, moving_missing=moving_missing)
+    for name, mask, image in (("fixed_mask", fixed_mask, fixed), ("moving_mask", moving_mask, moving),
+                              ("fixed_missing", fixed_missing, fixed), ("moving_missing", moving_missing, moving)):
+        if mask is not None:
+            check_mask(mask, name, image.shape)
+    matrix = np.eye(3) if initial is None else check_affine(initial, "initial")
+    initial_matrix = matrix.copy()
+    _check_options(max_shift, max_iter, tolerance)
+    if levels is not None:
+        levels = check_levels(levels, tuple(min(a, b) for a, b in zip(fixed.shape, moving.shape)))
     dtype = np.promote_types(float_dtype(fixed.dtype), float_dtype(moving.dtype))
     fixed_img, fixed_cov = _prepare(fixed, fixed_mask, dtype, xp)
     moving_img, moving_cov = _prepare(moving, moving_mask, dtype, xp)
+    for name, coverage in (("fixed", fixed_cov), ("moving", moving_cov)):
+        if not bool(coverage.any()):
+            raise ValueError(f"{name} has no usable pixel: all are NaN or inf, or outside {name}_mask")
+    # Values far from 1 would overflow (or underflow) the squares: a common
+    # power-of-two scale is exact and leaves the minimiser where it was.
+    unit = power_of_two_scale(max(float(xp.abs(fixed_img).max()), float(xp.abs(moving_img).max())))
+    if unit != 1.0:
+        fixed_img, moving_img = fixed_img * unit, moving_img * unit
     if levels is None:
         smallest = min(fixed.shape + moving.shape)
         levels = int(np.clip(np.floor(np.log2(max(smallest, 1) / 64)) + 1, 1, 5))
-    fixed_pyr = _pyramid(fixed_img, fixed_cov, levels)
-    moving_pyr = _pyramid(moving_img, moving_cov, levels)
+    fixed_img, fixed_cov, fixed_strict = _split_missing(fixed, fixed_img, fixed_cov, fixed_mask, fixed_missing, xp)
+    moving_values = moving_img  # finite values kept where only moving_missing marks them
+    moving_img, moving_cov, moving_strict = _split_missing(
+        moving, moving_img, moving_cov, moving_mask, moving_missing, xp
+    )
+    fixed_pyr = _pyramid(fixed_img, fixed_cov, levels, strict=fixed_strict)
+    moving_pyr = _pyramid(moving_img, moving_cov, levels, strict=moving_strict)
+    if moving_strict is not moving_cov:
+        # The moving image's derivatives read neighbours: give its NaN and
+        # inf samples their neighbourhood's mean (they stay out of the metric).
+        finite = moving_strict * xp.isfinite(moving)
+        moving_pyr[0] = (_fill_missing(moving_values, finite, moving_strict, xp), moving_cov)
 
     start = _Level(fixed_pyr[0], moving_pyr[0], xp)
-    mse_before = start.mse(matrix)
+    mse_before = start.mse(matrix) / unit**2
 
     shift = (0.0, 0.0)
     if coarse_search:
@@ -150,8 +232,42 @@ def register_affine(
         level_matrix, used, converged = level.optimise(_to_level(matrix, k), max_iter, tolerance)
         matrix = _from_level(level_matrix, k)
         iterations += used
-    mse_after = start.mse(matrix)
+    problem = _degenerate(matrix, initial_matrix)
+    if problem:
+        # Never a non-finite or degenerate matrix: keep the start, say why.
+        message = f"rejected the registration result ({problem}); kept the initial matrix"
+        return AffineRegistration(initial_matrix, mse_before, mse_before, iterations, False, (0.0, 0.0), message)
+    mse_after = start.mse(matrix) / unit**2
     return AffineRegistration(matrix, mse_before, mse_after, iterations, converged, shift)
+
+
+def _check_options(max_shift, max_iter, tolerance) -> None:
+    """Raise, naming the option, for an out-of-range ``max_shift``, ``max_iter`` or ``tolerance``."""
+    if max_shift is not None and (
+        isinstance(max_shift, bool) or not isinstance(max_shift, numbers.Real)
+        or not math.isfinite(max_shift) or max_shift < 0
+    ):
+        raise ValueError(f"max_shift must be None or a finite number >= 0; got {max_shift!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 0:
+        raise ValueError(f"max_iter must be an integer >= 0; got {max_iter!r}")
+    if (isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real)
+            or not math.isfinite(tolerance) or tolerance <= 0):
+        raise ValueError(f"tolerance must be a finite number > 0; got {tolerance!r}")
+
+
+def _degenerate(matrix, initial) -> str:
+    """Why ``matrix`` is no usable result (empty if it is): not finite, a flip or an extreme scale."""
+    if not np.isfinite(matrix).all():
+        return "the matrix is not finite"
+    relative = np.linalg.solve(initial, matrix)[:2, :2]
+    if not np.isfinite(relative).all():
+        return "the matrix is not finite relative to the initial one"
+    if np.linalg.det(relative) <= 0:
+        return "it flips or collapses the image"
+    singular = np.linalg.svd(relative, compute_uv=False)
+    if singular.max() > MAX_SCALE or singular.min() < 1 / MAX_SCALE:
+        return f"it scales by {singular.min():.3g} to {singular.max():.3g}, beyond a factor {MAX_SCALE:g}"
+    return ""
 
 
 def affine_mse(fixed, moving, matrix, *, fixed_mask=None, moving_mask=None) -> float:
@@ -180,17 +296,64 @@ def _prepare(image, mask, dtype, xp):
     return image, coverage.astype(dtype)
 
 
-def _pyramid(image, coverage, levels):
-    """Pyramid of (image, coverage); coarse levels smoothed once more (sigma 1)."""
+def _split_missing(original, image, coverage, mask, missing, xp):
+    """``(image, coverage, strict)`` for :func:`_pyramid`: missing samples apart from the mask.
+
+    Missing samples are the non-finite pixels of ``original`` and those
+    ``missing`` marks; ``coverage`` leaves them out, ``strict`` (the mask
+    alone) does not. Without missing samples, ``strict`` is ``coverage``.
+    """
+    if all_finite(original, xp):
+        if missing is None:
+            return image, coverage, coverage
+    else:
+        nonfinite = ~xp.isfinite(original)
+        missing = nonfinite if missing is None else nonfinite | missing.astype(bool)
+    strict = xp.ones(coverage.shape, coverage.dtype) if mask is None else mask.astype(bool).astype(coverage.dtype)
+    keep = ~missing.astype(bool)
+    return image * keep, strict * keep, strict
+
+
+def _fill_missing(image, coverage, strict, xp):
+    """``image`` with the pixels inside ``strict`` but not ``coverage`` set to a local weighted mean.
+
+    Normalised Gaussian convolution (sigma 1, then 4 where that finds no
+    data), else 0.
+    """
+    ndi = ndimage_module(xp)
+    out = image
+    todo = (strict > 0.5) & (coverage < 0.5)
+    for sigma in (1.0, 4.0):
+        weight = ndi.gaussian_filter(coverage, sigma, mode="nearest")
+        mean = ndi.gaussian_filter(image * coverage, sigma, mode="nearest") / xp.maximum(weight, 1e-3)
+        here = todo & (weight > 1e-3)
+        out = xp.where(here, mean, out)
+        todo &= ~here
+    return out.astype(image.dtype, copy=False)
+
+
+def _pyramid(image, coverage, levels, *, strict=None):
+    """Pyramid of (image, coverage); coarse levels smoothed once more (sigma 1).
+
+    A coarse pixel counts where its whole footprint is covered. With
+    ``strict`` (the coverage without the missing pixels taken out of
+    ``coverage``), it counts where its whole footprint is inside ``strict``
+    and at least half of it is covered.
+    """
     xp = array_module(image=image)
     ndi = ndimage_module(xp)
     out = [(image, coverage)]
+    soft = strict is not None and strict is not coverage
     for k in range(1, levels):
         image, coverage = blur_decimate(image), blur_decimate(coverage)
         # Normalised convolution: a partly covered pixel keeps the mean of its covered part.
         weight = ndi.gaussian_filter(coverage, 1.0, mode="nearest")
         smooth = ndi.gaussian_filter(image, 1.0, mode="nearest")
-        covered = coverage > 0.99
+        if soft:
+            strict = (blur_decimate(strict) > 0.99).astype(strict.dtype)
+            covered = (strict > 0.5) & (coverage > 0.5)
+        else:
+            covered = coverage > 0.99
         smoothed = xp.where(weight > 1e-3, smooth / xp.maximum(weight, 1e-3), 0)
         out.append((smoothed * covered, covered.astype(image.dtype)))
         image, coverage = out[-1]
@@ -319,11 +482,16 @@ class _Level:
         for iteration in range(1, max_iter + 1):
             jtj, jtr, mse, center, radius = current
             while True:
-                step = np.linalg.solve(jtj + damping * np.diag(np.diag(jtj) + 1e-12), -jtr)
+                try:
+                    step = np.linalg.solve(jtj + damping * np.diag(np.diag(jtj) + 1e-12), -jtr)
+                except np.linalg.LinAlgError:
+                    step = np.full(6, np.nan)
+                if not np.isfinite(step).all():
+                    return matrix, iteration, False  # the normal equations broke down: stop here
                 if np.abs(step).max() < tolerance:
                     return matrix, iteration, True  # no step worth taking is left: a minimum
                 candidate = _update(matrix, step, center, radius)
-                trial = self._normal_equations(candidate)
+                trial = self._normal_equations(candidate) if np.isfinite(candidate).all() else None
                 if trial is not None and trial[2] <= mse:
                     break
                 damping *= 10
@@ -359,6 +527,8 @@ class _Level:
         jtj = to_host(columns @ columns.T) / count
         jtr = to_host(columns @ residual.reshape(-1).astype(xp.float64)) / count
         mse = float((residual * residual).sum()) / count
+        if not (np.isfinite(jtj).all() and np.isfinite(jtr).all() and math.isfinite(mse)):
+            return None  # overflowing values: no step can be judged here
         return jtj, jtr, mse, (center_r, center_c), radius
 
 

@@ -6,18 +6,27 @@ gathered pixel is one contiguous spectrum). There is no per-band ``ndimage``
 call and no 3-D ``affine_transform``, whose spline prefilter would mix bands
 and spread NaNs between them. Cubic interpolation prefilters each band along
 the two spatial axes only, then gathers like the bilinear case.
+
+A block that runs out of memory is redone with half the output pixels, and a
+chunk of bands whose set-up (cast, prefilter) does not fit with half the
+bands (:func:`ggrad_gpu._backend.retry_smaller`). Each output value is
+computed the same way whatever the blocks and chunks, so the results do not
+change, bit for bit.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import numpy as np
 
-from ._backend import array_module, block_rows, ndimage_module
+from ._backend import array_module, block_rows, ndimage_module, retry_smaller
 from ._validation import check_array, check_matrix, float_dtype
 
 __all__ = ["warp_cube"]
+
+STAGE = "warp_cube"
 
 ORDERS = (1, 3)
 OUTSIDE = ("nan", "clamp")
@@ -132,16 +141,32 @@ def _warp(cube, matrix, output_shape, *, order, outside, band_chunk=None):
     block = block_rows((pixels.shape[0], 4, band_chunk), dtype.itemsize, xp)
     m = [[float(v) for v in row] for row in matrix[:2]]  # host scalars: no device sync per block
     out_cols = output_shape[1]
-    for first in range(0, n_bands, band_chunk):
-        bands = slice(first, min(first + band_chunk, n_bands))
+
+    def resample_block(sampler, bands, start, size):
+        index = xp.arange(start, min(start + size, pixels.shape[0]))
+        r = (index // out_cols).astype(xp.float64)
+        c = (index % out_cols).astype(xp.float64)
+        q_rows = m[0][0] * r + m[0][1] * c + m[0][2]
+        q_cols = m[1][0] * r + m[1][1] * c + m[1][2]
+        sampler(q_rows, q_cols, outside, out=pixels[start : start + index.shape[0], bands])
+        return start + index.shape[0]
+
+    def resample_chunk(first, size):
+        nonlocal block  # the block size that last fitted (kept when this chunk fails)
+        bands = slice(first, min(first + size, n_bands))
         sampler = _Sampler(cube[:, :, bands], order, dtype, xp)
-        for start in range(0, pixels.shape[0], block):
-            index = xp.arange(start, min(start + block, pixels.shape[0]))
-            r = (index // out_cols).astype(xp.float64)
-            c = (index % out_cols).astype(xp.float64)
-            q_rows = m[0][0] * r + m[0][1] * c + m[0][2]
-            q_cols = m[1][0] * r + m[1][1] * c + m[1][2]
-            sampler(q_rows, q_cols, outside, out=pixels[start : start + index.shape[0], bands])
+        start = 0
+        while start < pixels.shape[0]:
+            run = functools.partial(resample_block, sampler, bands, start)
+            start, block = retry_smaller(run, block, stage=STAGE, unit="output pixels")
+        return bands.stop
+
+    # Out of memory even with one-pixel blocks: the chunk's set-up holds too
+    # much, so the chunk is redone with half the bands.
+    first = 0
+    while first < n_bands:
+        run = functools.partial(resample_chunk, first)
+        first, band_chunk = retry_smaller(run, band_chunk, stage=STAGE, unit="bands")
     return out
 
 

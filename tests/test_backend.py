@@ -71,3 +71,20 @@ def test_block_rows_budget():
     assert block_rows((100, 10, 10), 4, np, target_bytes=4000) == 10
     assert block_rows((5, 1000, 1000), 8, np, target_bytes=1) == 1
     assert block_rows((5, 2), 4, np, target_bytes=10**9) == 5
+
+
+def test_numpy_refine_never_imports_cupy():
+    code = (
+        "import sys, ggrad_gpu\n"
+        "p = ggrad_gpu.synthetic.make_phantom(shape=(60, 70), bands=6, native_factor=2, seed=3)\n"
+        "r = ggrad_gpu.refine(p.guide, p.cube, initial=p.initial, levels=2, backend='numpy')\n"
+        "assert r.backend == 'numpy', r.backend\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('cupy', 'cupyx', 'cupy_backends', 'cucim')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_default_block_budget():
+    assert _backend.default_block_bytes(np) == 8 << 20
+    assert block_rows((1000, 100, 100), 4, np) == (8 << 20) // (100 * 100 * 4)

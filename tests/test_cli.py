@@ -1,5 +1,6 @@
 """The ``ggrad`` command: round trips through every cube format, outputs, exit codes, real files."""
 
+import errno
 import hashlib
 import json
 import os
@@ -132,17 +133,57 @@ def test_existing_output_is_kept_without_force(tmp_path, phantom, centres, capsy
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_failure_while_writing_leaves_no_output(tmp_path, phantom, centres, monkeypatch, capsys):
+@pytest.mark.parametrize("writer", ["registered.npy", "transform.json", "weights.json", "report.png"])
+def test_failure_while_writing_leaves_no_output(tmp_path, phantom, centres, monkeypatch, capsys, reliability,
+                                                writer):
     guide, cube = _inputs(tmp_path, phantom, centres, "npy")
+    before = {p: _digest(p) for p in (guide, cube)}
+    real = {"registered.npy": io.write_cube, "transform.json": io.write_json, "weights.json": io.write_json}
 
     def full_disk(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+        path = args[1] if writer == "report.png" else args[0]
+        if os.path.basename(path) == writer:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real[os.path.basename(path)](*args, **kwargs)
 
-    monkeypatch.setattr("ggrad_gpu.plotting.save_report", full_disk)
+    if writer == "report.png":
+        monkeypatch.setattr("ggrad_gpu.plotting.save_report", full_disk)
+    else:
+        monkeypatch.setattr(io, "write_cube" if writer == "registered.npy" else "write_json", full_disk)
     out = tmp_path / "out"
-    assert main(["refine", str(guide), str(cube), "-o", str(out), "-q"]) == 2
-    assert "No space left" in capsys.readouterr().err
+    assert main(["refine", str(guide), str(cube), "-o", str(out), "-q", "--levels", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ggrad: error:") and err.count("\n") == 1, err
+    assert "No space left" in err and writer in err and str(out) in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cube.npy", "guide.npy"]
+    assert {p: _digest(p) for p in (guide, cube)} == before
+    reliability["full disk"] += 1
+
+
+@pytest.mark.parametrize("inside", ["guide", "cube", "outdir-is-the-cube"])
+def test_force_never_replaces_a_folder_that_holds_an_input(tmp_path, phantom, centres, capsys, inside):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    if inside == "outdir-is-the-cube":
+        guide, cube = _inputs(folder, phantom, centres, "zarr" if _has("zarr") else "npy")
+        out = cube if cube.is_dir() else folder
+    else:
+        guide, cube = _inputs(folder, phantom, centres, "npy")
+        out = folder
+    before = _digest(folder)
+    code = main(["refine", str(guide), str(cube), "-o", str(out), "-q", "--force"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("ggrad: error:") and "holds the input" in err and err.count("\n") == 1, err
+    assert _digest(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def _has(module):
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
 
 
 @pytest.mark.parametrize(

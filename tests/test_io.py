@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -316,6 +317,79 @@ def test_reading_never_modifies_the_file(tmp_path, fmt):
     assert sorted(p.name for p in tmp_path.iterdir()) == listing
 
 
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def _write_input(tmp_path, kind):
+    """A cube (``kind`` one of FORMATS) or a guide (``guide-png``, ...) written with its own library."""
+    if kind in FORMATS:
+        _needs(kind)
+        return io.write_cube(tmp_path / FORMATS[kind][0], _cube(), band_centres=_centres(5), band_unit="nm")
+    gray = np.random.default_rng(3).integers(0, 256, size=(9, 11), dtype=np.uint8)
+    if kind == "guide-npy":
+        np.save(tmp_path / "guide.npy", gray)
+        return tmp_path / "guide.npy"
+    if kind == "guide-tiff":
+        pytest.importorskip("tifffile").imwrite(tmp_path / "guide.tif", gray)
+        return tmp_path / "guide.tif"
+    image_module = pytest.importorskip("PIL.Image")
+    path = tmp_path / ("guide.png" if kind == "guide-png" else "guide.jpg")
+    image_module.fromarray(gray).save(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", list(FORMATS) + ["guide-npy", "guide-tiff", "guide-png", "guide-jpeg"])
+def test_readers_open_files_read_only(tmp_path, monkeypatch, kind):
+    """Every open of an input is read-only: files, memory maps (``mmap`` ACCESS_READ) and HDF5 (mode "r")."""
+    import builtins
+    import io as stdio
+    import mmap
+
+    path = _write_input(tmp_path, kind)
+    opened, real_open, real_os_open, real_mmap = [], builtins.open, os.open, mmap.mmap
+
+    def spy_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and str(tmp_path) in os.fspath(file):
+            opened.append(("open", os.fspath(file), mode))
+        return real_open(file, mode, *args, **kwargs)
+
+    def spy_os_open(file, flags, *args, **kwargs):
+        if str(tmp_path) in os.fspath(file):
+            opened.append(("os.open", os.fspath(file), flags))
+        return real_os_open(file, flags, *args, **kwargs)
+
+    def spy_mmap(fileno, length, *args, **kwargs):
+        opened.append(("mmap", fileno, kwargs.get("access")))
+        return real_mmap(fileno, length, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy_open)
+    monkeypatch.setattr(stdio, "open", spy_open)  # pathlib opens through io.open
+    monkeypatch.setattr(os, "open", spy_os_open)
+    monkeypatch.setattr(mmap, "mmap", spy_mmap)
+    if kind == "hdf5":
+        h5py = pytest.importorskip("h5py")
+        real_file = h5py.File
+
+        def spy_file(name, mode="r", *args, **kwargs):
+            opened.append(("h5py.File", os.fspath(name), mode))
+            return real_file(name, mode, *args, **kwargs)
+
+        monkeypatch.setattr(h5py, "File", spy_file)
+    if kind.startswith("guide-"):
+        float(io.read_guide(path).sum())
+    else:
+        float(np.asarray(io.read_cube(path).data).sum())
+    monkeypatch.undo()
+    assert opened, "the spies saw nothing"
+    for how, name, mode in opened:
+        if how in ("open", "h5py.File"):
+            assert set(mode) <= set("rbt") and "r" in mode, (how, name, mode)
+        elif how == "os.open":
+            assert mode & _WRITE_FLAGS == 0, (how, name, mode)
+        else:
+            assert mode == mmap.ACCESS_READ, (how, name, mode)
+
+
 # --------------------------------------------------------------------------- guide images
 
 
@@ -455,6 +529,47 @@ def test_atomic_write_removes_the_temporary_file_on_interrupt(tmp_path):
             temp.write_bytes(b"half a png")
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_while_renaming_an_envi_pair_waits_for_both(tmp_path, monkeypatch, reliability):
+    """The header is never left behind without its data file (nor the data file without its header)."""
+    import signal
+
+    pytest.importorskip("spectral")
+    real_rename = os.rename
+
+    def rename(source, target):
+        if Path(target).name == "cube.img":  # the first of the two renames
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # time for the handler to run, were it not held back
+        return real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        io.write_cube(tmp_path / "cube.hdr", _cube(), band_centres=_centres(5))
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cube.hdr", "cube.img"]
+    np.testing.assert_array_equal(io.read_cube(tmp_path / "cube.hdr").data, _cube())
+    reliability["signals"] += 1
+
+
+def test_writers_work_outside_the_main_thread(tmp_path):
+    import threading
+
+    errors = []
+
+    def write():
+        try:
+            io.write_cube(tmp_path / "cube.npz", _cube())
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    thread.join()
+    assert not errors
+    np.testing.assert_array_equal(io.read_cube(tmp_path / "cube.npz").data, _cube())
 
 
 def test_atomic_write_folders_and_refusals(tmp_path):
