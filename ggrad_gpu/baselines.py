@@ -39,7 +39,7 @@ import numpy as np
 import scipy.linalg
 
 from ._backend import array_module, block_rows, to_host
-from ._validation import check_array, float_dtype
+from ._validation import check_array, float_dtype, power_of_two_scale
 from .nnls import GramAccumulator, spurious_blas_flags_ignored
 
 __all__ = ["BASELINES", "band_std", "band_sum", "first_principal_component"]
@@ -222,9 +222,12 @@ def first_principal_component(cube, *, mask=None):
     # Pass 1: the mean spectrum of the valid pixels, in float64.
     total = xp.zeros(bands, dtype=xp.float64)
     count = xp.zeros((), dtype=xp.int64)
+    peak = xp.zeros((), dtype=dtype)
     for _, _, block, valid in _blocks(cube, mask, dtype, xp):
         valid = _valid_pixels(block, valid, xp)
-        total += xp.where(valid[..., None], block, 0).sum(axis=(0, 1), dtype=xp.float64)
+        kept = xp.where(valid[..., None], block, 0)
+        total += kept.sum(axis=(0, 1), dtype=xp.float64)
+        peak = xp.maximum(peak, xp.abs(kept).max())
         count += valid.sum()
     pixels = int(count)
     if pixels < 2:
@@ -232,7 +235,10 @@ def first_principal_component(cube, *, mask=None):
             "cube must have at least 2 valid pixels (finite in every band and inside mask) "
             f"for a principal component; got {pixels} of {cube.shape[0] * cube.shape[1]}"
         )
-    mean = total / pixels
+    # Values far from 1 would overflow (or underflow) the products: work in a
+    # power-of-two unit (exact), and scale the scores back.
+    unit = power_of_two_scale(float(peak))
+    mean = total / pixels * unit
     centre = mean.astype(dtype)
 
     # Pass 2: the Gram matrix of the spectra centred by ``centre``; invalid
@@ -241,6 +247,7 @@ def first_principal_component(cube, *, mask=None):
     acc = GramAccumulator(bands, xp, product_dtype=dtype)
     for _, _, block, valid in _blocks(cube, mask, dtype, xp):
         valid = _valid_pixels(block, valid, xp)
+        block = block if unit == 1.0 else block * dtype.type(unit)
         acc.add(xp.where(valid[..., None], block - centre, 0), valid)
     gram, row_sum = to_host(acc.gram), to_host(acc.rhs)
     shift = to_host(mean) - to_host(centre).astype(np.float64)  # mean - centre
@@ -254,9 +261,12 @@ def first_principal_component(cube, *, mask=None):
     out = xp.empty(cube.shape[:2], dtype=dtype)
     for start, stop, block, valid in _blocks(cube, mask, dtype, xp):
         valid = _valid_pixels(block, valid, xp)
+        block = block if unit == 1.0 else block * dtype.type(unit)
         with spurious_blas_flags_ignored():
             scores = xp.where(valid[..., None], block - centre, 0) @ loading_dev
         scores -= offset
+        if unit != 1.0:
+            scores /= dtype.type(unit)
         out[start:stop] = xp.where(valid, scores, xp.nan)
     return out
 

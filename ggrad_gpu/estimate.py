@@ -81,12 +81,25 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", ma
     GlobalGradient
         Images in the inputs' array module; weights as host float64 arrays.
 
+    Raises
+    ------
+    ValueError, TypeError
+        Naming the parameter: ``guide`` or ``cube`` not real arrays of the
+        right dimensions, on different grids, or with NaN or inf values
+        (outside a ``mask``, use :func:`ggrad_gpu.refine` for missing data);
+        a guide under 3 x 3 pixels or too small for ``levels`` (the message
+        gives the most that fit); malformed ``weights``; a ``mask`` of
+        another shape or covering no pixel.
+
     Notes
     -----
-    Computation is float32 for float32 (or integer) inputs, float64 if either
-    input is float64; Gram matrices are always accumulated in float64. Memory
-    beyond the inputs is the cube's pyramid (a third of the cube) plus
-    bounded blocks.
+    Computation is float32 for float32 (or integer, boolean, float16,
+    byte-swapped) inputs, float64 if either input is float64; Gram matrices
+    are always accumulated in float64. Memory beyond the inputs is the cube's
+    pyramid (a third of the cube) plus bounded blocks. Bands that are
+    constant to rounding get weight 0, as exactly constant ones do; values
+    far from 1 (beyond 2**30 or below 2**-30) are scaled by powers of two
+    internally, which changes no result.
 
     Examples
     --------

@@ -44,6 +44,9 @@ def sobel_magnitude(image_or_cube):
         input, float64 for float64. Images as small as 1 x 1 are fine (the
         reflected edges give 0 along an axis of one pixel). NaN and inf
         propagate to the pixels whose 3 x 3 neighbourhood holds them.
+        Magnitudes are computed as ``sqrt(a*a + b*b)``, so float32
+        gradients beyond about 1e18 overflow to inf and below about 1e-19
+        round to 0 (float64: 1e153 and 1e-154).
 
     Raises
     ------
@@ -69,7 +72,10 @@ def sobel_magnitude(image_or_cube):
         stage=STAGE,
         unit="rows",
     )
-    _sobel_rows(workspace, image_or_cube, 0, image_or_cube.shape[0], None, out, rows)
+    # NaN and inf propagate (inf - inf is NaN), and huge values overflow to
+    # inf, as documented: no warning for either.
+    with np.errstate(invalid="ignore", over="ignore"):
+        _sobel_rows(workspace, image_or_cube, 0, image_or_cube.shape[0], None, out, rows)
     return out
 
 

@@ -10,7 +10,10 @@
    on a grid at the cube's resolution and register ``grad_y`` to ``grad_x``
    (coarse FFT search, then Gauss-Newton); then bring the cube onto the
    working grid with that transform, estimate again there and refine the
-   registration. Pixels the cube does not cover stay out throughout.
+   registration. Pixels the cube does not cover stay out throughout, and so
+   do missing ones (NaN or inf in the guide or the cube, ``mask``): filled in
+   from their neighbours for the filters, left out of the Gram matrices, the
+   level weights and the registration metric.
 4. Compose ``matrix = initial @ S @ R @ inv(S)``, check that the match
    improved, and resample the native cube with the result.
 """

@@ -114,8 +114,8 @@ def register_affine(
     levels : int, optional
         Pyramid levels; by default as many as keep the coarsest level at
         least 64 pixels across (at most 5): coarser gradient images no longer
-        tell the right shift from a wrong one. Given, the coarsest level of
-        both images must stay at least 3 x 3 pixels.
+        tell the right shift from a wrong one. Given (and above 1), the
+        coarsest level of both images must stay at least 3 x 3 pixels.
     coarse_search : bool, default True
         Find a translation by cross-correlation at the coarsest level first.
     max_shift : float, optional
@@ -185,7 +185,10 @@ def _register(fixed, moving, *, initial=None, fixed_mask=None, moving_mask=None,
     initial_matrix = matrix.copy()
     _check_options(max_shift, max_iter, tolerance)
     if levels is not None:
-        levels = check_levels(levels, tuple(min(a, b) for a, b in zip(fixed.shape, moving.shape)))
+        if isinstance(levels, bool) or not isinstance(levels, numbers.Integral):
+            raise TypeError(f"levels must be an integer or None; got {levels!r}")
+        smaller = tuple(min(a, b) for a, b in zip(fixed.shape, moving.shape))
+        levels = 1 if levels == 1 else check_levels(levels, smaller)  # one level needs no pyramid
     dtype = np.promote_types(float_dtype(fixed.dtype), float_dtype(moving.dtype))
     fixed_img, fixed_cov = _prepare(fixed, fixed_mask, dtype, xp)
     moving_img, moving_cov = _prepare(moving, moving_mask, dtype, xp)
