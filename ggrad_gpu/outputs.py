@@ -125,19 +125,9 @@ def _move_into_place(staging: Path, outdir: Path, force: bool) -> None:
 
     Ctrl-C and SIGTERM wait until the swap is over (see ``io._signals_deferred``).
     """
-    from .io import _signals_deferred
+    from .io import _move_into_place as swap_into_place, _signals_deferred
 
     with _signals_deferred():
-        if not os.path.lexists(outdir):
-            os.rename(staging, outdir)
-            return
-        if not force:
+        if os.path.lexists(outdir) and not force:
             raise FileExistsError(f"output folder {outdir} appeared while writing; the results were not moved there")
-        retired = outdir.parent / f".{outdir.name}.replaced-{uuid.uuid4().hex[:8]}"
-        os.rename(outdir, retired)
-        try:
-            os.rename(staging, outdir)
-        except BaseException:
-            os.rename(retired, outdir)  # put the old results back
-            raise
-        shutil.rmtree(retired, ignore_errors=True)
+        swap_into_place(staging, outdir)

@@ -32,3 +32,12 @@ MISREGISTRATIONS = [
     {"rotation_deg": 4, "scale": 0.96, "shift": (40, -5)},
     {"rotation_deg": -4, "scale": 1.0, "shear": -0.02, "shift": (-10, 45)},
 ]
+
+
+def has_module(name):
+    """Whether ``name`` imports (an optional dependency such as zarr or h5py)."""
+    try:
+        __import__(name)
+    except ImportError:
+        return False
+    return True

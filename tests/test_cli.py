@@ -16,7 +16,7 @@ from ggrad_gpu.cli import main
 from ggrad_gpu.metrics import target_registration_error
 from ggrad_gpu.synthetic import make_phantom
 
-from helpers import DATA
+from helpers import DATA, has_module
 
 FORMATS = {"npy": ".npy", "npz": ".npz", "tiff": ".tif", "envi": ".hdr", "hdf5": ".h5", "zarr": ".zarr"}
 NEEDS = {"envi": "spectral", "hdf5": "h5py", "zarr": "zarr"}
@@ -165,7 +165,7 @@ def test_force_never_replaces_a_folder_that_holds_an_input(tmp_path, phantom, ce
     folder = tmp_path / "data"
     folder.mkdir()
     if inside == "outdir-is-the-cube":
-        guide, cube = _inputs(folder, phantom, centres, "zarr" if _has("zarr") else "npy")
+        guide, cube = _inputs(folder, phantom, centres, "zarr" if has_module("zarr") else "npy")
         out = cube if cube.is_dir() else folder
     else:
         guide, cube = _inputs(folder, phantom, centres, "npy")
@@ -176,14 +176,6 @@ def test_force_never_replaces_a_folder_that_holds_an_input(tmp_path, phantom, ce
     assert code == 2 and err.startswith("ggrad: error:") and "holds the input" in err and err.count("\n") == 1, err
     assert _digest(folder) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
-
-
-def _has(module):
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
 
 
 @pytest.mark.parametrize(

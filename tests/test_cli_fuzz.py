@@ -35,6 +35,8 @@ from ggrad_gpu import io
 from ggrad_gpu.cli import main
 from ggrad_gpu.synthetic import make_phantom
 
+from helpers import has_module
+
 tifffile = pytest.importorskip("tifffile")
 image_module = pytest.importorskip("PIL.Image")
 
@@ -60,7 +62,7 @@ def pristine(tmp_path_factory):
     root = tmp_path_factory.mktemp("pristine")
     folders = {}
     for fmt, name in CUBES.items():
-        if fmt in NEEDS and not _has(NEEDS[fmt]):
+        if fmt in NEEDS and not has_module(NEEDS[fmt]):
             continue
         folder = root / f"cube-{fmt}"
         folder.mkdir()
@@ -79,14 +81,6 @@ def pristine(tmp_path_factory):
             image_module.fromarray(np.dstack([grey] * 3)).save(folder / name, **options)
         folders["guide", fmt] = folder
     return folders
-
-
-def _has(module):
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
 
 
 def _arguments(kind, fmt):
