@@ -58,6 +58,7 @@ import scipy.ndimage as ndi
 pytest.importorskip("SimpleITK")
 
 from benchmarks import peers  # noqa: E402
+from benchmarks._runner import _jsonable  # noqa: E402
 from benchmarks.conftest import env_int  # noqa: E402
 from ggrad_gpu import refine  # noqa: E402
 from ggrad_gpu.metrics import target_registration_error  # noqa: E402
@@ -104,19 +105,6 @@ def _benchmarks_dir(config):
     folder = config.rootpath / ".benchmarks"
     folder.mkdir(exist_ok=True)
     return folder
-
-
-def _jsonable(value):
-    """Plain JSON types for numpy scalars and arrays inside nested dicts and lists."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 # --------------------------------------------------------------------------- sanity
