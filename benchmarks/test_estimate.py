@@ -24,7 +24,7 @@ import pytest
 
 from benchmarks.reference import check_against_ggrad, plain_estimate
 from ggrad_gpu import estimate_global_gradient, gaussian_pyramid, sobel_magnitude
-from ggrad_gpu.estimate import _combine_bands, _level_gram
+from ggrad_gpu.estimate import combine_bands, level_gram
 from ggrad_gpu.level_weights import level_weights_matrix, solve_level_weights
 from ggrad_gpu.nnls import nnls_gram
 from ggrad_gpu.pyramid import blur_decimate, upsample_level
@@ -77,9 +77,9 @@ def stage_inputs(guide, cube):
     for _ in range(1, LEVELS):
         cube_levels.append(blur_decimate(cube_levels[-1]))
     targets = [sobel_magnitude(level) for level in gaussian_pyramid(guide, LEVELS)]
-    grams = [_level_gram(c, t) for c, t in zip(cube_levels, targets)]
+    grams = [level_gram(c, t) for c, t in zip(cube_levels, targets)]
     weights = [nnls_gram(*g) for g in grams]
-    combined = [_combine_bands(c, x) for c, x in zip(cube_levels, weights)]
+    combined = [combine_bands(c, x) for c, x in zip(cube_levels, weights)]
     return SimpleNamespace(
         cube_levels=cube_levels,
         targets=targets,
@@ -169,7 +169,7 @@ def test_stage_sobel_gram(benchmark, summary, cube, stage_inputs, level):
     """Sobel magnitudes of every band and their Gram ``A^T A``, ``A^T b`` at ``level``."""
     _group(benchmark, "stages", cube)
     cube_level = stage_inputs.cube_levels[level]
-    benchmark(_level_gram, cube_level, stage_inputs.targets[level])
+    benchmark(level_gram, cube_level, stage_inputs.targets[level])
     pixels, bands = cube_level.shape[0] * cube_level.shape[1], cube_level.shape[2]
     _record_stage(
         benchmark,
@@ -194,7 +194,7 @@ def test_stage_nnls(benchmark, summary, cube, stage_inputs, level):
 def test_stage_combine(benchmark, summary, cube, stage_inputs, level):
     """``gradG_k = sum_i x_i |grad HS_i|`` over the active bands of ``level``."""
     _group(benchmark, "stages", cube)
-    benchmark(_combine_bands, stage_inputs.cube_levels[level], stage_inputs.weights[level])
+    benchmark(combine_bands, stage_inputs.cube_levels[level], stage_inputs.weights[level])
     _record_stage(benchmark, summary, f"combine {level}")
 
 

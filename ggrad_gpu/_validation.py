@@ -65,6 +65,22 @@ def check_array(x, name: str, ndims: tuple[int, ...], layout: str, *, min_size: 
     return x
 
 
+def check_band_axis(band_axis, *, allow_none: bool = False):
+    """``band_axis`` as an axis 0, 1 or 2 of a 3-D cube (or None where ``allow_none``).
+
+    Raises TypeError for a non-integer (booleans included) and ValueError,
+    naming ``band_axis``, for an axis outside -3 .. 2.
+    """
+    if band_axis is None and allow_none:
+        return None
+    if isinstance(band_axis, bool) or not isinstance(band_axis, numbers.Integral):
+        kind = "an integer or None" if allow_none else "an integer"
+        raise TypeError(f"band_axis must be {kind}; got {band_axis!r}")
+    if not -3 <= band_axis <= 2:
+        raise ValueError(f"band_axis must be an axis of a 3-D cube (-3 to 2); got {band_axis}")
+    return int(band_axis) % 3
+
+
 def check_mask(mask, name: str, shape, xp=None):
     """Check a boolean pixel mask of ``shape`` (rows, cols); return it as bool.
 

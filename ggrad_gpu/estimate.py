@@ -173,12 +173,12 @@ def _estimate(guide, cube, *, levels, weights, mask=None, filled=None) -> Global
             cube_level = blur_decimate(cube_level)
         target = sobel_magnitude(guide_pyramid[k])
         used = _and_not(level_masks[k], filled_levels[k], xp)
-        gram, rhs = _level_gram(cube_level, target, used)
+        gram, rhs = level_gram(cube_level, target, used)
         count = target.size if used is None else int(used.sum())
         x = nnls_gram(*_without_flat_bands(gram, rhs, scale, count, dtype, xp))
         channel_weights[k] = x * band_units / guide_unit
         guide_levels[k] = upsample_level(target, k, shape)
-        combined = _combine_bands(cube_level, x)
+        combined = combine_bands(cube_level, x)
         if mask is not None:
             # Zero, not whatever the uncovered pixels held: the spline prefilter reaches far.
             combined *= level_masks[k]
@@ -340,7 +340,7 @@ def _upsampled_validity(level_mask, level, shape, xp):
     return eroded[rows[:, None], cols[None, :]]
 
 
-def _level_gram(cube_level, target, mask=None, *, rows=None):
+def level_gram(cube_level, target, mask=None, *, rows=None):
     """``A^T A`` and ``A^T b`` of one level, with ``A`` the per-band Sobel magnitudes.
 
     Pixels where ``mask`` is False get weight 0. The gradients come in blocks
@@ -364,7 +364,7 @@ def _level_gram(cube_level, target, mask=None, *, rows=None):
     return acc.gram, acc.rhs
 
 
-def _combine_bands(cube_level, x):
+def combine_bands(cube_level, x):
     """``gradG = sum_i x_i |grad HS_i|`` over the bands with ``x_i > 0`` only."""
     xp = array_module(cube_level=cube_level)
     active = np.flatnonzero(x > 0)

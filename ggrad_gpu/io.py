@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from ._backend import to_host
-from ._validation import LUMA_WEIGHTS, check_array, to_gray
+from ._validation import LUMA_WEIGHTS, check_array, check_band_axis, to_gray
 
 __all__ = [
     "CUBE_FORMATS",
@@ -213,7 +213,7 @@ def read_cube(path, *, dataset: str | None = None, band_axis: int | None = None,
     """
     if format is not None and format not in CUBE_FORMATS:
         raise ValueError(f"format must be one of {CUBE_FORMATS}; got {format!r}")
-    band_axis = _check_band_axis(band_axis)
+    band_axis = check_band_axis(band_axis, allow_none=True)
     path, dataset = _split_dataset(path, dataset)
     if not path.exists():
         raise FileNotFoundError(f"cube file {path} does not exist")
@@ -242,15 +242,6 @@ def read_cube(path, *, dataset: str | None = None, band_axis: int | None = None,
     return CubeData(data=data, band_centres=centres, band_unit=_unit(unit), path=path, format=fmt,
                     dataset=dataset)
 
-
-def _check_band_axis(band_axis):
-    if band_axis is None:
-        return None
-    if isinstance(band_axis, bool) or not isinstance(band_axis, (int, np.integer)):
-        raise TypeError(f"band_axis must be an integer or None; got {band_axis!r}")
-    if not -3 <= band_axis <= 2:
-        raise ValueError(f"band_axis must be an axis of a 3-D array (-3 to 2); got {band_axis}")
-    return int(band_axis)
 
 
 def _split_dataset(path, dataset):

@@ -34,6 +34,7 @@ from ._validation import (
     GRAY_LAYOUT,
     all_finite,
     check_affine,
+    check_band_axis,
     check_array,
     check_mask,
     float_dtype,
@@ -280,7 +281,7 @@ def refine(
             f"({guide.shape[2]} channels; is it a cube?)"
         )
     guide_shape = tuple(guide.shape[:2])
-    band_axis = _check_band_axis(band_axis)
+    band_axis = check_band_axis(band_axis)
     if getattr(cube, "ndim", None) == 2 and hasattr(cube, "dtype"):
         raise ValueError(
             f"cube must be 3-D (rows, cols, bands); got shape {tuple(cube.shape)} "
@@ -564,14 +565,6 @@ def _either(a, b):
         return b if a is None else a
     return a | b
 
-
-def _check_band_axis(band_axis) -> int:
-    """``band_axis`` as an axis 0, 1 or 2 of a 3-D cube."""
-    if isinstance(band_axis, bool) or not isinstance(band_axis, numbers.Integral):
-        raise TypeError(f"band_axis must be an integer; got {band_axis!r}")
-    if not -3 <= band_axis <= 2:
-        raise ValueError(f"band_axis must be an axis of a 3-D cube (-3 to 2); got {band_axis}")
-    return int(band_axis) % 3
 
 
 def _bands_first_hint(cube_shape, guide_shape, initial=None) -> str:

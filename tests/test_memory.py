@@ -282,7 +282,7 @@ def _gram_inputs(seed=5):
 def test_gram_under_a_memory_limit_equals_the_run_with_those_blocks(monkeypatch, masked):
     cube, target, mask = _gram_inputs()
     mask = mask if masked else None
-    default = estimate._level_gram(cube, target, mask)
+    default = estimate.level_gram(cube, target, mask)
     seen = []
 
     def recording_blocks(*args, **kwargs):
@@ -294,10 +294,10 @@ def test_gram_under_a_memory_limit_equals_the_run_with_those_blocks(monkeypatch,
     limit = LimitedEmpty(10 * 30 * 12 * 4)
     monkeypatch.setattr(np, "empty", limit)
     monkeypatch.setattr(estimate, "iter_sobel_blocks", recording_blocks)
-    gram, rhs = estimate._level_gram(cube, target, mask)
+    gram, rhs = estimate.level_gram(cube, target, mask)
     monkeypatch.undo()
     assert limit.refused > 0 and set(seen) == {6}
-    reference = estimate._level_gram(cube, target, mask, rows=6)
+    reference = estimate.level_gram(cube, target, mask, rows=6)
     # Bit for bit the result of 6-row blocks; the Gram sums depend on the
     # blocks in their last bits only.
     np.testing.assert_array_equal(gram, reference[0])
@@ -316,9 +316,9 @@ def test_gram_restarts_the_level_when_the_products_run_out_of_memory(monkeypatch
         add(self, columns, target, weights)
 
     monkeypatch.setattr(GramAccumulator, "add", limited_add)
-    gram, rhs = estimate._level_gram(cube, target, mask)
+    gram, rhs = estimate.level_gram(cube, target, mask)
     monkeypatch.undo()
-    reference = estimate._level_gram(cube, target, mask, rows=12)  # 48 -> 24 -> 12
+    reference = estimate.level_gram(cube, target, mask, rows=12)  # 48 -> 24 -> 12
     np.testing.assert_array_equal(gram, reference[0])
     np.testing.assert_array_equal(rhs, reference[1])
 
