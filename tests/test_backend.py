@@ -1,11 +1,12 @@
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 import scipy.ndimage
 
-from ggrad_gpu import _backend
+from ggrad_gpu import _backend, estimate_global_gradient, metrics, register_affine
 from ggrad_gpu._backend import array_module, block_rows, ndimage_module, resolve_backend, to_device, to_host
 
 
@@ -59,12 +60,65 @@ def test_transfers_round_trip(xp):
     np.testing.assert_array_equal(to_host(on), x)
 
 
-@pytest.mark.gpu
-def test_mixed_arrays_name_both_parameters(xp):
-    if xp is np:
-        pytest.skip("needs CuPy")
+@pytest.fixture
+def stand_in_cupy(monkeypatch):
+    """A stand-in ``cupy`` module whose ``ndarray`` is a NumPy subclass: what the backend layer checks.
+
+    ``is_cupy_array`` looks for ``sys.modules["cupy"].ndarray`` and never imports
+    CuPy, so views of NumPy arrays as this class pass for CuPy arrays; the
+    public functions' checks see a real array and reach the backend decision.
+    """
+    module = types.ModuleType("cupy")
+    module.ndarray = type("ndarray", (np.ndarray,), {"__module__": "cupy"})
+    monkeypatch.setitem(sys.modules, "cupy", module)
+    return module
+
+
+def test_stand_in_is_what_the_backend_layer_takes_for_cupy(stand_in_cupy):
+    on_device = np.zeros(2).view(stand_in_cupy.ndarray)
+    assert _backend.is_cupy_array(on_device) and not _backend.is_cupy_array(np.zeros(2))
+    assert array_module(guide=on_device, cube=on_device) is stand_in_cupy
+
+
+@pytest.mark.parametrize("device_first", [False, True])
+def test_mixed_arrays_name_both_parameters(stand_in_cupy, device_first):
+    host, device = np.zeros(2), np.zeros(2).view(stand_in_cupy.ndarray)
+    arrays = {"guide": device, "cube": host} if device_first else {"guide": host, "cube": device}
     with pytest.raises(TypeError, match="guide.*cube|cube.*guide"):
-        array_module(guide=np.zeros(2), cube=xp.zeros(2))
+        array_module(**arrays)
+
+
+MIXED_CALLS = {
+    "estimate_global_gradient": (lambda g, c, d: estimate_global_gradient(g, d(c), levels=2), ("guide", "cube")),
+    "estimate_global_gradient, guide on the device": (
+        lambda g, c, d: estimate_global_gradient(d(g), c, levels=2), ("guide", "cube")),
+    "register_affine": (lambda g, c, d: register_affine(g, d(g)), ("fixed", "moving")),
+    "ncc": (lambda g, c, d: metrics.ncc(d(g), g), ("a", "b")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MIXED_CALLS))
+def test_public_functions_refuse_mixed_arrays_naming_both(stand_in_cupy, name):
+    # Data are never moved between host and device silently: a CuPy array
+    # beside a NumPy one is a TypeError that names both parameters.
+    rng = np.random.default_rng(0)
+    guide, cube = rng.random((32, 32), dtype=np.float32), rng.random((32, 32, 3), dtype=np.float32)
+    call, (first, second) = MIXED_CALLS[name]
+    with pytest.raises(TypeError, match=rf"\b{first}\b.*\b{second}\b|\b{second}\b.*\b{first}\b"):
+        call(guide, cube, lambda x: x.view(stand_in_cupy.ndarray))
+
+
+@pytest.mark.gpu
+def test_mixed_arrays_name_both_parameters_with_cupy():
+    usable, reason = _backend.cupy_usable()
+    if not usable:
+        pytest.skip(reason)
+    import cupy
+
+    with pytest.raises(TypeError, match="guide.*cube|cube.*guide"):
+        array_module(guide=np.zeros(2), cube=cupy.zeros(2))
+    with pytest.raises(TypeError, match="fixed.*moving|moving.*fixed"):
+        register_affine(np.zeros((16, 16), np.float32), cupy.zeros((16, 16), np.float32))
 
 
 def test_block_rows_budget():

@@ -1,25 +1,48 @@
-"""Out-of-memory handling: chunked stages retry with smaller chunks, errors name the stage.
+"""Memory: stages stay within stated multiples of their input, and finish under a real limit.
 
-On the CPU an out-of-memory error is simulated: ``numpy.empty`` (which the
-stages allocate their blocks with) is patched to refuse large allocations, or
-a chunk function is wrapped to fail above a size. The errors raised are
-NumPy's ``MemoryError`` and stand-ins for CuPy's exception classes (same names
-and module paths), so the CuPy branches run without CuPy. The ``gpu`` test
-exhausts a real CuPy memory-pool limit.
+Nothing here patches the package's internals; the tests see the stages through
+their public calls only:
+
+- **Peaks.** ``tracemalloc`` measures the peak of what a stage allocates
+  (NumPy reports its arrays to it) while it runs; beyond the stage's output,
+  the peak must stay within a stated multiple of the input's size. The input
+  is larger than the block budgets, so a stage that made a whole extra copy
+  of its input would fail.
+- **Block budget.** ``ggrad_gpu._backend.CPU_BLOCK_BYTES`` is the budget
+  that :func:`ggrad_gpu._backend.default_block_bytes` gives on the CPU;
+  stages that block by it keep their temporaries within a stated multiple of
+  it, and give the same result bit for bit whatever it is.
+- **Out of memory.** A child process (``memory_harness.py``, Linux only) sets
+  an address-space limit (``RLIMIT_AS``) below what a stage's first try
+  needs: its allocations then fail with NumPy's own ``MemoryError``, as on a
+  full machine. The stage must finish in smaller chunks with the same result,
+  or, where even its smallest chunk does not fit, raise a ``MemoryError``
+  that names the stage.
+- **Errors and retries.** :func:`is_out_of_memory`, :func:`is_cuda_error` and
+  :func:`retry_smaller` directly, with stand-ins for CuPy's exception
+  classes (same names and module paths), so the CuPy branches run without
+  CuPy. The ``gpu`` test exhausts a real CuPy memory-pool limit.
 """
 
+import json
+import os
+import re
+import subprocess
 import sys
+import tracemalloc
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from ggrad_gpu import _backend, estimate, filters, pyramid, warp
+from ggrad_gpu import _backend, baselines, refine
 from ggrad_gpu import estimate_global_gradient, gaussian_pyramid, sobel_magnitude, warp_cube
 from ggrad_gpu._backend import cupy_usable, is_cuda_error, is_out_of_memory, retry_smaller
-from ggrad_gpu.filters import iter_sobel_blocks
-from ggrad_gpu.nnls import GramAccumulator
-from ggrad_gpu.pyramid import blur_decimate
+from ggrad_gpu.synthetic import make_phantom
+
+ROOT = Path(__file__).resolve().parents[1]
+MiB = 1 << 20
 
 
 def cupy_exception(name, module, base=Exception):
@@ -41,33 +64,17 @@ OOM_ERRORS = {
     "cublas": lambda: CUBLASError("CUBLAS_STATUS_ALLOC_FAILED"),
 }
 
-
-class LimitedEmpty:
-    """``numpy.empty`` that refuses allocations above ``limit`` bytes.
-
-    Shapes in ``allowed`` (a stage's whole output, which no chunking can
-    shrink) are always granted. ``refused`` counts the refusals.
-    """
-
-    def __init__(self, limit, allowed=(), error=OOM_ERRORS["numpy"]):
-        self.limit, self.allowed, self.error = limit, {tuple(s) for s in allowed}, error
-        self.refused = 0
-        self.original = np.empty
-
-    def __call__(self, shape, dtype=float, *args, **kwargs):
-        shape_tuple = (shape,) if np.isscalar(shape) else tuple(shape)
-        nbytes = int(np.prod(shape_tuple, dtype=np.int64)) * np.dtype(dtype).itemsize
-        if nbytes > self.limit and shape_tuple not in self.allowed:
-            self.refused += 1
-            raise self.error()
-        return self.original(shape, dtype, *args, **kwargs)
-
-
-def random_cube(shape, seed=0):
-    return np.random.default_rng(seed).random(shape).astype(np.float32)
-
-
 AFFINE = np.array([[0.93, 0.05, 1.7], [-0.04, 0.88, 2.3], [0, 0, 1]])
+
+
+def traced(call):
+    """``call()`` and the peak of the memory allocated while it ran (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        result = call()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 # --- recognising errors ------------------------------------------------------------------------
@@ -164,227 +171,156 @@ def test_retry_frees_the_cupy_pool_when_cupy_is_loaded(monkeypatch):
     assert Pool.freed == 2
 
 
-# --- stages under a simulated memory limit -----------------------------------------------------
+# --- peaks against the input -------------------------------------------------------------------
+
+# 16 MiB of float32: twice the CPU block budget, eight times Sobel's passes.
+BIG = (256, 256, 64)
 
 
+@pytest.fixture(scope="module")
+def big_cube():
+    return np.random.default_rng(0).random(BIG, dtype=np.float32)
+
+
+def _output_bytes(result, cube):
+    """Bytes of the result that are not the input itself (pyramid level 0 is the input)."""
+    arrays = result if isinstance(result, list) else [result]
+    return sum(a.nbytes for a in arrays if not np.shares_memory(a, cube))
+
+
+# Stage, call, and the most it may allocate beyond its output, as a multiple of
+# the input's size (what it takes today in brackets).
+PEAKS = {
+    "sobel_magnitude": (lambda cube: sobel_magnitude(cube), 1.0),  # (0.5: 2 MiB passes and their workspace)
+    "warp_cube order 1": (lambda cube: warp_cube(cube, AFFINE, BIG[:2], order=1), 0.5),  # (0.2)
+    # (1.6: the prefilter's coefficients of all bands, padded; band_chunk bounds them)
+    "warp_cube order 3": (lambda cube: warp_cube(cube, AFFINE, BIG[:2], order=3), 2.0),
+    "gaussian_pyramid": (lambda cube: gaussian_pyramid(cube, 3), 0.25),  # (0.01)
+    "band_sum": (lambda cube: baselines.band_sum(cube), 0.75),  # (0.35)
+    "band_std": (lambda cube: baselines.band_std(cube), 2.0),  # (1.6: float64 blocks)
+}
+
+
+@pytest.mark.parametrize("stage", sorted(PEAKS))
+def test_peak_memory_is_a_stated_multiple_of_the_input(big_cube, stage):
+    call, multiple = PEAKS[stage]
+    result, peak = traced(lambda: call(big_cube))
+    beyond = peak - _output_bytes(result, big_cube)
+    assert beyond <= multiple * big_cube.nbytes, (
+        f"{stage} allocated {beyond / MiB:.1f} MiB beyond its output for a {big_cube.nbytes / MiB:.0f} MiB "
+        f"input; at most {multiple} x the input is allowed"
+    )
+
+
+def test_estimate_peak_is_a_stated_multiple_of_the_cube():
+    phantom = make_phantom(shape=(192, 224), bands=64, seed=11)
+    cube = phantom.cube_on_guide  # 10.5 MiB
+    _, peak = traced(lambda: estimate_global_gradient(phantom.guide, cube, levels=3))
+    # (1.9 today: the cube's pyramid, the level images, one block of gradients)
+    assert peak <= 2.5 * cube.nbytes, f"{peak / MiB:.1f} MiB for a {cube.nbytes / MiB:.1f} MiB cube"
+
+
+@pytest.mark.slow
+def test_refine_peak_is_a_stated_multiple_of_the_registered_cube():
+    # The cube is small; what refine holds is the cube on the working grid
+    # (the registered output) and what it takes to make and use it.
+    phantom = make_phantom(shape=(192, 224), bands=64, seed=11)
+    result, peak = traced(lambda: refine(phantom.guide, phantom.cube, initial=phantom.initial, levels=3,
+                                         backend="numpy"))
+    registered = result.registered.nbytes
+    # (1.9 today)
+    assert peak <= 2.5 * registered, f"{peak / MiB:.1f} MiB for a {registered / MiB:.1f} MiB registered cube"
+
+
+# --- the block budget --------------------------------------------------------------------------
+
+# Stages blocked by the CPU budget, and the most their temporaries may take
+# beyond the output, as a multiple of the budget (today's in brackets).
+BUDGETED = {
+    "warp_cube order 1": (lambda cube: warp_cube(cube, AFFINE, BIG[:2], order=1), 1.0),  # (0.45)
+    "band_sum": (lambda cube: baselines.band_sum(cube), 1.0),  # (0.75)
+    "band_std": (lambda cube: baselines.band_std(cube), 4.0),  # (3.2: float64 products)
+}
+
+
+@pytest.mark.parametrize("budget_mib", [1, 4])
+@pytest.mark.parametrize("stage", sorted(BUDGETED))
+def test_block_budget_bounds_the_temporaries_and_changes_no_result(monkeypatch, big_cube, stage, budget_mib):
+    call, multiple = BUDGETED[stage]
+    default = call(big_cube)
+    monkeypatch.setattr(_backend, "CPU_BLOCK_BYTES", budget_mib * MiB)
+    assert _backend.default_block_bytes(np) == budget_mib * MiB
+    result, peak = traced(lambda: call(big_cube))
+    beyond = peak - result.nbytes
+    assert beyond <= multiple * budget_mib * MiB, f"{stage}: {beyond / MiB:.2f} MiB with a {budget_mib} MiB budget"
+    np.testing.assert_array_equal(result, default)
+
+
+# --- under a real memory limit (child process) -------------------------------------------------
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc: Linux only")
+
+
+@pytest.fixture(scope="module")
+def limited():
+    """``{scenario: record}`` from one run of ``memory_harness.py`` in a child process."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               # One BLAS thread: OpenBLAS's threaded GEMM aborts when its own malloc fails.
+               OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               # A fixed mmap threshold: every array is its own mapping, unmapped when freed.
+               MALLOC_MMAP_THRESHOLD_="131072")
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("memory_harness.py"))], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, f"the harness died (exit {run.returncode}):\n{run.stderr[-3000:]}"
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _completed(limited, scenario):
+    record = limited[scenario]
+    assert "crash" not in record, record["crash"]
+    if not record["enforced"]:
+        pytest.skip("the address-space limit is not enforced here")
+    assert record["headroom"] < record["peak"]  # the first try cannot fit (``enforced``)
+    assert record["error"] is None, f"{scenario} did not finish under the limit: {record['error']}"
+    return record
+
+
+@linux_only
 @pytest.mark.parametrize("order", [1, 3])
-@pytest.mark.parametrize("kind", sorted(OOM_ERRORS))
-def test_warp_completes_in_smaller_chunks_with_the_same_result(monkeypatch, order, kind):
-    cube = random_cube((20, 24, 6), seed=1)
-    cube[3, 4, 2] = np.nan
-    shape = (30, 26)
-    whole = warp_cube(cube, AFFINE, shape, order=order)
-    # The whole output is granted; the cubic prefilter's coefficients fit for
-    # one band only, and blocks of pixels hold at most 64 pixels' taps.
-    limit = LimitedEmpty(2000, allowed=[shape + (6,)], error=OOM_ERRORS[kind])
-    if order == 3:
-        limit.limit = (20 + 24) * (24 + 24) * 4  # the padded coefficients of one band
-    monkeypatch.setattr(np, "empty", limit)
-    chunked = warp_cube(cube, AFFINE, shape, order=order)
-    monkeypatch.undo()
-    assert limit.refused > 0
-    np.testing.assert_array_equal(chunked, whole)
+def test_warp_finishes_under_a_memory_limit_with_the_same_result(limited, order):
+    # The block budget is raised so that the first try is one block of every
+    # output pixel and band: it cannot fit, and smaller blocks and band chunks must.
+    assert _completed(limited, f"warp-{order}")["identical"]
 
 
-def test_warp_halves_pixel_blocks_then_band_chunks(monkeypatch):
-    cube = random_cube((15, 17, 8), seed=2)
-    shape = (21, 19)
-    whole = warp_cube(cube, AFFINE, shape, order=3)
-    blocks, chunks = [], []
-    call, init = warp._Sampler.__call__, warp._Sampler.__init__
-
-    def limited_init(self, values, *args):
-        chunks.append(values.shape[2])
-        if values.shape[2] > 3:
-            raise CupyOutOfMemory("chunk set-up")
-        init(self, values, *args)
-
-    def limited_call(self, q_rows, q_cols, outside, out):
-        blocks.append(q_rows.shape[0])
-        if q_rows.shape[0] > 50:
-            raise CUDARuntimeError("cudaErrorMemoryAllocation: out of memory")
-        call(self, q_rows, q_cols, outside, out)
-
-    monkeypatch.setattr(warp._Sampler, "__init__", limited_init)
-    monkeypatch.setattr(warp._Sampler, "__call__", limited_call)
-    chunked = warp_cube(cube, AFFINE, shape, order=3)
-    np.testing.assert_array_equal(chunked, whole)
-    assert chunks[:3] == [8, 4, 2] and max(chunks[3:]) <= 2
-    assert max(blocks) > 50 and max(blocks[-10:]) <= 50  # later blocks keep the size that fitted
+@linux_only
+def test_sobel_blocks_shrink_under_a_memory_limit_with_the_same_values(limited):
+    record = _completed(limited, "sobel-blocks")
+    assert record["identical"]
+    assert len(record["block_rows"]) > 1 and sum(record["block_rows"]) == 160  # one block was asked for
 
 
-def test_warp_out_of_memory_even_at_one_band_names_the_stage(monkeypatch):
-    cube = random_cube((10, 12, 3))
-    monkeypatch.setattr(np, "empty", LimitedEmpty(0, allowed=[(9, 11, 3)]))
-    with pytest.raises(MemoryError, match=r"out of memory in warp_cube, even with chunks of 1 band "):
-        warp_cube(cube, AFFINE, (9, 11), order=3)
+@linux_only
+@pytest.mark.parametrize("scenario", ["pyramid-step", "gram", "estimate"])
+def test_stages_finish_under_a_memory_limit(limited, scenario):
+    # The pyramid step and the Gram products are asked for one block of every
+    # row; estimate_global_gradient runs with its defaults, under a third of
+    # its working memory (it holds the cube's pyramid and the level images whole).
+    record = _completed(limited, scenario)
+    assert record["max_difference"] <= record["tolerance"], record
 
 
-def test_warp_cuda_error_names_the_stage(monkeypatch):
-    def failing_call(self, *args, **kwargs):
-        raise CUDARuntimeError("cudaErrorLaunchFailure: unspecified launch failure")
-
-    monkeypatch.setattr(warp._Sampler, "__call__", failing_call)
-    with pytest.raises(RuntimeError, match="CUDA error in warp_cube: CUDARuntimeError: cudaErrorLaunchFailure"):
-        warp_cube(random_cube((6, 7, 2)), np.eye(3), (5, 5))
-
-
-@pytest.mark.parametrize("kind", ["numpy", "cupy-pool"])
-def test_sobel_completes_in_smaller_blocks_with_the_same_result(monkeypatch, kind):
-    cube = random_cube((33, 20, 5), seed=3)
-    whole = sobel_magnitude(cube)
-    # The output is granted; the workspace fits for 3 rows at most (1 halo row
-    # on each side): 33 rows -> 16 -> 8 -> 4 -> 2.
-    limit = LimitedEmpty(5 * 22 * 5 * 4, allowed=[cube.shape], error=OOM_ERRORS[kind])
-    monkeypatch.setattr(np, "empty", limit)
-    blocked = sobel_magnitude(cube)
-    monkeypatch.undo()
-    assert limit.refused > 0
-    np.testing.assert_array_equal(blocked, whole)
+@linux_only
+@pytest.mark.parametrize("stage, unit", [("warp_cube", "1 band"), ("Sobel gradients", "1 row"),
+                                         (r"Gram matrices \(eq. 5\)", "1 row")])
+def test_out_of_memory_even_at_the_smallest_chunk_names_the_stage(limited, stage, unit):
+    record = limited["minimum-" + stage.split(" \\(")[0]]
+    assert "crash" not in record, record["crash"]
+    assert record["error"] is not None, "the stage finished with room for nothing but its output"
+    assert re.match(rf"out of memory in {stage}, even with chunks of {unit} ", record["error"])
 
 
-def test_sobel_blocks_keep_their_rows_when_a_pass_runs_out_of_memory(monkeypatch):
-    cube = random_cube((40, 11, 4), seed=4)
-    expected = [(start, stop, block.copy()) for start, stop, block in iter_sobel_blocks(cube, rows=16)]
-    sobel = filters._Workspace.sobel
-    passes = []
-
-    def limited_sobel(self, x, start, stop, bands, out):
-        passes.append(stop - start)
-        if stop - start > 3:
-            raise MemoryError("simulated")
-        sobel(self, x, start, stop, bands, out)
-
-    monkeypatch.setattr(filters._Workspace, "sobel", limited_sobel)
-    got = [(start, stop, block.copy()) for start, stop, block in iter_sobel_blocks(cube, rows=16)]
-    assert [g[:2] for g in got] == [e[:2] for e in expected]  # the yielded blocks did not change
-    for (_, _, block), (_, _, reference) in zip(got, expected):
-        np.testing.assert_array_equal(block, reference)
-    assert max(passes) == 16 and passes[-1] <= 3
-
-
-def test_sobel_out_of_memory_even_at_one_row_names_the_stage(monkeypatch):
-    image = random_cube((12, 9))
-    monkeypatch.setattr(np, "empty", LimitedEmpty(0, allowed=[image.shape]))
-    with pytest.raises(MemoryError, match=r"out of memory in Sobel gradients, even with chunks of 1 row "):
-        sobel_magnitude(image)
-
-
-def _gram_inputs(seed=5):
-    cube = random_cube((48, 30, 12), seed=seed)
-    target = sobel_magnitude(random_cube((48, 30), seed=seed + 1))
-    mask = np.ones(cube.shape[:2], bool)
-    mask[:5, :7] = False
-    return cube, target, mask
-
-
-@pytest.mark.parametrize("masked", [False, True])
-def test_gram_under_a_memory_limit_equals_the_run_with_those_blocks(monkeypatch, masked):
-    cube, target, mask = _gram_inputs()
-    mask = mask if masked else None
-    default = estimate.level_gram(cube, target, mask)
-    seen = []
-
-    def recording_blocks(*args, **kwargs):
-        for start, stop, block in iter_sobel_blocks(*args, **kwargs):
-            seen.append(stop - start)
-            yield start, stop, block
-
-    # The padded Sobel workspace fits for 6 rows, not 12: 48 rows -> 24 -> 12 -> 6.
-    limit = LimitedEmpty(10 * 30 * 12 * 4)
-    monkeypatch.setattr(np, "empty", limit)
-    monkeypatch.setattr(estimate, "iter_sobel_blocks", recording_blocks)
-    gram, rhs = estimate.level_gram(cube, target, mask)
-    monkeypatch.undo()
-    assert limit.refused > 0 and set(seen) == {6}
-    reference = estimate.level_gram(cube, target, mask, rows=6)
-    # Bit for bit the result of 6-row blocks; the Gram sums depend on the
-    # blocks in their last bits only.
-    np.testing.assert_array_equal(gram, reference[0])
-    np.testing.assert_array_equal(rhs, reference[1])
-    np.testing.assert_allclose(gram, default[0], rtol=1e-5)
-    np.testing.assert_allclose(rhs, default[1], rtol=1e-5)
-
-
-def test_gram_restarts_the_level_when_the_products_run_out_of_memory(monkeypatch):
-    cube, target, mask = _gram_inputs(seed=6)
-    add = GramAccumulator.add
-
-    def limited_add(self, columns, target, weights=None):
-        if columns.shape[0] > 16:  # rows of the block
-            raise CUBLASError("CUBLAS_STATUS_ALLOC_FAILED")
-        add(self, columns, target, weights)
-
-    monkeypatch.setattr(GramAccumulator, "add", limited_add)
-    gram, rhs = estimate.level_gram(cube, target, mask)
-    monkeypatch.undo()
-    reference = estimate.level_gram(cube, target, mask, rows=12)  # 48 -> 24 -> 12
-    np.testing.assert_array_equal(gram, reference[0])
-    np.testing.assert_array_equal(rhs, reference[1])
-
-
-def test_estimate_out_of_memory_names_the_gram_stage(monkeypatch, small_phantom):
-    def failing_add(self, *args, **kwargs):
-        raise CupyOutOfMemory("Out of memory allocating 4,096 bytes")
-
-    monkeypatch.setattr(GramAccumulator, "add", failing_add)
-    with pytest.raises(MemoryError, match=r"out of memory in Gram matrices \(eq. 5\), even with chunks of 1 row "):
-        estimate_global_gradient(small_phantom.guide, small_phantom.cube_on_guide, levels=2)
-
-
-def test_estimate_cuda_error_names_the_stage(monkeypatch, small_phantom):
-    def failing_add(self, *args, **kwargs):
-        raise CUBLASError("CUBLAS_STATUS_EXECUTION_FAILED")
-
-    monkeypatch.setattr(GramAccumulator, "add", failing_add)
-    with pytest.raises(RuntimeError, match=r"CUDA error in Gram matrices \(eq. 5\): CUBLASError"):
-        estimate_global_gradient(small_phantom.guide, small_phantom.cube_on_guide, levels=2)
-
-
-def test_estimate_under_a_memory_limit_completes(monkeypatch, small_phantom):
-    guide, cube = small_phantom.guide, small_phantom.cube_on_guide
-    default = estimate_global_gradient(guide, cube, levels=3)
-    # Grant the stages' whole outputs (pyramid levels, images); refuse any
-    # other allocation beyond an eighth of the cube.
-    level_shapes = [level.shape for level in gaussian_pyramid(cube, 3)]
-    limit = LimitedEmpty(cube.nbytes // 8, allowed=level_shapes + [(3,) + guide.shape])
-    monkeypatch.setattr(np, "empty", limit)
-    result = estimate_global_gradient(guide, cube, levels=3)
-    monkeypatch.undo()
-    assert limit.refused > 0
-    # Smaller Gram blocks round differently in float32; the NNLS weights of
-    # correlated bands move by about 1e-5, the global gradient far less.
-    np.testing.assert_allclose(result.channel_weights, default.channel_weights, atol=1e-4)
-    np.testing.assert_allclose(result.grad_y, default.grad_y, atol=1e-4 * float(np.abs(default.grad_y).max()))
-
-
-def test_pyramid_completes_in_smaller_blocks(monkeypatch):
-    cube = random_cube((37, 29, 6), seed=7)
-    default = blur_decimate(cube)
-    out_shape = (19, 15, 6)
-    # One row of the row pass (29 x 6 values) fits, two do not.
-    limit = LimitedEmpty(29 * 6 * 4, allowed=[out_shape], error=OOM_ERRORS["cupy-pool"])
-    monkeypatch.setattr(np, "empty", limit)
-    blocked = blur_decimate(cube)
-    monkeypatch.undo()
-    assert limit.refused > 0
-    np.testing.assert_array_equal(blocked, blur_decimate(cube, rows=1))
-    np.testing.assert_allclose(blocked, default, rtol=1e-6, atol=1e-7)
-
-
-def test_pyramid_errors_name_the_stage(monkeypatch):
-    cube = random_cube((20, 18, 3))
-    monkeypatch.setattr(np, "empty", LimitedEmpty(0, allowed=[(10, 9, 3)]))
-    with pytest.raises(MemoryError, match=r"out of memory in Gaussian pyramid, even with chunks of 1 row "):
-        gaussian_pyramid(cube, 2)
-    monkeypatch.undo()
-
-    def failing_apply(self, *args, **kwargs):
-        raise CUBLASError("CUBLAS_STATUS_EXECUTION_FAILED")
-
-    monkeypatch.setattr(pyramid._BandedDecimation, "apply", failing_apply)
-    with pytest.raises(RuntimeError, match="CUDA error in Gaussian pyramid: CUBLASError"):
-        gaussian_pyramid(cube, 2)
+# --- the GPU block budget ----------------------------------------------------------------------
 
 
 def fake_cupy_module(free, pool_free=0, pool_used=0, limit=0):
