@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import array_module, ndimage_module, retry_smaller, to_host
-from ._validation import check_array, check_finite, check_levels, check_mask, float_dtype, power_of_two_scale
-from .filters import _yield_rows, iter_sobel_blocks, sobel_magnitude
+from ._backend import array_module, retry_smaller, to_host
+from ._validation import all_finite, check_array, check_levels, check_mask, float_dtype, power_of_two_scale
+from .coverage import Coverage, excluded_levels, fill_gaps, valid_pixels
+from .filters import iter_sobel_blocks, sobel_block_rows, sobel_magnitude
 from .level_weights import level_weights_matrix, manual_level_weights, solve_level_weights
 from .nnls import GramAccumulator, nnls_gram, spurious_blas_flags_ignored
 from .pyramid import blur_decimate, gaussian_pyramid, upsample_level
@@ -40,9 +41,8 @@ class GlobalGradient:
     guide_levels, cube_levels : array, shape (K, rows, cols)
         ``gradP_k`` and ``gradG_k = A_k x_k`` upsampled to the guide grid.
     valid : array of bool, shape (rows, cols), or None
-        With a ``mask``: the pixels where every level's gradients were
-        computed from covered pixels only (what entered eq. 9). None without
-        a mask (everything is valid).
+        With a ``coverage``: the pixels that no level leaves out for missing
+        data (what entered eq. 9). None without one (every pixel is valid).
     """
 
     grad_x: object
@@ -55,7 +55,7 @@ class GlobalGradient:
     valid: object = None
 
 
-def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", mask=None) -> GlobalGradient:
+def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", coverage=None) -> GlobalGradient:
     """Estimate the global gradient image of a cube guided by an image.
 
     Parameters
@@ -70,11 +70,15 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", ma
     weights : "auto" or (alpha, beta)
         ``"auto"`` solves eq. 9 exactly; a pair of length-K non-negative
         sequences is used instead, each divided by its sum.
-    mask : array of bool, shape (rows, cols), optional
-        Pixels the cube covers. Gradients whose filter footprint (pyramid
-        blur, Sobel, cubic upsampling) reaches an uncovered pixel are left
-        out of the Gram matrices and of eq. 9. Cube values outside the mask
-        are ignored and may be NaN. Nonzero numbers count as True.
+    coverage : array of bool, shape (rows, cols), or Coverage, optional
+        Where the cube (and the guide) hold data: a boolean map of the pixels
+        the cube covers (nonzero numbers count as True), or a
+        :class:`ggrad_gpu.coverage.Coverage` that also marks missing cube
+        or guide values. Values where there is no data may be anything (NaN
+        included): they are replaced by the nearest pixel's with data for the
+        filters (:func:`ggrad_gpu.coverage.fill_gaps`), and kept out of the
+        Gram matrices and of eq. 9 (at coarse levels, every pixel whose blur
+        draws more than half its weight from them).
 
     Returns
     -------
@@ -86,20 +90,21 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", ma
     ValueError, TypeError
         Naming the parameter: ``guide`` or ``cube`` not real arrays of the
         right dimensions, on different grids, or with NaN or inf values
-        (outside a ``mask``, use :func:`ggrad_gpu.refine` for missing data);
-        a guide under 3 x 3 pixels or too small for ``levels`` (the message
-        gives the most that fit); malformed ``weights``; a ``mask`` of
-        another shape or covering no pixel.
+        where ``coverage`` says they hold data (use :func:`ggrad_gpu.refine`
+        for missing data); a guide under 3 x 3 pixels or too small for
+        ``levels`` (the message gives the most that fit); malformed
+        ``weights``; a ``coverage`` of another shape or leaving no pixel.
 
     Notes
     -----
     Computation is float32 for float32 (or integer, boolean, float16,
     byte-swapped) inputs, float64 if either input is float64; Gram matrices
     are always accumulated in float64. Memory beyond the inputs is the cube's
-    pyramid (a third of the cube) plus bounded blocks. Bands that are
-    constant to rounding get weight 0, as exactly constant ones do; values
-    far from 1 (beyond 2**30 or below 2**-30) are scaled by powers of two
-    internally, which changes no result.
+    pyramid (a third of the cube) plus bounded blocks (and a filled copy of
+    the cube where ``coverage`` marks gaps). Bands that are constant to
+    rounding get weight 0, as exactly constant ones do; values far from 1
+    (beyond 2**30 or below 2**-30) are scaled by powers of two internally,
+    which changes no result.
 
     Examples
     --------
@@ -111,48 +116,25 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", ma
     >>> round(float(result.alpha.sum()), 12), round(float(result.beta.sum()), 12)
     (1.0, 1.0)
     """
-    return _estimate(guide, cube, levels=levels, weights=weights, mask=mask)
-
-
-def _estimate(guide, cube, *, levels, weights, mask=None, filled=None) -> GlobalGradient:
-    """:func:`estimate_global_gradient`, and pixels whose values were filled in.
-
-    ``filled`` (boolean, (rows, cols), optional) marks pixels whose guide or
-    cube values are stand-ins for missing data (interpolated from their
-    neighbours, see ``pipeline._inpaint``). Unlike ``mask``, which excludes
-    every gradient whose filter footprint reaches an uncovered pixel, it
-    excludes the filled pixels themselves at level 0, and at coarser levels
-    the pixels whose pyramid blur is more than half filled values
-    (:func:`_filled_levels`): scattered missing pixels then cost only
-    themselves, while holes stay out.
-    """
     check_array(guide, "guide", (2,), "2-D (rows, cols)")
     check_array(cube, "cube", (3,), "3-D (rows, cols, bands)")
-    xp = array_module(guide=guide, cube=cube, mask=mask, filled=filled)
     if cube.shape[:2] != guide.shape:
         raise ValueError(
             f"cube must be on the guide's grid: cube has {cube.shape[0]} x {cube.shape[1]} pixels, "
             f"guide has {guide.shape[0]} x {guide.shape[1]}"
         )
+    coverage = _checked_coverage(coverage, guide.shape)
+    xp = array_module(guide=guide, cube=cube, **coverage.maps())
     levels = check_levels(levels, guide.shape, image="guide")
-    if not (isinstance(weights, str) and weights == "auto"):
-        manual = manual_level_weights(weights, levels)
-    else:
-        manual = None
-    check_finite(guide, "guide", xp)
-    if mask is None:
-        check_finite(cube, "cube", xp)
-        level_masks = [None] * levels
-    else:
-        cube, level_masks = _apply_mask(cube, mask, levels, xp)
-    if filled is not None:
-        filled = check_mask(filled, "filled", guide.shape)
-    filled_levels = [None] * levels if filled is None else _filled_levels(filled, levels, xp)
+    manual = None if isinstance(weights, str) and weights == "auto" else manual_level_weights(weights, levels)
+    guide, cube = _filled_inputs(guide, cube, coverage, xp)
+    gaps = coverage.gaps
+    excluded = excluded_levels(gaps, levels)
 
     dtype = np.promote_types(float_dtype(guide.dtype), float_dtype(cube.dtype))
     guide = guide.astype(dtype, copy=False)
     cube_level = cube.astype(dtype, copy=False)
-    scale = _band_scale(cube_level, mask, xp)
+    scale = _band_scale(cube_level, xp)
     # Values far from 1 would overflow (or underflow) the Gram products: scale
     # the guide and each band by a power of two (exact), and the results back.
     guide_unit = power_of_two_scale(float(xp.abs(guide).max()))
@@ -167,30 +149,22 @@ def _estimate(guide, cube, *, levels, weights, mask=None, filled=None) -> Global
     channel_weights = np.zeros((levels, cube.shape[2]))
     guide_levels = xp.empty((levels,) + shape, dtype=dtype)
     cube_levels = xp.empty((levels,) + shape, dtype=dtype)
-    valid = None if mask is None and filled is None else xp.ones(shape, dtype=bool)
     for k in range(levels):
         if k > 0:
             cube_level = blur_decimate(cube_level)
         target = sobel_magnitude(guide_pyramid[k])
-        used = _and_not(level_masks[k], filled_levels[k], xp)
+        used = None if excluded[k] is None else ~excluded[k]
         gram, rhs = level_gram(cube_level, target, used)
         count = target.size if used is None else int(used.sum())
         x = nnls_gram(*_without_flat_bands(gram, rhs, scale, count, dtype, xp))
         channel_weights[k] = x * band_units / guide_unit
         guide_levels[k] = upsample_level(target, k, shape)
-        combined = combine_bands(cube_level, x)
-        if mask is not None:
-            # Zero, not whatever the uncovered pixels held: the spline prefilter reaches far.
-            combined *= level_masks[k]
-        cube_levels[k] = upsample_level(combined, k, shape)
+        cube_levels[k] = upsample_level(combine_bands(cube_level, x), k, shape)
         if guide_unit != 1.0:
             guide_levels[k] /= dtype.type(guide_unit)
             cube_levels[k] /= dtype.type(guide_unit)
-        if mask is not None:
-            valid &= _upsampled_validity(level_masks[k], k, shape, xp)
-        if filled is not None:
-            valid &= ~_level_lookup(filled_levels[k], k, shape, xp)
 
+    valid = valid_pixels(gaps, levels, shape)
     if manual is None:
         alpha, beta = solve_level_weights(level_weights_matrix(guide_levels, cube_levels, valid))
     else:
@@ -200,51 +174,32 @@ def _estimate(guide, cube, *, levels, weights, mask=None, filled=None) -> Global
     return GlobalGradient(grad_x, grad_y, alpha, beta, channel_weights, guide_levels, cube_levels, valid)
 
 
-def _apply_mask(cube, mask, levels, xp):
-    """Check ``mask``, neutralise values outside it, and derive each level's valid gradients.
-
-    Returns the cube (a copy with zeros outside the mask only if it held
-    non-finite values there) and, per level, a boolean map of pixels whose
-    Sobel magnitude sees covered pixels only.
-    """
-    check_array(mask, "mask", (2,), "2-D (rows, cols)")
-    if getattr(mask, "shape", None) != cube.shape[:2]:
-        raise ValueError(
-            f"mask must have the cube's {cube.shape[0]} x {cube.shape[1]} pixels; "
-            f"got shape {getattr(mask, 'shape', None)}"
-        )
-    array_module(cube=cube, mask=mask)
-    mask = mask.astype(bool)
-    if not bool(mask.any()):
-        raise ValueError("mask covers no pixel")
-    if not (bool(xp.isfinite(cube.min())) and bool(xp.isfinite(cube.max()))):
-        bad = ~xp.isfinite(cube).all(axis=2)
-        if bool((bad & mask).any()):
-            raise ValueError("cube contains NaN or inf values inside mask")
-        cube = xp.where(mask[..., None], cube, 0)
-    return cube, _coverage_levels(mask, levels, float_dtype(cube.dtype), xp)
+def _checked_coverage(coverage, shape) -> Coverage:
+    """``coverage`` as a :class:`Coverage` whose maps are boolean, of ``shape``, leaving some pixel."""
+    if coverage is not None and not isinstance(coverage, Coverage):
+        check_array(coverage, "coverage", (2,), "2-D (rows, cols)")
+    coverage = Coverage.of(coverage)
+    checked = {name: check_mask(value, f"coverage.{name}" if name != "footprint" else "coverage", shape)
+               for name, value in coverage.maps().items()}
+    coverage = Coverage(**checked)
+    if coverage.gaps is not None and bool(coverage.gaps.all()):
+        raise ValueError("coverage leaves no pixel with data")
+    return coverage
 
 
-def _coverage_levels(mask, levels, dtype, xp):
-    """Per level, the pixels whose Sobel magnitude sees pixels inside ``mask`` only."""
-    ndi = ndimage_module(xp)
-    masks = []
-    coverage = mask.astype(dtype)
-    for k in range(levels):
-        if k > 0:
-            # A pyramid pixel is covered when its whole blur footprint is.
-            coverage = (blur_decimate(coverage) > 1 - 1e-4).astype(coverage.dtype)
-        masks.append(ndi.minimum_filter(coverage, size=3, mode="nearest") > 0.5)  # Sobel's 3 x 3
-    return masks
-
-
-def _mask_validity(mask, levels, dtype, xp):
-    """The ``valid`` map :func:`_estimate` derives from ``mask`` alone (for a cube of ``dtype``)."""
-    shape = mask.shape
-    valid = xp.ones(shape, dtype=bool)
-    for k, level_mask in enumerate(_coverage_levels(mask, levels, dtype, xp)):
-        valid &= _upsampled_validity(level_mask, k, shape, xp)
-    return valid
+def _filled_inputs(guide, cube, coverage, xp):
+    """Guide and cube with stand-ins where they lack data; checked finite elsewhere."""
+    for name, image, gaps in (("guide", guide, coverage.guide_missing), ("cube", cube, coverage.cube_gaps)):
+        if gaps is not None:
+            image = fill_gaps(image, gaps)
+        if not all_finite(image, xp):
+            where = "" if gaps is None else " where coverage says it holds data"
+            raise ValueError(f"{name} contains NaN or inf values{where}")
+        if name == "guide":
+            guide = image
+        else:
+            cube = image
+    return guide, cube
 
 
 # A band whose Sobel magnitudes stay below this many units in the last place
@@ -254,15 +209,13 @@ def _mask_validity(mask, levels, dtype, xp):
 FLAT_ULPS = 100
 
 
-def _band_scale(cube, mask, xp) -> np.ndarray:
+def _band_scale(cube, xp) -> np.ndarray:
     """Each band's largest magnitude, from every 8th row and column (host float64).
 
     A cheap read of 1/64 of the cube; an underestimate only makes
     :func:`_without_flat_bands` keep more bands.
     """
     sample = cube[::8, ::8]
-    if mask is not None:
-        sample = xp.where(mask[::8, ::8, None].astype(bool), sample, 0)
     return to_host(xp.abs(sample).max(axis=(0, 1))).astype(np.float64)
 
 
@@ -284,62 +237,6 @@ def _without_flat_bands(gram, rhs, scale, count, dtype, xp):
     return gram, rhs
 
 
-def _filled_levels(filled, levels, xp):
-    """Per level, the pixels that :func:`_estimate` leaves out for filled-in values.
-
-    Level 0: the filled pixels. Level ``k``: the pixels whose pyramid blur
-    (the same ``blur_decimate`` as the data's) draws more than half its weight
-    from filled pixels.
-    """
-    fraction = filled.astype(xp.float32)
-    out = [filled]
-    for _ in range(1, levels):
-        fraction = blur_decimate(fraction)
-        out.append(fraction > 0.5)
-    return out
-
-
-def _filled_validity(filled, levels, shape, xp):
-    """Level-0 pixels that no level of :func:`_estimate` leaves out for filled-in values."""
-    valid = xp.ones(shape, dtype=bool)
-    for k, excluded in enumerate(_filled_levels(filled, levels, xp)):
-        valid &= ~_level_lookup(excluded, k, shape, xp)
-    return valid
-
-
-def _level_lookup(level_map, level, shape, xp):
-    """A level-``k`` boolean map on the level-0 grid: True where a nearest level pixel is.
-
-    Level-0 pixel ``p`` sits at level coordinate ``p / 2**k``, between level
-    pixels ``floor`` and ``floor + 1``; the result is True if either is.
-    """
-    if level == 0:
-        return level_map
-    either = level_map.copy()
-    either[:-1] |= level_map[1:]
-    either[:, :-1] |= either[:, 1:].copy()
-    rows = xp.minimum(xp.arange(shape[0]) >> level, level_map.shape[0] - 1)
-    cols = xp.minimum(xp.arange(shape[1]) >> level, level_map.shape[1] - 1)
-    return either[rows[:, None], cols[None, :]]
-
-
-def _and_not(mask, excluded, xp):
-    """``mask & ~excluded``, where either may be None (nothing masked, nothing excluded)."""
-    if excluded is None:
-        return mask
-    return ~excluded if mask is None else mask & ~excluded
-
-
-def _upsampled_validity(level_mask, level, shape, xp):
-    """Level-0 pixels whose cubic upsampling reads valid level pixels only."""
-    ndi = ndimage_module(xp)
-    # Cubic interpolation at x reads samples floor(x) - 1 .. floor(x) + 2.
-    eroded = ndi.minimum_filter(level_mask.astype(xp.uint8), size=5, mode="nearest").astype(bool)
-    rows = xp.minimum(xp.arange(shape[0]) >> level, level_mask.shape[0] - 1)
-    cols = xp.minimum(xp.arange(shape[1]) >> level, level_mask.shape[1] - 1)
-    return eroded[rows[:, None], cols[None, :]]
-
-
 def level_gram(cube_level, target, mask=None, *, rows=None):
     """``A^T A`` and ``A^T b`` of one level, with ``A`` the per-band Sobel magnitudes.
 
@@ -351,7 +248,7 @@ def level_gram(cube_level, target, mask=None, *, rows=None):
     """
     xp = array_module(cube_level=cube_level)
     if rows is None:
-        rows = _yield_rows(cube_level.shape, cube_level.dtype, xp)
+        rows = sobel_block_rows(cube_level.shape, cube_level.dtype, xp)
 
     def accumulate(rows):
         # Products in the data's precision (float32 for float32 cubes), sums in float64.
@@ -379,7 +276,7 @@ def combine_bands(cube_level, x):
             with spurious_blas_flags_ignored():
                 out[start:stop] = gradients @ weights
 
-    rows = _yield_rows(cube_level.shape[:2] + (active.size,), cube_level.dtype, xp)
+    rows = sobel_block_rows(cube_level.shape[:2] + (active.size,), cube_level.dtype, xp)
     retry_smaller(combine, rows, stage="gradient combination (gradG = A x, eq. 5)", unit="rows")
     return out
 

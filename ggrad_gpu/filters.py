@@ -22,7 +22,7 @@ import numpy as np
 from ._backend import array_module, block_rows, retry_smaller
 from ._validation import check_array, float_dtype
 
-__all__ = ["iter_sobel_blocks", "sobel_magnitude"]
+__all__ = ["iter_sobel_blocks", "sobel_block_rows", "sobel_magnitude"]
 
 STAGE = "Sobel gradients"
 
@@ -84,7 +84,7 @@ def _cache_rows(shape, dtype, xp) -> int:
     return block_rows(shape, dtype.itemsize, xp, target_bytes=(2 << 20) if xp is np else None)
 
 
-def _yield_rows(shape, dtype, xp) -> int:
+def sobel_block_rows(shape, dtype, xp) -> int:
     """Rows per block of :func:`iter_sobel_blocks`: about 32 MiB on the CPU, 256 MiB on a GPU."""
     return block_rows(shape, dtype.itemsize, xp, target_bytes=(32 << 20) if xp is np else None)
 
@@ -139,7 +139,7 @@ def iter_sobel_blocks(x, *, rows: int | None = None, bands=None) -> Iterator[tup
     tail = x.shape[2:] if bands is None else (len(bands),)
     shape = (n_rows, x.shape[1]) + tail
     if rows is None:
-        rows = _yield_rows(shape, dtype, xp)
+        rows = sobel_block_rows(shape, dtype, xp)
     rows = min(rows, n_rows)
 
     def allocate(rows):

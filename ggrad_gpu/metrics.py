@@ -9,8 +9,9 @@ import numpy as np
 
 from ._backend import array_module
 from ._validation import check_affine, check_array, check_matrix
+from .geometry import footprint_box
 
-__all__ = ["TRE", "mse", "ncc", "target_registration_error"]
+__all__ = ["TRE", "footprint_region", "mse", "ncc", "target_registration_error"]
 
 
 class TRE(NamedTuple):
@@ -20,7 +21,7 @@ class TRE(NamedTuple):
     max: float
 
 
-def target_registration_error(m_est, m_true, guide_shape, *, spacing: int = 10) -> TRE:
+def target_registration_error(m_est, m_true, guide_shape, *, spacing: int = 10, region=None) -> TRE:
     """Mean and max of ``|inv(m_true) @ m_est @ p - p|`` over a grid of guide points.
 
     Parameters
@@ -33,6 +34,11 @@ def target_registration_error(m_est, m_true, guide_shape, *, spacing: int = 10) 
         ``spacing`` starting at ``spacing // 2`` inside it.
     spacing : int, default 10
         A positive integer.
+    region : (row0, col0, rows, cols), optional
+        Only the points inside this window of the guide (clipped to it), e.g.
+        the cube's true footprint where the guide shows more than the cube:
+        accuracy is stated where the cube is used, not where a small
+        rotation error grows with the distance from it.
 
     Raises
     ------
@@ -52,15 +58,46 @@ def target_registration_error(m_est, m_true, guide_shape, *, spacing: int = 10) 
     if isinstance(spacing, bool) or not isinstance(spacing, numbers.Integral) or spacing < 1:
         raise ValueError(f"spacing must be a positive integer; got {spacing!r}")
     guide_shape = _check_shape(guide_shape)
-    rows = np.arange(spacing // 2, guide_shape[0], spacing)
-    cols = np.arange(spacing // 2, guide_shape[1], spacing)
+    start, stop = _window(region, guide_shape)
+    rows = np.arange(start[0] + spacing // 2, stop[0], spacing)
+    cols = np.arange(start[1] + spacing // 2, stop[1], spacing)
     if rows.size == 0 or cols.size == 0:
-        raise ValueError(f"guide_shape {tuple(guide_shape)} holds no grid point at spacing {spacing}")
+        where = f"guide_shape {tuple(guide_shape)}" if region is None else f"region {tuple(region)}"
+        raise ValueError(f"{where} holds no grid point at spacing {spacing}")
     grid = np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=0).reshape(2, -1)
     points = np.vstack([grid, np.ones(grid.shape[1])])
     moved = np.linalg.solve(m_true, m_est @ points)
     error = np.hypot(*(moved[:2] - points[:2]))
     return TRE(float(error.mean()), float(error.max()))
+
+
+def footprint_region(cube_shape, matrix, guide_shape) -> tuple[int, int, int, int]:
+    """The window ``(row0, col0, rows, cols)`` of the guide that a cube's footprint covers.
+
+    ``matrix`` maps the guide to the cube (e.g. the true one); the window is
+    the footprint's bounding box, clipped to the guide. For
+    :func:`target_registration_error`'s ``region``.
+    """
+    low, high = footprint_box(cube_shape, check_affine(matrix, "matrix"))
+    start = np.clip(np.ceil(low), 0, guide_shape).astype(int)
+    stop = np.clip(np.floor(high) + 1, 0, guide_shape).astype(int)
+    return int(start[0]), int(start[1]), int(stop[0] - start[0]), int(stop[1] - start[1])
+
+
+def _window(region, guide_shape):
+    """``region`` as (start, stop) guide pixels, clipped to the guide; the whole guide for None."""
+    if region is None:
+        return (0, 0), guide_shape
+    try:
+        values = [int(v) for v in region]
+        exact = all(int(v) == v for v in region)
+    except (TypeError, ValueError):
+        values, exact = [], False
+    if len(values) != 4 or not exact or min(values[2:]) < 1:
+        raise ValueError(f"region must be (row0, col0, rows, cols) with positive sizes; got {region!r}")
+    start = (max(0, values[0]), max(0, values[1]))
+    stop = (min(guide_shape[0], values[0] + values[2]), min(guide_shape[1], values[1] + values[3]))
+    return start, stop
 
 
 def _check_shape(guide_shape) -> tuple[int, int]:

@@ -36,6 +36,8 @@ from ._validation import (
     float_dtype,
     power_of_two_scale,
 )
+from .coverage import fill_gaps
+from .geometry import degeneracy
 from .metrics import ncc
 from .pyramid import blur_decimate
 
@@ -155,30 +157,10 @@ def register_affine(
     >>> np.round(result.matrix[:2, 2], 1)
     array([ 2.5, -1.5])
     """
-    return _register(
-        fixed, moving, initial=initial, fixed_mask=fixed_mask, moving_mask=moving_mask, levels=levels,
-        coarse_search=coarse_search, max_shift=max_shift, max_iter=max_iter, tolerance=tolerance,
-    )
-
-
-def _register(fixed, moving, *, initial=None, fixed_mask=None, moving_mask=None, levels=None,
-              coarse_search=True, max_shift=None, max_iter=60, tolerance=1e-3,
-              fixed_missing=None, moving_missing=None) -> AffineRegistration:
-    """:func:`register_affine`, and pixels whose values are missing.
-
-    ``fixed_missing`` and ``moving_missing`` (boolean, of each image's shape,
-    optional) mark scattered missing samples inside the images' fields (e.g.
-    a cube's NaN pixels). Like masked pixels, they never enter the metric at
-    full resolution; but where the masks exclude every coarse pixel whose
-    footprint reaches them, a coarse pixel counts as long as at least half of
-    its footprint holds data (normalised convolution fills in the rest).
-    """
     check_array(fixed, "fixed", (2,), "2-D (rows, cols)", min_size=2)
     check_array(moving, "moving", (2,), "2-D (rows, cols)", min_size=2)
-    xp = array_module(fixed=fixed, moving=moving, fixed_mask=fixed_mask, moving_mask=moving_mask,
-                      fixed_missing=fixed_missing, moving_missing=moving_missing)
-    for name, mask, image in (("fixed_mask", fixed_mask, fixed), ("moving_mask", moving_mask, moving),
-                              ("fixed_missing", fixed_missing, fixed), ("moving_missing", moving_missing, moving)):
+    xp = array_module(fixed=fixed, moving=moving, fixed_mask=fixed_mask, moving_mask=moving_mask)
+    for name, mask, image in (("fixed_mask", fixed_mask, fixed), ("moving_mask", moving_mask, moving)):
         if mask is not None:
             check_mask(mask, name, image.shape)
     matrix = np.eye(3) if initial is None else check_affine(initial, "initial")
@@ -203,18 +185,14 @@ def _register(fixed, moving, *, initial=None, fixed_mask=None, moving_mask=None,
     if levels is None:
         smallest = min(fixed.shape + moving.shape)
         levels = int(np.clip(np.floor(np.log2(max(smallest, 1) / 64)) + 1, 1, 5))
-    fixed_img, fixed_cov, fixed_strict = _split_missing(fixed, fixed_img, fixed_cov, fixed_mask, fixed_missing, xp)
-    moving_values = moving_img  # finite values kept where only moving_missing marks them
-    moving_img, moving_cov, moving_strict = _split_missing(
-        moving, moving_img, moving_cov, moving_mask, moving_missing, xp
-    )
+    fixed_img, fixed_cov, fixed_strict = _split_missing(fixed, fixed_img, fixed_cov, fixed_mask, xp)
+    moving_img, moving_cov, moving_strict = _split_missing(moving, moving_img, moving_cov, moving_mask, xp)
     fixed_pyr = _pyramid(fixed_img, fixed_cov, levels, strict=fixed_strict)
     moving_pyr = _pyramid(moving_img, moving_cov, levels, strict=moving_strict)
     if moving_strict is not moving_cov:
         # The moving image's derivatives read neighbours: give its NaN and
-        # inf samples their neighbourhood's mean (they stay out of the metric).
-        finite = moving_strict * xp.isfinite(moving)
-        moving_pyr[0] = (_fill_missing(moving_values, finite, moving_strict, xp), moving_cov)
+        # inf samples their nearest sample's value (they stay out of the metric).
+        moving_pyr[0] = (fill_gaps(moving_img, moving_cov < 0.5), moving_cov)
 
     start = _Level(fixed_pyr[0], moving_pyr[0], xp)
     mse_before = start.mse(matrix) / unit**2
@@ -262,15 +240,7 @@ def _degenerate(matrix, initial) -> str:
     """Why ``matrix`` is no usable result (empty if it is): not finite, a flip or an extreme scale."""
     if not np.isfinite(matrix).all():
         return "the matrix is not finite"
-    relative = np.linalg.solve(initial, matrix)[:2, :2]
-    if not np.isfinite(relative).all():
-        return "the matrix is not finite relative to the initial one"
-    if np.linalg.det(relative) <= 0:
-        return "it flips or collapses the image"
-    singular = np.linalg.svd(relative, compute_uv=False)
-    if singular.max() > MAX_SCALE or singular.min() < 1 / MAX_SCALE:
-        return f"it scales by {singular.min():.3g} to {singular.max():.3g}, beyond a factor {MAX_SCALE:g}"
-    return ""
+    return degeneracy(np.linalg.solve(initial, matrix), MAX_SCALE)
 
 
 def affine_mse(fixed, moving, matrix, *, fixed_mask=None, moving_mask=None) -> float:
@@ -299,40 +269,17 @@ def _prepare(image, mask, dtype, xp):
     return image, coverage.astype(dtype)
 
 
-def _split_missing(original, image, coverage, mask, missing, xp):
+def _split_missing(original, image, coverage, mask, xp):
     """``(image, coverage, strict)`` for :func:`_pyramid`: missing samples apart from the mask.
 
-    Missing samples are the non-finite pixels of ``original`` and those
-    ``missing`` marks; ``coverage`` leaves them out, ``strict`` (the mask
-    alone) does not. Without missing samples, ``strict`` is ``coverage``.
+    Missing samples are the non-finite pixels of ``original``; ``coverage``
+    leaves them out, ``strict`` (the mask alone) does not. Without missing
+    samples, ``strict`` is ``coverage``.
     """
     if all_finite(original, xp):
-        if missing is None:
-            return image, coverage, coverage
-    else:
-        nonfinite = ~xp.isfinite(original)
-        missing = nonfinite if missing is None else nonfinite | missing.astype(bool)
+        return image, coverage, coverage
     strict = xp.ones(coverage.shape, coverage.dtype) if mask is None else mask.astype(bool).astype(coverage.dtype)
-    keep = ~missing.astype(bool)
-    return image * keep, strict * keep, strict
-
-
-def _fill_missing(image, coverage, strict, xp):
-    """``image`` with the pixels inside ``strict`` but not ``coverage`` set to a local weighted mean.
-
-    Normalised Gaussian convolution (sigma 1, then 4 where that finds no
-    data), else 0.
-    """
-    ndi = ndimage_module(xp)
-    out = image
-    todo = (strict > 0.5) & (coverage < 0.5)
-    for sigma in (1.0, 4.0):
-        weight = ndi.gaussian_filter(coverage, sigma, mode="nearest")
-        mean = ndi.gaussian_filter(image * coverage, sigma, mode="nearest") / xp.maximum(weight, 1e-3)
-        here = todo & (weight > 1e-3)
-        out = xp.where(here, mean, out)
-        todo &= ~here
-    return out.astype(image.dtype, copy=False)
+    return image, coverage, strict
 
 
 def _pyramid(image, coverage, levels, *, strict=None):

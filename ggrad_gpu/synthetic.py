@@ -19,7 +19,9 @@ from functools import cached_property
 import numpy as np
 import scipy.ndimage as ndi
 
-from .warp import _warp
+from .coverage import fill_gaps
+from .geometry import fov_matrix
+from .warp import warp_cube
 
 __all__ = [
     "HED_FROM_RGB",
@@ -82,20 +84,9 @@ class Phantom:
         spectrum, so the array is finite everywhere (for estimation tests).
         Shape (rows, cols, bands), float32.
         """
-        return _warp(self.cube, self.matrix, self.guide.shape, order=1, outside="clamp")
-
-
-def fov_matrix(guide_shape, cube_shape) -> np.ndarray:
-    """DESIGN's default initial: the cube spans the guide's field of view.
-
-    ``q = (p + 0.5) * (h / H) - 0.5`` per axis, as a 3x3 (row, col) matrix.
-    """
-    matrix = np.eye(3)
-    for axis in (0, 1):
-        ratio = cube_shape[axis] / guide_shape[axis]
-        matrix[axis, axis] = ratio
-        matrix[axis, 2] = 0.5 * ratio - 0.5
-    return matrix
+        on_guide = warp_cube(self.cube, self.matrix, self.guide.shape, order=1)
+        outside = np.isnan(on_guide[:, :, 0])
+        return fill_gaps(on_guide, outside) if outside.any() else on_guide
 
 
 def affine_about_center(shape, *, rotation_deg=0.0, scale=1.0, shear=0.0, shift=(0.0, 0.0)) -> np.ndarray:
@@ -138,6 +129,7 @@ def make_phantom(
     particles: int | None = None,
     normalisation: str | None = "area",
     seed: int = 0,
+    footprint=None,
 ) -> Phantom:
     """Build a phantom guide and cube with a known affine misregistration.
 
@@ -150,10 +142,12 @@ def make_phantom(
     components : int, default 3
         Chemical components (at least 2).
     native_factor : int, default 5
-        Guide pixels per cube pixel: the cube is ``ceil(shape / native_factor)``.
+        Guide pixels per cube pixel: the cube is ``ceil(shape / native_factor)``
+        (or ``ceil(footprint size / native_factor)``).
     rotation_deg, scale, shear, shift
-        The misregistration, about the guide centre (see
-        :func:`affine_about_center`): ``matrix = initial @ misregistration``.
+        The misregistration, about the centre of the guide (or of the
+        footprint; see :func:`affine_about_center`):
+        ``matrix = initial @ misregistration``.
     noise : float, default 0.02
         Spectral noise, relative to the mean spectrum intensity.
     guide_noise : float, default 0.01
@@ -164,6 +158,9 @@ def make_phantom(
         Per-pixel spectral normalisation: unit mean, unit Euclidean norm, or
         standard normal variate.
     seed : int, default 0
+    footprint : (row0, col0, rows, cols), optional
+        The window of the guide that the cube covers under ``initial`` (a map
+        in a larger white-light image); by default the whole guide.
 
     Returns
     -------
@@ -175,6 +172,9 @@ def make_phantom(
     >>> phantom = make_phantom(shape=(60, 80), bands=32, seed=3)
     >>> phantom.guide.shape, phantom.cube.shape
     ((60, 80), (12, 16, 32))
+    >>> small = make_phantom(shape=(120, 150), bands=8, footprint=(40, 50, 30, 40), seed=3)
+    >>> small.cube.shape
+    (6, 8, 8)
     """
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"normalisation must be one of {NORMALISATIONS}; got {normalisation!r}")
@@ -190,7 +190,8 @@ def make_phantom(
     rng = np.random.default_rng(seed)
     # The scene extends beyond the guide so that every cube pixel sees sample.
     native_shape, initial, misregistration, matrix, pad = _geometry(
-        (rows, cols), native_factor, rotation_deg=rotation_deg, scale=scale, shear=shear, shift=shift
+        (rows, cols), native_factor, footprint=footprint, rotation_deg=rotation_deg, scale=scale, shear=shear,
+        shift=shift,
     )
     scene_shape = (rows + 2 * pad, cols + 2 * pad)
     if particles is None:
@@ -203,21 +204,38 @@ def make_phantom(
     )
 
 
-def _geometry(shape, native_factor, **misregistration):
+def _geometry(shape, native_factor, footprint=None, **misregistration):
     """Native shape, initial, misregistration and true matrices, and the scene padding.
 
     The padding lets every cube pixel, placed by the true matrix, see the scene.
     """
     rows, cols = shape
-    native_shape = (-(-rows // native_factor), -(-cols // native_factor))
-    initial = fov_matrix(shape, native_shape)
-    misregistration = affine_about_center(shape, **misregistration)
+    row0, col0, height, width = _footprint(footprint, shape)
+    native_shape = (-(-height // native_factor), -(-width // native_factor))
+    to_window = np.array([[1.0, 0, -row0], [0, 1, -col0], [0, 0, 1]])
+    initial = fov_matrix((height, width), native_shape) @ to_window
+    misregistration = (np.linalg.inv(to_window) @ affine_about_center((height, width), **misregistration)
+                       @ to_window)
     matrix = initial @ misregistration
     corners = np.array([[0, 0, 1], [0, native_shape[1], 1], [native_shape[0], 0, 1],
                         [native_shape[0], native_shape[1], 1]], dtype=np.float64).T - [[0.5], [0.5], [0]]
     reach = np.linalg.solve(matrix, corners)[:2]
     pad = int(np.ceil(max(0.0, -reach.min(), (reach[0] - rows).max(), (reach[1] - cols).max()))) + 4 * native_factor
     return native_shape, initial, misregistration, matrix, pad
+
+
+def _footprint(footprint, shape) -> tuple[int, int, int, int]:
+    """``footprint`` checked: a window of at least 8 x 8 guide pixels inside ``shape``."""
+    if footprint is None:
+        return 0, 0, shape[0], shape[1]
+    try:
+        row0, col0, height, width = (int(v) for v in footprint)
+    except (TypeError, ValueError):
+        raise ValueError(f"footprint must be (row0, col0, rows, cols); got {footprint!r}") from None
+    if min(row0, col0) < 0 or min(height, width) < 8 or row0 + height > shape[0] or col0 + width > shape[1]:
+        raise ValueError(f"footprint must be a window of at least 8 x 8 pixels inside the guide {shape}; "
+                         f"got {footprint!r}")
+    return row0, col0, height, width
 
 
 def _assemble(scene, pad, shape, geometry, native_factor, bands, render_guide, noise, normalisation, rng):

@@ -23,13 +23,13 @@ import numpy as np
 
 from ._backend import array_module, block_rows, ndimage_module, retry_smaller
 from ._validation import check_array, check_matrix, float_dtype
+from .geometry import check_output_shape
 
 __all__ = ["warp_cube"]
 
 STAGE = "warp_cube"
 
 ORDERS = (1, 3)
-OUTSIDE = ("nan", "clamp")
 # Edge padding before the cubic prefilter: what scipy.ndimage.affine_transform
 # does for mode="nearest", so that the boundary matches it (the prefilter's
 # pole, sqrt(3) - 2, decays to about 1e-7 over 12 pixels).
@@ -108,20 +108,9 @@ def warp_cube(cube, matrix, output_shape, *, order: int = 1, band_chunk: int | N
            [ 4.,  5.],
            [nan, nan]], dtype=float32)
     """
-    return _warp(cube, matrix, output_shape, order=order, outside="nan", band_chunk=band_chunk)
-
-
-def _warp(cube, matrix, output_shape, *, order, outside, band_chunk=None):
-    """:func:`warp_cube` with a choice of what points outside the footprint get.
-
-    ``outside="nan"`` makes them NaN; ``outside="clamp"`` gives them the value
-    at the nearest point of the footprint.
-    """
     check_array(cube, "cube", (3,), "3-D (rows, cols, bands)")
     if isinstance(order, bool) or order not in ORDERS:
         raise ValueError(f"order must be 1 or 3; got {order!r}")
-    if outside not in OUTSIDE:
-        raise ValueError(f"outside must be one of {OUTSIDE}; got {outside!r}")
     n_bands = cube.shape[2]
     if band_chunk is None:
         band_chunk = n_bands
@@ -129,7 +118,7 @@ def _warp(cube, matrix, output_shape, *, order, outside, band_chunk=None):
         raise ValueError(f"band_chunk must be a positive integer or None; got {band_chunk!r}")
     band_chunk = min(int(band_chunk), n_bands)
     matrix = _check_matrix(matrix)
-    output_shape = _check_output_shape(output_shape)
+    output_shape = check_output_shape(output_shape)
 
     xp = array_module(cube=cube)
     dtype = float_dtype(cube.dtype)
@@ -148,7 +137,7 @@ def _warp(cube, matrix, output_shape, *, order, outside, band_chunk=None):
         c = (index % out_cols).astype(xp.float64)
         q_rows = m[0][0] * r + m[0][1] * c + m[0][2]
         q_cols = m[1][0] * r + m[1][1] * c + m[1][2]
-        sampler(q_rows, q_cols, outside, out=pixels[start : start + index.shape[0], bands])
+        sampler(q_rows, q_cols, out=pixels[start : start + index.shape[0], bands])
         return start + index.shape[0]
 
     def resample_chunk(first, size):
@@ -175,16 +164,6 @@ def _check_matrix(matrix) -> np.ndarray:
     if not np.allclose(matrix[2], (0.0, 0.0, 1.0), rtol=0.0, atol=1e-9):
         raise ValueError(f"matrix must be affine, with last row (0, 0, 1); got {matrix[2].tolist()}")
     return matrix
-
-
-def _check_output_shape(output_shape) -> tuple[int, int]:
-    try:
-        shape = tuple(int(n) for n in output_shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"output_shape must be (rows, cols) with positive sizes; got {output_shape!r}") from None
-    if len(shape) != 2 or min(shape) < 1:
-        raise ValueError(f"output_shape must be (rows, cols) with positive sizes; got {shape}")
-    return shape
 
 
 class _Sampler:
@@ -228,7 +207,7 @@ class _Sampler:
         self.pad = pad
         self.source = coefficients.reshape(-1, n_bands)
 
-    def __call__(self, q_rows, q_cols, outside, out):
+    def __call__(self, q_rows, q_cols, out):
         """Write the values at cube coordinates ``(q_rows, q_cols)`` into ``out`` (points, bands)."""
         xp = self.xp
         n_rows, n_cols = self.shape
@@ -266,16 +245,15 @@ class _Sampler:
             near_rows = xp.floor(xp.clip(q_rows, 0, n_rows - 1) + 0.5).astype(xp.intp)
             near_cols = xp.floor(xp.clip(q_cols, 0, n_cols - 1) + 0.5).astype(xp.intp)
             out[self.missing[near_rows * n_cols + near_cols]] = xp.nan
-        if outside == "nan":
-            inside = (q_rows >= -0.5) & (q_rows <= n_rows - 0.5) & (q_cols >= -0.5) & (q_cols <= n_cols - 0.5)
-            out[~inside] = xp.nan
+        inside = (q_rows >= -0.5) & (q_rows <= n_rows - 0.5) & (q_cols >= -0.5) & (q_cols <= n_cols - 0.5)
+        out[~inside] = xp.nan
 
 
 def _linear_taps(q, n, pad, xp):
     """Source indices, shape (2, points), and weights along one axis (bilinear).
 
     Coordinates are clamped to the first and last pixel centres, which is edge
-    clamping inside the footprint and, with ``outside="clamp"``, beyond it.
+    clamping inside the footprint (points beyond it become NaN afterwards).
     """
     q = xp.clip(q, 0, n - 1)
     low = xp.minimum(xp.floor(q), max(n - 2, 0))

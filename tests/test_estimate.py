@@ -4,6 +4,7 @@ import scipy.ndimage as ndi
 import scipy.optimize
 
 from ggrad_gpu import estimate_global_gradient
+from ggrad_gpu.synthetic import make_phantom
 from ggrad_gpu.level_weights import level_weights_kkt, level_weights_matrix
 
 from helpers import assert_backend, host
@@ -141,7 +142,7 @@ def test_constant_and_duplicate_bands_are_harmless(small_phantom):
     np.testing.assert_array_equal(result.channel_weights[:, bands : bands + 2], 0)
 
 
-def test_mask_excludes_uncovered_pixels(small_phantom):
+def test_coverage_excludes_uncovered_pixels(small_phantom):
     guide, cube = small_phantom.guide, small_phantom.cube_on_guide.copy()
     mask = np.ones(guide.shape, bool)
     mask[:, :20] = False  # a strip the cube does not cover
@@ -149,8 +150,8 @@ def test_mask_excludes_uncovered_pixels(small_phantom):
     first[:, :20] = np.nan
     second = cube.copy()
     second[:, :20] = np.random.default_rng(0).random((guide.shape[0], 20, cube.shape[2])) * 100
-    a = estimate_global_gradient(guide, first, levels=3, mask=mask)
-    b = estimate_global_gradient(guide, second, levels=3, mask=mask)
+    a = estimate_global_gradient(guide, first, levels=3, coverage=mask)
+    b = estimate_global_gradient(guide, second, levels=3, coverage=mask)
     # Nothing outside the mask may matter: the weights are identical.
     np.testing.assert_allclose(a.channel_weights, b.channel_weights, rtol=1e-6, atol=1e-12)
     np.testing.assert_allclose(a.alpha, b.alpha, atol=1e-9)
@@ -160,12 +161,29 @@ def test_mask_excludes_uncovered_pixels(small_phantom):
     assert estimate_global_gradient(guide, cube, levels=2).valid is None
 
 
-def test_mask_errors(small_phantom):
+def test_coverage_errors(small_phantom):
     guide, cube = small_phantom.guide, small_phantom.cube_on_guide.copy()
-    with pytest.raises(ValueError, match="mask must have"):
-        estimate_global_gradient(guide, cube, levels=2, mask=np.ones((3, 3), bool))
-    with pytest.raises(ValueError, match="mask covers no pixel"):
-        estimate_global_gradient(guide, cube, levels=2, mask=np.zeros(guide.shape, bool))
+    with pytest.raises(ValueError, match="coverage must have"):
+        estimate_global_gradient(guide, cube, levels=2, coverage=np.ones((3, 3), bool))
+    with pytest.raises(ValueError, match="coverage leaves no pixel"):
+        estimate_global_gradient(guide, cube, levels=2, coverage=np.zeros(guide.shape, bool))
     cube[5, 5, 0] = np.nan
-    with pytest.raises(ValueError, match="inside mask"):
-        estimate_global_gradient(guide, cube, levels=2, mask=np.ones(guide.shape, bool))
+    with pytest.raises(ValueError, match="where coverage says it holds data"):
+        estimate_global_gradient(guide, cube, levels=2, coverage=np.ones(guide.shape, bool))
+
+
+def test_a_small_footprint_keeps_every_level():
+    # A footprint in the middle of a larger grid: the fits keep the pixels whose
+    # blur draws mostly on data at every level (a rule that dropped every pixel
+    # whose blur reaches beyond the footprint left nothing at level 3).
+    phantom = make_phantom(shape=(150, 175), bands=12, seed=2)
+    cube = phantom.cube_on_guide.copy()
+    footprint = np.zeros(phantom.guide.shape, bool)
+    footprint[37:112, 44:131] = True
+    cube[~footprint] = np.nan
+    result = estimate_global_gradient(phantom.guide, cube, levels=4, coverage=footprint)
+    assert result.valid[footprint].mean() > 0.7 and not result.valid[~footprint].any()
+    assert (result.channel_weights > 0).any(axis=1).all()  # every level found weights
+    full = estimate_global_gradient(phantom.guide, phantom.cube_on_guide, levels=4)
+    inside = result.valid
+    assert np.corrcoef(result.grad_y[inside], full.grad_y[inside])[0, 1] > 0.95

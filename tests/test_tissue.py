@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from ggrad_gpu import refine
+from ggrad_gpu import refine, warp_cube
+from ggrad_gpu.coverage import fill_gaps
 from ggrad_gpu.metrics import target_registration_error
 from ggrad_gpu.synthetic import (
     HED_FROM_RGB,
     RGB_FROM_HED,
-    _warp,
     make_tissue_phantom,
     separate_stains,
 )
@@ -183,7 +183,8 @@ def test_true_matrix_puts_the_cube_on_the_tissue(ihc_rgb, case):
     truth = ndi.gaussian_filter(p.abundances[2], 3.0)
 
     def score(matrix):
-        on_guide = _warp(fraction_cube, matrix, p.guide.shape, order=1, outside="clamp")[..., 2]
+        on_guide = warp_cube(fraction_cube, matrix, p.guide.shape, order=1)[..., 2]
+        on_guide = fill_gaps(on_guide, np.isnan(on_guide))  # beyond the footprint: its edge
         inner = (slice(60, -60), slice(60, -60))
         return np.corrcoef(on_guide[inner].ravel(), truth[inner].ravel())[0, 1]
 
@@ -218,17 +219,19 @@ def test_recovers_known_transforms_on_tissue(refinements):
     assert all(r.improved for (_, r), t in zip(refinements, before) if t.mean > 1), table
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "capture range on tissue: with other noise seeds, 4 deg / 0.96 / shift (40, -5) and "
-        "-4 deg / shear -0.02 / shift (-10, 45) are not captured (TRE 43.0/63.8 and 46.2/59.9 px "
-        "before and after; refine keeps the initial transform and warns). The coarse translation "
-        "search lands 10-13 px short and the first Gauss-Newton pass stops in a local minimum "
-        "of the tissue texture; the re-estimation pass rescues only some noise realisations."
-    ),
+@pytest.mark.parametrize(
+    "seed, case",
+    [
+        (16, CASES[6]),
+        pytest.param(37, CASES[7], marks=pytest.mark.xfail(strict=True, reason=(
+            "capture range on tissue: with another noise seed, -4 deg / shear -0.02 / shift (-10, 45) is not "
+            "captured (TRE 46.2/59.9 px before and after; refine keeps the initial transform and warns): the "
+            "coarse translation search lands short and the first Gauss-Newton pass stops in a local minimum "
+            "of the tissue texture. (4 deg / 0.96 / shift (40, -5) with seed 16 failed the same way until the "
+            "estimates filled the footprint's surroundings from its edge instead of with zeros.)"))),
+    ],
+    ids=["case6-seed16", "case7-seed37"],
 )
-@pytest.mark.parametrize("seed, case", [(16, CASES[6]), (37, CASES[7])], ids=["case6-seed16", "case7-seed37"])
 def test_capture_on_tissue_for_other_noise_seeds(ihc_rgb, seed, case):
     phantom = make_tissue_phantom(ihc_rgb, bands=BANDS, seed=seed, **case)
     tre = target_registration_error(_refine_quietly(phantom).matrix, phantom.matrix, phantom.guide.shape)

@@ -483,8 +483,10 @@ def test_estimate_converts_dtypes(small_phantom, input_cases):
     "guide_shape, cube_shape, kwargs, error, match",
     [
         ((2, 20), (2, 20, 3), {"levels": 1}, ValueError, "guide must be at least 3 x 3"),
-        ((20, 20), (20, 20, 3), {"levels": 2, "mask": [[True]]}, TypeError, "mask must be a NumPy or CuPy array"),
-        ((20, 20), (20, 20, 3), {"levels": 2, "mask": np.ones((20, 20), complex)}, TypeError, "mask must be real"),
+        ((20, 20), (20, 20, 3), {"levels": 2, "coverage": [[True]]}, TypeError,
+         "coverage must be a NumPy or CuPy array"),
+        ((20, 20), (20, 20, 3), {"levels": 2, "coverage": np.ones((20, 20), complex)}, TypeError,
+         "coverage must be real"),
         ((20, 20), (20, 20, 3), {"levels": 2, "weights": ([1, 1], [-1, 1])}, ValueError, "weights: beta"),
         ((20, 20), (20, 20, 3), {"levels": 2.5}, TypeError, "levels must be an integer"),
     ],

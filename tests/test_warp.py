@@ -5,7 +5,6 @@ import scipy.ndimage as ndi
 import ggrad_gpu.warp as warp_module
 from ggrad_gpu import warp_cube
 from ggrad_gpu.synthetic import affine_about_center
-from ggrad_gpu.warp import _warp
 
 from helpers import assert_backend, host
 
@@ -93,16 +92,6 @@ def test_footprint_is_half_a_pixel_beyond_the_centres(order):
     out = warp_cube(cube, shift, (6, 4), order=order)
     np.testing.assert_allclose(out[:5], 1, rtol=1e-6)  # rows -0.5 .. 3.5 are inside, edge-clamped
     assert np.isnan(out[5]).all()
-
-
-@pytest.mark.parametrize("order", [1, 3])
-def test_clamp_gives_outside_points_the_footprint_edge(order):
-    cube = random_cube(seed=4, dtype=np.float64)
-    shift = np.array([[1.0, 0, -4.0], [0, 1, 0], [0, 0, 1]])  # output rows 0..3 read cube rows -4..-1
-    clamped = _warp(cube, shift, SHAPE, order=order, outside="clamp")
-    at_edge = warp_cube(cube, np.array([[0.0, 0, -0.5], [0, 1, 0], [0, 0, 1]]), (1, SHAPE[1]), order=order)
-    assert np.isfinite(clamped).all()
-    np.testing.assert_allclose(clamped[:4], np.broadcast_to(at_edge, (4,) + at_edge.shape[1:]), atol=1e-12)
 
 
 @pytest.mark.parametrize("order", [1, 3])
@@ -212,5 +201,3 @@ def test_warp_errors():
     for band_chunk in [0, -2, 1.5, True]:
         with pytest.raises(ValueError, match="band_chunk must be a positive integer or None"):
             warp_cube(cube, np.eye(3), (3, 3), band_chunk=band_chunk)
-    with pytest.raises(ValueError, match="outside"):
-        _warp(cube, np.eye(3), (3, 3), order=1, outside="zero")

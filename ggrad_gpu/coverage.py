@@ -1,0 +1,157 @@
+"""Coverage: which pixels of a grid hold data, and why the others do not.
+
+A pixel may lack data for three reasons: it lies outside the cube's footprint,
+the cube's value there is missing (NaN, inf, outside the user's ``mask``), or
+the guide's is. Every stage treats such pixels the same way:
+
+- for the filters (Sobel, pyramid blur), their values are *stand-ins*, filled
+  from the nearest pixel with data (:func:`fill_gaps`), so no edge appears
+  where the data stops, just as at the border of a grid (``mode="nearest"``);
+- for the fits (eq. 5's Gram matrices, eq. 9's level weights, the
+  registration metric) they do not count: at level 0 the pixel itself, at a
+  coarser pyramid level every pixel whose blur draws more than half its weight
+  from them (:func:`excluded_levels`), and on the level-0 grid every pixel
+  that any level leaves out (:func:`valid_pixels`).
+
+A footprint in the middle of a larger guide is then handled like one that
+fills its grid: a stricter rule (every pixel whose blur reaches beyond the
+footprint) would erode the data by the pyramid's reach at each level, about 28
+level-0 pixels at four levels, and leaves nothing of a small map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._backend import array_module, ndimage_module
+from .pyramid import blur_decimate
+
+__all__ = ["Coverage", "excluded_levels", "fill_gaps", "level_on_grid", "valid_pixels"]
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Where a grid holds data, split by cause.
+
+    Attributes
+    ----------
+    footprint : array of bool, shape (rows, cols), or None
+        Pixels inside the cube's footprint; None: all are.
+    cube_missing : array of bool, shape (rows, cols), or None
+        Pixels whose cube values are missing (filled in); None: none are.
+    guide_missing : array of bool, shape (rows, cols), or None
+        Pixels whose guide values are missing (filled in); None: none are.
+    """
+
+    footprint: object = None
+    cube_missing: object = None
+    guide_missing: object = None
+
+    @classmethod
+    def of(cls, coverage) -> "Coverage":
+        """``coverage`` as a Coverage: a Coverage, None, or a boolean map of pixels with data."""
+        if coverage is None or isinstance(coverage, Coverage):
+            return cls() if coverage is None else coverage
+        return cls(footprint=coverage.astype(bool))
+
+    @property
+    def cube_gaps(self):
+        """Pixels without cube data (outside the footprint or missing), or None."""
+        outside = None if self.footprint is None else ~self.footprint
+        return either(outside, self.cube_missing)
+
+    @property
+    def gaps(self):
+        """Pixels where the cube or the guide lacks data, or None where every pixel has both."""
+        return either(self.cube_gaps, self.guide_missing)
+
+    def maps(self):
+        """The maps that are set, by name."""
+        return {name: value for name, value in vars(self).items() if value is not None}
+
+
+def either(a, b):
+    """``a | b`` where either may be None (nothing marked)."""
+    if a is None or b is None:
+        return b if a is None else a
+    return a | b
+
+
+def fill_gaps(values, gaps):
+    """``values`` with every pixel in ``gaps`` set to the value of the nearest pixel outside it.
+
+    Parameters
+    ----------
+    values : array, shape (rows, cols[, bands])
+        NumPy or CuPy; values inside ``gaps`` may be anything (NaN included).
+    gaps : array of bool, shape (rows, cols)
+        Pixels to fill; at least one pixel must be outside it.
+
+    Returns
+    -------
+    array
+        A new array (``values`` is never modified). The nearest pixel is the
+        Euclidean one (``distance_transform_edt``), all bands taken from it in
+        one gather: like ``mode="nearest"`` at a grid's edge, the extension
+        adds no edge where the data stops.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> values = np.array([[1.0, np.nan, 3.0]])
+    >>> fill_gaps(values, np.isnan(values))
+    array([[1., 1., 3.]])
+    """
+    xp = array_module(values=values, gaps=gaps)
+    if not bool(gaps.any()):
+        return values.copy()
+    if bool(gaps.all()):
+        raise ValueError("fill_gaps needs at least one pixel with data (gaps covers every pixel)")
+    ndi = ndimage_module(xp)
+    nearest = ndi.distance_transform_edt(gaps, return_distances=False, return_indices=True)
+    return values[nearest[0], nearest[1]]
+
+
+def excluded_levels(gaps, levels: int) -> list:
+    """Per pyramid level, the pixels left out of the fits for the gaps in their data.
+
+    Level 0: the gaps themselves. Level ``k``: the pixels whose pyramid blur
+    (the data's ``blur_decimate``) draws more than half its weight from gaps.
+    Entries are None where ``gaps`` is None.
+    """
+    if gaps is None:
+        return [None] * levels
+    xp = array_module(gaps=gaps)
+    fraction = gaps.astype(xp.float32)
+    out = [gaps]
+    for _ in range(1, levels):
+        fraction = blur_decimate(fraction)
+        out.append(fraction > 0.5)
+    return out
+
+
+def level_on_grid(excluded, level: int, shape):
+    """A level-``k`` map of excluded pixels on the level-0 grid ``shape``.
+
+    Level-0 pixel ``p`` sits at level coordinate ``p / 2**k``, between level
+    pixels ``floor`` and ``floor + 1``: it is excluded if either is.
+    """
+    if level == 0:
+        return excluded
+    xp = array_module(excluded=excluded)
+    reach = excluded.copy()
+    reach[:-1] |= excluded[1:]
+    reach[:, :-1] |= reach[:, 1:].copy()
+    rows = xp.minimum(xp.arange(shape[0]) >> level, excluded.shape[0] - 1)
+    cols = xp.minimum(xp.arange(shape[1]) >> level, excluded.shape[1] - 1)
+    return reach[rows[:, None], cols[None, :]]
+
+
+def valid_pixels(gaps, levels: int, shape):
+    """Level-0 pixels that no level of ``levels`` leaves out for ``gaps`` (None if there are none)."""
+    if gaps is None:
+        return None
+    valid = ~gaps
+    for k, excluded in enumerate(excluded_levels(gaps, levels)[1:], start=1):
+        valid &= ~level_on_grid(excluded, k, shape)
+    return valid

@@ -1,0 +1,241 @@
+"""Affine geometry shared by every stage: coordinates, footprints and the working grid.
+
+All matrices are 3x3 homogeneous (row, col) pixel-centre matrices in the
+pull-back direction: a point of the output (guide, working) grid maps to the
+point of the source (cube) grid it takes its value from.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "CAPTURE_MARGIN",
+    "MAX_LEVELS",
+    "WorkingGrid",
+    "affine_coordinates",
+    "auto_levels",
+    "check_output_shape",
+    "cube_resolution_step",
+    "degeneracy",
+    "footprint_mask",
+    "footprint_sides",
+    "fov_matrix",
+    "pixels_per_cube_pixel",
+    "working_grid",
+]
+
+# Guide pixels of margin around the cube's footprint, at least (DESIGN "Real
+# geometry"): the misregistrations refine promises to capture.
+CAPTURE_MARGIN = 45
+MAX_LEVELS = 4
+# Working pixels per cube pixel that the working grid resolves at most (s = ceil(r / 6)).
+WORKING_PER_CUBE = 6
+# The coarsest pyramid level keeps at least this many pixels across the footprint.
+MIN_LEVEL_PIXELS = 3
+
+
+def fov_matrix(guide_shape, cube_shape) -> np.ndarray:
+    """The default initial transform: the cube spans the guide's field of view.
+
+    ``q = (p + 0.5) * (h / H) - 0.5`` per axis, as a 3x3 (row, col) matrix.
+
+    Examples
+    --------
+    >>> fov_matrix((100, 50), (20, 10))[:2]
+    array([[ 0.2,  0. , -0.4],
+           [ 0. ,  0.2, -0.4]])
+    """
+    matrix = np.eye(3)
+    for axis in (0, 1):
+        ratio = cube_shape[axis] / guide_shape[axis]
+        matrix[axis, axis] = ratio
+        matrix[axis, 2] = 0.5 * ratio - 0.5
+    return matrix
+
+
+def check_output_shape(shape, name: str = "output_shape") -> tuple[int, int]:
+    """``shape`` as ``(rows, cols)`` of positive integers; ValueError naming ``name`` otherwise."""
+    try:
+        values = tuple(shape)
+        out = tuple(int(n) for n in values)
+        exact = all(int(n) == n for n in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be (rows, cols) with positive sizes; got {shape!r}") from None
+    if len(out) != 2 or min(out) < 1 or not exact:
+        raise ValueError(f"{name} must be (rows, cols) with positive sizes; got {shape!r}")
+    return out
+
+
+def affine_coordinates(matrix, shape, xp, *, rows=None):
+    """Source coordinates ``(q_rows, q_cols)`` of every pixel of a grid, in float64.
+
+    Parameters
+    ----------
+    matrix : numpy.ndarray, shape (3, 3)
+        Grid pixel to source coordinate.
+    shape : (int, int)
+        The grid.
+    xp : module
+        NumPy or CuPy: where the coordinates are made.
+    rows : slice, optional
+        Only these rows of the grid.
+    """
+    rows = slice(0, shape[0]) if rows is None else rows
+    r = xp.arange(rows.start, rows.stop, dtype=xp.float64)[:, None]
+    c = xp.arange(shape[1], dtype=xp.float64)[None, :]
+    m = [[float(v) for v in row] for row in matrix[:2]]  # host scalars: no device round trip
+    return m[0][0] * r + m[0][1] * c + m[0][2], m[1][0] * r + m[1][1] * c + m[1][2]
+
+
+def footprint_mask(cube_shape, matrix, shape, xp):
+    """Grid pixels whose mapped point lies in the cube's footprint (``-0.5 .. size - 0.5``)."""
+    q_rows, q_cols = affine_coordinates(matrix, shape, xp)
+    return (
+        (q_rows >= -0.5) & (q_rows <= cube_shape[0] - 0.5) & (q_cols >= -0.5) & (q_cols <= cube_shape[1] - 0.5)
+    )
+
+
+def pixels_per_cube_pixel(matrix) -> float:
+    """``r = 1 / sqrt(|det(matrix[:2, :2])|)``: grid pixels per cube pixel (matrix: grid to cube)."""
+    det = abs(float(np.linalg.det(np.asarray(matrix, dtype=np.float64)[:2, :2])))
+    if not det > 0:
+        raise ValueError("initial must be invertible (its 2 x 2 linear part has determinant 0)")
+    return 1.0 / math.sqrt(det)
+
+
+def footprint_sides(cube_shape, matrix) -> tuple[float, float]:
+    """Lengths, in grid pixels, of the cube footprint's sides along the cube's rows and columns."""
+    inverse = np.linalg.inv(np.asarray(matrix, dtype=np.float64)[:2, :2])
+    return (float(np.hypot(*inverse[:, 0])) * cube_shape[0], float(np.hypot(*inverse[:, 1])) * cube_shape[1])
+
+
+def footprint_box(cube_shape, matrix) -> tuple[np.ndarray, np.ndarray]:
+    """The grid's bounding box ``(low, high)`` (row, col) of the cube's footprint, pixel edges included."""
+    h, w = cube_shape[0] - 0.5, cube_shape[1] - 0.5
+    corners = np.array([[-0.5, -0.5, 1], [-0.5, w, 1], [h, -0.5, 1], [h, w, 1]]).T
+    points = np.linalg.solve(np.asarray(matrix, dtype=np.float64), corners)[:2]
+    return points.min(axis=1), points.max(axis=1)
+
+
+def cube_resolution_step(to_cube) -> int:
+    """Pixel step ``2**k`` of the working grid's pyramid level ``k`` at the cube's resolution.
+
+    Levels finer than the cube resolves carry no information of the cube's
+    (its values there are interpolated) but cost the most: the estimate from
+    the initial placement runs on the finest level whose pixels still sample
+    the cube at least every 0.8 cube pixels.
+    """
+    pixel = pixels_per_cube_pixel(to_cube)
+    return 2 ** max(0, int(math.floor(math.log2(max(pixel / 1.25, 1.0)))))
+
+
+@dataclass(frozen=True)
+class WorkingGrid:
+    """The grid ``refine`` works on: a region of the guide, block-averaged by ``s``.
+
+    Attributes
+    ----------
+    s : int
+        Guide pixels per working pixel along each axis.
+    origin : (int, int)
+        Guide pixel ``(r0, c0)`` where the region starts.
+    shape : (int, int)
+        Working pixels ``(rows, cols)``; the region is ``s * rows`` by
+        ``s * cols`` guide pixels.
+    to_guide : numpy.ndarray, shape (3, 3)
+        ``S``: working pixel to guide coordinate,
+        ``[[s, 0, r0 + (s-1)/2], [0, s, c0 + (s-1)/2], [0, 0, 1]]``.
+    cube_step : int
+        Pixel step of the working grid's pyramid level at the cube's
+        resolution (:func:`cube_resolution_step`).
+    """
+
+    s: int
+    origin: tuple[int, int]
+    shape: tuple[int, int]
+    to_guide: np.ndarray
+    cube_step: int
+
+    def guide_region(self):
+        """The guide's rows and columns the grid covers, as two slices."""
+        (r0, c0), (rows, cols) = self.origin, self.shape
+        return slice(r0, r0 + self.s * rows), slice(c0, c0 + self.s * cols)
+
+    def level_shape(self, step: int) -> tuple[int, int]:
+        """Shape of the working grid's pyramid level with pixel step ``step``."""
+        return -(-self.shape[0] // step), -(-self.shape[1] // step)
+
+
+def working_grid(guide_shape, cube_shape, initial, working_shape=None) -> WorkingGrid:
+    """The working grid for a cube placed on a guide by ``initial`` (DESIGN "Grids", "Real geometry").
+
+    ``s = max(1, ceil(r / 6))`` with ``r`` guide pixels per cube pixel, unless
+    ``working_shape`` gives it. The region is the cube's footprint plus a
+    capture margin of ``max(45, side / 3)`` guide pixels on each side, rounded
+    out to whole ``s x s`` blocks and clipped to the guide: the whole guide
+    when the cube spans it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> grid = working_grid((600, 700), (60, 70), np.array([[0.2, 0, -30], [0, 0.2, -35], [0, 0, 1.0]]))
+    >>> grid.s, grid.origin, grid.shape
+    (1, (48, 57), (405, 475))
+    """
+    rows, cols = guide_shape
+    low, high = footprint_box(cube_shape, initial)
+    margin = np.maximum(CAPTURE_MARGIN, (high - low) / 3)
+    if working_shape is None:
+        s = max(1, math.ceil(pixels_per_cube_pixel(initial) / WORKING_PER_CUBE - 1e-9))
+    else:
+        wanted = check_output_shape(working_shape, "working_shape")
+        s = max(1, min(rows // wanted[0], cols // wanted[1]))
+    extent = np.minimum(high + margin, guide_shape) - np.maximum(low - margin, 0)
+    s = min(s, max(1, int(min(extent)) // 8))
+    origin, size = [], []
+    for axis, n in enumerate(guide_shape):
+        start = max(0, math.floor((low[axis] - margin[axis]) / s) * s)
+        stop = min(n, math.ceil((high[axis] + margin[axis]) / s) * s)
+        if stop - start < s:
+            raise ValueError("initial places the cube outside the guide: no guide pixel maps into the cube")
+        origin.append(int(start))
+        size.append(int((stop - start) // s))
+    to_guide = np.array([[s, 0, origin[0] + (s - 1) / 2], [0, s, origin[1] + (s - 1) / 2], [0, 0, 1.0]])
+    step = cube_resolution_step(initial @ to_guide)
+    return WorkingGrid(s, tuple(origin), tuple(size), to_guide, step)
+
+
+def auto_levels(cube_shape, initial, grid: WorkingGrid) -> int:
+    """The most pyramid levels (at most 4) that keep 3 x 3 pixels over the footprint (DESIGN "Levels").
+
+    Counted on the grid at the cube's resolution (``grid.cube_step``), the
+    coarser of the two grids the estimates run on; at least 1.
+    """
+    sides = footprint_sides(cube_shape, initial)
+    across = min(min(sides) / grid.s, *grid.shape) / grid.cube_step
+    if across < MIN_LEVEL_PIXELS:
+        return 0
+    return int(min(MAX_LEVELS, 1 + math.floor(math.log2(across / MIN_LEVEL_PIXELS))))
+
+
+def degeneracy(relative, max_scale: float) -> str:
+    """Why a refined affine is no plausible refinement (empty if it is one).
+
+    ``relative`` is the refined matrix relative to the start (``inv(start) @
+    refined``). Not finite, a flip or collapse, or a change of scale beyond
+    ``max_scale`` along any axis.
+    """
+    relative = np.asarray(relative, dtype=np.float64)
+    if not np.isfinite(relative).all():
+        return "the matrix is not finite"
+    linear = relative[:2, :2]
+    if np.linalg.det(linear) <= 0:
+        return "it flips or collapses the image"
+    singular = np.linalg.svd(linear, compute_uv=False)
+    if singular.max() > max_scale or singular.min() < 1 / max_scale:
+        return f"it scales by {singular.min():.3g} to {singular.max():.3g}, beyond a factor {max_scale:g}"
+    return ""

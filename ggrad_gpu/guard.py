@@ -1,0 +1,105 @@
+"""The guard: whether a refined placement beats the initial one, judged without ground truth.
+
+It compares the first estimate's gradient images (made from the initial
+placement, so they cannot favour the result) before and after the refined
+placement, by MSE and NCC over their overlap, and rejects outcomes no
+refinement of a device placement should give.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._backend import array_module
+from .geometry import degeneracy
+from .register import affine_mse, affine_ncc
+
+__all__ = ["MAX_SCALE_CHANGE", "MIN_NCC", "MIN_OVERLAP", "Verdict", "judge"]
+
+# Along any axis, refined against initial: stage errors are shifts, small
+# rotations and a few per cent of scale; more is the optimiser shrinking the
+# overlap to where both images are flat.
+MAX_SCALE_CHANGE = 1.2
+# Below this, grad_x and grad_y share too little structure to trust a registration.
+MIN_NCC = 0.2
+# Valid pixels the registration needs at least (its Gauss-Newton step does).
+MIN_OVERLAP = 16
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The guard's finding.
+
+    Attributes
+    ----------
+    improved : bool
+    reason : str
+        Why not, when ``improved`` is False; else empty.
+    quality : dict
+        ``mse_before``, ``mse_after``, ``ncc_before``, ``ncc_after``.
+    """
+
+    improved: bool
+    reason: str
+    quality: dict = field(default_factory=dict)
+
+    @property
+    def figures(self) -> str:
+        """The quality figures in one line."""
+        q = self.quality
+        return (f"gradient MSE {q['mse_before']:.4g} -> {q['mse_after']:.4g}, "
+                f"NCC {q['ncc_before']:.3f} -> {q['ncc_after']:.3f}")
+
+
+def judge(grad_x, grad_y, placement, *, fixed_valid=None, moving_valid=None, guide_flat=False) -> Verdict:
+    """Judge ``placement`` (a working-grid registration matrix) against the identity.
+
+    Parameters
+    ----------
+    grad_x, grad_y : array, shape (rows, cols)
+        The first estimate's gradient images on the working grid.
+    placement : numpy.ndarray, shape (3, 3)
+        The refined registration (fixed = ``grad_x``'s grid to ``grad_y``'s).
+    fixed_valid, moving_valid : array of bool, optional
+        Pixels of each image that hold data.
+    guide_flat : bool
+        The guide is constant (no edges anywhere).
+    """
+    xp = array_module(grad_x=grad_x, grad_y=grad_y)
+    masks = {"fixed_mask": fixed_valid, "moving_mask": moving_valid}
+    quality = {
+        "mse_before": affine_mse(grad_x, grad_y, np.eye(3), **masks),
+        "mse_after": affine_mse(grad_x, grad_y, placement, **masks) if np.isfinite(placement).all() else math.inf,
+        "ncc_before": affine_ncc(grad_x, grad_y, np.eye(3), **masks),
+        "ncc_after": affine_ncc(grad_x, grad_y, placement, **masks) if np.isfinite(placement).all() else 0.0,
+    }
+    overlap = True
+    for valid in (fixed_valid, moving_valid):
+        if valid is not None:
+            overlap = overlap & valid
+    if overlap is True:
+        overlap = xp.ones(grad_x.shape, dtype=bool)
+    problem = degeneracy(placement, MAX_SCALE_CHANGE)
+    if int(overlap.sum()) < MIN_OVERLAP:
+        reason = "too few valid pixels where the guide and the cube overlap (little overlap, or missing data)"
+    elif guide_flat or _is_flat(grad_x, overlap, xp):
+        reason = "the guide has no edges where the cube overlaps it (its gradient image is 0)"
+    elif _is_flat(grad_y, overlap, xp):
+        reason = "the cube has no spatial structure that the guide shares (its global gradient image is 0)"
+    elif problem:
+        reason = f"the refined transform is implausible: {problem}"
+    elif not (quality["mse_after"] < quality["mse_before"] and quality["ncc_after"] > quality["ncc_before"]):
+        reason = "the refinement did not improve the match"
+    elif quality["ncc_after"] < MIN_NCC:
+        reason = f"the gradient images hardly match (NCC below {MIN_NCC})"
+    else:
+        reason = ""
+    return Verdict(not reason, reason, quality)
+
+
+def _is_flat(image, valid, xp) -> bool:
+    """Whether ``image`` is 0 at every pixel of ``valid``."""
+    return not float(xp.abs(xp.where(valid, image, 0)).max()) > 0

@@ -1,0 +1,187 @@
+"""Inputs made ready for ``refine``: the guide on the working grid, the cube with its missing values.
+
+The guide becomes the working grid's image (its region block-averaged by
+``s``), as optical density where it is transmitted light, and, for each
+estimate, blurred to the cube's resolution. The cube keeps its native grid;
+missing values (NaN, inf, outside ``mask``) become NaN, and a map of the
+pixels with data says where the estimates may trust it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._backend import array_module, block_rows, ndimage_module, to_device, to_host
+from ._validation import all_finite, float_dtype, to_gray
+from .coverage import fill_gaps
+from .geometry import WorkingGrid, pixels_per_cube_pixel
+from .warp import warp_cube
+
+__all__ = [
+    "PreparedCube",
+    "PreparedGuide",
+    "has_data",
+    "matched_guide",
+    "missing_share",
+    "optical_density",
+    "prepare_cube",
+    "prepare_guide",
+]
+
+# A guide constant to this many units in the last place has no edges to register on.
+FLAT_ULPS = 100
+
+
+@dataclass(frozen=True)
+class PreparedGuide:
+    """The guide on the working grid.
+
+    Attributes
+    ----------
+    image : array, shape grid.shape
+        Block-averaged region of the guide (optical density with
+        ``absorbance``), missing pixels filled in.
+    missing : array of bool or None
+        Working pixels whose guide values were missing (None: none were).
+    flat : bool
+        Whether the image is constant to rounding (no edges at all).
+    """
+
+    image: object
+    missing: object
+    flat: bool
+
+
+@dataclass(frozen=True)
+class PreparedCube:
+    """The native cube with its missing values.
+
+    Attributes
+    ----------
+    values : array, shape (rows, cols, bands)
+        The cube itself when every value is usable, else a float copy with NaN
+        at every missing value (and at every band of pixels outside ``mask``).
+    with_data : array of bool or None
+        Native pixels finite in every band that has data (None: all are).
+    dead_bands : numpy.ndarray of int or None
+        Bands without any finite value (None: there are none); the estimates
+        read them as 0, ``registered`` keeps them NaN.
+    """
+
+    values: object
+    with_data: object = None
+    dead_bands: np.ndarray | None = None
+
+
+def prepare_guide(guide, grid: WorkingGrid, xp, *, absorbance: bool) -> PreparedGuide:
+    """The guide's region of ``grid``, block-averaged by ``grid.s``, on module ``xp``.
+
+    Only the region is moved to the device. Missing pixels (NaN, inf) are
+    filled from their nearest neighbour with data; with ``absorbance`` the
+    image becomes its optical density (:func:`optical_density`).
+    """
+    rows, cols = grid.guide_region()
+    region = to_device(guide[rows, cols], xp)
+    if region.ndim == 3:
+        region = to_gray(region, "guide")
+    region = region.astype(float_dtype(region.dtype), copy=False)
+    image = block_average(region, grid.s)
+    missing = None if all_finite(image, xp) else ~xp.isfinite(image)
+    if missing is not None:
+        if bool(missing.all()):
+            raise ValueError("guide has no finite pixel (all NaN or inf) where the cube lies")
+        image = fill_gaps(image, missing)
+    if absorbance:
+        image = optical_density(image)
+    spread = float(image.max() - image.min())
+    flat = spread <= FLAT_ULPS * np.finfo(image.dtype).eps * float(xp.abs(image).max())
+    return PreparedGuide(image, missing, flat)
+
+
+def prepare_cube(cube, mask, xp) -> PreparedCube:
+    """The native cube on ``xp`` with NaN at missing values, and its pixels with data.
+
+    Raises ValueError, naming ``cube``, when no pixel has data.
+    """
+    cube = to_device(cube, xp)
+    mask = None if mask is None else to_device(mask, xp)
+    if (mask is None or bool(mask.all())) and all_finite(cube, xp):
+        return PreparedCube(cube)
+    values = cube.astype(float_dtype(cube.dtype))  # a copy: the caller's cube is never changed
+    finite = xp.isfinite(values)
+    if mask is not None:
+        finite &= mask[..., None]
+    values = xp.where(finite, values, xp.nan)
+    present = finite.any(axis=(0, 1))
+    if not bool(present.any()):
+        raise ValueError("cube has no finite value (inside mask)")
+    with_data = (finite | ~present).all(axis=2)
+    if not bool(with_data.any()):
+        raise ValueError("cube has no pixel with a finite value in every band (inside mask)")
+    dead = np.flatnonzero(~to_host(present))
+    return PreparedCube(values, None if bool(with_data.all()) else with_data, dead if dead.size else None)
+
+
+def block_average(image, s: int):
+    """Mean of ``s x s`` blocks over the first ``s * (rows // s)`` rows and columns."""
+    if s == 1:
+        return image
+    rows, cols = image.shape[0] // s, image.shape[1] // s
+    return image[: rows * s, : cols * s].reshape(rows, s, cols, s).mean(axis=(1, 3))
+
+
+def optical_density(image):
+    """``-log(I / I_max)`` with ``I_max`` a high percentile, clipped away from log(0)."""
+    xp = array_module(image=image)
+    top = float(xp.percentile(image, 99.9))
+    if not top > 0:
+        raise ValueError("guide must have positive intensities to convert to absorbance (absorbance=False otherwise)")
+    return -xp.log(xp.clip(image / top, 1e-3, None))
+
+
+def matched_guide(image, missing, to_cube, psf_sigma):
+    """The working guide at the cube's resolution: a Gaussian of the spot plus the interpolation.
+
+    ``to_cube`` maps working pixels to native cube coordinates. The blur's
+    variance adds the spot's (``psf_sigma`` cube pixels) and the bilinear
+    interpolation's (1/6 cube pixel^2). Re-sampling the guide through the
+    cube's own grid would match even better on paper, but would imprint the
+    grid's interpolation pattern on both images and pull the registration
+    back to the placement it started from.
+
+    Returns the guide and, where ``missing`` marks filled-in pixels, the
+    pixels whose blurred value draws more than a quarter of its weight from
+    them (else None). With ``psf_sigma`` None, the guide as it is.
+    """
+    if psf_sigma is None:
+        return image, missing
+    xp = array_module(image=image)
+    sigma = math.sqrt(psf_sigma**2 + 1.0 / 6.0) * pixels_per_cube_pixel(to_cube)
+    ndi = ndimage_module(xp)
+    blurred = ndi.gaussian_filter(image, sigma, mode="nearest")
+    if missing is None:
+        return blurred, None
+    return blurred, ndi.gaussian_filter(missing.astype(image.dtype), sigma, mode="nearest") > 0.25
+
+
+def missing_share(with_data, matrix, shape):
+    """The share of each grid pixel's bilinear weight that falls on native pixels without data.
+
+    NaN outside the cube's footprint.
+    """
+    xp = array_module(with_data=with_data)
+    missing = (~with_data).astype(xp.float32)[:, :, None]
+    return warp_cube(missing, matrix, shape, order=1)[:, :, 0]
+
+
+def has_data(registered):
+    """Pixels of a resampled cube with a finite value in at least one band (by blocks of rows)."""
+    xp = array_module(registered=registered)
+    out = xp.empty(registered.shape[:2], dtype=bool)
+    rows = block_rows(registered.shape, 1, xp)
+    for start in range(0, registered.shape[0], rows):
+        out[start : start + rows] = ~xp.isnan(registered[start : start + rows]).all(axis=2)
+    return out
