@@ -38,10 +38,9 @@ from . import __version__, synthetic
 from ._backend import BACKENDS, resolve_backend, to_device
 from .estimate import estimate_global_gradient
 from .filters import sobel_magnitude
+from .io import CUBE_FORMATS, check_new_directory, read_transform, write_outputs
 from .metrics import ncc, target_registration_error
-from .outputs import CUBE_FORMATS, check_new_directory, write_outputs
 from .pipeline import OUTPUT_GRIDS, refine
-from .records import read_transform
 
 EXIT_OK, EXIT_KEPT, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 
@@ -228,13 +227,13 @@ def _check_outside(output: Path, inputs) -> None:
     """Refuse an OUTDIR that is, or holds, one of the inputs (``--force`` would replace them)."""
     if not output.exists():
         return
-    from .io import _split_dataset
+    from .io import split_dataset_path
 
     folder = output.resolve()
     for given in inputs:
         if given is None:
             continue
-        path = _split_dataset(given, None)[0].resolve()  # "scan.h5:/cube" is the file scan.h5
+        path = split_dataset_path(given)[0].resolve()  # "scan.h5:/cube" is the file scan.h5
         if path == folder or folder in path.parents:
             raise ValueError(f"output folder {output} holds the input {given}; it is never replaced: "
                              f"choose another OUTDIR")

@@ -26,8 +26,8 @@ import time
 import numpy as np
 import pytest
 
-from ggrad_gpu import io
 from ggrad_gpu.cli import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED, main
+from ggrad_gpu.io import cubes
 from ggrad_gpu.synthetic import make_phantom
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -92,14 +92,14 @@ def _half(path):
 def _inject(monkeypatch, point, fault, fmt="npy"):
     """Make the writer at ``point`` write half its file and then raise ``fault``."""
     if point == "cube":
-        real = getattr(io, f"_save_{fmt}")
+        real = getattr(cubes, f"_save_{fmt}")
 
         def save(temps, *args):
             real(temps, *args)
             _half(temps[0])
             raise fault
 
-        monkeypatch.setattr(io, f"_save_{fmt}", save)
+        monkeypatch.setattr(cubes, f"_save_{fmt}", save)
     elif point in ("transform.json", "weights.json"):
         real_write_text = pathlib.Path.write_text
         stem = point.split(".")[0]
@@ -181,7 +181,7 @@ def test_the_sigterm_handler_is_restored(inputs, capsys):
                          ids=["SIGINT", "SIGTERM"])
 def test_a_signal_while_writing_the_cube(inputs, monkeypatch, capsys, reliability, signum, expected):
     folder, before = inputs
-    real = io._save_npy
+    real = cubes._save_npy
 
     def save(temps, *args):
         real(temps, *args)
@@ -189,7 +189,7 @@ def test_a_signal_while_writing_the_cube(inputs, monkeypatch, capsys, reliabilit
         time.sleep(5)
         raise AssertionError("the signal did not stop the writer")
 
-    monkeypatch.setattr(io, "_save_npy", save)
+    monkeypatch.setattr(cubes, "_save_npy", save)
     code = main(["refine", str(folder / "guide.npy"), str(folder / "cube.npy"), "-o", str(folder / "out"),
                  "-q", "--levels", "2", "--backend", "numpy"])
     err = capsys.readouterr().err
@@ -295,16 +295,16 @@ def test_signal_while_computing(big_inputs, reliability, signum, expected):
 # name, until a signal comes.
 SLOW_WRITER = textwrap.dedent("""
     import sys, time
-    import ggrad_gpu.io as io
+    import ggrad_gpu.io.cubes as cubes
     from ggrad_gpu.cli import main
 
-    real = io._save_npy
+    real = cubes._save_npy
 
     def save(temps, *args):
         real(temps, *args)
         time.sleep(120)
 
-    io._save_npy = save
+    cubes._save_npy = save
     sys.exit(main(sys.argv[1:]))
 """)
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from ggrad_gpu import io
+from ggrad_gpu.io import cubes
 
 from helpers import DATA
 
@@ -489,7 +490,7 @@ def _fail_after(real):
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_a_failing_write_leaves_nothing(tmp_path, monkeypatch, fmt):
     _needs(fmt)
-    monkeypatch.setattr(io, f"_save_{fmt}", _fail_after(getattr(io, f"_save_{fmt}")))
+    monkeypatch.setattr(cubes, f"_save_{fmt}", _fail_after(getattr(cubes, f"_save_{fmt}")))
     with pytest.raises(OSError, match="No space"):
         io.write_cube(tmp_path / FORMATS[fmt][0], _cube(), band_centres=_centres(5))
     assert list(tmp_path.iterdir()) == []
@@ -501,7 +502,7 @@ def test_a_write_that_fails_midway_leaves_nothing(tmp_path, monkeypatch):
             file.write(b"\x93NUMPY partial")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(io, "_save_npy", half_written)
+    monkeypatch.setattr(cubes, "_save_npy", half_written)
     with pytest.raises(OSError):
         io.write_cube(tmp_path / "cube.npy", _cube())
     assert list(tmp_path.iterdir()) == []
@@ -592,6 +593,65 @@ def test_atomic_write_folders_and_refusals(tmp_path):
         with io.atomic_write(tmp_path / "missing" / "x.txt"):
             pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_atomic_folder_is_all_or_nothing(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with io.atomic_folder(out) as staging:
+            assert staging.parent == tmp_path and staging.name.startswith(".out.partial-") and staging.is_dir()
+            (staging / "a.txt").write_text("half")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with io.atomic_folder(out) as staging:
+        (staging / "a.txt").write_text("first")
+    with pytest.raises(FileExistsError, match="out"):
+        with io.atomic_folder(out):
+            pass
+    with io.atomic_folder(out, overwrite=True) as staging:  # the old folder goes once the new one is in
+        (staging / "b.txt").write_text("second")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    (tmp_path / "file").write_text("a file")
+    with pytest.raises(FileExistsError, match="file"):  # a file is never replaced by a folder
+        with io.atomic_folder(tmp_path / "file", overwrite=True):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out"]
+
+
+def test_split_dataset_path_and_cube_suffix(tmp_path):
+    assert io.split_dataset_path("scan.h5:/raman/cube") == (Path("scan.h5"), "/raman/cube")
+    assert io.split_dataset_path("store.zarr:maps/cube", "/maps/cube") == (Path("store.zarr"), "maps/cube")
+    assert io.split_dataset_path("cube.npy", "x") == (Path("cube.npy"), "x")
+    odd = tmp_path / "a.h5:b"  # a file that exists is never split
+    odd.write_bytes(b"")
+    assert io.split_dataset_path(odd) == (odd, None)
+    with pytest.raises(ValueError, match="contradicts"):
+        io.split_dataset_path("scan.h5:/a", "b")
+    assert {fmt: io.cube_suffix(fmt) for fmt in io.CUBE_FORMATS} == {
+        "npy": ".npy", "npz": ".npz", "tiff": ".tif", "envi": ".hdr", "hdf5": ".h5", "zarr": ".zarr"}
+    assert all(io.CUBE_SUFFIXES[io.cube_suffix(fmt)] == fmt for fmt in io.CUBE_FORMATS)
+    with pytest.raises(ValueError, match="format"):
+        io.cube_suffix("png")
+
+
+def test_no_private_name_crosses_a_module_boundary_into_or_inside_io():
+    """What io's modules share, and what others take from io, has a public name."""
+    import ast
+
+    package = Path(io.__file__).parents[1]
+    crossings = []
+    for path in sorted(package.rglob("*.py")):
+        module = ".".join(path.relative_to(package.parent).with_suffix("").parts)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            # A package's own name ends in ".__init__" here, so one rule resolves every level.
+            base = module.rsplit(".", node.level)[0] if node.level else ""
+            source = ".".join(part for part in (base, node.module) if part)
+            touches_io = source.startswith("ggrad_gpu.io") or module.startswith("ggrad_gpu.io")
+            crossings += [f"{module}: from {source} import {alias.name}" for alias in node.names
+                          if touches_io and alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert crossings == []
 
 
 def test_write_json(tmp_path):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ggrad_gpu import refine
-from ggrad_gpu.records import CONVENTION, read_transform, transform_record, weights_record
+from ggrad_gpu.io.records import CONVENTION, read_transform, transform_record, weights_record
 from ggrad_gpu.synthetic import make_phantom
 
 

@@ -1,7 +1,7 @@
 """What a refinement leaves on disk: ``transform.json`` and ``weights.json``.
 
 ``transform.json`` holds the guide-to-native-cube matrix under the key
-``matrix`` (DESIGN "Matrices"), so that one run's output can seed the next
+``matrix`` (see :data:`CONVENTION`), so that one run's output can seed the next
 (``ggrad refine --initial transform.json``). :func:`read_transform` reads it
 back, or a plain text file with a 3 x 3 matrix.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._validation import check_matrix
+from .._validation import check_matrix
 
 __all__ = ["CONVENTION", "read_transform", "transform_record", "versions", "weights_record"]
 
@@ -28,12 +28,19 @@ CONVENTION = (
 
 
 def versions() -> dict:
-    """Versions of Python, ggrad_gpu and the numerical libraries (CuPy only if already imported)."""
+    """Versions of Python, ggrad_gpu and the numerical libraries, for the records.
+
+    Returns
+    -------
+    dict
+        Name -> version string. CuPy is listed only if already imported
+        (asking would import it, and start a device context, in a CPU run).
+    """
     import sys
 
     import scipy
 
-    from . import __version__
+    from .. import __version__
 
     found = {"python": platform.python_version(), "ggrad_gpu": __version__, "numpy": np.__version__,
              "scipy": scipy.__version__}
@@ -147,6 +154,7 @@ def read_transform(path) -> np.ndarray:
     Examples
     --------
     >>> import json, tempfile, os
+    >>> from ggrad_gpu.io import read_transform
     >>> folder = tempfile.mkdtemp()
     >>> path = os.path.join(folder, "transform.json")
     >>> with open(path, "w") as f:

@@ -1,4 +1,4 @@
-"""Reading and writing cubes, guide images and JSON records.
+"""Reading and writing hyperspectral cubes in six file formats.
 
 Cubes come back as :class:`CubeData`: the array as ``(rows, cols, bands)``,
 bands last, with the band centres and their unit where the file holds them.
@@ -21,50 +21,35 @@ or written (``pip install ggrad_gpu[io]`` installs them all).
 
 Writers never leave a half-written file under the target name: they write to a
 temporary name beside it and rename it into place once complete
-(:func:`atomic_write`), and an existing file is replaced only when asked to.
+(:func:`~ggrad_gpu.io.atomic_write_all`), and an existing file is replaced
+only when asked to.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import json
-import logging
 import os
 import re
 import reprlib
-import shutil
-import signal
-import threading
-import uuid
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ._backend import to_host
-from ._validation import LUMA_WEIGHTS, check_array, check_band_axis, to_gray
+from .._backend import to_host
+from .._validation import check_array, check_band_axis
+from .atomic import atomic_write_all
+from .libraries import reading, require
 
-__all__ = [
-    "CUBE_FORMATS",
-    "CUBE_SUFFIXES",
-    "CubeData",
-    "GUIDE_SUFFIXES",
-    "LUMA_WEIGHTS",
-    "atomic_write",
-    "read_cube",
-    "read_guide",
-    "write_cube",
-    "write_json",
-]
+__all__ = ["CUBE_FORMATS", "CUBE_SUFFIXES", "CubeData", "cube_suffix", "read_cube", "split_dataset_path", "write_cube"]
 
-CUBE_FORMATS = ("npy", "npz", "tiff", "envi", "hdf5", "zarr")
+# The one table of cube formats: each suffix and the format it means. The
+# first suffix of a format is the one written for it (see cube_suffix).
 CUBE_SUFFIXES = {
     ".npy": "npy", ".npz": "npz", ".tif": "tiff", ".tiff": "tiff", ".hdr": "envi",
     ".h5": "hdf5", ".hdf5": "hdf5", ".zarr": "zarr",
 }
-GUIDE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
+CUBE_FORMATS = tuple(dict.fromkeys(CUBE_SUFFIXES.values()))  # ("npy", "npz", "tiff", "envi", "hdf5", "zarr")
 
 # Names under which a file may hold the band centres, in order of preference.
 _CENTRE_KEYS = ("band_centres", "wavenumbers", "wavelengths", "energy")
@@ -87,11 +72,6 @@ _UNIT_TO_ENVI = {
 # What each format is called in the error for a file that cannot be read.
 _FORMAT_NAMES = {"npy": "npy file", "npz": "npz archive", "tiff": "TIFF file", "envi": "ENVI header and data file",
                  "hdf5": "HDF5 file", "zarr": "Zarr store"}
-# Loggers of the readers' libraries: what they say while a read fails is dropped
-# (the error says it); what they say during a read that succeeds is passed on.
-_LIBRARY_LOGGERS = ("tifffile", "spectral", "h5py", "zarr", "numcodecs", "PIL")
-# Signals held back while finished files are renamed into place (see _signals_deferred).
-_DEFERRED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 # ENVI data types (spectral's map); other real types are stored as float32.
 _ENVI_DTYPES = tuple(np.dtype(t) for t in ("u1", "i2", "i4", "f4", "f8", "u2", "u4", "i8", "u8"))
 
@@ -211,13 +191,12 @@ def read_cube(path, *, dataset: str | None = None, band_axis: int | None = None,
     >>> bool((found.data == cube).all())
     True
     """
-    if format is not None and format not in CUBE_FORMATS:
-        raise ValueError(f"format must be one of {CUBE_FORMATS}; got {format!r}")
+    _check_format(format)
     band_axis = check_band_axis(band_axis, allow_none=True)
-    path, dataset = _split_dataset(path, dataset)
+    path, dataset = split_dataset_path(path, dataset)
     if not path.exists():
         raise FileNotFoundError(f"cube file {path} does not exist")
-    fmt = format or _format_from_suffix(path, reading=True)
+    fmt = format or _format_from_suffix(path, for_reading=True)
     if dataset is not None and fmt not in _DATASET_FORMATS:
         raise ValueError(f"dataset applies to {', '.join(_DATASET_FORMATS)} files only; got "
                          f"dataset={dataset!r} for a {fmt} file ({path})")
@@ -226,7 +205,7 @@ def read_cube(path, *, dataset: str | None = None, band_axis: int | None = None,
                          f"places the bands; got band_axis={band_axis}")
     reader = {"npy": _read_npy, "npz": _read_npz, "tiff": _read_tiff, "envi": _read_envi,
               "hdf5": _read_hdf5, "zarr": _read_zarr}[fmt]
-    with _reading(path, _FORMAT_NAMES[fmt]):
+    with reading(path, _FORMAT_NAMES[fmt]):
         data, centres, unit, dataset = reader(path, dataset)
         if data.ndim != 3:
             raise ValueError(f"cube must be 3-D (rows, cols, bands); got shape {tuple(data.shape)} "
@@ -243,9 +222,38 @@ def read_cube(path, *, dataset: str | None = None, band_axis: int | None = None,
                     dataset=dataset)
 
 
+def split_dataset_path(path, dataset: str | None = None) -> tuple[Path, str | None]:
+    """Split ``"file.h5:/group/name"`` (or ``"store.zarr:group/name"``) into the file and the name.
 
-def _split_dataset(path, dataset):
-    """Split ``file.h5:/group/name`` (or ``store.zarr:group/name``) into the file and the name."""
+    A path that exists as given is never split, so a file whose name holds a
+    colon is still found.
+
+    Parameters
+    ----------
+    path : path-like
+        A file, or an HDF5 or Zarr file followed by ``:`` and the array inside.
+    dataset : str, optional
+        The array's name given separately; it must agree with the one in the path.
+
+    Returns
+    -------
+    (pathlib.Path, str or None)
+        The file and the array's name (``dataset`` when the path names none).
+
+    Raises
+    ------
+    ValueError
+        If ``dataset`` contradicts the name in the path.
+
+    Examples
+    --------
+    >>> from ggrad_gpu.io import split_dataset_path
+    >>> path, name = split_dataset_path("scan.h5:/raman/cube")
+    >>> path.name, name
+    ('scan.h5', '/raman/cube')
+    >>> split_dataset_path("cube.npy")[1] is None
+    True
+    """
     text = os.fspath(path)
     if not os.path.exists(text):
         match = re.match(r"^(.*\.(?:h5|hdf5|zarr)):(.*)$", text, flags=re.IGNORECASE)
@@ -257,90 +265,34 @@ def _split_dataset(path, dataset):
     return Path(text), dataset
 
 
-def _format_from_suffix(path: Path, *, reading: bool) -> str:
+def cube_suffix(format: str) -> str:
+    """The suffix :func:`write_cube` gives a cube of ``format`` (``"tiff"`` -> ``".tif"``).
+
+    Examples
+    --------
+    >>> from ggrad_gpu.io import cube_suffix
+    >>> [cube_suffix(fmt) for fmt in ("npy", "tiff", "envi", "hdf5")]
+    ['.npy', '.tif', '.hdr', '.h5']
+    """
+    _check_format(format, allow_none=False)
+    return next(suffix for suffix, fmt in CUBE_SUFFIXES.items() if fmt == format)
+
+
+def _check_format(format, *, allow_none: bool = True) -> None:
+    if not (format is None and allow_none) and format not in CUBE_FORMATS:
+        raise ValueError(f"format must be one of {CUBE_FORMATS}; got {format!r}")
+
+
+def _format_from_suffix(path: Path, *, for_reading: bool) -> str:
     suffix = path.suffix.lower()
     if suffix in CUBE_SUFFIXES:
         return CUBE_SUFFIXES[suffix]
-    if reading and _envi_header(path) is not None:
+    if for_reading and _envi_header(path) is not None:
         return "envi"
     supported = ", ".join(CUBE_SUFFIXES)
     raise ValueError(f"cannot tell the cube format of {path} from its suffix {path.suffix!r}; "
                      f"supported: {supported} (or pass format= one of {CUBE_FORMATS})")
 
-
-def _require(module: str, package: str, what: str):
-    """Import an optional library, or say which ``pip install`` provides it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ImportError(f"{what} needs the optional package {package!r}: pip install {package} "
-                          f"(or pip install 'ggrad_gpu[io]' for every format)") from exc
-
-
-@contextlib.contextmanager
-def _reading(path: Path, what: str):
-    """The boundary between a format's library and ggrad_gpu: one clear error per unreadable file.
-
-    Corrupt, truncated or mislabelled files make the libraries raise all kinds
-    of errors (``TiffFileError``, ``BadZipFile``, ``EOFError``, ``OSError``
-    without a file name, ``KeyError``, ``struct.error``, ``MemoryError`` for
-    a header that declares a huge array...). Here they become one
-    ``ValueError("<path>: <what is wrong>")``, the library's error chained as
-    ``__cause__``. Passed on unchanged: a ``ValueError``, ``TypeError`` or
-    ``OSError`` whose message already names the file (ggrad_gpu's own checks
-    and some of the libraries'), an ``ImportError`` (a missing optional
-    package) and whatever is not an ``Exception`` (``KeyboardInterrupt``).
-    An ``OSError`` of the operating system (it has an ``errno``: permission
-    denied, an I/O error) keeps its type and gets the file name.
-
-    What the libraries log or warn while the file is read is held back: it is
-    dropped if the read fails (the error says it all, on one line) and passed
-    on if it succeeds.
-    """
-    records = []
-
-    class _Hold(logging.Handler):
-        def emit(self, record):
-            records.append(record)
-
-    hold, saved = _Hold(), []
-    for name in _LIBRARY_LOGGERS:
-        logger = logging.getLogger(name)
-        saved.append((logger, logger.handlers[:], logger.propagate))
-        logger.handlers[:], logger.propagate = [hold], False
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                yield
-            except Exception as exc:  # noqa: BLE001 - mapped to one error naming the file
-                error = _read_error(path, what, exc)
-                if error is exc:
-                    raise
-                raise error from exc
-    finally:
-        for logger, handlers, propagate in saved:
-            logger.handlers[:], logger.propagate = handlers, propagate
-    for record in records:
-        logging.getLogger(record.name).handle(record)
-    for message in caught:
-        warnings.warn_explicit(message.message, message.category, message.filename, message.lineno)
-
-
-def _read_error(path: Path, what: str, exc: Exception) -> Exception:
-    """The error to raise for ``exc``, met while reading ``path`` (see :func:`_reading`)."""
-    text = " ".join(str(exc).split())
-    if isinstance(exc, ImportError) or (isinstance(exc, (ValueError, TypeError, OSError)) and str(path) in text):
-        return exc
-    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
-        return type(exc)(exc.errno, exc.strerror, str(path))
-    if isinstance(exc, MemoryError):
-        return ValueError(f"{path}: not a readable {what}: it declares more data than fits in memory "
-                          f"(a corrupt header, or a file too large for this machine)")
-    detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    if len(detail) > 200:
-        detail = detail[:197] + "..."
-    return ValueError(f"{path}: not a readable {what} (corrupt or truncated?): {detail}")
 
 
 def _band_centres(values, bands: int, name: str):
@@ -411,7 +363,7 @@ def _pick_dataset(shapes: dict, path) -> str:
 
 
 def _read_tiff(path, dataset):
-    tifffile = _require("tifffile", "tifffile", "reading a TIFF cube")
+    tifffile = require("tifffile", "tifffile", "reading a TIFF cube")
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
         mappable = getattr(series, "dataoffset", None) is not None
@@ -446,7 +398,7 @@ def _envi_header(path: Path):
 
 
 def _read_envi(path, dataset):
-    envi = _require("spectral.io.envi", "spectral", "reading an ENVI cube")
+    envi = require("spectral.io.envi", "spectral", "reading an ENVI cube")
     header = _envi_header(path)
     if header is None or not header.is_file():
         raise FileNotFoundError(f"no ENVI header (.hdr) found for {path}")
@@ -473,7 +425,7 @@ def _read_envi(path, dataset):
 
 
 def _read_hdf5(path, dataset):
-    h5py = _require("h5py", "h5py", "reading an HDF5 cube")
+    h5py = require("h5py", "h5py", "reading an HDF5 cube")
     with h5py.File(path, "r") as file:
         if dataset is None:
             shapes = {}
@@ -504,7 +456,7 @@ def _attr(attrs, keys):
 
 
 def _read_zarr(path, dataset):
-    zarr = _require("zarr", "zarr", "reading a Zarr cube")
+    zarr = require("zarr", "zarr", "reading a Zarr cube")
     if path.is_dir() and not any((path / name).is_file() for name in ("zarr.json", ".zarray", ".zgroup")):
         raise ValueError(f"{path}: not a readable Zarr store: it holds no zarr.json, .zarray or .zgroup")
     root = zarr.open(store=str(path), mode="r")
@@ -542,277 +494,8 @@ def _zarr_arrays(group, prefix=""):
         yield from _zarr_arrays(sub, prefix + name + "/")
 
 
-# --------------------------------------------------------------------------- reading guides
 
-
-def read_guide(path) -> np.ndarray:
-    """Read a guide (brightfield) image as a 2-D float32 array.
-
-    Parameters
-    ----------
-    path : path-like
-        PNG, JPEG or BMP (read with Pillow), TIFF (``tifffile``) or ``.npy``.
-
-    Returns
-    -------
-    numpy.ndarray of float32, shape (rows, cols)
-        Colour images become grayscale with the ITU-R BT.709 luma weights
-        :data:`LUMA_WEIGHTS` (0.2125 R + 0.7154 G + 0.0721 B, as scikit-image's
-        ``rgb2gray``); an alpha channel is dropped. Values are not rescaled:
-        an 8-bit image gives 0 to 255 and a 16-bit one 0 to 65535 (unlike
-        ``rgb2gray``, which first scales integers to [0, 1]); booleans give 0
-        and 1. Integers above 2**24 are rounded to float32's precision.
-
-    Raises
-    ------
-    FileNotFoundError
-        If the file does not exist.
-    ValueError
-        For an unknown suffix, an image that is neither 2-D nor RGB(A), or a
-        file that cannot be read (corrupt, truncated, or not of its format;
-        the message starts with the file's path).
-    ImportError
-        If Pillow (PNG, JPEG, BMP) or tifffile (TIFF) is missing.
-
-    Examples
-    --------
-    >>> import os, tempfile
-    >>> import numpy as np
-    >>> from ggrad_gpu.io import read_guide
-    >>> path = os.path.join(tempfile.mkdtemp(), "guide.npy")
-    >>> np.save(path, np.full((2, 3, 3), [100, 100, 100], dtype=np.uint8))
-    >>> guide = read_guide(path)
-    >>> guide.shape, guide.dtype, float(guide[0, 0])
-    ((2, 3), dtype('float32'), 100.0)
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"guide image {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix not in GUIDE_SUFFIXES:
-        raise ValueError(f"cannot tell the image format of guide {path} from its suffix "
-                         f"{path.suffix!r}; supported: {', '.join(GUIDE_SUFFIXES)}")
-    kind = {".npy": "npy file", ".tif": "TIFF image", ".tiff": "TIFF image"}.get(suffix, "image file")
-    with _reading(path, kind):
-        if suffix == ".npy":
-            image = np.load(path, allow_pickle=False)
-        elif suffix in (".tif", ".tiff"):
-            image = _read_tiff_image(path)
-        else:
-            image = _read_pillow_image(path)
-    return _to_gray(image, path)
-
-
-def _read_tiff_image(path):
-    tifffile = _require("tifffile", "tifffile", "reading a TIFF guide")
-    with tifffile.TiffFile(path) as tif:
-        series = tif.series[0]
-        image, axes = series.asarray(), series.axes
-    if "S" in axes:  # colour samples, possibly stored planar: put them last
-        image = np.moveaxis(image, axes.index("S"), -1)
-    keep = tuple(i for i, n in enumerate(image.shape) if n != 1 or i >= image.ndim - 2)
-    return image.reshape([image.shape[i] for i in keep])
-
-
-def _read_pillow_image(path):
-    image_module = _require("PIL.Image", "pillow", "reading a PNG, JPEG or BMP guide")
-    with image_module.open(path) as img:
-        if img.mode in ("P", "PA"):
-            img = img.convert("RGBA")
-        elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-            img = img.convert("RGB")
-        return np.array(img)
-
-
-def _to_gray(image, path) -> np.ndarray:
-    # The conversion is shared with ``refine``'s colour guides (_validation.to_gray).
-    image = to_gray(np.asarray(image), "guide", source=path, dtype=np.float32)
-    return np.ascontiguousarray(image, dtype=np.float32)
-
-
-# --------------------------------------------------------------------------- writing
-
-
-@contextlib.contextmanager
-def atomic_write(path, *, overwrite: bool = False):
-    """Write a file (or a folder) under a temporary name; rename it into place when done.
-
-    Yields the temporary path, ``.<stem>.tmp-<random><suffix>`` in the same
-    folder (the suffix is kept for libraries that go by it). When the block
-    ends normally, what was written there is renamed to ``path`` (atomic for a
-    file on one file system); when it raises (or is interrupted), the
-    temporary file or folder is removed and ``path`` is left as it was.
-
-    Parameters
-    ----------
-    path : path-like
-        The final name.
-    overwrite : bool
-        Replace an existing ``path``. A folder is replaced only by a folder
-        and a file only by a file.
-
-    Raises
-    ------
-    FileExistsError
-        If ``path`` exists and ``overwrite`` is False (checked before the
-        block runs and again before renaming).
-    FileNotFoundError
-        If the folder to hold ``path`` does not exist, or nothing was written.
-
-    Examples
-    --------
-    >>> import os, tempfile
-    >>> from ggrad_gpu.io import atomic_write
-    >>> path = os.path.join(tempfile.mkdtemp(), "notes.txt")
-    >>> with atomic_write(path) as temp:
-    ...     _ = temp.write_text("complete")
-    >>> open(path).read()
-    'complete'
-    """
-    with _atomic_paths([path], overwrite=overwrite) as temps:
-        yield temps[0]
-
-
-@contextlib.contextmanager
-def _atomic_paths(paths, *, overwrite: bool):
-    """:func:`atomic_write` for files that belong together, renamed in the given order."""
-    paths = [Path(p) for p in paths]
-    for target in paths:
-        _check_target(target, overwrite)
-    token = uuid.uuid4().hex[:10]
-    temps = [_temp_name(target, token) for target in paths]
-    try:
-        yield temps
-        for temp, target in zip(temps, paths):
-            if not os.path.lexists(temp):
-                raise FileNotFoundError(f"nothing was written for {target}")
-            _check_target(target, overwrite)
-        with _signals_deferred():  # an ENVI header never goes without its data file
-            for temp, target in zip(temps, paths):
-                _move_into_place(temp, target)
-    except BaseException:
-        with _signals_deferred():
-            for temp in temps:
-                _remove(temp)
-        raise
-
-
-@contextlib.contextmanager
-def _signals_deferred():
-    """Hold SIGINT, SIGTERM and SIGHUP back until the block ends, then deliver them.
-
-    For the short steps that must not be cut in two: renaming finished files
-    into place, swapping an old output folder for a new one, removing a
-    temporary folder. A signal that arrives meanwhile is raised again (with
-    :func:`signal.raise_signal`) once the previous handlers are back, so
-    Ctrl-C still stops the program, only a moment later. Outside the main
-    thread (where Python cannot set handlers) this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending, previous = [], {}
-
-    def hold(signum, frame):
-        pending.append(signum)
-
-    try:
-        for signum in _DEFERRED_SIGNALS:
-            handler = signal.getsignal(signum)
-            if handler is not None and handler is not signal.SIG_IGN:  # None: set outside Python
-                previous[signum] = signal.signal(signum, hold)
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        for signum in dict.fromkeys(pending):
-            signal.raise_signal(signum)
-
-
-def _temp_name(path: Path, token: str) -> Path:
-    return path.parent / f".{path.stem}.tmp-{token}{path.suffix}"
-
-
-def _check_target(path: Path, overwrite: bool) -> None:
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"the folder to hold {path} does not exist: {path.parent}")
-    if os.path.lexists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-
-
-def _move_into_place(temp: Path, target: Path) -> None:
-    if not os.path.lexists(target):
-        os.rename(temp, target)
-        return
-    if temp.is_dir() != (target.is_dir() and not target.is_symlink()):
-        kind = "folder" if target.is_dir() else "file"
-        raise FileExistsError(f"{target} exists and is a {kind}; it is only replaced by a {kind}")
-    if not temp.is_dir():
-        os.replace(temp, target)
-        return
-    retired = _temp_name(target, "old-" + uuid.uuid4().hex[:10])
-    os.rename(target, retired)
-    try:
-        os.rename(temp, target)
-    except BaseException:
-        os.rename(retired, target)  # put the old folder back
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-def write_json(path, obj, *, overwrite: bool = False) -> Path:
-    """Write ``obj`` as indented JSON, atomically (see :func:`atomic_write`).
-
-    NumPy scalars and arrays are written as numbers and lists, paths as
-    strings. NaN and infinity are refused (JSON has no such numbers).
-
-    Parameters
-    ----------
-    path : path-like
-    obj : JSON-serialisable object
-    overwrite : bool
-        Replace an existing file.
-
-    Returns
-    -------
-    pathlib.Path
-        ``path``.
-
-    Examples
-    --------
-    >>> import json, os, tempfile
-    >>> import numpy as np
-    >>> from ggrad_gpu.io import write_json
-    >>> path = write_json(os.path.join(tempfile.mkdtemp(), "record.json"), {"matrix": np.eye(2)})
-    >>> json.loads(path.read_text())
-    {'matrix': [[1.0, 0.0], [0.0, 1.0]]}
-    """
-    path = Path(path)
-    try:
-        text = json.dumps(obj, indent=2, allow_nan=False, default=_json_default) + "\n"
-    except ValueError as exc:
-        raise ValueError(f"cannot write {path} as JSON: {exc}") from exc
-    with atomic_write(path, overwrite=overwrite) as temp:
-        temp.write_text(text, encoding="utf-8")
-    return path
-
-
-def _json_default(value):
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+# --------------------------------------------------------------------------- writing cubes
 
 
 def write_cube(path, cube, *, band_centres=None, band_unit: str | None = None, format: str | None = None,
@@ -875,10 +558,9 @@ def write_cube(path, cube, *, band_centres=None, band_unit: str | None = None, f
     centres = _band_centres(centres, cube.shape[2], "band_centres")
     if band_unit is not None and not isinstance(band_unit, str):
         raise TypeError(f"band_unit must be a string or None; got {band_unit!r}")
-    if format is not None and format not in CUBE_FORMATS:
-        raise ValueError(f"format must be one of {CUBE_FORMATS}; got {format!r}")
+    _check_format(format)
     path = Path(path)
-    fmt = format or _format_from_suffix(path, reading=False)
+    fmt = format or _format_from_suffix(path, for_reading=False)
     saver = {"npy": _save_npy, "npz": _save_npz, "tiff": _save_tiff, "envi": _save_envi,
              "hdf5": _save_hdf5, "zarr": _save_zarr}[fmt]
     if fmt == "envi":
@@ -886,7 +568,7 @@ def write_cube(path, cube, *, band_centres=None, band_unit: str | None = None, f
         targets = [data_file, data_file.with_suffix(".hdr")]
     else:
         targets = [path]
-    with _atomic_paths(targets, overwrite=overwrite) as temps:
+    with atomic_write_all(targets, overwrite=overwrite) as temps:
         saver(temps, cube, centres, band_unit)
     return targets[-1]
 
@@ -907,7 +589,7 @@ def _save_npz(temps, cube, centres, unit):
 
 
 def _save_tiff(temps, cube, centres, unit):
-    tifffile = _require("tifffile", "tifffile", "writing a TIFF cube")
+    tifffile = require("tifffile", "tifffile", "writing a TIFF cube")
     pages = np.ascontiguousarray(np.moveaxis(cube, -1, 0))
     metadata = {}
     if centres is not None:
@@ -919,7 +601,7 @@ def _save_tiff(temps, cube, centres, unit):
 
 
 def _save_envi(temps, cube, centres, unit):
-    envi = _require("spectral.io.envi", "spectral", "writing an ENVI cube")
+    envi = require("spectral.io.envi", "spectral", "writing an ENVI cube")
     data_file, header = temps
     dtype = cube.dtype.newbyteorder("=")
     if dtype not in _ENVI_DTYPES:
@@ -934,7 +616,7 @@ def _save_envi(temps, cube, centres, unit):
 
 
 def _save_hdf5(temps, cube, centres, unit):
-    h5py = _require("h5py", "h5py", "writing an HDF5 cube")
+    h5py = require("h5py", "h5py", "writing an HDF5 cube")
     with h5py.File(temps[0], "w") as file:
         dataset = file.create_dataset("cube", data=cube)
         if centres is not None:
@@ -944,7 +626,7 @@ def _save_hdf5(temps, cube, centres, unit):
 
 
 def _save_zarr(temps, cube, centres, unit):
-    zarr = _require("zarr", "zarr", "writing a Zarr cube")
+    zarr = require("zarr", "zarr", "writing a Zarr cube")
     array = zarr.open_array(store=str(temps[0]), mode="w", shape=cube.shape, dtype=cube.dtype)
     array[...] = cube
     attrs = {}

@@ -1,0 +1,51 @@
+"""Files in and out: cubes, guide images, all-or-nothing writes, records and output folders.
+
+Modules, one job each:
+
+- :mod:`~ggrad_gpu.io.cubes`: read and write hyperspectral cubes (npy, npz,
+  TIFF, ENVI, HDF5, Zarr); the table of formats and suffixes.
+- :mod:`~ggrad_gpu.io.guides`: read guide (brightfield) images as 2-D float32.
+- :mod:`~ggrad_gpu.io.atomic`: write a file, a set of files or a folder all
+  or nothing, with Ctrl-C and SIGTERM held back while it is renamed into place;
+  JSON.
+- :mod:`~ggrad_gpu.io.records`: the content of ``transform.json`` and
+  ``weights.json``, and reading a saved transform back.
+- :mod:`~ggrad_gpu.io.outputs`: ``ggrad refine``'s output folder.
+- :mod:`~ggrad_gpu.io.libraries`: the boundary with the optional format
+  libraries (imported on demand; one error per unreadable file).
+
+Every public name is available here, e.g. ``from ggrad_gpu.io import
+read_cube, write_cube``. Nothing here imports CuPy or an optional format
+library until a file needs it.
+"""
+
+from .._validation import LUMA_WEIGHTS
+from .atomic import atomic_folder, atomic_write, atomic_write_all, write_json
+from .cubes import CUBE_FORMATS, CUBE_SUFFIXES, CubeData, cube_suffix, read_cube, split_dataset_path, write_cube
+from .guides import GUIDE_SUFFIXES, read_guide
+from .outputs import check_new_directory, write_outputs
+from .records import CONVENTION, read_transform, transform_record, versions, weights_record
+
+__all__ = [
+    "CONVENTION",
+    "CUBE_FORMATS",
+    "CUBE_SUFFIXES",
+    "GUIDE_SUFFIXES",
+    "LUMA_WEIGHTS",
+    "CubeData",
+    "atomic_folder",
+    "atomic_write",
+    "atomic_write_all",
+    "check_new_directory",
+    "cube_suffix",
+    "read_cube",
+    "read_guide",
+    "read_transform",
+    "split_dataset_path",
+    "transform_record",
+    "versions",
+    "weights_record",
+    "write_cube",
+    "write_json",
+    "write_outputs",
+]
