@@ -40,7 +40,8 @@ from .estimate import estimate_global_gradient
 from .filters import sobel_magnitude
 from .io import CUBE_FORMATS, check_new_directory, read_transform, write_outputs
 from .metrics import ncc, target_registration_error
-from .pipeline import OUTPUT_GRIDS, refine
+from .options import OUTPUT_GRIDS
+from .pipeline import refine
 
 EXIT_OK, EXIT_KEPT, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 

@@ -34,8 +34,10 @@ CAPTURE_MARGIN = 45
 MAX_LEVELS = 4
 # Working pixels per cube pixel that the working grid resolves at most (s = ceil(r / 6)).
 WORKING_PER_CUBE = 6
-# The coarsest pyramid level keeps at least this many pixels across the footprint.
-MIN_LEVEL_PIXELS = 3
+# The coarsest pyramid level keeps at least this many pixels across the footprint: with
+# fewer, its gradients are mostly the stand-ins beyond the footprint, and eq. 9, which
+# favours a blurred level that matches anything, puts its weight there.
+MIN_LEVEL_PIXELS = 8
 
 
 def fov_matrix(guide_shape, cube_shape) -> np.ndarray:
@@ -210,7 +212,7 @@ def working_grid(guide_shape, cube_shape, initial, working_shape=None) -> Workin
 
 
 def auto_levels(cube_shape, initial, grid: WorkingGrid) -> int:
-    """The most pyramid levels (at most 4) that keep 3 x 3 pixels over the footprint (DESIGN "Levels").
+    """The most pyramid levels (at most 4) that keep 8 pixels across the footprint at the coarsest.
 
     Counted on the grid at the cube's resolution (``grid.cube_step``), the
     coarser of the two grids the estimates run on; at least 1.

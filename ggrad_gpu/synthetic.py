@@ -196,7 +196,10 @@ def make_phantom(
     scene_shape = (rows + 2 * pad, cols + 2 * pad)
     if particles is None:
         particles = max(1, rows * cols // 4000)
-    scene = _abundances(scene_shape, components, particles, rng)
+    # The sample's structure is at the scale of the region mapped: a tenth of
+    # the footprint's smaller side (of the guide's, where the cube spans it).
+    scene = _abundances(scene_shape, components, particles, rng,
+                        domain_size=None if footprint is None else min(_footprint(footprint, (rows, cols))[2:]) / 10)
 
     return _assemble(
         scene, pad, (rows, cols), (native_shape, initial, misregistration, matrix), native_factor, bands,
@@ -271,9 +274,13 @@ def _smooth_field(shape, sigma, rng):
     return field / field.std()
 
 
-def _abundances(shape, components, particles, rng):
-    """Component fractions (components, rows, cols): smooth domains plus particles."""
-    domain_size = max(4.0, min(shape) / 10)
+def _abundances(shape, components, particles, rng, domain_size=None):
+    """Component fractions (components, rows, cols): smooth domains plus particles.
+
+    Domains are about ``domain_size`` pixels across (default a tenth of the
+    smaller side).
+    """
+    domain_size = max(4.0, min(shape) / 10 if domain_size is None else domain_size)
     logits = 12.0 * np.stack([_smooth_field(shape, domain_size, rng) for _ in range(components)])
     # Soft arg-max over the domain fields: smooth boundaries a few pixels wide.
     fractions = np.exp(logits - logits.max(axis=0))
