@@ -16,7 +16,7 @@ from ggrad_gpu.synthetic import affine_about_center
 
 from helpers import DATA
 
-pytestmark = pytest.mark.data
+pytestmark = [pytest.mark.data, pytest.mark.slow]  # each refine reads 30 x 30 x 2048 values
 
 EDS = DATA / "sem-eds-bruker-30x30"
 
@@ -41,15 +41,37 @@ def test_eds_against_its_backscatter_image(eds):
     np.testing.assert_array_equal(np.asarray(cube), before)  # the input is untouched
 
 
-def test_eds_from_a_shifted_start_is_not_made_worse(eds):
+# The truth is the identity to about +-1 px, so at every point the error
+# against the identity is the error against the truth to within 1 px: a result
+# whose worst point is more than 2 px further off than the start's worst point
+# is worse than the start, whatever the truth within that range.
+TRUTH_PX = 1.0
+
+
+@pytest.mark.parametrize("shift", [
+    (2.0, -1.0),
+    pytest.param((1.0, 0.0), marks=pytest.mark.xfail(strict=True, reason=(
+        "on 30 x 30 EDS pixels the guard passes a worse transform: from a 1 px shift refine reports "
+        "'refined' (gradient MSE halves, NCC 0.92 -> 0.97) but ends 1.9 px off the identity on average "
+        "and 4.4 px at its worst point, against 1.0 px at the start: the affine fits scale and shear "
+        "to the map's noise"))),
+], ids=["shift-2-1", "shift-1-0"])
+def test_eds_from_a_shifted_start_is_not_made_worse(eds, shift):
     image, cube = eds
-    start = affine_about_center(image.shape, shift=(2.0, -1.0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+    start = affine_about_center(image.shape, shift=shift)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
         result = refine(image, np.asarray(cube), initial=start, levels=2, absorbance=False, backend="numpy")
     before = target_registration_error(start, np.eye(3), image.shape, spacing=3)
     after = target_registration_error(result.matrix, np.eye(3), image.shape, spacing=3)
-    print(f"EDS from a (2, -1) px shift: TRE {before.mean:.2f} -> {after.mean:.2f} px (max {after.max:.2f})")
-    # 30 x 30 pixels hold too little structure to refine from 2 px off; what
-    # matters is that the guard does not hand back something worse.
-    assert after.mean <= before.mean + 0.1
+    print(f"EDS from a {shift} px shift: {result.message}; TRE {before.mean:.2f} / {before.max:.2f} -> "
+          f"{after.mean:.2f} / {after.max:.2f} px")
+    # Either a refinement that is no worse than the start, or the start kept,
+    # said and warned about (the design's guard); not something worse.
+    if result.improved:
+        assert after.max <= before.max + 2 * TRUTH_PX, "a worse transform was returned as a success"
+        assert after.mean <= before.mean + TRUTH_PX
+    else:
+        np.testing.assert_array_equal(result.matrix, start)
+        assert result.message.startswith("kept the initial transform")
+        assert any("kept the initial transform" in str(w.message) for w in caught)

@@ -204,6 +204,7 @@ def refinements(ihc_rgb):
     return out
 
 
+@pytest.mark.slow  # ten refines of 350 x 415 x 60 phantoms
 def test_recovers_known_transforms_on_tissue(refinements):
     before = [target_registration_error(p.initial, p.matrix, p.guide.shape) for p, _ in refinements]
     after = [target_registration_error(r.matrix, p.matrix, p.guide.shape) for p, r in refinements]
@@ -219,6 +220,7 @@ def test_recovers_known_transforms_on_tissue(refinements):
     assert all(r.improved for (_, r), t in zip(refinements, before) if t.mean > 1), table
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "seed, case",
     [

@@ -271,7 +271,7 @@ def _missing_bilinear(missing, matrix, shape):
     return outside | all_missing
 
 
-@pytest.mark.parametrize("case", [0, 2, 6])
+@pytest.mark.parametrize("case", [0, *(pytest.param(case, marks=pytest.mark.slow) for case in (2, 6))])
 def test_refine_recovers_the_transform_with_missing_data(case, input_cases):
     # 5 % of the cube's pixels NaN in every band, 20 single band values NaN, a
     # few inf values, and a NaN blob (radius 25 px) in the guide.
