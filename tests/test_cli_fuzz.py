@@ -335,7 +335,13 @@ def _families(kind, fmt, role, size):
     yield from _specials(kind, fmt, role)
 
 
-@pytest.mark.parametrize("kind, fmt, role", TARGETS, ids=[f"{k}-{f}-{r}" for k, f, r in TARGETS])
+# The fast lane fuzzes one cube and one guide format; the full run every one.
+FAST_TARGETS = {("cube", "npy", "file"), ("guide", "png", "file")}
+
+
+@pytest.mark.parametrize("kind, fmt, role", [
+    pytest.param(*target, id="-".join(target), marks=() if target in FAST_TARGETS else pytest.mark.slow)
+    for target in TARGETS])
 def test_corrupted_input_gives_one_error_line_or_valid_outputs(pristine, tmp_path, monkeypatch, capfd,
                                                                 reliability, kind, fmt, role):
     if (kind, fmt) not in pristine:

@@ -137,11 +137,14 @@ def _inject(monkeypatch, point, fault, fmt="npy"):
 
 CASES = [("cube", fmt) for fmt in SUFFIX] + [(point, "npy") for point in
                                              ("transform.json", "weights.json", "report.png", "rename")]
+FAST_CASES = {("cube", "npy"), ("rename", "npy")}
 
 
 @pytest.mark.parametrize("force", [False, True], ids=["new-outdir", "force-over-old"])
 @pytest.mark.parametrize("fault_kind", ["full-disk", "interrupt"])
-@pytest.mark.parametrize("point, fmt", CASES, ids=[p if p != "cube" else f"cube-{f}" for p, f in CASES])
+@pytest.mark.parametrize("point, fmt", [  # the fast lane: the cube as .npy, and the final rename
+    pytest.param(p, f, id=p if p != "cube" else f"cube-{f}", marks=() if (p, f) in FAST_CASES else pytest.mark.slow)
+    for p, f in CASES])
 def test_a_fault_while_writing_leaves_no_partial_output(inputs, monkeypatch, capsys, reliability,
                                                          point, fmt, fault_kind, force):
     if fmt in NEEDS:
@@ -272,8 +275,9 @@ def big_inputs(tmp_path_factory):
 
 
 @posix_signals
-@pytest.mark.parametrize("signum, expected", [(signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_TERMINATED)],
-                         ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signum, expected", [  # the fast lane sends SIGINT; the full run SIGTERM too
+    pytest.param(signal.SIGINT, EXIT_INTERRUPTED, id="SIGINT"),
+    pytest.param(signal.SIGTERM, EXIT_TERMINATED, id="SIGTERM", marks=pytest.mark.slow)])
 def test_signal_while_computing(big_inputs, reliability, signum, expected):
     folder, before = big_inputs
     out = folder / "out"
@@ -310,9 +314,11 @@ SLOW_WRITER = textwrap.dedent("""
 
 
 @posix_signals
-@pytest.mark.parametrize("force", [False, True], ids=["new-outdir", "force-over-old"])
-@pytest.mark.parametrize("signum, expected", [(signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_TERMINATED)],
-                         ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("force", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["new-outdir", "force-over-old"])
+@pytest.mark.parametrize("signum, expected", [  # the fast lane sends SIGINT; the full run SIGTERM too
+    pytest.param(signal.SIGINT, EXIT_INTERRUPTED, id="SIGINT"),
+    pytest.param(signal.SIGTERM, EXIT_TERMINATED, id="SIGTERM", marks=pytest.mark.slow)])
 def test_signal_while_writing(inputs, reliability, signum, expected, force):
     folder, before = inputs
     out = folder / "out"
