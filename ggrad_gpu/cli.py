@@ -4,7 +4,8 @@
 guide image and writes the registered cube, ``transform.json``,
 ``weights.json`` and ``report.png`` into a new OUTDIR. ``ggrad demo`` does the
 same on a built-in phantom and prints the registration error before and
-after.
+after. ``ggrad bench`` times each stage against the plain SciPy way
+(:mod:`ggrad_gpu.bench`) and prints a Markdown table.
 
 Exit codes: 0 done (also when the initial transform was kept, unless
 ``--strict``); 1 the refinement kept the initial transform and ``--strict``
@@ -105,6 +106,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help="folder to create for the report (default: a new temporary folder)")
     _common_options(demo)
     demo.set_defaults(run=_demo_command, force=False, cube_format="npy")
+
+    bench = commands.add_parser(
+        "bench", help="time each stage on NumPy or CuPy against the plain SciPy way; print a Markdown table",
+        description="Time each stage (ggrad_gpu.bench) on phantoms; the table goes to stdout, progress to stderr.",
+    )
+    bench.add_argument("--sizes", default="small", metavar="SIZES",
+                       help="comma list of tiny (64x80x16), small (350x415x200), paper (350x415x1000), "
+                            "large (1024x1024x512, 2048x2048x256) or ROWSxCOLSxBANDS (default: small)")
+    bench.add_argument("--backend", choices=("numpy", "cupy", "auto", "both"), default="auto",
+                       help="auto: CuPy where a GPU is usable, else NumPy; both: NumPy and CuPy (default: auto)")
+    bench.add_argument("--stages", default=None, metavar="NAMES",
+                       help="comma list of sobel, pyramid, gram, nnls, combine, warp, register, estimate, "
+                            "refine (default: all)")
+    bench.add_argument("--repeat", type=int, default=3, help="timed rounds per stage (default: 3)")
+    bench.add_argument("--no-plain", action="store_false", dest="plain",
+                       help="skip the plain way (per-band SciPy loops, SimpleITK), which takes minutes at 1000 bands")
+    bench.add_argument("--json", type=Path, metavar="FILE", help="also write the rows and the machine as JSON")
+    bench.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    bench.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    bench.set_defaults(run=_bench_command)
     return parser
 
 
@@ -315,6 +336,32 @@ def _demo_command(args) -> int:
     report = next(path for path in written if path.suffix == ".png")
     print(f"report: {report}")
     return EXIT_OK
+
+
+def _bench_command(args) -> int:
+    import json
+
+    from . import bench
+
+    sizes, stages = bench.parse_sizes(args.sizes), bench.parse_stages(args.stages)
+    if args.repeat < 1:
+        raise ValueError(f"--repeat must be at least 1; got {args.repeat}")
+    backends, note = bench.backends_for(args.backend)
+    if note:
+        print(f"ggrad bench: {note}", file=sys.stderr)
+    results = bench.run(sizes, backends, stages, repeat=args.repeat, plain=args.plain,
+                        progress=None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True))
+    print("\n".join(f"- {line}" for line in bench.machine_lines(results["machines"])) + "\n")
+    print(bench.markdown_table(results["rows"]) + "\n")
+    for line in bench.case_lines(results["rows"]) + [f"plain way skipped: {s}" for s in results["skipped"]]:
+        print(line)
+    print(bench.NOTES)
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    failed = [row for row in results["rows"] if row.get("error")]
+    if failed:
+        print(f"ggrad bench: {len(failed)} case(s) failed: {failed[0]['error']}", file=sys.stderr)
+    return EXIT_INTERNAL if failed else EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover
