@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from . import baselines
-from ._backend import array_module, is_cupy_array, ndimage_module, resolve_backend, to_device, to_host
+from ._backend import array_module, is_cupy_array, ndimage_module, resolve_backend, to_device
 from .coverage import Coverage, fill_gaps, level_on_grid, valid_pixels
 from .estimate import GlobalGradient, estimate_global_gradient
 from .filters import sobel_magnitude
@@ -499,6 +499,4 @@ def _like(cube, value):
         images = ("grad_x", "grad_y", "guide_levels", "cube_levels", "valid")
         return replace(value, **{name: None if getattr(value, name) is None else _like(cube, getattr(value, name))
                                  for name in images})
-    if is_cupy_array(cube):
-        return to_device(value, __import__("cupy"))
-    return to_host(value)
+    return to_device(value, array_module(cube=cube))
