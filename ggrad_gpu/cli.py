@@ -130,11 +130,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _common_options(parser) -> None:
-    parser.add_argument("--levels", type=int, default=4, help="pyramid levels K (default: 4)")
+    parser.add_argument("--levels", type=_levels, default="auto",
+                        help="pyramid levels K, or auto: as many as the cube's footprint holds (default: auto)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="compute on NumPy or CuPy (default: auto, CuPy where a GPU is usable)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only results and errors")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def _levels(text: str):
+    """``--levels``: ``auto`` or a positive integer."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be auto or a positive integer; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be auto or a positive integer; got {text!r}")
+    return value
 
 
 def _float_list(text: str) -> list[float]:
@@ -305,7 +319,8 @@ def _demo_command(args) -> int:
     print(f"phantom: guide {rows} x {cols}, cube {phantom.cube.shape[0]} x {phantom.cube.shape[1]} x {bands} "
           f"(native), resampled onto the guide grid; backend {xp.__name__}")
     start = time.perf_counter()
-    result = estimate_global_gradient(guide, cube, levels=args.levels)
+    levels = 4 if args.levels == "auto" else args.levels  # the phantom's cube spans its guide
+    result = estimate_global_gradient(guide, cube, levels=levels)
     elapsed = time.perf_counter() - start
 
     # grad_y against simple single images of the cube, all compared with grad_x.
@@ -317,7 +332,7 @@ def _demo_command(args) -> int:
 
     say(f"estimated on the guide grid in {elapsed:.2f} s")
     say("level   alpha   beta   active bands")
-    for k in range(args.levels):
+    for k in range(levels):
         say(f"{k:>5}  {result.alpha[k]:6.3f} {result.beta[k]:6.3f}  {active[k]:>13d}")
     say("how well each image's gradient matches grad_x (normalised cross-correlation):")
     say(f"  grad_y (global gradient)        {ncc(result.grad_x, result.grad_y):.3f}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._backend import array_module, ndimage_module
-from .pyramid import blur_decimate
+from .pyramid import gaussian_pyramid
 
 __all__ = ["Coverage", "excluded_levels", "fill_gaps", "level_on_grid", "valid_pixels"]
 
@@ -122,12 +122,8 @@ def excluded_levels(gaps, levels: int) -> list:
     if gaps is None:
         return [None] * levels
     xp = array_module(gaps=gaps)
-    fraction = gaps.astype(xp.float32)
-    out = [gaps]
-    for _ in range(1, levels):
-        fraction = blur_decimate(fraction)
-        out.append(fraction > 0.5)
-    return out
+    fractions = gaussian_pyramid(gaps.astype(xp.float32), levels)
+    return [gaps] + [fraction > 0.5 for fraction in fractions[1:]]
 
 
 def level_on_grid(excluded, level: int, shape):

@@ -24,6 +24,8 @@ __all__ = [
     "footprint_mask",
     "footprint_sides",
     "fov_matrix",
+    "in_footprint",
+    "map_points",
     "pixels_per_cube_pixel",
     "working_grid",
 ]
@@ -72,6 +74,21 @@ def check_output_shape(shape, name: str = "output_shape") -> tuple[int, int]:
     return out
 
 
+def map_points(matrix, rows, cols):
+    """``(q_rows, q_cols) = matrix @ (rows, cols, 1)`` for arrays of pixel coordinates (broadcast).
+
+    The matrix's entries become host scalars, so no device round trip per
+    call; the result has the coordinates' dtype and array module.
+    """
+    m = [[float(v) for v in row] for row in np.asarray(matrix)[:2]]
+    return m[0][0] * rows + m[0][1] * cols + m[0][2], m[1][0] * rows + m[1][1] * cols + m[1][2]
+
+
+def in_footprint(q_rows, q_cols, cube_shape):
+    """Whether cube coordinates lie in the cube's footprint, ``-0.5 .. size - 0.5`` on each axis."""
+    return (q_rows >= -0.5) & (q_rows <= cube_shape[0] - 0.5) & (q_cols >= -0.5) & (q_cols <= cube_shape[1] - 0.5)
+
+
 def affine_coordinates(matrix, shape, xp, *, rows=None):
     """Source coordinates ``(q_rows, q_cols)`` of every pixel of a grid, in float64.
 
@@ -89,16 +106,12 @@ def affine_coordinates(matrix, shape, xp, *, rows=None):
     rows = slice(0, shape[0]) if rows is None else rows
     r = xp.arange(rows.start, rows.stop, dtype=xp.float64)[:, None]
     c = xp.arange(shape[1], dtype=xp.float64)[None, :]
-    m = [[float(v) for v in row] for row in matrix[:2]]  # host scalars: no device round trip
-    return m[0][0] * r + m[0][1] * c + m[0][2], m[1][0] * r + m[1][1] * c + m[1][2]
+    return map_points(matrix, r, c)
 
 
 def footprint_mask(cube_shape, matrix, shape, xp):
     """Grid pixels whose mapped point lies in the cube's footprint (``-0.5 .. size - 0.5``)."""
-    q_rows, q_cols = affine_coordinates(matrix, shape, xp)
-    return (
-        (q_rows >= -0.5) & (q_rows <= cube_shape[0] - 0.5) & (q_cols >= -0.5) & (q_cols <= cube_shape[1] - 0.5)
-    )
+    return in_footprint(*affine_coordinates(matrix, shape, xp), cube_shape)
 
 
 def pixels_per_cube_pixel(matrix) -> float:

@@ -9,7 +9,7 @@ import numpy as np
 
 from ._backend import array_module
 from ._validation import check_affine, check_array, check_matrix
-from .geometry import footprint_box
+from .geometry import check_output_shape, footprint_box
 
 __all__ = ["TRE", "footprint_region", "mse", "ncc", "target_registration_error"]
 
@@ -57,7 +57,7 @@ def target_registration_error(m_est, m_true, guide_shape, *, spacing: int = 10, 
     m_true = check_affine(m_true, "m_true")
     if isinstance(spacing, bool) or not isinstance(spacing, numbers.Integral) or spacing < 1:
         raise ValueError(f"spacing must be a positive integer; got {spacing!r}")
-    guide_shape = _check_shape(guide_shape)
+    guide_shape = check_output_shape(guide_shape, "guide_shape")
     start, stop = _window(region, guide_shape)
     rows = np.arange(start[0] + spacing // 2, stop[0], spacing)
     cols = np.arange(start[1] + spacing // 2, stop[1], spacing)
@@ -98,17 +98,6 @@ def _window(region, guide_shape):
     start = (max(0, values[0]), max(0, values[1]))
     stop = (min(guide_shape[0], values[0] + values[2]), min(guide_shape[1], values[1] + values[3]))
     return start, stop
-
-
-def _check_shape(guide_shape) -> tuple[int, int]:
-    try:
-        shape = tuple(int(n) for n in guide_shape)
-        exact = all(int(n) == n for n in guide_shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"guide_shape must be (rows, cols) with positive sizes; got {guide_shape!r}") from None
-    if len(shape) != 2 or min(shape) < 1 or not exact:
-        raise ValueError(f"guide_shape must be (rows, cols) with positive sizes; got {guide_shape!r}")
-    return shape
 
 
 def _paired(a, b, mask):

@@ -4,8 +4,9 @@
 ``A^T b``, which are accumulated over pixel chunks in float64
 (:class:`GramAccumulator`, :func:`gram_products`) with bounded memory. The
 solver (:func:`nnls_gram`) is the Lawson-Hanson active-set method in the
-Gram form of Bro and De Jong (1997): exact, with its KKT conditions checked at
-the end (:func:`nnls_kkt_residual`).
+Gram form of Bro and De Jong (1997): exact. :func:`nnls_kkt_residual` measures
+how far a solution is from the KKT conditions (a diagnostic for callers and
+tests; the solver's active-set loop ends only where they hold).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def spurious_blas_flags_ignored():
 
 
 class GramAccumulator:
-    """Running ``A^T A``, ``A^T b`` and ``b^T b`` over row chunks of ``A``, summed in float64.
+    """Running ``A^T A`` and ``A^T b`` over row chunks of ``A``, summed in float64.
 
     Parameters
     ----------
@@ -52,8 +53,6 @@ class GramAccumulator:
         self.product_dtype = np.dtype(product_dtype)
         self.gram = xp.zeros((bands, bands), dtype=xp.float64)
         self.rhs = xp.zeros(bands, dtype=xp.float64)
-        self.target_sq = xp.zeros((), dtype=xp.float64)
-        self.pixels = 0
 
     def add(self, columns, target, weights=None) -> None:
         """Add a chunk: ``columns`` (..., bands) and ``target`` (...), same leading shape.
@@ -72,14 +71,10 @@ class GramAccumulator:
         with spurious_blas_flags_ignored():
             gram = a.T @ a
             rhs = a.T @ b
-        b64 = b.astype(self.xp.float64)
-        target_sq = b64 @ b64
         # Products first, sums last: a chunk that runs out of memory (and is
         # retried smaller) has added nothing.
         self.gram += gram
         self.rhs += rhs
-        self.target_sq += target_sq
-        self.pixels += b.shape[0]
 
 
 def gram_products(a, b, *, chunk_rows: int = 4096):

@@ -290,14 +290,15 @@ def _change_line(refinement) -> str:
 
 
 def _check_guide(guide, shape, scale):
+    """The guide must hold the refinement's working grid: its region of ``s x s`` blocks lies inside it."""
     check_array(guide, "guide", (2,), "2-D (rows, cols)")
-    s = int(round(float(scale[0, 0])))
-    expected = (guide.shape[0] // max(s, 1), guide.shape[1] // max(s, 1))
-    if expected != tuple(shape):
+    s = max(1, int(round(float(scale[0, 0]))))
+    start = [int(round(float(scale[axis, 2]) - (s - 1) / 2)) for axis in (0, 1)]
+    stop = [start[axis] + s * shape[axis] for axis in (0, 1)]
+    if min(start) < 0 or stop[0] > guide.shape[0] or stop[1] > guide.shape[1]:
         raise ValueError(
-            f"guide must be the refinement's guide: its working grid (block {s}) would be "
-            f"{expected[0]} x {expected[1]}, the refinement's is {shape[0]} x {shape[1]}; "
-            f"got guide shape {tuple(guide.shape)}"
+            f"guide must be the refinement's guide: its working grid covers guide rows {start[0]} to "
+            f"{stop[0]} and columns {start[1]} to {stop[1]} (blocks of {s}); got guide shape {tuple(guide.shape)}"
         )
 
 

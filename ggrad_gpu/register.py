@@ -37,7 +37,7 @@ from ._validation import (
     power_of_two_scale,
 )
 from .coverage import fill_gaps
-from .geometry import degeneracy
+from .geometry import degeneracy, map_points
 from .metrics import ncc
 from .pyramid import blur_decimate
 
@@ -349,9 +349,7 @@ class _Level:
     def _sample(self, matrix, *images):
         """Bilinear samples of ``images`` (moving grid) at ``matrix @ p``, and where they are covered."""
         xp = self.xp
-        m = [[float(v) for v in row] for row in matrix[:2]]
-        q_rows = m[0][0] * self.p_rows + m[0][1] * self.p_cols + m[0][2]
-        q_cols = m[1][0] * self.p_rows + m[1][1] * self.p_cols + m[1][2]
+        q_rows, q_cols = map_points(matrix, self.p_rows, self.p_cols)
         n_rows, n_cols = self.moving.shape
         inside = (q_rows >= 0) & (q_rows <= n_rows - 1) & (q_cols >= 0) & (q_cols <= n_cols - 1)
         q_rows = xp.clip(q_rows, 0, n_rows - 1)

@@ -19,6 +19,7 @@ from functools import cached_property
 import numpy as np
 import scipy.ndimage as ndi
 
+from ._validation import LUMA_WEIGHTS
 from .coverage import fill_gaps
 from .geometry import fov_matrix
 from .warp import warp_cube
@@ -523,7 +524,7 @@ def make_tissue_phantom(
     scene = mirrored[:, r0 : r0 + rows + 2 * pad, c0 : c0 + cols + 2 * pad]
 
     crop = light[top : top + rows, left : left + cols]
-    luminance = (crop @ np.array([0.2125, 0.7154, 0.0721])).astype(np.float32)  # ITU-R BT.709
+    luminance = (crop @ np.array(LUMA_WEIGHTS)).astype(np.float32)  # ITU-R BT.709
     return _assemble(
         scene, pad, (rows, cols), (native_shape, initial, misregistration, matrix), native_factor, bands,
         lambda visible: luminance, noise, normalisation, rng,

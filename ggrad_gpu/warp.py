@@ -23,7 +23,7 @@ import numpy as np
 
 from ._backend import array_module, block_rows, ndimage_module, retry_smaller
 from ._validation import check_array, check_matrix, float_dtype
-from .geometry import check_output_shape
+from .geometry import check_output_shape, in_footprint, map_points
 
 __all__ = ["warp_cube"]
 
@@ -128,15 +128,13 @@ def warp_cube(cube, matrix, output_shape, *, order: int = 1, band_chunk: int | N
     # the sums hold a few (pixels, bands) temporaries at a time.
     pixels = out.reshape(-1, n_bands)
     block = block_rows((pixels.shape[0], 4, band_chunk), dtype.itemsize, xp)
-    m = [[float(v) for v in row] for row in matrix[:2]]  # host scalars: no device sync per block
     out_cols = output_shape[1]
 
     def resample_block(sampler, bands, start, size):
         index = xp.arange(start, min(start + size, pixels.shape[0]))
         r = (index // out_cols).astype(xp.float64)
         c = (index % out_cols).astype(xp.float64)
-        q_rows = m[0][0] * r + m[0][1] * c + m[0][2]
-        q_cols = m[1][0] * r + m[1][1] * c + m[1][2]
+        q_rows, q_cols = map_points(matrix, r, c)
         sampler(q_rows, q_cols, out=pixels[start : start + index.shape[0], bands])
         return start + index.shape[0]
 
@@ -245,8 +243,7 @@ class _Sampler:
             near_rows = xp.floor(xp.clip(q_rows, 0, n_rows - 1) + 0.5).astype(xp.intp)
             near_cols = xp.floor(xp.clip(q_cols, 0, n_cols - 1) + 0.5).astype(xp.intp)
             out[self.missing[near_rows * n_cols + near_cols]] = xp.nan
-        inside = (q_rows >= -0.5) & (q_rows <= n_rows - 0.5) & (q_cols >= -0.5) & (q_cols <= n_cols - 0.5)
-        out[~inside] = xp.nan
+        out[~in_footprint(q_rows, q_cols, (n_rows, n_cols))] = xp.nan
 
 
 def _linear_taps(q, n, pad, xp):

@@ -82,7 +82,8 @@ def test_round_trip_every_format(tmp_path, phantom, centres, fmt, capsys):
     if fmt != "npy":  # .npy holds no band centres
         np.testing.assert_array_equal(registered.band_centres, centres)
         np.testing.assert_array_equal(weights["band_centres"], centres)
-    assert len(weights["channel_weights"]) == 4 and len(weights["channel_weights"][0]) == 24
+    # --levels auto: the 40 x 48 cube spans 50 x 60 pixels of the grid at its resolution (step 4): 3 levels.
+    assert weights["levels"] == len(weights["channel_weights"]) == 3 and len(weights["channel_weights"][0]) == 24
 
 
 def test_png_guide_and_output_seeds_the_next_run(tmp_path, phantom, centres):
