@@ -137,12 +137,12 @@ def _inject(monkeypatch, point, fault, fmt="npy"):
 
 CASES = [("cube", fmt) for fmt in SUFFIX] + [(point, "npy") for point in
                                              ("transform.json", "weights.json", "report.png", "rename")]
-FAST_CASES = {("cube", "npy"), ("rename", "npy")}
+FAST_CASES = {("cube", "npy")}
 
 
 @pytest.mark.parametrize("force", [False, True], ids=["new-outdir", "force-over-old"])
 @pytest.mark.parametrize("fault_kind", ["full-disk", "interrupt"])
-@pytest.mark.parametrize("point, fmt", [  # the fast lane: the cube as .npy, and the final rename
+@pytest.mark.parametrize("point, fmt", [  # the fast lane: the cube as .npy (the rename: signals below)
     pytest.param(p, f, id=p if p != "cube" else f"cube-{f}", marks=() if (p, f) in FAST_CASES else pytest.mark.slow)
     for p, f in CASES])
 def test_a_fault_while_writing_leaves_no_partial_output(inputs, monkeypatch, capsys, reliability,
@@ -204,8 +204,9 @@ def test_a_signal_while_writing_the_cube(inputs, monkeypatch, capsys, reliabilit
 
 @posix_signals
 @pytest.mark.parametrize("force", [False, True], ids=["new-outdir", "force-over-old"])
-@pytest.mark.parametrize("signum, expected", [(signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_TERMINATED)],
-                         ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signum, expected", [  # the fast lane sends SIGINT; the full run SIGTERM too
+    pytest.param(signal.SIGINT, EXIT_INTERRUPTED, id="SIGINT"),
+    pytest.param(signal.SIGTERM, EXIT_TERMINATED, id="SIGTERM", marks=pytest.mark.slow)])
 def test_a_signal_during_the_final_rename_waits_for_it(inputs, monkeypatch, capsys, reliability, signum,
                                                        expected, force):
     """The swap into place is not cut in two: the signal takes effect once OUTDIR is complete."""

@@ -218,6 +218,7 @@ def test_refine_band_axis_moves_the_bands_last(phantom, reference, band_axis, in
     input_cases["converted"] += 1
 
 
+@pytest.mark.slow  # refines at the brief's 350 x 415 geometry
 def test_refine_hints_at_bands_first(input_cases):
     # The brief's geometry: a 350 x 415 guide and a 70 x 83 cube, given bands first.
     guide = np.ones((350, 415), np.float32)
