@@ -199,7 +199,7 @@ def working_grid(guide_shape, cube_shape, initial, working_shape=None) -> Workin
     >>> import numpy as np
     >>> grid = working_grid((600, 700), (60, 70), np.array([[0.2, 0, -30], [0, 0.2, -35], [0, 0, 1.0]]))
     >>> grid.s, grid.origin, grid.shape
-    (1, (48, 57), (405, 475))
+    (1, (47, 55), (501, 585))
     """
     rows, cols = guide_shape
     low, high = footprint_box(cube_shape, initial)
