@@ -112,18 +112,18 @@ def fill_gaps(values, gaps):
     return values[nearest[0], nearest[1]]
 
 
-def excluded_levels(gaps, levels: int) -> list:
+def excluded_levels(gaps, levels: int, *, share: float = 0.5) -> list:
     """Per pyramid level, the pixels left out of the fits for the gaps in their data.
 
     Level 0: the gaps themselves. Level ``k``: the pixels whose pyramid blur
-    (the data's ``blur_decimate``) draws more than half its weight from gaps.
-    Entries are None where ``gaps`` is None.
+    (the data's ``blur_decimate``) draws more than ``share`` of its weight
+    (default half) from gaps. Entries are None where ``gaps`` is None.
     """
     if gaps is None:
         return [None] * levels
     xp = array_module(gaps=gaps)
     fractions = gaussian_pyramid(gaps.astype(xp.float32), levels)
-    return [gaps] + [fraction > 0.5 for fraction in fractions[1:]]
+    return [gaps] + [fraction > share for fraction in fractions[1:]]
 
 
 def level_on_grid(excluded, level: int, shape):
@@ -143,11 +143,14 @@ def level_on_grid(excluded, level: int, shape):
     return reach[rows[:, None], cols[None, :]]
 
 
-def valid_pixels(gaps, levels: int, shape):
-    """Level-0 pixels that no level of ``levels`` leaves out for ``gaps`` (None if there are none)."""
+def valid_pixels(gaps, levels: int, shape, *, share: float = 0.5):
+    """Level-0 pixels that no level of ``levels`` leaves out for ``gaps`` (None if there are none).
+
+    ``share`` as in :func:`excluded_levels`.
+    """
     if gaps is None:
         return None
     valid = ~gaps
-    for k, excluded in enumerate(excluded_levels(gaps, levels)[1:], start=1):
+    for k, excluded in enumerate(excluded_levels(gaps, levels, share=share)[1:], start=1):
         valid &= ~level_on_grid(excluded, k, shape)
     return valid
