@@ -140,8 +140,8 @@ def test_partial_field_from_the_right_placement_stays_there():
         phantom = _partial_case(index, exact=True)
         errors.append(_footprint_tre(_refine(phantom.guide, phantom.cube, phantom.initial).matrix, phantom))
     print("partial-field family from the exact placement (mean, max):", [tuple(np.round(t, 3)) for t in errors])
-    assert np.mean([t.mean for t in errors]) <= 0.2, errors
-    assert max(t.max for t in errors) < 1.0, errors
+    assert max(t.mean for t in errors) <= 0.2, errors  # every case stays within 0.2 px on average
+    assert max(t.max for t in errors) < 0.5, errors
 
 
 # --------------------------------------------------------------------------- small maps in large guides
