@@ -48,30 +48,33 @@ def test_eds_against_its_backscatter_image(eds):
 TRUTH_PX = 1.0
 
 
-@pytest.mark.parametrize("shift", [
-    (2.0, -1.0),
-    pytest.param((1.0, 0.0), marks=pytest.mark.xfail(strict=True, reason=(
-        "on 30 x 30 EDS pixels the guard passes a worse transform: from a 1 px shift refine reports "
-        "'refined' (gradient MSE halves, NCC 0.92 -> 0.97) but ends 1.9 px off the identity on average "
-        "and 4.4 px at its worst point, against 1.0 px at the start: the affine fits scale and shear "
-        "to the map's noise"))),
-], ids=["shift-2-1", "shift-1-0"])
-def test_eds_from_a_shifted_start_is_not_made_worse(eds, shift):
+STARTS = [(2.0, -1.0), (1.0, 0.0), (1.0, -1.0), (0.5, 0.5)]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "on 30 x 30 EDS pixels the guard passes a worse transform from some start: the gradient MSE halves "
+    "and the NCC rises while the affine fits scale and shear to the map's noise (at b269b89, from a (2, -1) "
+    "px shift: 'refined', TRE 2.2 / 2.2 -> 2.1 / 5.1 px; before it, from (1, 0): 1.0 / 1.0 -> 1.9 / 4.4 px)"))
+def test_eds_from_a_shifted_start_is_not_made_worse(eds):
     image, cube = eds
-    start = affine_about_center(image.shape, shift=shift)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        result = refine(image, np.asarray(cube), initial=start, levels=2, absorbance=False, backend="numpy")
-    before = target_registration_error(start, np.eye(3), image.shape, spacing=3)
-    after = target_registration_error(result.matrix, np.eye(3), image.shape, spacing=3)
-    print(f"EDS from a {shift} px shift: {result.message}; TRE {before.mean:.2f} / {before.max:.2f} -> "
-          f"{after.mean:.2f} / {after.max:.2f} px")
-    # Either a refinement that is no worse than the start, or the start kept,
-    # said and warned about (the design's guard); not something worse.
-    if result.improved:
-        assert after.max <= before.max + 2 * TRUTH_PX, "a worse transform was returned as a success"
-        assert after.mean <= before.mean + TRUTH_PX
-    else:
-        np.testing.assert_array_equal(result.matrix, start)
-        assert result.message.startswith("kept the initial transform")
-        assert any("kept the initial transform" in str(w.message) for w in caught)
+    worse = []
+    for shift in STARTS:
+        start = affine_about_center(image.shape, shift=shift)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            result = refine(image, np.asarray(cube), initial=start, levels=2, absorbance=False, backend="numpy")
+        before = target_registration_error(start, np.eye(3), image.shape, spacing=3)
+        after = target_registration_error(result.matrix, np.eye(3), image.shape, spacing=3)
+        line = (f"from a {shift} px shift: {result.message}; TRE {before.mean:.2f} / {before.max:.2f} -> "
+                f"{after.mean:.2f} / {after.max:.2f} px")
+        print(line)
+        # Either a refinement no worse than the start, or the start kept, said
+        # and warned about (the design's guard); never something worse.
+        if result.improved:
+            if after.max > before.max + 2 * TRUTH_PX or after.mean > before.mean + TRUTH_PX:
+                worse.append(line)
+        else:
+            np.testing.assert_array_equal(result.matrix, start)
+            assert result.message.startswith("kept the initial transform")
+            assert any("kept the initial transform" in str(w.message) for w in caught)
+    assert not worse, "a worse transform was returned as a success:\n" + "\n".join(worse)
