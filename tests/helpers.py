@@ -1,6 +1,7 @@
 """Small assertions and constants shared by the tests."""
 
 import os
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -41,3 +42,13 @@ def has_module(name):
     except ImportError:
         return False
     return True
+
+
+def traced(call):
+    """``call()`` and the peak of the memory allocated while it ran (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        result = call()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

@@ -26,10 +26,11 @@ from __future__ import annotations
 import json
 import resource
 import sys
-import tracemalloc
 from contextlib import contextmanager
 
 import numpy as np
+
+from helpers import traced  # this script runs from the tests folder
 
 AFFINE = np.array([[0.93, 0.05, 1.7], [-0.04, 0.88, 2.3], [0, 0, 1]])
 
@@ -53,15 +54,6 @@ def memory_limit(headroom: int):
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
-
-def traced(call):
-    """``call()`` and the peak of the memory NumPy and Python allocated during it."""
-    tracemalloc.start()
-    try:
-        result = call()
-        return result, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 def random_cube(shape, seed=0):

@@ -29,7 +29,6 @@ import os
 import re
 import subprocess
 import sys
-import tracemalloc
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,6 +39,8 @@ from ggrad_gpu import _backend, baselines, refine
 from ggrad_gpu import estimate_global_gradient, gaussian_pyramid, sobel_magnitude, warp_cube
 from ggrad_gpu._backend import cupy_usable, is_cuda_error, is_out_of_memory, retry_smaller
 from ggrad_gpu.synthetic import make_phantom
+
+from helpers import traced
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -66,15 +67,6 @@ OOM_ERRORS = {
 
 AFFINE = np.array([[0.93, 0.05, 1.7], [-0.04, 0.88, 2.3], [0, 0, 1]])
 
-
-def traced(call):
-    """``call()`` and the peak of the memory allocated while it ran (tracemalloc)."""
-    tracemalloc.start()
-    try:
-        result = call()
-        return result, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 # --- recognising errors ------------------------------------------------------------------------
