@@ -194,19 +194,27 @@ def refine(
     initial : array_like, shape (3, 3), optional
         Guide grid to native cube grid (device-based registration), affine
         and invertible. Default: the cube spans the guide's field of view.
-    levels : int, default 4
-        Pyramid levels of the estimation. The working grid and the grid at the
-        cube's resolution must keep the coarsest level at least 3 x 3 pixels;
-        the error for too many levels says how many fit.
+    levels : int or "auto", default "auto"
+        Pyramid levels of the estimation. ``"auto"``: the most (up to 4) that
+        keep 8 pixels across the cube's footprint at the coarsest level of the
+        grid at the cube's resolution (fewer for small maps). An explicit
+        number must fit the grids (at least 3 x 3 pixels at the coarsest
+        level); the error for too many says how many fit.
     weights : "auto" or (alpha, beta)
         Level weights (eq. 9) or manual ones: two length-``levels``
         non-negative sequences, not all zero.
     backend : {"auto", "numpy", "cupy"}
         Where to compute; arrays come back in the input's kind.
     working_shape : (int, int), optional
-        Overrides the working grid's size (the block factor is derived from it).
+        Overrides the working grid's size (the block factor is derived from
+        it). By default the working grid is the guide's region around the
+        cube's footprint under ``initial``, plus a capture margin of 45 guide
+        pixels or a third of the footprint's size, whichever is larger
+        (clipped to the guide), block-averaged by ``s = ceil(r / 6)`` where a
+        cube pixel spans ``r`` guide pixels; ``working_to_guide`` gives it.
     output_grid : {"working", "guide"}
-        Grid of ``registered``.
+        Grid of ``registered``: the working grid (the region above) or the
+        full guide grid.
     method : {"gradient", "band_sum", "band_std", "pca"}
         ``"gradient"`` is the global gradient estimate; the others replace
         ``grad_y`` by the Sobel magnitude of a baseline image (for comparison).
