@@ -38,7 +38,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
-from ._backend import array_module, block_rows, to_host
+from ._backend import array_module, to_host
+from ._memory import block_rows
 from ._validation import check_array, float_dtype, power_of_two_scale
 from .nnls import GramAccumulator, spurious_blas_flags_ignored
 

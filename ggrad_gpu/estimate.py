@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import array_module, retry_smaller, to_host
+from ._backend import array_module, to_host
+from ._memory import retry_smaller
 from ._validation import all_finite, check_array, check_levels, check_mask, float_dtype, power_of_two_scale
 from .coverage import Coverage, excluded_levels, fill_gaps, valid_pixels
 from .filters import iter_sobel_blocks, sobel_block_rows, sobel_magnitude

@@ -8,7 +8,7 @@ array would also smooth across the band axis; here each band sees itself alone.
 The work runs over blocks of rows, as slices of the band-last array, so each
 elementwise pass streams contiguous spectra and temporaries stay small. A
 block that runs out of memory is redone with half the rows
-(:func:`ggrad_gpu._backend.retry_smaller`); every pixel's value is computed
+(:func:`ggrad_gpu._memory.retry_smaller`); every pixel's value is computed
 the same way whatever the block, so the results do not change.
 """
 
@@ -19,7 +19,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ._backend import array_module, block_rows, retry_smaller
+from ._backend import array_module
+from ._memory import block_rows, retry_smaller
 from ._validation import check_array, float_dtype
 
 __all__ = ["iter_sobel_blocks", "sobel_block_rows", "sobel_magnitude"]

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import array_module, block_rows, ndimage_module, to_device, to_host
+from ._backend import array_module, ndimage_module, to_device, to_host
+from ._memory import block_rows
 from ._validation import all_finite, float_dtype, to_gray
 from .coverage import fill_gaps
 from .geometry import WorkingGrid, pixels_per_cube_pixel

@@ -6,7 +6,7 @@ and decimated by ``[::2, ::2]``, so level-k pixel ``i`` sits at level-0
 coordinate ``2**k * i``. Only the kept rows and columns are computed, one block
 of output rows at a time, so a cube's blur never materialises a full-size
 temporary and never mixes bands. A block that runs out of memory is redone
-with half the rows (:func:`ggrad_gpu._backend.retry_smaller`).
+with half the rows (:func:`ggrad_gpu._memory.retry_smaller`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import functools
 
 import numpy as np
 
-from ._backend import array_module, ndimage_module, retry_smaller
+from ._backend import array_module, ndimage_module
+from ._memory import retry_smaller
 from ._validation import check_array, check_levels, float_dtype
 
 __all__ = ["blur_decimate", "gaussian_pyramid", "upsample_level"]

@@ -9,7 +9,7 @@ the two spatial axes only, then gathers like the bilinear case.
 
 A block that runs out of memory is redone with half the output pixels, and a
 chunk of bands whose set-up (cast, prefilter) does not fit with half the
-bands (:func:`ggrad_gpu._backend.retry_smaller`). Each output value is
+bands (:func:`ggrad_gpu._memory.retry_smaller`). Each output value is
 computed the same way whatever the blocks and chunks, so the results do not
 change, bit for bit.
 """
@@ -21,7 +21,8 @@ import numbers
 
 import numpy as np
 
-from ._backend import array_module, block_rows, ndimage_module, retry_smaller
+from ._backend import array_module, ndimage_module
+from ._memory import block_rows, retry_smaller
 from ._validation import check_array, check_matrix, float_dtype
 from .geometry import check_output_shape, in_footprint, map_points
 

@@ -6,7 +6,7 @@ starts in a child process (Linux only). The limit is the address-space rlimit
 headroom, so any allocation beyond it fails with NumPy's own
 ``MemoryError``, as it would on a full machine: nothing in the package is
 patched. The only knob turned is the public block budget
-(``ggrad_gpu._backend.CPU_BLOCK_BYTES``) or a stage's own ``rows`` keyword,
+(``ggrad_gpu._memory.CPU_BLOCK_BYTES``) or a stage's own ``rows`` keyword,
 set so that the first try is one block of everything and must be retried
 smaller to fit.
 
@@ -109,9 +109,9 @@ def close(rtol):
 
 
 def warp(order):
-    from ggrad_gpu import _backend, warp_cube
+    from ggrad_gpu import _memory, warp_cube
 
-    _backend.CPU_BLOCK_BYTES = 1 << 40  # the first try: all output pixels and all bands in one block
+    _memory.CPU_BLOCK_BYTES = 1 << 40  # the first try: all output pixels and all bands in one block
     cube = random_cube((128, 128, 96), seed=1)
     cube[3, 4, 2] = np.nan
     return under_a_limit(lambda: warp_cube(cube, AFFINE, (140, 150), order=order), identical)

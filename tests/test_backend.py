@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from ggrad_gpu import _backend, estimate_global_gradient, metrics, register_affine
-from ggrad_gpu._backend import array_module, block_rows, ndimage_module, resolve_backend, to_device, to_host
+from ggrad_gpu import _backend, _memory, estimate_global_gradient, metrics, register_affine
+from ggrad_gpu._backend import array_module, ndimage_module, resolve_backend, to_device, to_host
+from ggrad_gpu._memory import block_rows
 
 
 def test_array_module_numpy_and_scalars():
@@ -140,5 +141,5 @@ def test_numpy_refine_never_imports_cupy():
 
 
 def test_default_block_budget():
-    assert _backend.default_block_bytes(np) == 8 << 20
+    assert _memory.default_block_bytes(np) == 8 << 20
     assert block_rows((1000, 100, 100), 4, np) == (8 << 20) // (100 * 100 * 4)

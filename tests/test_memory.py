@@ -8,8 +8,8 @@ their public calls only:
   the peak must stay within a stated multiple of the input's size. The input
   is larger than the block budgets, so a stage that made a whole extra copy
   of its input would fail.
-- **Block budget.** ``ggrad_gpu._backend.CPU_BLOCK_BYTES`` is the budget
-  that :func:`ggrad_gpu._backend.default_block_bytes` gives on the CPU;
+- **Block budget.** ``ggrad_gpu._memory.CPU_BLOCK_BYTES`` is the budget
+  that :func:`ggrad_gpu._memory.default_block_bytes` gives on the CPU;
   stages that block by it keep their temporaries within a stated multiple of
   it, and give the same result bit for bit whatever it is.
 - **Out of memory.** A child process (``memory_harness.py``, Linux only) sets
@@ -35,9 +35,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from ggrad_gpu import _backend, baselines, refine
+from ggrad_gpu import _memory, baselines, refine
 from ggrad_gpu import estimate_global_gradient, gaussian_pyramid, sobel_magnitude, warp_cube
-from ggrad_gpu._backend import cupy_usable, is_cuda_error, is_out_of_memory, retry_smaller
+from ggrad_gpu._backend import cupy_usable
+from ggrad_gpu._memory import is_cuda_error, is_out_of_memory, retry_smaller
 from ggrad_gpu.synthetic import make_phantom
 
 from helpers import traced
@@ -256,8 +257,8 @@ BUDGETED = {
 def test_block_budget_bounds_the_temporaries_and_changes_no_result(monkeypatch, big_cube, stage, budget_mib):
     call, multiple = BUDGETED[stage]
     default = call(big_cube)
-    monkeypatch.setattr(_backend, "CPU_BLOCK_BYTES", budget_mib * MiB)
-    assert _backend.default_block_bytes(np) == budget_mib * MiB
+    monkeypatch.setattr(_memory, "CPU_BLOCK_BYTES", budget_mib * MiB)
+    assert _memory.default_block_bytes(np) == budget_mib * MiB
     result, peak = traced(lambda: call(big_cube))
     beyond = peak - result.nbytes
     assert beyond <= multiple * budget_mib * MiB, f"{stage}: {beyond / MiB:.2f} MiB with a {budget_mib} MiB budget"
@@ -341,7 +342,7 @@ def fake_cupy_module(free, pool_free=0, pool_used=0, limit=0):
 
 
 def test_gpu_block_budget_follows_the_available_device_memory():
-    budget = _backend.default_block_bytes
+    budget = _memory.default_block_bytes
     assert budget(fake_cupy_module(free=70 << 30)) == 256 << 20
     assert budget(fake_cupy_module(free=1 << 30)) == (1 << 30) // 16
     assert budget(fake_cupy_module(free=1 << 30, pool_free=1 << 30)) == (2 << 30) // 16  # cached blocks count
@@ -366,8 +367,8 @@ def test_warp_completes_under_a_small_cupy_memory_limit(monkeypatch):
     cube = cupy.asarray(host_cube)
     expected = warp_cube(cube, AFFINE, shape, order=3).get()  # without a limit
     retries = []
-    free = _backend.free_device_memory
-    monkeypatch.setattr(_backend, "free_device_memory", lambda: (retries.append(1), free()))
+    free = _memory.free_device_memory
+    monkeypatch.setattr(_memory, "free_device_memory", lambda: (retries.append(1), free()))
     pool = cupy.get_default_memory_pool()
     cupy.cuda.Device().synchronize()
     pool.free_all_blocks()

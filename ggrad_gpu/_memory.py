@@ -1,0 +1,213 @@
+"""Memory: block sizes for chunked stages, and the retry with smaller chunks after running out.
+
+Chunked stages size their blocks with :func:`block_rows` (on a GPU, also from
+the free device memory) and run each chunk through :func:`retry_smaller`,
+which halves the chunk after an out-of-memory error (:func:`is_out_of_memory`)
+and names the stage in any CUDA error it lets through.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from collections.abc import Callable
+from types import ModuleType
+from typing import TypeVar
+
+import numpy as np
+
+__all__ = [
+    "CPU_BLOCK_BYTES",
+    "block_rows",
+    "default_block_bytes",
+    "free_device_memory",
+    "is_cuda_error",
+    "is_out_of_memory",
+    "retry_smaller",
+]
+
+# Default block budgets (bytes of one block of a stage's main array).
+CPU_BLOCK_BYTES = 8 << 20
+GPU_BLOCK_BYTES = 256 << 20
+# On a GPU a block takes at most this share of the memory still available: a
+# stage holds several block-sized temporaries at once (the Sobel workspace,
+# the warp's taps and weights), and other work may share the device.
+GPU_FREE_SHARE = 16
+
+T = TypeVar("T")
+
+
+def block_rows(shape, itemsize: int, xp: ModuleType, *, target_bytes: int | None = None) -> int:
+    """Rows per block so that one block of an array of ``shape`` stays near a budget.
+
+    Blocks keep temporaries bounded (and, on the CPU, cache-sized). The default
+    budget (:func:`default_block_bytes`) is 8 MiB on the CPU and 256 MiB on a
+    GPU, where larger launches pay, or less where little device memory is free.
+    """
+    if target_bytes is None:
+        target_bytes = default_block_bytes(xp)
+    row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    return int(max(1, min(shape[0], target_bytes // max(row_bytes, 1))))
+
+
+def default_block_bytes(xp: ModuleType) -> int:
+    """The default block budget in bytes for arrays of module ``xp``.
+
+    8 MiB on the CPU. On a GPU, 256 MiB, or ``1/16`` of the device memory
+    still available (free on the device, cached free in CuPy's pool, and
+    within the pool's limit if one is set) where that is less, but at least
+    1 MiB; blocks that still do not fit are halved by :func:`retry_smaller`.
+    """
+    if xp is np:
+        return CPU_BLOCK_BYTES
+    available = _device_available_bytes(xp)
+    if available is None:
+        return GPU_BLOCK_BYTES
+    return int(max(1 << 20, min(GPU_BLOCK_BYTES, available // GPU_FREE_SHARE)))
+
+
+def _device_available_bytes(xp: ModuleType) -> int | None:
+    """Bytes the current device can still hand to CuPy, or None if unknown."""
+    try:
+        free, _total = xp.cuda.runtime.memGetInfo()
+        pool = xp.get_default_memory_pool()
+        available = int(free) + int(pool.free_bytes())
+        limit = int(pool.get_limit())
+        if limit:
+            available = min(available, max(limit - int(pool.used_bytes()), 0))
+        return available
+    except Exception:  # an allocator without these statistics, a broken context
+        return None
+
+
+# Where CUDA libraries report a failed allocation other than by CuPy's
+# OutOfMemoryError: cudaMalloc from the runtime or driver, and the workspace
+# allocations of cuBLAS, cuSOLVER, cuFFT, cuSPARSE and cuRAND.
+_OOM_MARKERS = (
+    "cudaErrorMemoryAllocation",
+    "CUDA_ERROR_OUT_OF_MEMORY",
+    "ALLOC_FAILED",  # CUBLAS_STATUS_ALLOC_FAILED, CUSOLVER_..., CUFFT_..., CUSPARSE_...
+    "ALLOCATION_FAILED",  # CURAND_STATUS_ALLOCATION_FAILED
+    "out of memory",
+)
+_CUDA_PACKAGES = ("cupy", "cupy_backends", "cupyx")
+
+
+def is_cuda_error(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by CuPy's CUDA layer (runtime, driver, cuBLAS, ...).
+
+    Decided from the exception's class (defined in ``cupy``, ``cupy_backends``
+    or ``cupyx``), without importing CuPy. Plain Python exceptions that CuPy
+    raises for bad arguments (``ValueError``, ``TypeError``) are not CUDA errors.
+    """
+    return any(cls.__module__.split(".")[0] in _CUDA_PACKAGES for cls in type(exc).__mro__)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says that an allocation failed, on the host or on a device.
+
+    True for ``MemoryError`` (NumPy's, and CuPy's
+    ``cupy.cuda.memory.OutOfMemoryError``, which derives from it), for any
+    CuPy exception class named ``OutOfMemoryError``, and for CUDA errors whose
+    message reports a failed allocation (``cudaErrorMemoryAllocation``,
+    ``CUBLAS_STATUS_ALLOC_FAILED``, ``CUSOLVER_STATUS_ALLOC_FAILED``, ...).
+    Never imports CuPy.
+
+    Examples
+    --------
+    >>> from ggrad_gpu._memory import is_out_of_memory
+    >>> is_out_of_memory(MemoryError()), is_out_of_memory(ValueError("out of memory"))
+    (True, False)
+    """
+    if isinstance(exc, MemoryError):
+        return True
+    if not is_cuda_error(exc):
+        return False
+    if any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__):
+        return True
+    message = str(exc)
+    return any(marker in message for marker in _OOM_MARKERS)
+
+
+def free_device_memory() -> None:
+    """Return unused memory after a failed allocation: collect garbage, empty CuPy's pool.
+
+    The pool is emptied only if CuPy is already imported; this never imports it.
+    """
+    gc.collect()  # arrays held by reference cycles of the failed attempt
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:
+        try:
+            cupy.get_default_memory_pool().free_all_blocks()
+        except Exception:  # a custom allocator, or no usable device
+            pass
+
+
+def retry_smaller(run: Callable[[int], T], size: int, *, stage: str, minimum: int = 1,
+                  unit: str = "items") -> tuple[T, int]:
+    """Call ``run(size)``, halving ``size`` after each out-of-memory error.
+
+    Chunked stages run each chunk through this, carrying the returned size on
+    to their next chunks, so that data larger than the free memory are
+    streamed in smaller chunks instead of failing. ``run`` must be safe to
+    call again after a failure (it overwrites what it writes).
+
+    Parameters
+    ----------
+    run : callable
+        ``run(size) -> result``: the work of one chunk of ``size`` units.
+    size : int
+        The chunk size to try first.
+    stage : str
+        The stage's name, for error messages.
+    minimum : int, default 1
+        The smallest size to try.
+    unit : str, default "items"
+        What ``size`` counts (plural), for error messages, e.g. ``"rows"``.
+
+    Returns
+    -------
+    result
+        What ``run`` returned.
+    size : int
+        The size it succeeded with (``size`` or a halving of it).
+
+    Raises
+    ------
+    MemoryError
+        If ``run(minimum)`` runs out of memory too; the message names the
+        stage and the smallest size tried, and the last error is chained.
+    RuntimeError
+        For any other CUDA error (:func:`is_cuda_error`), named after the
+        stage, with the CUDA error chained. Other exceptions pass unchanged.
+
+    Examples
+    --------
+    >>> from ggrad_gpu._memory import retry_smaller
+    >>> def run(size):
+    ...     if size > 100:
+    ...         raise MemoryError("too big")
+    ...     return size * 2
+    >>> retry_smaller(run, 1000, stage="demo")
+    (124, 62)
+    """
+    minimum = max(int(minimum), 1)
+    size = max(int(size), minimum)
+    while True:
+        try:
+            return run(size), size
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                if is_cuda_error(exc):
+                    raise RuntimeError(f"CUDA error in {stage}: {type(exc).__name__}: {exc}") from exc
+                raise
+            if size <= minimum:
+                unit_text = unit[:-1] if size == 1 and unit.endswith("s") else unit
+                raise MemoryError(
+                    f"out of memory in {stage}, even with chunks of {size} {unit_text} "
+                    f"({type(exc).__name__}: {exc})"
+                ) from exc
+        # Outside the except clause: the traceback, and with it the failed
+        # attempt's frames and their arrays, is released before retrying.
+        free_device_memory()
+        size = max(minimum, size // 2)
