@@ -88,9 +88,7 @@ def band_sum(cube, *, mask=None):
     bands = cube.shape[2]
     out = xp.empty(cube.shape[:2], dtype=dtype)
     for start, stop, block, valid in _blocks(cube, mask, dtype, xp):
-        finite = xp.isfinite(block)
-        if valid is not None:
-            finite &= valid[..., None]
+        finite = _finite_values(block, valid, xp)
         total = xp.where(finite, block, 0).sum(axis=2, dtype=xp.float64)
         count = finite.sum(axis=2)
         # bands / count is exactly 1.0 for a complete pixel: its sum is untouched.
@@ -151,9 +149,7 @@ def band_std(cube, *, mask=None):
         )
     out = xp.empty(cube.shape[:2], dtype=dtype)
     for start, stop, block, valid in _blocks(cube, mask, dtype, xp):
-        finite = xp.isfinite(block)
-        if valid is not None:
-            finite &= valid[..., None]
+        finite = _finite_values(block, valid, xp)
         count = finite.sum(axis=2)
         mean = xp.where(finite, block, 0).sum(axis=2, dtype=xp.float64) / xp.maximum(count, 1)
         deviation = xp.where(finite, block - mean[..., None], 0.0)
@@ -310,6 +306,14 @@ def _blocks(cube, mask, dtype, xp):
         stop = min(start + rows, cube.shape[0])
         block = cube[start:stop].astype(dtype, copy=False)
         yield start, stop, block, None if mask is None else mask[start:stop]
+
+
+def _finite_values(block, valid, xp):
+    """Values of ``block`` (rows, cols, bands) that are finite and at a pixel inside ``valid``."""
+    finite = xp.isfinite(block)
+    if valid is not None:
+        finite &= valid[..., None]
+    return finite
 
 
 def _valid_pixels(block, valid, xp):
