@@ -92,14 +92,14 @@ def _half(path):
 def _inject(monkeypatch, point, fault, fmt="npy"):
     """Make the writer at ``point`` write half its file and then raise ``fault``."""
     if point == "cube":
-        real = getattr(cubes, f"_save_{fmt}")
+        real = cubes.WRITERS[fmt]
 
         def save(temps, *args):
             real(temps, *args)
             _half(temps[0])
             raise fault
 
-        monkeypatch.setattr(cubes, f"_save_{fmt}", save)
+        monkeypatch.setitem(cubes.WRITERS, fmt, save)
     elif point in ("transform.json", "weights.json"):
         real_write_text = pathlib.Path.write_text
         stem = point.split(".")[0]
@@ -184,7 +184,7 @@ def test_the_sigterm_handler_is_restored(inputs, capsys):
                          ids=["SIGINT", "SIGTERM"])
 def test_a_signal_while_writing_the_cube(inputs, monkeypatch, capsys, reliability, signum, expected):
     folder, before = inputs
-    real = cubes._save_npy
+    real = cubes.WRITERS["npy"]
 
     def save(temps, *args):
         real(temps, *args)
@@ -192,7 +192,7 @@ def test_a_signal_while_writing_the_cube(inputs, monkeypatch, capsys, reliabilit
         time.sleep(5)
         raise AssertionError("the signal did not stop the writer")
 
-    monkeypatch.setattr(cubes, "_save_npy", save)
+    monkeypatch.setitem(cubes.WRITERS, "npy", save)
     code = main(["refine", str(folder / "guide.npy"), str(folder / "cube.npy"), "-o", str(folder / "out"),
                  "-q", "--levels", "2", "--backend", "numpy"])
     err = capsys.readouterr().err
@@ -303,13 +303,13 @@ SLOW_WRITER = textwrap.dedent("""
     import ggrad_gpu.io.cubes as cubes
     from ggrad_gpu.cli import main
 
-    real = cubes._save_npy
+    real = cubes.WRITERS["npy"]
 
     def save(temps, *args):
         real(temps, *args)
         time.sleep(120)
 
-    cubes._save_npy = save
+    cubes.WRITERS["npy"] = save
     sys.exit(main(sys.argv[1:]))
 """)
 

@@ -41,7 +41,7 @@ from .._validation import check_array, check_band_axis
 from .atomic import atomic_write_all
 from .libraries import reading, require
 
-__all__ = ["CUBE_FORMATS", "CUBE_SUFFIXES", "CubeData", "cube_suffix", "read_cube", "split_dataset_path", "write_cube"]
+__all__ = ["CUBE_FORMATS", "CUBE_SUFFIXES", "WRITERS", "CubeData", "cube_suffix", "read_cube", "split_dataset_path", "write_cube"]
 
 # The one table of cube formats: each suffix and the format it means. The
 # first suffix of a format is the one written for it (see cube_suffix).
@@ -561,8 +561,7 @@ def write_cube(path, cube, *, band_centres=None, band_unit: str | None = None, f
     _check_format(format)
     path = Path(path)
     fmt = format or _format_from_suffix(path, for_reading=False)
-    saver = {"npy": _save_npy, "npz": _save_npz, "tiff": _save_tiff, "envi": _save_envi,
-             "hdf5": _save_hdf5, "zarr": _save_zarr}[fmt]
+    saver = WRITERS[fmt]  # looked up per call: an entry replaced (e.g. to inject a fault) takes effect
     if fmt == "envi":
         data_file = path.with_suffix(".img") if path.suffix.lower() in (".hdr", "") else path
         targets = [data_file, data_file.with_suffix(".hdr")]
@@ -636,3 +635,10 @@ def _save_zarr(temps, cube, centres, unit):
         attrs["band_unit"] = unit
     if attrs:
         array.attrs.update(attrs)
+
+
+#: The writer of each format: ``writer(temps, cube, centres, unit)`` fills the
+#: temporary files ``temps`` (one, or ENVI's data and header) that
+#: :func:`write_cube` then moves into place all or nothing.
+WRITERS = {"npy": _save_npy, "npz": _save_npz, "tiff": _save_tiff, "envi": _save_envi,
+           "hdf5": _save_hdf5, "zarr": _save_zarr}
