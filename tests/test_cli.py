@@ -218,8 +218,15 @@ def test_demo_prints_the_error_and_writes_a_report(tmp_path, capsys):
     assert main(["demo", "--shape", "200", "240", "--bands", "24", "--levels", "3", "--backend", "numpy",
                  "-o", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "alpha" in text and "grad_y (global gradient)" in text
-    assert "target registration error" in text and "refine: refined" in text
+    assert "alpha" in text and "global gradient (grad_y)" in text
+    assert "target registration error" in text and 'refine (method "gradient"): refined' in text
+    # The table: the global gradient and the four baselines, each with its NCC,
+    # and a TRE for every one that refine takes as a method.
+    table = {line.split()[-1]: line for line in text.splitlines()
+             if line.rstrip().endswith(("gradient", "band_sum", "band_std", "pca", "kept)", "refine)"))}
+    assert {"gradient", "band_std", "pca", "refine)"} <= set(table)
+    assert "best single band (#" in text and "band sum (paper eq. 2)" in text
+    assert "spectral std (paper eq. 3)" in text and "first principal component" in text
     assert f"report: {out / 'report.png'}" in text
     assert {p.name for p in out.iterdir()} == OUTPUTS
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
