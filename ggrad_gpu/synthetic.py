@@ -238,7 +238,8 @@ def make_phantom(
 
     return _assemble(
         scene, pad, (rows, cols), (native_shape, initial, misregistration, matrix), native_factor, bands,
-        lambda visible: _brightfield(visible, guide_noise, rng, substrate=signatures == "separate"), noise, normalisation, rng, signatures,
+        lambda visible: _brightfield(visible, guide_noise, rng, substrate=signatures == "separate"), noise,
+        normalisation, rng, signatures,
     )
 
 
