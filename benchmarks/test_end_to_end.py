@@ -1,7 +1,7 @@
 """refine at 350 x 415 x 1000 against the plain way, end to end (benchmarks/RESULTS.md: "10.7x").
 
 The paper's geometry: a 350 x 415 guide and the native 70 x 83 x 1000 cube of
-``make_phantom(bands=1000, **draw_cases(n)[k].phantom_kwargs())`` for cases
+``make_phantom(bands=1000, signatures="mixed", **draw_cases(n)[k].phantom_kwargs())`` for cases
 ``k = 0 .. --bench-cases - 1`` (default 5). ggrad_gpu is
 ``refine(guide, cube, initial=phantom.initial, backend=...)``; the plain way
 is ``ggrad_gpu.bench.plain_refine``: the cube placed on the guide grid with

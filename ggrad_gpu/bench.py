@@ -210,7 +210,7 @@ class Data:
     @cached_property
     def phantom(self):
         rows, cols, bands = self.shape
-        return make_phantom(shape=(rows, cols), bands=bands, seed=0)
+        return make_phantom(shape=(rows, cols), bands=bands, seed=0, signatures="mixed")  # the phantom of RESULTS.md
 
     @cached_property
     def guide(self):
@@ -257,7 +257,7 @@ class Data:
         drawn = draw_cases(self.case + 1)[self.case].phantom_kwargs()
         factor = min(1.0, rows / PAPER[0], cols / PAPER[1])
         drawn["shift"] = tuple(factor * s for s in drawn["shift"])
-        return make_phantom(shape=(rows, cols), bands=bands, **drawn)
+        return make_phantom(shape=(rows, cols), bands=bands, signatures="mixed", **drawn)  # RESULTS.md's phantom
 
 
 # --------------------------------------------------------------------------- stages

@@ -286,7 +286,7 @@ def refine(
     >>> import numpy as np
     >>> from ggrad_gpu import refine, synthetic
     >>> from ggrad_gpu.metrics import target_registration_error
-    >>> phantom = synthetic.make_phantom(shape=(120, 140), bands=16, seed=1)
+    >>> phantom = synthetic.make_phantom(shape=(120, 140), bands=16, seed=1, signatures="mixed")
     >>> result = refine(phantom.guide, phantom.cube, initial=phantom.initial, levels=3, backend="numpy")
     >>> result.improved, result.registered.shape
     (True, (120, 140, 16))

@@ -2,7 +2,12 @@
 
 In the spirit of the paper's polymer samples: a few components, each with a
 Raman-like spectrum (Lorentzian peaks on a fluorescence background), fill
-smooth domains, and one of them also forms small particles. The brightfield
+smooth domains on a substrate and form small particles. By default
+(``signatures="separate"``) each component has peaks of its own at
+wavenumbers where the others are flat, so each band shows the boundaries of
+one component and no single band sees them all, as the paper's Sections 1-2
+describe; ``signatures="mixed"`` is the earlier phantom (no substrate,
+particles of the last component, every band telling most components apart). The brightfield
 guide renders the components by optical density, with illumination fall-off,
 fine texture the spectrometer cannot resolve, and noise. The cube is measured
 at a lower native resolution through a blurred spot, with a smooth gain
@@ -36,6 +41,12 @@ __all__ = [
 ]
 
 NORMALISATIONS = ("area", "vector", "snv", None)
+SIGNATURES = ("separate", "mixed")
+# The area of a component's own peaks, relative to the unit mean of its spectrum before
+# normalisation: peaks about twice the background, tails lost in the noise.
+_PEAK_AREA = 0.2
+# Where no component's field exceeds this many standard deviations, the substrate shows.
+_SUBSTRATE_LEVEL = 0.4
 
 # Colour deconvolution (Ruifrok & Johnston, Anal. Quant. Cytol. Histol. 23(4),
 # 291-299, 2001): rows are the unit optical-density vectors (R, G, B) of
@@ -63,9 +74,12 @@ class Phantom:
     wavenumbers : numpy.ndarray, shape (bands,)
         Band centres in cm^-1.
     spectra : numpy.ndarray, shape (components, bands)
-        Pure component spectra before noise and normalisation.
+        Pure component spectra before noise and normalisation (from
+        :func:`make_phantom` with ``signatures="separate"``, one more: the
+        substrate's, last).
     abundances : numpy.ndarray, shape (components, rows, cols)
-        True component fractions on the guide grid.
+        True component fractions on the guide grid (the same rows as
+        ``spectra``).
     """
 
     guide: np.ndarray
@@ -131,6 +145,7 @@ def make_phantom(
     normalisation: str | None = "area",
     seed: int = 0,
     footprint=None,
+    signatures: str = "separate",
 ) -> Phantom:
     """Build a phantom guide and cube with a known affine misregistration.
 
@@ -141,7 +156,8 @@ def make_phantom(
     bands : int, default 1000
         Spectral bands (wavenumbers 400-1800 cm^-1).
     components : int, default 3
-        Chemical components (at least 2).
+        Chemical components (at least 2), besides the substrate (see
+        ``signatures``).
     native_factor : int, default 5
         Guide pixels per cube pixel: the cube is ``ceil(shape / native_factor)``
         (or ``ceil(footprint size / native_factor)``).
@@ -162,6 +178,21 @@ def make_phantom(
     footprint : (row0, col0, rows, cols), optional
         The window of the guide that the cube covers under ``initial`` (a map
         in a larger white-light image); by default the whole guide.
+    signatures : {"separate", "mixed"}, default "separate"
+        How the components' spectra differ. ``"separate"``: one fluorescence
+        background common to all, and each component's own Raman peaks at
+        wavenumbers no other component has (equal peak areas), so a band shows
+        only the boundaries of the component whose peak it holds and no single
+        band sees them all, as in the paper's polymer samples (Sections 1-2:
+        the spatial information is spread over the spectral channels).
+        The components' domains lie on a substrate (a further component with
+        no peaks of its own, nearly clear in the guide; ``spectra`` and
+        ``abundances`` then have ``components + 1`` rows, the substrate last),
+        and the particles belong to each component in turn.
+        ``"mixed"``: the earlier phantom, each spectrum its own background and
+        peaks anywhere, so that most bands tell every component apart and one
+        well-chosen band sees nearly every boundary; no substrate, and the
+        particles are the last component's.
 
     Returns
     -------
@@ -179,6 +210,8 @@ def make_phantom(
     """
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"normalisation must be one of {NORMALISATIONS}; got {normalisation!r}")
+    if signatures not in SIGNATURES:
+        raise ValueError(f"signatures must be one of {SIGNATURES}; got {signatures!r}")
     if components < 2:
         raise ValueError(f"components must be at least 2; got {components}")
     if bands < 1:
@@ -200,11 +233,13 @@ def make_phantom(
     # The sample's structure is at the scale of the region mapped: a tenth of
     # the footprint's smaller side (of the guide's, where the cube spans it).
     scene = _abundances(scene_shape, components, particles, rng,
-                        domain_size=None if footprint is None else min(_footprint(footprint, (rows, cols))[2:]) / 10)
+                        domain_size=None if footprint is None else min(_footprint(footprint, (rows, cols))[2:]) / 10,
+                        substrate=signatures == "separate")
 
     return _assemble(
         scene, pad, (rows, cols), (native_shape, initial, misregistration, matrix), native_factor, bands,
-        lambda visible: _brightfield(visible, guide_noise, rng), noise, normalisation, rng,
+        lambda visible: _brightfield(visible, guide_noise, rng, substrate=signatures == "separate"), noise,
+        normalisation, rng, signatures,
     )
 
 
@@ -242,7 +277,8 @@ def _footprint(footprint, shape) -> tuple[int, int, int, int]:
     return row0, col0, height, width
 
 
-def _assemble(scene, pad, shape, geometry, native_factor, bands, render_guide, noise, normalisation, rng):
+def _assemble(scene, pad, shape, geometry, native_factor, bands, render_guide, noise, normalisation, rng,
+              signatures="mixed"):
     """Spectra, guide and measured cube of a scene, as a :class:`Phantom`.
 
     ``render_guide`` turns the guide's window of the scene (components, rows,
@@ -253,7 +289,7 @@ def _assemble(scene, pad, shape, geometry, native_factor, bands, render_guide, n
     native_shape, initial, misregistration, matrix = geometry
     visible = scene[:, pad : pad + rows, pad : pad + cols]
     wavenumbers = np.linspace(400.0, 1800.0, bands)
-    spectra = _raman_spectra(wavenumbers, scene.shape[0], rng)
+    spectra = _raman_spectra(wavenumbers, scene.shape[0], rng, signatures)
     guide = render_guide(visible)
     cube = _measure_cube(scene, pad, matrix, native_shape, native_factor, spectra, noise, normalisation, rng)
     return Phantom(
@@ -275,34 +311,86 @@ def _smooth_field(shape, sigma, rng):
     return field / field.std()
 
 
-def _abundances(shape, components, particles, rng, domain_size=None):
+def _abundances(shape, components, particles, rng, domain_size=None, substrate=False):
     """Component fractions (components, rows, cols): smooth domains plus particles.
 
     Domains are about ``domain_size`` pixels across (default a tenth of the
-    smaller side).
+    smaller side). With ``substrate``, a further last component fills the
+    space between the others' domains (where no field exceeds
+    ``_SUBSTRATE_LEVEL``): with three components, each covers a fifth
+    to a third of the area and the substrate the rest.
     """
     domain_size = max(4.0, min(shape) / 10 if domain_size is None else domain_size)
     logits = 12.0 * np.stack([_smooth_field(shape, domain_size, rng) for _ in range(components)])
+    if substrate:
+        logits = np.concatenate([logits, np.full((1,) + tuple(shape), 12.0 * _SUBSTRATE_LEVEL)])
     # Soft arg-max over the domain fields: smooth boundaries a few pixels wide.
     fractions = np.exp(logits - logits.max(axis=0))
     fractions /= fractions.sum(axis=0)
-    # The last component forms small round particles with soft edges.
-    particle = np.zeros(shape)
-    for r, c, radius in zip(
+    # Small round particles with soft edges: of the last component, or with
+    # ``substrate`` of each component in turn.
+    owners = 1 if not substrate else components
+    particle = np.zeros((owners,) + tuple(shape))
+    for i, (r, c, radius) in enumerate(zip(
         rng.uniform(0, shape[0], particles), rng.uniform(0, shape[1], particles), rng.uniform(2.0, 6.0, particles)
-    ):
+    )):
         r0, r1 = max(int(r - radius) - 2, 0), min(int(r + radius) + 3, shape[0])
         c0, c1 = max(int(c - radius) - 2, 0), min(int(c + radius) + 3, shape[1])
         rr, cc = np.mgrid[r0:r1, c0:c1]
         disc = np.clip(radius + 0.5 - np.hypot(rr - r, cc - c), 0.0, 1.0)
-        np.maximum(particle[r0:r1, c0:c1], disc, out=particle[r0:r1, c0:c1])
-    fractions *= 1 - particle
-    fractions[-1] += particle
+        target = particle[i % owners, r0:r1, c0:c1]
+        if owners > 1:  # a particle covers only what the other owners' particles leave
+            disc = disc * (1 - particle[:, r0:r1, c0:c1].sum(axis=0) + target)
+        np.maximum(target, disc, out=target)
+    fractions *= 1 - particle.sum(axis=0)
+    fractions[components - owners : components] += particle
     return fractions
 
 
-def _raman_spectra(wavenumbers, components, rng):
-    """Distinct spectra: Lorentzian peaks on a broad fluorescence background."""
+def _raman_spectra(wavenumbers, components, rng, signatures="mixed"):
+    """Component spectra, each of unit mean: see :func:`make_phantom`'s ``signatures``."""
+    if signatures == "separate":
+        return _separate_spectra(wavenumbers, components, rng)
+    return _mixed_spectra(wavenumbers, components, rng)
+
+
+def _separate_spectra(wavenumbers, components, rng):
+    """Spectra that differ only at each component's own peaks; the last is the substrate's.
+
+    One fluorescence background is common to all; each component but the last
+    adds 2 to 4 Lorentzian peaks in wavenumber slots no other component uses,
+    scaled to the same total area, and the last (the substrate) adds the same
+    area evenly, so that after normalisation the spectra still agree
+    everywhere but at the peaks (and their tails). A band at a component's
+    peak shows that component's boundaries and not the others': the spatial
+    information is spread over the bands.
+    """
+    span = wavenumbers[-1] - wavenumbers[0]
+    centre = rng.uniform(wavenumbers[0], wavenumbers[-1])
+    background = rng.uniform(0.5, 1.0) * np.exp(-0.5 * ((wavenumbers - centre) / (0.6 * span)) ** 2)
+    # Slots of about 70 cm^-1 (20 over 400-1800 cm^-1; more for many
+    # components), dealt out without replacement: 2 to 4 per component.
+    slots = rng.permutation(max(20, 4 * (components - 1)))
+    edges = np.linspace(wavenumbers[0], wavenumbers[-1], slots.size + 1)
+    spacing = span / max(wavenumbers.size - 1, 1)
+    spectra = np.empty((components, wavenumbers.size))
+    spectra[-1] = background + _PEAK_AREA  # the substrate: no peaks of its own, the same area
+    taken = 0
+    for i in range(components - 1):
+        count = int(rng.integers(2, 5))
+        peaks = np.zeros_like(wavenumbers)
+        for slot in slots[taken : taken + count]:
+            low, high = edges[slot], edges[slot + 1]
+            position = rng.uniform(low + 0.3 * (high - low), high - 0.3 * (high - low))
+            width = max(rng.uniform(4.0, 10.0), 0.75 * spacing)  # seen by a band however few bands
+            peaks += rng.uniform(0.5, 1.5) / (1 + ((wavenumbers - position) / width) ** 2)
+        taken += count
+        spectra[i] = background + _PEAK_AREA * peaks / peaks.mean()
+    return spectra / spectra.mean(axis=1, keepdims=True)
+
+
+def _mixed_spectra(wavenumbers, components, rng):
+    """Distinct spectra: Lorentzian peaks on a broad fluorescence background, each its own."""
     span = wavenumbers[-1] - wavenumbers[0]
     spectra = np.empty((components, wavenumbers.size))
     for i in range(components):
@@ -319,10 +407,16 @@ def _raman_spectra(wavenumbers, components, rng):
     return spectra / spectra.mean(axis=1, keepdims=True)
 
 
-def _brightfield(fractions, noise, rng):
-    """Transmitted light: Beer-Lambert by optical density, vignetting, texture, noise."""
+def _brightfield(fractions, noise, rng, substrate=False):
+    """Transmitted light: Beer-Lambert by optical density, vignetting, texture, noise.
+
+    With ``substrate`` the last component is a nearly clear substrate.
+    """
     components, rows, cols = fractions.shape
-    density = rng.permutation(np.linspace(0.15, 1.2, components))
+    if substrate:
+        density = np.append(rng.permutation(np.linspace(0.4, 1.2, components - 1)), 0.1)
+    else:
+        density = rng.permutation(np.linspace(0.15, 1.2, components))
     transmitted = np.exp(-np.tensordot(density, fractions, axes=1))
     rr, cc = np.mgrid[:rows, :cols]
     radius = np.hypot((rr - rows / 2) / rows, (cc - cols / 2) / cols)

@@ -26,7 +26,9 @@ OUTPUTS = {"transform.json", "weights.json", "report.png"}
 
 @pytest.fixture(scope="module")
 def phantom():
-    return make_phantom(shape=(200, 240), bands=24, seed=4, rotation_deg=2.0, scale=1.02, shift=(12.0, -15.0))
+    # The phantom before issue 18 (signatures="mixed"), on which the thresholds were set.
+    return make_phantom(shape=(200, 240), bands=24, seed=4, rotation_deg=2.0, scale=1.02, shift=(12.0, -15.0),
+                        signatures="mixed")
 
 
 @pytest.fixture(scope="module")
@@ -218,8 +220,15 @@ def test_demo_prints_the_error_and_writes_a_report(tmp_path, capsys):
     assert main(["demo", "--shape", "200", "240", "--bands", "24", "--levels", "3", "--backend", "numpy",
                  "-o", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "alpha" in text and "grad_y (global gradient)" in text
-    assert "target registration error" in text and "refine: refined" in text
+    assert "alpha" in text and "global gradient (grad_y)" in text
+    assert "target registration error" in text and 'refine (method "gradient"): refined' in text
+    # The table: the global gradient and the four baselines, each with its NCC,
+    # and a TRE for every one that refine takes as a method.
+    table = {line.split()[-1]: line for line in text.splitlines()
+             if line.rstrip().endswith(("gradient", "band_sum", "band_std", "pca", "kept)", "refine)"))}
+    assert {"gradient", "band_std", "pca", "refine)"} <= set(table)
+    assert "best single band (#" in text and "band sum (paper eq. 2)" in text
+    assert "spectral std (paper eq. 3)" in text and "first principal component" in text
     assert f"report: {out / 'report.png'}" in text
     assert {p.name for p in out.iterdir()} == OUTPUTS
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,8 @@ from ggrad_gpu.synthetic import make_phantom
 
 def main(argv=None) -> int:
     args = parser(__doc__.splitlines()[0], default_json="refine_cases.json").parse_args(argv)
-    sweep = run(args.cases, lambda case: make_phantom(bands=args.bands, **case.phantom_kwargs()))
+    # signatures="mixed": the phantom of the recorded figures (before make_phantom's default changed).
+    sweep = run(args.cases, lambda case: make_phantom(bands=args.bands, signatures="mixed", **case.phantom_kwargs()))
     return report(sweep, title="refine accuracy sweep (phantoms)", path=args.json)
 
 
