@@ -89,7 +89,7 @@ def in_footprint(q_rows, q_cols, cube_shape):
     return (q_rows >= -0.5) & (q_rows <= cube_shape[0] - 0.5) & (q_cols >= -0.5) & (q_cols <= cube_shape[1] - 0.5)
 
 
-def affine_coordinates(matrix, shape, xp, *, rows=None):
+def affine_coordinates(matrix, shape, xp):
     """Source coordinates ``(q_rows, q_cols)`` of every pixel of a grid, in float64.
 
     Parameters
@@ -100,11 +100,8 @@ def affine_coordinates(matrix, shape, xp, *, rows=None):
         The grid.
     xp : module
         NumPy or CuPy: where the coordinates are made.
-    rows : slice, optional
-        Only these rows of the grid.
     """
-    rows = slice(0, shape[0]) if rows is None else rows
-    r = xp.arange(rows.start, rows.stop, dtype=xp.float64)[:, None]
+    r = xp.arange(shape[0], dtype=xp.float64)[:, None]
     c = xp.arange(shape[1], dtype=xp.float64)[None, :]
     return map_points(matrix, r, c)
 
