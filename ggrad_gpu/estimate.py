@@ -128,7 +128,8 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", co
     xp = array_module(guide=guide, cube=cube, **coverage.maps())
     levels = check_levels(levels, guide.shape, image="guide")
     manual = None if isinstance(weights, str) and weights == "auto" else manual_level_weights(weights, levels)
-    guide, cube = _filled_inputs(guide, cube, coverage, xp)
+    guide = _filled(guide, coverage.guide_missing, "guide", xp)
+    cube = _filled(cube, coverage.cube_gaps, "cube", xp)
     gaps = coverage.gaps
     excluded = excluded_levels(gaps, levels)
 
@@ -188,19 +189,14 @@ def _checked_coverage(coverage, shape) -> Coverage:
     return coverage
 
 
-def _filled_inputs(guide, cube, coverage, xp):
-    """Guide and cube with stand-ins where they lack data; checked finite elsewhere."""
-    for name, image, gaps in (("guide", guide, coverage.guide_missing), ("cube", cube, coverage.cube_gaps)):
-        if gaps is not None:
-            image = fill_gaps(image, gaps)
-        if not all_finite(image, xp):
-            where = "" if gaps is None else " where coverage says it holds data"
-            raise ValueError(f"{name} contains NaN or inf values{where}")
-        if name == "guide":
-            guide = image
-        else:
-            cube = image
-    return guide, cube
+def _filled(image, gaps, name, xp):
+    """``image`` with stand-ins at ``gaps`` (if any), checked finite everywhere else (naming ``name``)."""
+    if gaps is not None:
+        image = fill_gaps(image, gaps)
+    if not all_finite(image, xp):
+        where = "" if gaps is None else " where coverage says it holds data"
+        raise ValueError(f"{name} contains NaN or inf values{where}")
+    return image
 
 
 # A band whose Sobel magnitudes stay below this many units in the last place

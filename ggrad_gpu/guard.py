@@ -76,12 +76,10 @@ def judge(grad_x, grad_y, placement, *, fixed_valid=None, moving_valid=None, gui
         "ncc_before": affine_ncc(grad_x, grad_y, np.eye(3), **masks),
         "ncc_after": affine_ncc(grad_x, grad_y, placement, **masks) if np.isfinite(placement).all() else 0.0,
     }
-    overlap = True
+    overlap = xp.ones(grad_x.shape, dtype=bool)
     for valid in (fixed_valid, moving_valid):
         if valid is not None:
-            overlap = overlap & valid
-    if overlap is True:
-        overlap = xp.ones(grad_x.shape, dtype=bool)
+            overlap &= valid
     problem = degeneracy(placement, MAX_SCALE_CHANGE)
     if int(overlap.sum()) < MIN_OVERLAP:
         reason = "too few valid pixels where the guide and the cube overlap (little overlap, or missing data)"

@@ -185,8 +185,8 @@ def register_affine(
     if levels is None:
         smallest = min(fixed.shape + moving.shape)
         levels = int(np.clip(np.floor(np.log2(max(smallest, 1) / 64)) + 1, 1, 5))
-    fixed_img, fixed_cov, fixed_strict = _split_missing(fixed, fixed_img, fixed_cov, fixed_mask, xp)
-    moving_img, moving_cov, moving_strict = _split_missing(moving, moving_img, moving_cov, moving_mask, xp)
+    fixed_strict = _strict_coverage(fixed, fixed_cov, fixed_mask, xp)
+    moving_strict = _strict_coverage(moving, moving_cov, moving_mask, xp)
     fixed_pyr = _pyramid(fixed_img, fixed_cov, levels, strict=fixed_strict)
     moving_pyr = _pyramid(moving_img, moving_cov, levels, strict=moving_strict)
     if moving_strict is not moving_cov:
@@ -269,17 +269,15 @@ def _prepare(image, mask, dtype, xp):
     return image, coverage.astype(dtype)
 
 
-def _split_missing(original, image, coverage, mask, xp):
-    """``(image, coverage, strict)`` for :func:`_pyramid`: missing samples apart from the mask.
+def _strict_coverage(original, coverage, mask, xp):
+    """The coverage from the mask alone, for :func:`_pyramid`: ``coverage`` itself without missing samples.
 
     Missing samples are the non-finite pixels of ``original``; ``coverage``
-    leaves them out, ``strict`` (the mask alone) does not. Without missing
-    samples, ``strict`` is ``coverage``.
+    leaves them out, the strict coverage does not.
     """
     if all_finite(original, xp):
-        return image, coverage, coverage
-    strict = xp.ones(coverage.shape, coverage.dtype) if mask is None else mask.astype(bool).astype(coverage.dtype)
-    return image, coverage, strict
+        return coverage
+    return xp.ones(coverage.shape, coverage.dtype) if mask is None else mask.astype(bool).astype(coverage.dtype)
 
 
 def _pyramid(image, coverage, levels, *, strict=None):
