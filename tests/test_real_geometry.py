@@ -148,13 +148,28 @@ def test_partial_field_from_the_right_placement_stays_there():
 # --------------------------------------------------------------------------- small maps in large guides
 
 
-def test_twenty_by_twenty_map_on_a_hundred_pixels_of_a_large_guide():
-    # r = 5: a 20 x 20 map covering 100 x 100 pixels of a 480 x 752 white-light image.
-    phantom = make_phantom(shape=(480, 752), bands=64, native_factor=5, footprint=(190, 330, 100, 100), seed=0,
-                           rotation_deg=2.0, scale=1.02, shift=(12.0, -9.0))
+@pytest.mark.parametrize(
+    "seed, signatures",
+    [
+        (0, "mixed"),
+        pytest.param(1, "mixed", marks=pytest.mark.slow),
+        pytest.param(2, "mixed", marks=pytest.mark.slow),
+        (0, "separate"),
+        pytest.param(2, "separate", marks=[pytest.mark.slow, pytest.mark.xfail(strict=True, reason=(
+            "on the default phantom (edges spread over bands) this 20 x 20 map locks 51 px away (TRE 51.1 / "
+            "55.2 px from 14 px) and the guard accepts it (NCC 0.07 -> 0.66): a wrong lock on a map of 400 "
+            "pixels; seeds 0, 1, 3, 4, 5 reach 0.20-0.34 px"))]),
+    ],
+)
+def test_twenty_by_twenty_map_on_a_hundred_pixels_of_a_large_guide(seed, signatures):
+    # r = 5: a 20 x 20 map covering 100 x 100 pixels of a 480 x 752 white-light image; the thresholds
+    # were set on the phantom before issue 18 (signatures="mixed").
+    phantom = make_phantom(shape=(480, 752), bands=64, native_factor=5, footprint=(190, 330, 100, 100), seed=seed,
+                           rotation_deg=2.0, scale=1.02, shift=(12.0, -9.0), signatures=signatures)
     assert phantom.cube.shape[:2] == (20, 20)
     result = _refine(phantom.guide, phantom.cube, phantom.initial)
     after = _footprint_tre(result.matrix, phantom)
+    print(f"20 x 20 map on 100 x 100 px, {signatures} phantom, seed {seed}: TRE over the footprint {after.mean:.3f} / {after.max:.3f} px")
     assert result.improved and result.levels == 2 and after.max < 1.0, (result.message, after)
 
 
@@ -171,6 +186,8 @@ def test_twenty_by_twenty_map_on_twenty_five_pixels(seed):
     result = _refine(phantom.guide, cube, initial)
     before = _footprint_tre(initial, phantom, cube.shape, matrix)
     after = _footprint_tre(result.matrix, phantom, cube.shape, matrix)
+    print(f"20 x 20 map on 25 x 25 px, seed {seed}: TRE over the footprint {before.mean:.3f} -> "
+          f"{after.mean:.3f} / {after.max:.3f} px")
     assert result.improved and after.max < 1.0 and after.mean < before.mean / 5, (result.message, before, after)
 
 
