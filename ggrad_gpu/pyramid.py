@@ -16,7 +16,7 @@ import functools
 import numpy as np
 
 from ._backend import array_module, ndimage_module
-from ._memory import block_rows, retry_smaller
+from ._memory import block_rows, default_block_bytes, retry_smaller
 from ._validation import check_array, check_levels, float_dtype
 
 __all__ = ["blur_decimate", "gaussian_pyramid", "upsample_level"]
@@ -76,9 +76,9 @@ def blur_decimate(x, *, rows: int | None = None):
     x : array, shape (rows, cols[, bands]), floating
     rows : int, optional
         Output rows per block (bounds the temporaries); by default as many as
-        keep one block of the row pass's output near the block budget
-        (:func:`ggrad_gpu._memory.block_rows`), so an image or cube within the
-        budget is one block whatever its size.
+        keep one block of the row pass's output near a quarter of the block
+        budget (:func:`ggrad_gpu._memory.block_rows`), so an image within it
+        (on a GPU, 64 MiB) is one block whatever its size.
 
     Notes
     -----
@@ -105,7 +105,11 @@ def blur_decimate(x, *, rows: int | None = None):
     out_rows, out_cols = (n_rows + 1) // 2, (n_cols + 1) // 2
     out = xp.empty((out_rows, out_cols) + tail, dtype=x.dtype)
     if rows is None:
-        rows = block_rows((out_rows, n_cols) + tail, x.dtype.itemsize, xp)
+        # The block's row-pass output (and, on a GPU, the copied windows) a
+        # quarter of the budget: 2 MiB on the CPU, cache-sized.
+        rows = block_rows((out_rows, n_cols) + tail, x.dtype.itemsize, xp, target_bytes=default_block_bytes(xp) // 4)
+        # Whole windows of the interior product per block: blocks then need no edge products inside.
+        rows = max(_BandedDecimation.CHUNK, rows // _BandedDecimation.CHUNK * _BandedDecimation.CHUNK)
     flat = x.reshape(1, n_rows, -1)
     weights = _gaussian_weights(np.float64)
     row_pass = _BandedDecimation(weights, n_rows, x.dtype, xp)

@@ -26,7 +26,7 @@ from ._memory import block_rows, retry_smaller
 from ._validation import check_array, check_matrix, float_dtype
 from .geometry import check_output_shape, in_footprint, map_points
 
-__all__ = ["warp_cube"]
+__all__ = ["point_bytes", "warp_cube"]
 
 STAGE = "warp_cube"
 
@@ -128,7 +128,9 @@ def warp_cube(cube, matrix, output_shape, *, order: int = 1, band_chunk: int | N
     # one block stays near the memory budget even with thousands of bands;
     # the sums hold a few (pixels, bands) temporaries at a time.
     pixels = out.reshape(-1, n_bands)
-    block = block_rows((pixels.shape[0], 4, band_chunk), dtype.itemsize, xp)
+    # Sized for all bands, so that a smaller band_chunk only lowers the peak
+    # (its points per block stay; their spectra shrink).
+    block = block_rows((pixels.shape[0], point_bytes(order, n_bands, dtype.itemsize)), 1, xp)
     out_cols = output_shape[1]
 
     def resample_block(sampler, bands, start, size):
@@ -158,6 +160,18 @@ def warp_cube(cube, matrix, output_shape, *, order: int = 1, band_chunk: int | N
     return out
 
 
+def point_bytes(order: int, bands: int, itemsize: int) -> int:
+    """Bytes of temporaries per output point of a block: its spectra and its taps.
+
+    Two (points, bands) buffers (the gathered tap, and the kept weight with
+    NaN), and per tap an ``intp`` index, a float64 weight and its cast, plus
+    the per-axis taps and coordinates (float64). The taps do not shrink with
+    the bands, so with few bands they are most of a block.
+    """
+    taps, axis_taps = (4, 2) if order == 1 else (16, 4)
+    return 2 * bands * itemsize + taps * (8 + 8 + itemsize) + 2 * axis_taps * 16 + 64
+
+
 def _check_matrix(matrix) -> np.ndarray:
     matrix = check_matrix(matrix, "matrix")
     if not np.allclose(matrix[2], (0.0, 0.0, 1.0), rtol=0.0, atol=1e-9):
@@ -175,7 +189,10 @@ class _Sampler:
     def __init__(self, values, order, dtype, xp):
         self.xp, self.order, self.dtype = xp, order, dtype
         self.shape = values.shape[:2]
-        values = values.astype(dtype, order="C", copy=False)
+        # A chunk of a band-last cube is used in place (each pixel's bands are
+        # contiguous); a cube with strided bands (a bands-first view) is copied once.
+        contiguous_bands = values.shape[2] == 1 or values.strides[2] == values.itemsize
+        values = values.astype(dtype, order="K" if contiguous_bands else "C", copy=False)
         n_bands = values.shape[2]
         # One reduction (min propagates NaN) and one device sync per chunk
         # decide whether it needs NaN bookkeeping; NaN-free chunks skip it.
@@ -243,8 +260,9 @@ class _Sampler:
             # pixel is nearer; at the NaN pixel itself the band stays NaN.
             near_rows = xp.floor(xp.clip(q_rows, 0, n_rows - 1) + 0.5).astype(xp.intp)
             near_cols = xp.floor(xp.clip(q_cols, 0, n_cols - 1) + 0.5).astype(xp.intp)
-            out[self.missing[near_rows * n_cols + near_cols]] = xp.nan
-        out[~in_footprint(q_rows, q_cols, (n_rows, n_cols))] = xp.nan
+            xp.copyto(out, xp.nan, where=self.missing[near_rows * n_cols + near_cols])
+        # copyto with where, not a boolean-mask assignment: no index array, no device sync.
+        xp.copyto(out, xp.nan, where=~in_footprint(q_rows, q_cols, (n_rows, n_cols))[:, None])
 
 
 def _linear_taps(q, n, pad, xp):
