@@ -126,7 +126,7 @@ def blur_decimate(x, *, rows: int | None = None):
     # then round a few values differently: the products change shape).
     start = 0
     while start < out_rows:
-        start, rows = retry_smaller(functools.partial(block, start), rows, stage=STAGE, unit="rows")
+        start, rows = retry_smaller(functools.partial(block, start), rows, stage=STAGE, unit="rows", xp=xp)
     return out
 
 

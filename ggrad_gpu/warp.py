@@ -148,7 +148,7 @@ def warp_cube(cube, matrix, output_shape, *, order: int = 1, band_chunk: int | N
         start = 0
         while start < pixels.shape[0]:
             run = functools.partial(resample_block, sampler, bands, start)
-            start, block = retry_smaller(run, block, stage=STAGE, unit="output pixels")
+            start, block = retry_smaller(run, block, stage=STAGE, unit="output pixels", xp=xp)
         return bands.stop
 
     # Out of memory even with one-pixel blocks: the chunk's set-up holds too
@@ -156,7 +156,7 @@ def warp_cube(cube, matrix, output_shape, *, order: int = 1, band_chunk: int | N
     first = 0
     while first < n_bands:
         run = functools.partial(resample_chunk, first)
-        first, band_chunk = retry_smaller(run, band_chunk, stage=STAGE, unit="bands")
+        first, band_chunk = retry_smaller(run, band_chunk, stage=STAGE, unit="bands", xp=xp)
     return out
 
 
