@@ -25,6 +25,7 @@ STAGE = "Gaussian pyramid"
 
 _SIGMA = 1.0
 _RADIUS = 4  # int(truncate * sigma + 0.5) with SciPy's default truncate=4.0
+_SPLINE_PAD = 12  # SciPy's edge padding before a mode="nearest" spline prefilter
 
 
 def _gaussian_weights(dtype) -> np.ndarray:
@@ -217,8 +218,24 @@ def upsample_level(image, level: int, shape):
     if level == 0 and tuple(shape) == image.shape:
         return image.copy()  # a cubic spline interpolates its samples exactly
     ndi = ndimage_module(xp)
+    # The prefilter of map_coordinates(mode="nearest"), done once: the image
+    # padded by its edge values, then filtered in float64 (what SciPy and
+    # cupyx do inside map_coordinates); the coordinates shift by the pad.
+    coefficients = ndi.spline_filter(xp.pad(image, _SPLINE_PAD, mode="edge"), 3, output=xp.float64, mode="nearest")
     factor = 0.5**level
-    rows = xp.arange(shape[0], dtype=xp.float64) * factor
-    cols = xp.arange(shape[1], dtype=xp.float64) * factor
-    coords = xp.stack(xp.meshgrid(rows, cols, indexing="ij"))
-    return ndi.map_coordinates(image, coords, order=3, mode="nearest").astype(image.dtype, copy=False)
+    cols = xp.arange(shape[1], dtype=xp.float64) * factor + _SPLINE_PAD
+    out = xp.empty(tuple(shape), dtype=image.dtype)
+
+    def block(start, size):
+        # The (2, rows, cols) float64 coordinates of a block of rows only.
+        stop = min(start + size, shape[0])
+        rows = xp.arange(start, stop, dtype=xp.float64) * factor + _SPLINE_PAD
+        coords = xp.stack(xp.meshgrid(rows, cols, indexing="ij"))
+        out[start:stop] = ndi.map_coordinates(coefficients, coords, order=3, mode="nearest", prefilter=False)
+        return stop
+
+    rows = block_rows((shape[0], shape[1], 3), 8, xp)  # coordinates and result, float64
+    start = 0
+    while start < shape[0]:
+        start, rows = retry_smaller(functools.partial(block, start), rows, stage="upsampling", unit="rows", xp=xp)
+    return out
