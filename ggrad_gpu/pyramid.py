@@ -109,8 +109,9 @@ def blur_decimate(x, *, rows: int | None = None):
         # The block's row-pass output (and, on a GPU, the copied windows) a
         # quarter of the budget: 2 MiB on the CPU, cache-sized.
         rows = block_rows((out_rows, n_cols) + tail, x.dtype.itemsize, xp, target_bytes=default_block_bytes(xp) // 4)
-        # Whole windows of the interior product per block: blocks then need no edge products inside.
-        rows = max(_BandedDecimation.CHUNK, rows // _BandedDecimation.CHUNK * _BandedDecimation.CHUNK)
+        if rows < out_rows:
+            # Whole windows of the interior product per block: no edge products inside.
+            rows = max(_BandedDecimation.CHUNK, rows // _BandedDecimation.CHUNK * _BandedDecimation.CHUNK)
     flat = x.reshape(1, n_rows, -1)
     weights = _gaussian_weights(np.float64)
     row_pass = _BandedDecimation(weights, n_rows, x.dtype, xp)
@@ -153,12 +154,28 @@ class _BandedDecimation:
         for lo, hi in ((start, first), (last, stop)):  # the edges (and the interior's remainder)
             if hi > lo:
                 matrix, begin = self._edge_matrix(lo, hi)
-                xp.matmul(matrix, x3[:, begin : begin + matrix.shape[1]], out=out[:, lo - start : hi - start])
+                self._product(matrix, x3[:, begin : begin + matrix.shape[1]], out[:, lo - start : hi - start])
         if count:
             windows = self._windows(x3, 2 * first - self.radius, count)
             target = out[:, first - start : last - start].reshape(x3.shape[0], count, self.CHUNK, x3.shape[2])
-            xp.matmul(self._interior_matrix(), windows, out=target)
+            self._product(self._interior_matrix(), windows, target)
         return out
+
+    def _product(self, matrix, source, out):
+        """``out = matrix @ source`` over the last two axes, in tiles of :data:`TILE` columns on the CPU.
+
+        Each tile's product is below OpenBLAS's threading threshold (M N K of
+        65536 x 4), so it runs on one thread: the results do not depend on the
+        thread count or the machine's load, bit for bit. On a GPU one product
+        over all columns.
+        """
+        xp = self.xp
+        columns = source.shape[-1]
+        full = columns // TILE * TILE if xp is np else 0
+        if full:
+            xp.matmul(matrix, _tiles(source[..., :full], xp), out=_tiles(out[..., :full], xp))
+        if full < columns:
+            xp.matmul(matrix, source[..., full:], out=out[..., full:])
 
     def _windows(self, x3, begin: int, count: int):
         """``count`` overlapping windows of the interior matrix's height, ``2 * CHUNK`` inputs apart."""
@@ -191,6 +208,18 @@ class _BandedDecimation:
                     matrix[i, index[2 * i + t] - offset] += w
             self._cache[key] = (self.xp.asarray(matrix.astype(self.dtype)), offset)
         return self._cache[key]
+
+
+# Columns per product on the CPU: 16 x 45 x 256 multiply-adds, under OpenBLAS's threading threshold.
+TILE = 256
+
+
+def _tiles(x, xp):
+    """``x`` (..., K, C) as (..., C / TILE, K, TILE): a view, for one batched product over the tiles."""
+    *batch, k, columns = x.shape
+    *batch_strides, row, column = x.strides
+    return xp.lib.stride_tricks.as_strided(x, shape=(*batch, columns // TILE, k, TILE),
+                                           strides=(*batch_strides, TILE * column, row, column))
 
 
 def upsample_level(image, level: int, shape):

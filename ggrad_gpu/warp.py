@@ -164,12 +164,13 @@ def point_bytes(order: int, bands: int, itemsize: int) -> int:
     """Bytes of temporaries per output point of a block: its spectra and its taps.
 
     Two (points, bands) buffers (the gathered tap, and the kept weight with
-    NaN), and per tap an ``intp`` index, a float64 weight and its cast, plus
-    the per-axis taps and coordinates (float64). The taps do not shrink with
+    NaN), per tap an ``intp`` index and a weight in the cube's dtype, and the
+    per-axis taps (float64 weights, their cast, ``intp`` indices) and
+    coordinates. The taps do not shrink with
     the bands, so with few bands they are most of a block.
     """
     taps, axis_taps = (4, 2) if order == 1 else (16, 4)
-    return 2 * bands * itemsize + taps * (8 + 8 + itemsize) + 2 * axis_taps * 16 + 64
+    return 2 * bands * itemsize + taps * (8 + itemsize) + 2 * axis_taps * (16 + itemsize) + 64
 
 
 def _check_matrix(matrix) -> np.ndarray:
@@ -236,7 +237,9 @@ class _Sampler:
         # row_weights[i] * col_weights[j]; each gather fetches whole spectra.
         # Tap-major (taps, points), so each tap's indices are contiguous.
         index = (rows[:, None, :] * width + cols[None, :, :]).reshape(-1, points)
-        weights = (row_weights[:, None, :] * col_weights[None, :, :]).reshape(-1, points).astype(self.dtype)
+        # Coordinates and each axis's weights in float64; their products, per tap, in the cube's dtype.
+        row_weights, col_weights = row_weights.astype(self.dtype), col_weights.astype(self.dtype)
+        weights = (row_weights[:, None, :] * col_weights[None, :, :]).reshape(-1, points)
         if self.buffers is None or self.buffers.shape[1] < points:
             count = 1 if self.finite is None else 2
             self.buffers = xp.empty((count, points, self.source.shape[1]), dtype=self.dtype)
