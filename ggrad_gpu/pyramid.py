@@ -85,13 +85,16 @@ def blur_decimate(x, *, rows: int | None = None):
     -----
     Each decimating blur along an axis is a banded matrix ``D`` (output x
     input, the reflected edges folded in). Its interior is one small matrix
-    (16 outputs from 39 inputs) applied to overlapping windows of the input,
-    strided 32 rows apart, in one batched matrix product; the reflected
-    edges are two more small products. So each pass is three products per
-    block however many rows or columns the block has (a few launches on a
-    GPU, not one per 16 rows), computing only the rows and columns that are
-    kept. The column pass treats the block's ``(rows, cols, bands)`` the same
-    way along its middle axis, so nothing is transposed.
+    (4 outputs from 15 inputs for rows, 16 from 39 for columns) applied to
+    overlapping windows of the input, strided twice its outputs apart, in one
+    batched matrix product; the reflected edges are two more small products.
+    So each pass is a few products per block however many rows or columns
+    the block has (a few launches on a GPU, not one per 16 rows), computing
+    only the rows and columns that are kept. The column pass treats the
+    block's ``(rows, cols, bands)`` the same way along its middle axis, so
+    nothing is transposed. On the CPU each product is split into tiles of
+    columns small enough for one BLAS thread, which makes the result
+    independent of the thread count.
 
     Examples
     --------
@@ -111,11 +114,11 @@ def blur_decimate(x, *, rows: int | None = None):
         rows = block_rows((out_rows, n_cols) + tail, x.dtype.itemsize, xp, target_bytes=default_block_bytes(xp) // 4)
         if rows < out_rows:
             # Whole windows of the interior product per block: no edge products inside.
-            rows = max(_BandedDecimation.CHUNK, rows // _BandedDecimation.CHUNK * _BandedDecimation.CHUNK)
+            rows = max(COLUMN_CHUNK, rows // COLUMN_CHUNK * COLUMN_CHUNK)
     flat = x.reshape(1, n_rows, -1)
     weights = _gaussian_weights(np.float64)
-    row_pass = _BandedDecimation(weights, n_rows, x.dtype, xp)
-    col_pass = _BandedDecimation(weights, n_cols, x.dtype, xp)
+    row_pass = _BandedDecimation(weights, n_rows, x.dtype, xp, ROW_CHUNK)
+    col_pass = _BandedDecimation(weights, n_cols, x.dtype, xp, COLUMN_CHUNK)
     out3 = out.reshape(out_rows, out_cols, -1)
 
     def block(start, size):
@@ -135,10 +138,9 @@ def blur_decimate(x, *, rows: int | None = None):
 class _BandedDecimation:
     """``y[i] = sum_t w[t] * x[reflect(2 i + t - R)]`` along axis 1 of an (L, length, C) array."""
 
-    CHUNK = 16  # outputs per window of the batched interior product
-
-    def __init__(self, weights, length: int, dtype, xp):
+    def __init__(self, weights, length: int, dtype, xp, chunk: int):
         self.weights, self.length, self.dtype, self.xp = weights, length, dtype, xp
+        self.chunk = chunk  # outputs per window of the batched interior product
         self.radius = len(weights) // 2
         self._cache = {}
 
@@ -149,47 +151,48 @@ class _BandedDecimation:
             out = xp.empty((x3.shape[0], stop - start, x3.shape[2]), dtype=self.dtype)
         # Interior outputs read no reflected input: 2 i - R >= 0 and 2 i + R <= length - 1.
         first = min(max(start, -(-self.radius // 2)), stop)
-        count = max(0, min(stop, (self.length - 1 - self.radius) // 2 + 1) - first) // self.CHUNK
-        last = first + count * self.CHUNK
+        count = max(0, min(stop, (self.length - 1 - self.radius) // 2 + 1) - first) // self.chunk
+        last = first + count * self.chunk
         for lo, hi in ((start, first), (last, stop)):  # the edges (and the interior's remainder)
             if hi > lo:
                 matrix, begin = self._edge_matrix(lo, hi)
                 self._product(matrix, x3[:, begin : begin + matrix.shape[1]], out[:, lo - start : hi - start])
         if count:
             windows = self._windows(x3, 2 * first - self.radius, count)
-            target = out[:, first - start : last - start].reshape(x3.shape[0], count, self.CHUNK, x3.shape[2])
+            target = out[:, first - start : last - start].reshape(x3.shape[0], count, self.chunk, x3.shape[2])
             self._product(self._interior_matrix(), windows, target)
         return out
 
     def _product(self, matrix, source, out):
-        """``out = matrix @ source`` over the last two axes, in tiles of :data:`TILE` columns on the CPU.
+        """``out = matrix @ source`` over the last two axes; on the CPU in tiles of columns.
 
-        Each tile's product is below OpenBLAS's threading threshold (M N K of
-        65536 x 4), so it runs on one thread: the results do not depend on the
-        thread count or the machine's load, bit for bit. On a GPU one product
-        over all columns.
+        Each tile's product stays below OpenBLAS's threading threshold (M N K
+        of :data:`SINGLE_THREAD_MNK`), so it runs on one thread: the results do
+        not depend on the thread count or the machine's load, bit for bit. On
+        a GPU, one product over all columns.
         """
         xp = self.xp
         columns = source.shape[-1]
-        full = columns // TILE * TILE if xp is np else 0
+        tile = 1 << max(6, (SINGLE_THREAD_MNK // (matrix.shape[0] * matrix.shape[1])).bit_length() - 1)
+        full = columns // tile * tile if xp is np else 0
         if full:
-            xp.matmul(matrix, _tiles(source[..., :full], xp), out=_tiles(out[..., :full], xp))
+            xp.matmul(matrix, _tiles(source[..., :full], tile, xp), out=_tiles(out[..., :full], tile, xp))
         if full < columns:
             xp.matmul(matrix, source[..., full:], out=out[..., full:])
 
     def _windows(self, x3, begin: int, count: int):
-        """``count`` overlapping windows of the interior matrix's height, ``2 * CHUNK`` inputs apart."""
-        width = 2 * (self.CHUNK - 1) + len(self.weights)
+        """``count`` overlapping windows of the interior matrix's height, ``2 * chunk`` inputs apart."""
+        width = 2 * (self.chunk - 1) + len(self.weights)
         s0, s1, s2 = x3.strides
         view = x3[:, begin:]
         shape = (x3.shape[0], count, width, x3.shape[2])
-        return self.xp.lib.stride_tricks.as_strided(view, shape=shape, strides=(s0, 2 * self.CHUNK * s1, s1, s2))
+        return self.xp.lib.stride_tricks.as_strided(view, shape=shape, strides=(s0, 2 * self.chunk * s1, s1, s2))
 
     def _interior_matrix(self):
         if "interior" not in self._cache:
-            width = 2 * (self.CHUNK - 1) + len(self.weights)
-            matrix = np.zeros((self.CHUNK, width))
-            for i in range(self.CHUNK):
+            width = 2 * (self.chunk - 1) + len(self.weights)
+            matrix = np.zeros((self.chunk, width))
+            for i in range(self.chunk):
                 matrix[i, 2 * i : 2 * i + len(self.weights)] = self.weights
             self._cache["interior"] = self.xp.asarray(matrix.astype(self.dtype))
         return self._cache["interior"]
@@ -210,16 +213,20 @@ class _BandedDecimation:
         return self._cache[key]
 
 
-# Columns per product on the CPU: 16 x 45 x 256 multiply-adds, under OpenBLAS's threading threshold.
-TILE = 256
+# Outputs per window of the interior products: 4 rows (15 inputs: little more
+# than the 9 taps per output) in the row pass, whose products are long; 16
+# columns (39 inputs) in the column pass, whose products are as long as a row's bands.
+ROW_CHUNK, COLUMN_CHUNK = 4, 16
+# OpenBLAS runs a product of M x K times K x N on one thread below M N K = 65536 x 4.
+SINGLE_THREAD_MNK = 65536 * 4
 
 
-def _tiles(x, xp):
-    """``x`` (..., K, C) as (..., C / TILE, K, TILE): a view, for one batched product over the tiles."""
+def _tiles(x, tile, xp):
+    """``x`` (..., K, C) as (..., C / tile, K, tile): a view, for one batched product over the tiles."""
     *batch, k, columns = x.shape
     *batch_strides, row, column = x.strides
-    return xp.lib.stride_tricks.as_strided(x, shape=(*batch, columns // TILE, k, TILE),
-                                           strides=(*batch_strides, TILE * column, row, column))
+    return xp.lib.stride_tricks.as_strided(x, shape=(*batch, columns // tile, k, tile),
+                                           strides=(*batch_strides, tile * column, row, column))
 
 
 def upsample_level(image, level: int, shape):

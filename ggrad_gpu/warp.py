@@ -163,14 +163,15 @@ def warp_cube(cube, matrix, output_shape, *, order: int = 1, band_chunk: int | N
 def point_bytes(order: int, bands: int, itemsize: int) -> int:
     """Bytes of temporaries per output point of a block: its spectra and its taps.
 
-    Two (points, bands) buffers (the gathered tap, and the kept weight with
-    NaN), per tap an ``intp`` index and a weight in the cube's dtype, and the
+    Four (points, bands) spectra (the gathered tap, the kept weight with
+    NaN, and the output block as it is written and read back: on the CPU
+    this keeps a block's spectra near cache size), per tap an ``intp`` index and a weight in the cube's dtype, and the
     per-axis taps (float64 weights, their cast, ``intp`` indices) and
     coordinates. The taps do not shrink with
     the bands, so with few bands they are most of a block.
     """
     taps, axis_taps = (4, 2) if order == 1 else (16, 4)
-    return 2 * bands * itemsize + taps * (8 + itemsize) + 2 * axis_taps * (16 + itemsize) + 64
+    return 4 * bands * itemsize + taps * (8 + itemsize) + 2 * axis_taps * (16 + itemsize) + 64
 
 
 def _check_matrix(matrix) -> np.ndarray:
@@ -191,7 +192,8 @@ class _Sampler:
         self.xp, self.order, self.dtype = xp, order, dtype
         self.shape = values.shape[:2]
         # A chunk of a band-last cube is used in place (each pixel's bands are
-        # contiguous); a cube with strided bands (a bands-first view) is copied once.
+        # contiguous, so a gather reads whole runs); a cube with strided bands
+        # (a bands-first view) is copied once.
         contiguous_bands = values.shape[2] == 1 or values.strides[2] == values.itemsize
         values = values.astype(dtype, order="K" if contiguous_bands else "C", copy=False)
         n_bands = values.shape[2]
@@ -240,6 +242,9 @@ class _Sampler:
         # Coordinates and each axis's weights in float64; their products, per tap, in the cube's dtype.
         row_weights, col_weights = row_weights.astype(self.dtype), col_weights.astype(self.dtype)
         weights = (row_weights[:, None, :] * col_weights[None, :, :]).reshape(-1, points)
+        # A point beyond the footprint gets NaN weights, so the sums below make
+        # it NaN in every band: no extra pass over the spectra, no mask indexing.
+        xp.copyto(weights, xp.nan, where=~in_footprint(q_rows, q_cols, (n_rows, n_cols)))
         if self.buffers is None or self.buffers.shape[1] < points:
             count = 1 if self.finite is None else 2
             self.buffers = xp.empty((count, points, self.source.shape[1]), dtype=self.dtype)
@@ -263,9 +268,8 @@ class _Sampler:
             # pixel is nearer; at the NaN pixel itself the band stays NaN.
             near_rows = xp.floor(xp.clip(q_rows, 0, n_rows - 1) + 0.5).astype(xp.intp)
             near_cols = xp.floor(xp.clip(q_cols, 0, n_cols - 1) + 0.5).astype(xp.intp)
+            # copyto with where, not a boolean-mask assignment: no index array, no device sync.
             xp.copyto(out, xp.nan, where=self.missing[near_rows * n_cols + near_cols])
-        # copyto with where, not a boolean-mask assignment: no index array, no device sync.
-        xp.copyto(out, xp.nan, where=~in_footprint(q_rows, q_cols, (n_rows, n_cols))[:, None])
 
 
 def _linear_taps(q, n, pad, xp):
@@ -303,12 +307,17 @@ def _gather(source, index, xp, out):
     A fresh multi-megabyte temporary per tap costs page faults that dominate
     the arithmetic on the CPU. NumPy's ``take`` copies through a hidden buffer
     unless ``mode`` is ``"clip"`` or ``"wrap"`` (the indices are in range, so
-    clipping changes nothing); CuPy's ``take`` writes ``out`` directly.
+    clipping changes nothing), and copies a non-contiguous source whole;
+    CuPy's ``take`` writes ``out`` directly.
     """
-    if xp is np:
+    if xp is not np:
+        xp.take(source, index, axis=0, out=out)
+    elif source.flags.c_contiguous:
         np.take(source, index, axis=0, out=out, mode="clip")
     else:
-        xp.take(source, index, axis=0, out=out)
+        # A chunk of bands (a strided view): take would copy the whole chunk
+        # at every call; indexing makes only a temporary of the block's size.
+        out[...] = source[index]
 
 
 def _weighted_sum(source, index, weights, xp, tap, out):
