@@ -82,6 +82,22 @@ class DeviceArray(np.ndarray):
         self._read("get")
         return np.array(self.view(np.ndarray))
 
+    def __getitem__(self, key):
+        if _boolean_key(key):
+            type(self).namespace.events.append(Event(kind="mask", name="boolean indexing"))
+        return super().__getitem__(key)
+
+    def __setitem__(self, key, value):
+        if _boolean_key(key):
+            type(self).namespace.events.append(Event(kind="mask", name="boolean-mask assignment"))
+        super().__setitem__(key, value)
+
+
+def _boolean_key(key) -> bool:
+    """Whether an index holds a boolean array (an index array and a sync on CuPy)."""
+    keys = key if isinstance(key, tuple) else (key,)
+    return any(isinstance(k, np.ndarray) and k.dtype == np.bool_ and k.ndim > 0 for k in keys)
+
 
 class CountingCupy(types.ModuleType):
     """The namespace: NumPy's functions, logged, with the few CUDA hooks the package touches."""
@@ -137,6 +153,9 @@ class CountingCupy(types.ModuleType):
 
     def reads(self):
         return [e for e in self.events if e.kind == "read"]
+
+    def masks(self):
+        return [e for e in self.events if e.kind == "mask"]
 
 
 class CountingNdimage(types.ModuleType):

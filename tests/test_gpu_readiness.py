@@ -305,6 +305,38 @@ def test_device_input_with_the_numpy_backend_comes_back_on_the_device(device):
     assert isinstance(result.gradient.grad_y, device.ndarray)
 
 
+STAND_IN_CASES = {
+    "missing data and mask": {"missing": True},
+    "order 3": {"order": 3},
+    "bands first": {"band_axis": 0},
+    "band_std": {"method": "band_std"},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(STAND_IN_CASES))
+def test_refine_runs_through_a_cupy_stand_in(device, fresh_usability, case):
+    # backend="cupy" resolves to the stand-in (it passes the usability
+    # check), so the whole pipeline computes through the CuPy code paths
+    # (GPU block budgets, no CPU tiling, cupyx-named ndimage), on NumPy.
+    options = dict(STAND_IN_CASES[case])
+    phantom = make_phantom(shape=(120, 136), bands=12, seed=6, native_factor=3)
+    cube, mask = _with_missing_data(phantom, 12) if options.pop("missing", False) else (phantom.cube, None)
+    if options.get("band_axis") == 0:
+        cube = np.ascontiguousarray(np.moveaxis(cube, -1, 0))
+    kwargs = dict(initial=phantom.initial, levels=3, mask=mask, **options)
+    expected = refine(phantom.guide, cube, backend="numpy", **kwargs)
+    device.clear()
+    got = refine(to_stand_in(phantom.guide), to_stand_in(cube), backend="cupy",
+                 **{**kwargs, "mask": None if mask is None else to_stand_in(mask)})
+    assert got.backend == "cupy" and isinstance(got.registered, device.ndarray)
+    assert got.improved == expected.improved
+    assert target_registration_error(got.matrix, expected.matrix, phantom.guide.shape).max < 1e-3
+    np.testing.assert_allclose(got.registered.view(np.ndarray), expected.registered, rtol=1e-4, atol=1e-4,
+                               equal_nan=True)
+    assert device.masks() == [], "boolean indexing on the device: an index array and a sync each"
+
+
 # --- on a device ---------------------------------------------------------------------------------
 
 
