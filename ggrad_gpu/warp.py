@@ -165,10 +165,17 @@ def point_bytes(order: int, bands: int, itemsize: int) -> int:
 
     Four (points, bands) spectra (the gathered tap, the kept weight with
     NaN, and the output block as it is written and read back: on the CPU
-    this keeps a block's spectra near cache size), per tap an ``intp`` index and a weight in the cube's dtype, and the
-    per-axis taps (float64 weights, their cast, ``intp`` indices) and
-    coordinates. The taps do not shrink with
-    the bands, so with few bands they are most of a block.
+    this keeps a block's spectra near cache size), per tap an ``intp`` index
+    and a weight in the cube's dtype, and the per-axis taps (float64
+    weights, their cast, ``intp`` indices) and coordinates. The taps do not
+    shrink with the bands, so with few bands they are most of a block.
+
+    Examples
+    --------
+    >>> from ggrad_gpu.warp import point_bytes
+    >>> point_bytes(1, 1000, 4), point_bytes(1, 1, 4)
+    (16192, 208)
+    
     """
     taps, axis_taps = (4, 2) if order == 1 else (16, 4)
     return 4 * bands * itemsize + taps * (8 + itemsize) + 2 * axis_taps * (16 + itemsize) + 64
