@@ -161,7 +161,7 @@ def _with_missing_data(phantom, bands):
 @pytest.mark.parametrize("shape, bands, multiple", [((192, 224), 64, 2.5), ((96, 112), 1024, 2.0)])
 def test_refine_peak_with_missing_data_is_a_stated_multiple(shape, bands, multiple):
     # What refine holds grows with the cube on the working grid (``registered``);
-    # NaN, a mask and 1024 bands add no cube-sized copy (2.1 and 1.5 x today).
+    # NaN, a mask and 1024 bands add no cube-sized copy (1.96 and 1.54 x today).
     phantom = make_phantom(shape=shape, bands=bands, seed=11)
     cube, mask = _with_missing_data(phantom, bands)
     result, peak = traced(lambda: refine(phantom.guide, cube, initial=phantom.initial, levels=3, backend="numpy",
