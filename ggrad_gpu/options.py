@@ -17,7 +17,7 @@ __all__ = ["METHODS", "OUTPUT_GRIDS", "RefineOptions", "bands_first_hint", "chec
            "resolve_levels"]
 
 METHODS = ("gradient", "band_sum", "band_std", "pca")
-OUTPUT_GRIDS = ("working", "guide")
+OUTPUT_GRIDS = ("working", "guide", "cube")
 
 
 @dataclass(frozen=True)

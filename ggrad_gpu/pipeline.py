@@ -33,7 +33,7 @@ from ._backend import array_module, is_cupy_array, ndimage_module, resolve_backe
 from .coverage import Coverage, fill_gaps, level_on_grid, valid_pixels
 from .estimate import GlobalGradient, estimate_global_gradient
 from .filters import sobel_magnitude
-from .geometry import WorkingGrid, cube_resolution_step, footprint_mask
+from .geometry import WorkingGrid, cube_output_grid, cube_resolution_step, footprint_mask
 from .guard import MIN_OVERLAP, judge
 from .options import RefineOptions, bands_first_hint, check_inputs, check_placement, resolve_levels
 from .preparation import (
@@ -103,6 +103,10 @@ class Refinement:
         gradient images over their overlap (what the guard compares).
     levels : int
         Pyramid levels the estimates used.
+    output_to_guide : numpy.ndarray, shape (3, 3)
+        Pixel of ``registered`` to guide coordinate: ``working_to_guide``,
+        the identity (``output_grid="guide"``), or the grid at about the
+        cube's pixel size (``output_grid="cube"``).
     """
 
     matrix: np.ndarray
@@ -118,6 +122,7 @@ class Refinement:
     timings: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)
     levels: int = 0
+    output_to_guide: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -212,9 +217,12 @@ def refine(
         pixels or a third of the footprint's size, whichever is larger
         (clipped to the guide), block-averaged by ``s = ceil(r / 6)`` where a
         cube pixel spans ``r`` guide pixels; ``working_to_guide`` gives it.
-    output_grid : {"working", "guide"}
-        Grid of ``registered``: the working grid (the region above) or the
-        full guide grid.
+    output_grid : {"working", "guide", "cube"}
+        Grid of ``registered``: the working grid (the region above), the
+        full guide grid, or a grid aligned with the guide at about the cube's
+        own pixel size (the guide block-averaged by ``max(1, round(r))`` over
+        the refined footprint), which keeps a large cube's output about the
+        cube's size. ``output_to_guide`` gives the grid.
     method : {"gradient", "band_sum", "band_std", "pca"}
         ``"gradient"`` is the global gradient estimate; the others replace
         ``grad_y`` by the Sobel magnitude of a baseline image (for comparison).
@@ -335,14 +343,14 @@ def refine(
         warnings.warn(message, UserWarning, stacklevel=2)
     timings["guard"] = time.perf_counter() - start
 
-    registered, valid = resample(problem, matrix, guide_shape)
+    registered, valid, output_to_guide = resample(problem, matrix, guide_shape)
     gradient = last.gradient
     if is_cupy_array(cube) == (xp is np):
         # Arrays come back in the input cube's kind, wherever they were computed.
         registered, valid, gradient = (_like(cube, a) for a in (registered, valid, gradient))
     timings["total"] = time.perf_counter() - clock
     return Refinement(matrix, initial, grid.to_guide, registered, valid, gradient, registration, verdict.improved,
-                      message, xp.__name__, timings, verdict.quality, levels)
+                      message, xp.__name__, timings, verdict.quality, levels, output_to_guide)
 
 
 def estimate_pass(problem: Problem, placement, step: int, bands=None) -> Estimate:
@@ -432,20 +440,28 @@ def register_pass(problem: Problem, estimate: Estimate, placement, *, coarse_sea
 
 
 def resample(problem: Problem, matrix, guide_shape):
-    """The native cube on the output grid through ``matrix`` (guide to cube), and its pixels with data."""
+    """The native cube on the output grid through ``matrix`` (guide to cube).
+
+    Returns ``(registered, valid, output_to_guide)``: the resampled cube, its
+    pixels with data, and the output grid's pixel-to-guide matrix.
+    """
     problem.report("resample the cube")
     start = time.perf_counter()
-    if problem.options.output_grid == "working":
-        out_matrix, out_shape = matrix @ problem.grid.to_guide, problem.grid.shape
+    grid = problem.options.output_grid
+    if grid == "working":
+        to_guide, out_shape = problem.grid.to_guide, problem.grid.shape
+    elif grid == "cube":
+        to_guide, out_shape = cube_output_grid(guide_shape, problem.cube.values.shape, matrix)
     else:
-        out_matrix, out_shape = matrix, guide_shape
+        to_guide, out_shape = np.eye(3), guide_shape
+    out_matrix = matrix @ to_guide
     values = problem.cube.values
     registered = warp_cube(values, out_matrix, out_shape, order=problem.options.order)
     valid = footprint_mask(values.shape[:2], out_matrix, out_shape, problem.xp)
     if problem.cube.with_data is not None or problem.cube.dead_bands is not None:
         valid &= has_data(registered)  # missing pixels are not covered
     problem.timings["warp"] = time.perf_counter() - start
-    return registered, valid
+    return registered, valid, to_guide
 
 
 def _screened_bands(problem: Problem, placement):

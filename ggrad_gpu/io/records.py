@@ -79,6 +79,7 @@ def transform_record(refinement, *, guide=None, cube=None) -> dict:
             "shape": [int(n) for n in refinement.gradient.grad_x.shape],
             "working_to_guide": _nested(refinement.working_to_guide),
         },
+        "output_grid": _output_grid(refinement),
         "registration": {
             "iterations": int(registration.iterations),
             "converged": bool(registration.converged),
@@ -184,6 +185,15 @@ def read_transform(path) -> np.ndarray:
     except (TypeError, ValueError):
         raise ValueError(f"{path}: the matrix must be 3 x 3 numbers") from None
     return check_matrix(matrix, f"the matrix in {path}")
+
+
+def _output_grid(refinement) -> dict:
+    """The grid of ``registered``: its shape and its pixel-to-guide matrix."""
+    to_guide = refinement.output_to_guide
+    return {
+        "shape": [int(n) for n in refinement.registered.shape[:2]],
+        "output_to_guide": _nested(refinement.working_to_guide if to_guide is None else to_guide),
+    }
 
 
 def _nested(matrix) -> list:
