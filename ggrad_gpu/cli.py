@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--working-shape", type=int, nargs=2, metavar=("ROWS", "COLS"),
                      help="size of the working grid (default: from the cube's resolution)")
     run.add_argument("--output-grid", choices=OUTPUT_GRIDS, default="working",
-                     help="grid of the registered cube: working, guide, or cube (about the cube's pixel size; default: working)")
+                     help="grid of the registered cube: working, guide, or cube "
+                          "(about the cube's pixel size; default: working)")
     run.add_argument("--format", choices=CUBE_FORMATS, default="npy", dest="cube_format",
                      help="file format of the registered cube (default: npy)")
     run.add_argument("--no-absorbance", action="store_false", dest="absorbance",
