@@ -33,6 +33,7 @@ from ._backend import array_module, is_cupy_array, ndimage_module, resolve_backe
 from .coverage import Coverage, fill_gaps, level_on_grid, valid_pixels
 from .estimate import GlobalGradient, estimate_global_gradient
 from .filters import sobel_magnitude
+from .chunked import checkpoints, is_dask_array
 from .geometry import WorkingGrid, cube_output_grid, cube_resolution_step, footprint_mask
 from .guard import MIN_OVERLAP, judge
 from .options import RefineOptions, bands_first_hint, check_inputs, check_placement, resolve_levels
@@ -179,6 +180,7 @@ def refine(
     progress=None,
     band_axis: int = -1,
     mask=None,
+    memory_limit=None,
 ) -> Refinement:
     """Refine a cube's registration to a guide image.
 
@@ -193,7 +195,11 @@ def refine(
         level weights and the registration metric.
     cube : array, shape (cube_rows, cube_cols, bands)
         The hyperspectral cube at its native resolution (bands last, or see
-        ``band_axis``). A pixel with NaN or inf in any band is missing for the
+        ``band_axis``). A ``dask.array.Array`` (NumPy chunks; on CuPy each
+        chunk moves to the device when a task reads it) is computed chunk by
+        chunk with the same stages (:mod:`ggrad_gpu.chunked`): the cube is
+        never held whole, and ``registered`` and ``valid`` come back lazy for
+        the caller to store. A pixel with NaN or inf in any band is missing for the
         estimation (eq. 5 needs every band), the same way as guide pixels;
         in ``registered`` it stays NaN in the bands where it was not finite.
     initial : array_like, shape (3, 3), optional
@@ -269,6 +275,11 @@ def refine(
     mask : array of bool, shape (cube_rows, cube_cols), optional
         Valid cube pixels on the cube's native grid (after ``band_axis``);
         False marks a missing pixel, treated as a NaN in every band.
+    memory_limit : int or str, optional
+        For a ``dask.array.Array`` cube: bytes (or ``"4GB"``-style) the
+        run's intermediate cubes may hold in memory; larger ones go to a
+        temporary Zarr store, removed at the end. By default they stay in
+        memory (``persist``).
 
     Returns
     -------
@@ -303,7 +314,7 @@ def refine(
     """
     clock = time.perf_counter()
     options = RefineOptions(levels, weights, output_grid, method, reestimate, screen_bands, order, psf_sigma,
-                            absorbance)
+                            absorbance, memory_limit)
     cube = check_inputs(guide, cube, band_axis)
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be callable or None; got {type(progress).__name__}")
@@ -322,14 +333,15 @@ def refine(
                       initial, grid, levels, options, xp, timings, progress or (lambda stage: None))
     timings["prepare"] = time.perf_counter() - clock
 
-    first = estimate_pass(problem, np.eye(3), grid.cube_step)
-    registration, placement = register_pass(problem, first, np.eye(3), coarse_search=True)
-    last = first
-    if reestimate:
-        # Aligned now: estimate on the working grid itself (its accuracy needs
-        # it), and no coarse search, which could only jump away.
-        last = estimate_pass(problem, placement, 1, _screened_bands(problem, placement))
-        registration, placement = register_pass(problem, last, placement, coarse_search=False)
+    with checkpoints(options.memory_limit):  # where a lazy cube's intermediate steps are kept
+        first = estimate_pass(problem, np.eye(3), grid.cube_step)
+        registration, placement = register_pass(problem, first, np.eye(3), coarse_search=True)
+        last = first
+        if reestimate:
+            # Aligned now: estimate on the working grid itself (its accuracy needs
+            # it), and no coarse search, which could only jump away.
+            last = estimate_pass(problem, placement, 1, _screened_bands(problem, placement))
+            registration, placement = register_pass(problem, last, placement, coarse_search=False)
 
     start = time.perf_counter()
     verdict = judge(first.gradient.grad_x, first.gradient.grad_y, placement, fixed_valid=first.fixed_valid,
@@ -378,7 +390,7 @@ def estimate_pass(problem: Problem, placement, step: int, bands=None) -> Estimat
     on_grid = warp_cube(source, to_level, shape, order=1)
     if cube.dead_bands is not None:
         dead = cube.dead_bands if bands is None else np.flatnonzero(np.isin(bands, cube.dead_bands))
-        on_grid[:, :, xp.asarray(dead)] = 0
+        on_grid = _zeroed_bands(on_grid, dead, xp)
     footprint = footprint_mask(cube.values.shape[:2], to_level, shape, xp)
     # The Gram matrices leave out every pixel that draws on a missing cube
     # pixel; the registration metric only those that draw mostly on one.
@@ -459,7 +471,7 @@ def resample(problem: Problem, matrix, guide_shape):
     registered = warp_cube(values, out_matrix, out_shape, order=problem.options.order)
     valid = footprint_mask(values.shape[:2], out_matrix, out_shape, problem.xp)
     if problem.cube.with_data is not None or problem.cube.dead_bands is not None:
-        valid &= has_data(registered)  # missing pixels are not covered
+        valid = valid & has_data(registered)  # missing pixels are not covered
     problem.timings["warp"] = time.perf_counter() - start
     return registered, valid, to_guide
 
@@ -495,6 +507,21 @@ def _on_working_grid(gradient: GlobalGradient, coverage: Coverage, step: int, sh
     if estimate.fixed_valid is not None:
         valid = estimate.fixed_valid if valid is None else valid & estimate.fixed_valid
     return replace(estimate, gradient=replace(gradient, valid=valid))
+
+
+def _zeroed_bands(on_grid, bands, xp):
+    """``on_grid`` with ``bands`` set to 0 (in place for an in-memory array; lazily for a dask one)."""
+    if is_dask_array(on_grid):
+        zero = np.zeros(on_grid.shape[2], dtype=bool)
+        zero[bands] = True
+        return on_grid.map_blocks(_where_zero, zero, dtype=on_grid.dtype)
+    on_grid[:, :, xp.asarray(bands)] = 0
+    return on_grid
+
+
+def _where_zero(block, zero):
+    xp = array_module(block=block)
+    return xp.where(xp.asarray(zero), block.dtype.type(0), block)
 
 
 def _inner(valid):

@@ -17,6 +17,7 @@ import numpy as np
 from ._backend import array_module, ndimage_module, to_device, to_host
 from ._memory import block_rows
 from ._validation import all_finite, float_dtype, to_gray
+from .chunked import is_dask_array, prepare_lazy_cube
 from .coverage import fill_gaps
 from .geometry import WorkingGrid, pixels_per_cube_pixel
 from .warp import warp_cube
@@ -105,8 +106,11 @@ def prepare_guide(guide, grid: WorkingGrid, xp, *, absorbance: bool) -> Prepared
 def prepare_cube(cube, mask, xp) -> PreparedCube:
     """The native cube on ``xp`` with NaN at missing values, and its pixels with data.
 
-    Raises ValueError, naming ``cube``, when no pixel has data.
+    Raises ValueError, naming ``cube``, when no pixel has data. A dask cube
+    stays lazy (:func:`ggrad_gpu.chunked.prepare_lazy_cube`).
     """
+    if is_dask_array(cube):
+        return PreparedCube(*prepare_lazy_cube(cube, mask, xp))
     cube = to_device(cube, xp)
     mask = None if mask is None else to_device(mask, xp)
     if (mask is None or bool(mask.all())) and all_finite(cube, xp):
@@ -180,9 +184,15 @@ def missing_share(with_data, matrix, shape):
 
 def has_data(registered):
     """Pixels of a resampled cube with a finite value in at least one band (by blocks of rows)."""
+    if is_dask_array(registered):
+        return ~registered.map_blocks(_all_nan, drop_axis=2, dtype=bool)
     xp = array_module(registered=registered)
     out = xp.empty(registered.shape[:2], dtype=bool)
     rows = block_rows(registered.shape, 1, xp)
     for start in range(0, registered.shape[0], rows):
         out[start : start + rows] = ~xp.isnan(registered[start : start + rows]).all(axis=2)
     return out
+
+
+def _all_nan(block):
+    return array_module(block=block).isnan(block).all(axis=2)

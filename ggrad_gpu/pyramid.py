@@ -18,6 +18,7 @@ import numpy as np
 from ._backend import array_module, ndimage_module
 from ._memory import retry_smaller
 from ._validation import check_array, check_levels, float_dtype
+from .chunked import blur_decimate_chunked, is_dask_array
 
 __all__ = ["blur_decimate", "gaussian_pyramid", "upsample_level"]
 
@@ -86,6 +87,8 @@ def blur_decimate(x, *, rows: int = 4):
     and columns that are kept. The column pass treats each output row,
     ``(cols, bands)`` and contiguous, the same way, so nothing is transposed.
     """
+    if is_dask_array(x):
+        return blur_decimate_chunked(x)
     xp = array_module(x=x)
     weights = _gaussian_weights(np.float64)
     n_rows, n_cols = x.shape[:2]
