@@ -44,7 +44,8 @@ from .estimate import estimate_global_gradient
 from .filters import sobel_magnitude
 from .io import CUBE_FORMATS, check_new_directory, read_transform, write_outputs
 from .metrics import ncc, target_registration_error
-from .options import OUTPUT_GRIDS
+from .options import OUTPUT_GRIDS, parse_bytes
+from .chunked import is_dask_array
 from .pipeline import refine
 
 EXIT_OK, EXIT_KEPT, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
@@ -87,9 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--beta", type=_float_list, metavar="B0,B1,...", help="manual cube level weights")
     run.add_argument("--working-shape", type=int, nargs=2, metavar=("ROWS", "COLS"),
                      help="size of the working grid (default: from the cube's resolution)")
-    run.add_argument("--output-grid", choices=OUTPUT_GRIDS, default="working",
+    run.add_argument("--output-grid", choices=OUTPUT_GRIDS, default=None,
                      help="grid of the registered cube: working, guide, or cube "
-                          "(about the cube's pixel size; default: working)")
+                          "(about the cube's pixel size; default: working, or cube when streaming)")
+    run.add_argument("--memory-limit", type=_bytes, default=None, metavar="BYTES",
+                     help="stream a cube larger than this (e.g. 4GB) chunk by chunk into registered.zarr, "
+                          "resumably (default: a quarter of the machine's memory)")
+    run.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="run the chunked work on a local Dask cluster of N worker processes")
+    run.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                     help="run the chunked work on the Dask cluster at ADDRESS")
     run.add_argument("--format", choices=CUBE_FORMATS, default="npy", dest="cube_format",
                      help="file format of the registered cube (default: npy)")
     run.add_argument("--no-absorbance", action="store_false", dest="absorbance",
@@ -156,6 +164,13 @@ def _levels(text: str):
     return value
 
 
+def _bytes(text: str) -> int:
+    try:
+        return parse_bytes(text, "--memory-limit")
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _float_list(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
@@ -220,15 +235,18 @@ def _one_line(exc) -> str:
 def _refine_command(args) -> int:
     from . import io
 
-    check_new_directory(args.output, force=args.force)
     _check_outside(args.output, [args.guide, args.cube, args.initial])
     weights = _manual_weights(args)
     initial = None if args.initial is None else read_transform(args.initial)
+    cube_data, limit = _cube_or_stream(args)
+    if not is_dask_array(cube_data.data):
+        check_new_directory(args.output, force=args.force)
     guide = io.read_guide(args.guide)
-    cube_data = io.read_cube(args.cube, dataset=args.dataset, band_axis=args.band_axis)
     say = _printer(args)
     say(f"guide {guide.shape[0]} x {guide.shape[1]}; cube {' x '.join(map(str, cube_data.data.shape))} "
         f"({cube_data.format})")
+    if is_dask_array(cube_data.data):
+        return _stream_command(args, guide, cube_data, initial, weights, limit, say)
     try:
         with np.errstate(over="raise"):  # values so large that they overflow: an input error, said once
             refinement = _run_refine(args, guide, cube_data.data, initial=initial, weights=weights)
@@ -254,6 +272,46 @@ def _refine_command(args) -> int:
     print(f"{refinement.message}")
     print(f"wrote {', '.join(path.name for path in written)} to {args.output}")
     return EXIT_KEPT if args.strict and not refinement.improved else EXIT_OK
+
+
+def _cube_or_stream(args):
+    """The cube read whole, or lazily when it is larger than ``--memory-limit`` (with the limit)."""
+    from . import io
+    from .streaming import default_memory_limit
+
+    limit = args.memory_limit or default_memory_limit()
+    read = dict(dataset=args.dataset, band_axis=args.band_axis)
+    try:
+        import dask.array  # noqa: F401 - streaming needs it; without it every cube is read whole
+    except ImportError:
+        return io.read_cube(args.cube, **read), limit
+    probe = io.read_cube(args.cube, lazy=True, **read)
+    if probe.data.nbytes <= limit:
+        return io.read_cube(args.cube, **read), limit
+    return probe, limit
+
+
+def _stream_command(args, guide, cube_data, initial, weights, limit, say) -> int:
+    """``ggrad refine`` for a cube beyond ``--memory-limit`` (see :mod:`ggrad_gpu.streaming`)."""
+    from .cluster import dask_client
+    from .streaming import stream_refine
+
+    print(f"ggrad: the cube ({cube_data.data.nbytes / 2**30:.2f} GiB) is larger than the memory limit "
+          f"({limit / 2**30:.2f} GiB): streaming it chunk by chunk into {args.output / 'registered.zarr'} "
+          f"on the {args.output_grid or 'cube'} grid", file=sys.stderr)
+    try:
+        with dask_client(workers=args.workers, scheduler=args.scheduler, memory_limit=limit):
+            message, improved = stream_refine(
+                args, guide, cube_data, initial=initial, weights=weights, memory_limit=limit, say=say,
+                run_refine=lambda guide, cube, **options: _run_refine(args, guide, cube, **options))
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"ggrad: {'terminated (SIGTERM)' if terminated else 'interrupted'}; {args.output} is incomplete "
+              "(registered.zarr says complete: false): run the same command again to continue", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    print(message)
+    print(f"wrote registered.zarr, transform.json, weights.json, report.png to {args.output}")
+    return EXIT_KEPT if args.strict and not improved else EXIT_OK
 
 
 def _largest_magnitude(data) -> float:
@@ -302,8 +360,8 @@ def _run_refine(args, guide, cube, **options):
 
         return refine(guide, cube, levels=args.levels, backend=args.backend, progress=progress,
                       working_shape=getattr(args, "working_shape", None),
-                      output_grid=getattr(args, "output_grid", "working"),
-                      absorbance=getattr(args, "absorbance", True), **options)
+                      absorbance=getattr(args, "absorbance", True),
+                      **{"output_grid": getattr(args, "output_grid", None) or "working", **options})
 
 
 def _printer(args):

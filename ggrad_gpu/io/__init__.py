@@ -11,6 +11,8 @@ Modules, one job each:
 - :mod:`~ggrad_gpu.io.records`: the content of ``transform.json`` and
   ``weights.json``, and reading a saved transform back.
 - :mod:`~ggrad_gpu.io.outputs`: ``ggrad refine``'s output folder.
+- :mod:`~ggrad_gpu.io.resumable`: large stores written in place chunk by
+  chunk, resumable, ``complete`` set last.
 - :mod:`~ggrad_gpu.io.libraries`: the boundary with the optional format
   libraries (imported on demand; one error per unreadable file).
 
@@ -25,6 +27,7 @@ from .cubes import CUBE_FORMATS, CUBE_SUFFIXES, CubeData, cube_suffix, read_cube
 from .guides import GUIDE_SUFFIXES, read_guide
 from .outputs import check_new_directory, write_outputs
 from .records import CONVENTION, read_transform, transform_record, versions, weights_record
+from .resumable import ResumableArray, file_signature, fingerprint
 
 __all__ = [
     "CONVENTION",
@@ -33,11 +36,14 @@ __all__ = [
     "GUIDE_SUFFIXES",
     "LUMA_WEIGHTS",
     "CubeData",
+    "ResumableArray",
     "atomic_folder",
     "atomic_write",
     "atomic_write_all",
     "check_new_directory",
     "cube_suffix",
+    "file_signature",
+    "fingerprint",
     "read_cube",
     "read_guide",
     "read_transform",
