@@ -1,8 +1,7 @@
 """Where Dask work runs: in-process threads by default, or a ``dask.distributed`` cluster.
 
-``--workers N`` starts a local cluster of N single-threaded worker processes
-(each allowed ``memory_limit / N`` bytes); ``--scheduler ADDRESS`` connects to
-a running one. Several GPUs: start ``dask_cuda.LocalCUDACluster()`` (one
+``--workers N`` starts a local cluster of N single-threaded worker processes;
+``--scheduler ADDRESS`` connects to a running one. Several GPUs: start ``dask_cuda.LocalCUDACluster()`` (one
 worker per GPU) and pass its ``scheduler_address`` as ``--scheduler``; each
 worker then computes its chunks on its own device.
 """
@@ -25,7 +24,8 @@ def dask_client(*, workers: int | None = None, scheduler: str | None = None, mem
     scheduler : str, optional
         Connect to the scheduler at this address instead.
     memory_limit : int, optional
-        Bytes for all local workers together.
+        Not imposed on the workers (what bounds their memory is the chunk
+        size the run chose from it); kept for the caller's record.
 
     Yields
     ------
@@ -46,7 +46,8 @@ def dask_client(*, workers: int | None = None, scheduler: str | None = None, mem
         return
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer; got {workers!r}")
-    share = "auto" if memory_limit is None else max(1, memory_limit // workers)
-    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=share,
+    # No per-worker limit: the chunks bound what a task holds, and a worker
+    # over distributed's limit would pause (at 80 %) and stall the run.
+    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=0,
                                   dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
         yield client

@@ -184,11 +184,12 @@ class WorkingGrid:
         return -(-self.shape[0] // step), -(-self.shape[1] // step)
 
 
-def working_grid(guide_shape, cube_shape, initial, working_shape=None) -> WorkingGrid:
+def working_grid(guide_shape, cube_shape, initial, working_shape=None, *, max_pixels=None) -> WorkingGrid:
     """The working grid for a cube placed on a guide by ``initial`` (DESIGN "Grids", "Real geometry").
 
     ``s = max(1, ceil(r / 6))`` with ``r`` guide pixels per cube pixel, unless
-    ``working_shape`` gives it. The region is the cube's footprint plus a
+    ``working_shape`` gives it; with ``max_pixels``, ``s`` grows until the
+    grid has at most that many pixels (a cube streamed under a memory limit). The region is the cube's footprint plus a
     capture margin of ``max(45, side / 3)`` guide pixels on each side, rounded
     out to whole ``s x s`` blocks and clipped to the guide: the whole guide
     when the cube spans it.
@@ -209,6 +210,8 @@ def working_grid(guide_shape, cube_shape, initial, working_shape=None) -> Workin
         wanted = check_output_shape(working_shape, "working_shape")
         s = max(1, min(rows // wanted[0], cols // wanted[1]))
     extent = np.minimum(high + margin, guide_shape) - np.maximum(low - margin, 0)
+    if max_pixels is not None:
+        s = max(s, math.ceil(math.sqrt(float(np.prod(extent)) / max_pixels)))
     s = min(s, max(1, int(min(extent)) // 8))
     origin, size, to_guide = block_region(guide_shape, low - margin, high + margin, s)
     step = cube_resolution_step(initial @ to_guide)

@@ -321,7 +321,7 @@ def refine(
     xp = resolve_backend(backend)
     guide_shape = tuple(guide.shape[:2])
     initial_given = initial is not None
-    initial, mask, grid = check_placement(guide_shape, cube, initial, mask, working_shape)
+    initial, mask, grid = check_placement(guide_shape, cube, initial, mask, working_shape, options.memory_limit)
     hint = bands_first_hint(cube.shape, guide_shape, initial if initial_given else None) if band_axis % 3 == 2 else ""
     levels = resolve_levels(options, guide_shape, cube.shape, initial, grid, hint)
     if hint:

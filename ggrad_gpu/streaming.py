@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -106,8 +107,11 @@ def stream_refine(args, guide, cube_data, *, initial, weights, memory_limit: int
         fingerprint=signature, attributes=_store_attributes(matrix, to_guide, grid, cube_data),
     )
     registered = warp_cube_chunked(cube_data.data, matrix @ to_guide, shape, order=1, chunks=(side, side))
+    start, count = time.perf_counter(), len(store.pending())
     _write_chunks(store, registered, memory_limit, quiet=args.quiet)
     store.finish()
+    seconds = time.perf_counter() - start
+    say(f"registered.zarr: warped and wrote {count} chunks of {side} x {side} x {bands} in {seconds:.1f} s")
     return record["message"], bool(record["improved"])
 
 

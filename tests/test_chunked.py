@@ -139,8 +139,11 @@ def test_refine_on_a_lazy_cube_equals_the_in_memory_refine(phantom, chunks, limi
     cube[:, :, 3] = np.nan  # a dead band
     mask = np.ones(cube.shape[:2], dtype=bool)
     mask[20:22, 30:40] = False
-    expected = _refine(phantom.guide, cube, phantom.initial, mask=mask, order=3)
-    lazy = _refine(phantom.guide, _lazy(cube, chunks), phantom.initial, mask=mask, order=3, memory_limit=limit)
+    # The working grid given: under a small memory_limit a lazy cube's grid would be coarsened to fit.
+    grid = {"working_shape": phantom.guide.shape}
+    expected = _refine(phantom.guide, cube, phantom.initial, mask=mask, order=3, **grid)
+    lazy = _refine(phantom.guide, _lazy(cube, chunks), phantom.initial, mask=mask, order=3, memory_limit=limit,
+                   **grid)
     assert is_dask_array(lazy.registered) and lazy.improved == expected.improved
     shape = phantom.guide.shape
     assert target_registration_error(lazy.matrix, expected.matrix, shape).max < 0.01
@@ -154,6 +157,16 @@ def test_refine_on_a_lazy_cube_equals_the_in_memory_refine(phantom, chunks, limi
     np.testing.assert_array_equal(np.isnan(registered), np.isnan(reference))
     np.testing.assert_allclose(registered, reference, rtol=0, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(lazy.valid), expected.valid)
+
+
+def test_the_working_grid_of_a_lazy_cube_is_coarsened_to_the_memory_limit(phantom):
+    lazy = _lazy(phantom.cube, (16, 16))
+    full = _refine(phantom.guide, lazy, phantom.initial, memory_limit="1GB")
+    small = _refine(phantom.guide, lazy, phantom.initial, memory_limit="20MB")
+    assert full.working_to_guide[0, 0] == 1
+    rows, cols = small.gradient.grad_x.shape
+    assert small.working_to_guide[0, 0] == 2 and rows * cols * 384 <= 20e6 / 2
+    assert target_registration_error(small.matrix, phantom.matrix, phantom.guide.shape).mean < 0.5
 
 
 def test_the_lazy_cube_is_never_read_whole(phantom, tmp_path):

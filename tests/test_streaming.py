@@ -38,8 +38,9 @@ def files(tmp_path_factory):
 
 def _refine(files, out, *extra):
     folder, _ = files
+    # The working grid given: under a small --memory-limit it would be coarsened to fit.
     return main(["refine", str(folder / "guide.npy"), str(folder / "cube.zarr"), "-o", str(out), "-q",
-                 "--initial", str(folder / "initial.txt"), *extra])
+                 "--initial", str(folder / "initial.txt"), "--working-shape", "240", "280", *extra])
 
 
 def _registered(out):
@@ -116,7 +117,8 @@ def test_sigterm_mid_stream_then_rerun_completes(files, tmp_path):
     folder, _ = files
     out = tmp_path / "out"
     command = [sys.executable, "-m", "ggrad_gpu", "refine", str(folder / "guide.npy"), str(folder / "cube.zarr"),
-               "-o", str(out), "-q", "--initial", str(folder / "initial.txt"), "--memory-limit", "20KB"]
+               "-o", str(out), "-q", "--initial", str(folder / "initial.txt"), "--memory-limit", "20KB",
+               "--working-shape", "240", "280"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     marks = out / "registered.zarr" / ".done"
     for _ in range(600):  # wait until some chunks are written
