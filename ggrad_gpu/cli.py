@@ -2,8 +2,13 @@
 
 ``ggrad refine GUIDE CUBE -o OUTDIR`` refines the placement of a cube on a
 guide image and writes the registered cube, ``transform.json``,
-``weights.json`` and ``report.png`` into a new OUTDIR. ``ggrad demo`` does the
-same on a built-in phantom (:func:`ggrad_gpu.synthetic.make_phantom`) and
+``weights.json`` and ``report.png`` into a new OUTDIR; ``ggrad refine FILE -o
+OUTDIR`` takes the cube, the guide and the initial transform from an instrument
+file (:func:`ggrad_gpu.io.read_instrument`), and ``ggrad refine --guide GUIDE
+CUBE_A CUBE_B ... -o OUTDIR`` refines several cubes on one guide (a subfolder
+per cube, ``cube_to_cube.json``, ``overlay.png``). ``ggrad apply TRANSFORM CUBE
+-o OUTDIR`` resamples a cube with a saved ``transform.json`` without refining
+(:mod:`ggrad_gpu.apply`). ``ggrad demo`` refines a built-in phantom (:func:`ggrad_gpu.synthetic.make_phantom`) and
 prints, for the global gradient, the best single band and the baselines of
 :mod:`ggrad_gpu.baselines`, how well each matches the guide's gradient and
 the registration error that refine reaches with each (the paper's Tables

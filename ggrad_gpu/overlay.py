@@ -1,9 +1,10 @@
 """Several modalities on one guide, before and after (``overlay.png`` of ``ggrad refine`` with several cubes).
 
 :func:`overlay_figure` draws two panels, labelled ``"before"`` and
-``"after"``: the guide in gray, and on it each cube's band mean, in its own
-colour, placed by its initial and by its refined matrix, with its footprint
-outlined. It builds a :class:`matplotlib.figure.Figure` without ``pyplot``;
+``"after"``: the guide in gray, and on it each cube's edges (the gradient of
+its first principal component), in its own colour, placed by its initial and by its refined
+matrix, with its footprint outlined: where the refinement worked, each
+colour's edges lie on the guide's. It builds a :class:`matplotlib.figure.Figure` without ``pyplot``;
 :func:`ggrad_gpu.plotting.save_report` writes it atomically.
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from ._backend import to_host
+from .baselines import first_principal_component
+from .filters import sobel_magnitude
 from .geometry import footprint_mask
 from .warp import warp_cube
 
@@ -20,11 +23,11 @@ __all__ = ["OVERLAY_PANELS", "overlay_figure"]
 OVERLAY_PANELS = ("before", "after")
 _COLOURS = ((1.0, 0.2, 0.8), (0.1, 0.9, 0.2), (0.2, 0.6, 1.0), (1.0, 0.7, 0.1), (0.7, 0.3, 1.0), (0.1, 0.9, 0.9))
 _MAX_SIDE = 800  # guide pixels drawn along the longer side; larger guides are drawn every k-th pixel
-_OPACITY = 0.55
+_OPACITY = 0.9  # of the strongest edges
 
 
 def overlay_figure(guide, cubes, initials, matrices, names):
-    """The cubes' band means on the guide, placed by ``initials`` (panel "before") and ``matrices`` ("after").
+    """The cubes' edges on the guide, placed by ``initials`` (panel "before") and ``matrices`` ("after").
 
     Parameters
     ----------
@@ -77,16 +80,24 @@ def overlay_figure(guide, cubes, initials, matrices, names):
 
 
 def _blend(image, cube, matrix, colour):
-    """``image`` with the cube's band mean, normalised, painted in ``colour`` over its footprint."""
-    cube = np.asarray(to_host(cube))
-    mean = np.nanmean(np.asarray(cube, dtype=np.float32), axis=2, keepdims=True)
-    placed = warp_cube(mean, matrix, image.shape[:2])[..., 0]
+    """``image`` with the cube's edges and its footprint's outline in ``colour``.
+
+    The edges are the gradient of the cube's first principal component: a band
+    mean is flat for area-normalised spectra.
+    """
+    from scipy import ndimage
+
+    cube = np.asarray(to_host(cube), dtype=np.float32)
+    summary = first_principal_component(cube) if cube.shape[2] > 1 else cube[..., 0]
+    finite = np.isfinite(summary)
+    summary = np.where(finite, summary, np.mean(summary[finite]) if finite.any() else 0.0)
+    edges = sobel_magnitude(summary)[..., None]  # on the native grid: the cube's own structure
+    placed = warp_cube(edges, matrix, image.shape[:2])[..., 0]
     inside = footprint_mask(cube.shape[:2], matrix, image.shape[:2], np) & np.isfinite(placed)
     if not inside.any():
         return image
-    low, high = np.percentile(placed[inside], [1, 99])
-    level = np.clip((placed - low) / max(high - low, 1e-12), 0, 1)
-    painted = image.copy()
-    tint = (0.35 + 0.65 * level[..., None]) * np.asarray(colour)
-    painted[inside] = (1 - _OPACITY) * image[inside] + _OPACITY * tint[inside]
-    return painted
+    high = np.percentile(placed[inside], 99)
+    strength = np.where(inside, np.clip(placed / max(high, 1e-12), 0, 1), 0.0)[..., None]
+    outline = (inside & ~ndimage.binary_erosion(inside, iterations=2))[..., None]
+    weight = np.maximum(_OPACITY * strength, outline.astype(np.float64))
+    return (1 - weight) * image + weight * np.asarray(colour)

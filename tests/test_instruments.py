@@ -169,3 +169,26 @@ def test_missing_library_names_the_instruments_extra(monkeypatch, tmp_path):
     path.write_bytes(b"\0")
     with pytest.raises(ImportError, match=r"ggrad_gpu\[instruments\]"):
         read_instrument(path)
+
+
+@pytest.mark.data
+def test_guide_and_initial_override_the_file(tmp_path, capsys):
+    path = _wdf("renishaw_test_map2.wdf")
+    sample = read_instrument(path)
+    # --initial: the file's cube and guide, the given matrix.
+    shifted = sample.initial @ np.array([[1, 0, 2.0], [0, 1, -3.0], [0, 0, 1]])
+    np.savetxt(tmp_path / "stage.txt", shifted)
+    out = tmp_path / "with-initial"
+    assert main(["refine", str(path), "--initial", str(tmp_path / "stage.txt"), "-o", str(out), "-q",
+                 "--backend", "numpy"]) == 0
+    record = json.loads((out / "transform.json").read_text())
+    assert record["initial_source"] == "file"
+    np.testing.assert_allclose(record["initial"], shifted)
+    # --guide: another image; the file's stage transform places the map on its own image, so it is not used.
+    np.save(tmp_path / "guide.npy", sample.guide[100:300, 200:500])
+    out = tmp_path / "with-guide"
+    assert main(["refine", "--guide", str(tmp_path / "guide.npy"), str(path), "-o", str(out), "-q",
+                 "--backend", "numpy"]) == 0
+    assert "stage transform" in capsys.readouterr().err
+    record = json.loads((out / "transform.json").read_text())
+    assert record["initial_source"] == "default" and record["guide"]["shape"] == [200, 300]
