@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._validation import check_matrix
+from .options import check_inputs
 from .pipeline import Refinement, refine
 
 __all__ = ["cube_to_cube", "refine_many"]
@@ -45,8 +46,10 @@ def refine_many(guide, cubes, *, initials=None, **refine_options) -> list[Refine
 
     Raises
     ------
-    ValueError
-        If ``cubes`` is empty, or ``initials`` does not hold one entry per cube.
+    ValueError, TypeError
+        If ``cubes`` is empty, ``initials`` does not hold one entry per cube,
+        or ``refine`` refuses a cube or its initial matrix (the message starts
+        with ``cubes[i]``).
 
     Examples
     --------
@@ -69,7 +72,18 @@ def refine_many(guide, cubes, *, initials=None, **refine_options) -> list[Refine
     initials = list(initials)
     if len(initials) != len(cubes):
         raise ValueError(f"initials must hold one matrix (or None) per cube ({len(cubes)}); got {len(initials)}")
-    return [refine(guide, cube, initial=initial, **refine_options) for cube, initial in zip(cubes, initials)]
+    for index, cube in enumerate(cubes):  # every cube checked before the first refinement starts
+        _naming(index, check_inputs, guide, cube, refine_options.get("band_axis", -1))
+    return [_naming(index, refine, guide, cube, initial=initial, **refine_options)
+            for index, (cube, initial) in enumerate(zip(cubes, initials))]
+
+
+def _naming(index: int, call, *args, **kwargs):
+    """``call(*args, **kwargs)``, its input errors prefixed with ``cubes[index]`` ("cube must be 3-D" names no index)."""
+    try:
+        return call(*args, **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"cubes[{index}]: {exc}") from exc
 
 
 def cube_to_cube(matrices, names=None) -> dict:

@@ -106,6 +106,8 @@ def test_refine_many_bad_input_names_the_parameter():
         refine_many(guide, [])
     with pytest.raises(ValueError, match="initials"):
         refine_many(guide, [np.zeros((8, 8, 3))], initials=[None, None])
+    with pytest.raises(ValueError, match=r"cubes\[1\]: cube must be 3-D"):
+        refine_many(guide, [np.ones((8, 8, 3)), np.ones((8, 8))], backend="numpy")  # before refining cubes[0]
 
 
 def _save_inputs(tmp_path, guide, cubes, initials):
