@@ -324,7 +324,8 @@ def _refine_inputs(args, guide_path, cube_paths):
         job = _cube_job(path, dataset, band_axis, guide_instrument)
         if initial is not None:
             job.update(initial=read_transform(initial), initial_source="file")
-        job["inputs"] = {"guide": str(guide_path if guide_path is not None else path), "cube": str(path)}
+        job["inputs"] = {"guide": str(guide_path if guide_path is not None else path), "cube": str(path),
+                         **job.pop("instrument", {})}
         jobs.append(job)
     return guide, guide_instrument, jobs
 
@@ -341,13 +342,13 @@ def _cube_job(path, dataset, band_axis, guide_instrument) -> dict:
             raise ValueError(f"{option} does not apply to the instrument file {path}; got {value}")
     same = guide_instrument is not None and Path(guide_instrument.path).resolve() == Path(path).resolve()
     instrument = guide_instrument if same else read_instrument(path)
+    job = {"path": path, "cube": instrument.cube_data(), "instrument": {"instrument": instrument.metadata}}
     if same and instrument.initial is not None:
-        return {"path": path, "cube": instrument.cube_data(), "initial": instrument.initial,
-                "initial_source": instrument.initial_source}
+        return {**job, "initial": instrument.initial, "initial_source": instrument.initial_source}
     if instrument.initial is not None:
         print(f"ggrad: note: the stage transform of {path} places it on its own white-light image, not on the "
               f"guide given; starting from the default placement (give --initial to set one)", file=sys.stderr)
-    return {"path": path, "cube": instrument.cube_data(), "initial": None, "initial_source": "default"}
+    return {**job, "initial": None, "initial_source": "default"}
 
 
 def _refine_one(args, guide, guide_source, job, weights):

@@ -95,6 +95,7 @@ def test_renishaw_file_through_the_command_line(tmp_path, name):
     assert record["initial_source"] == "renishaw-wdf stage metadata"
     np.testing.assert_allclose(record["initial"], sample.initial)
     assert record["guide"]["shape"] == [480, 752] and record["cube"]["shape"] == list(WDF_FILES[name])
+    assert record["cube"]["instrument"]["map_step_um"] == sample.metadata["map_step_um"]
     assert np.load(out / "registered.npy").shape[2] == WDF_FILES[name][2]
     if not record["improved"]:  # weak structure: keeping the stage transform is a valid outcome
         np.testing.assert_array_equal(record["matrix"], record["initial"])
