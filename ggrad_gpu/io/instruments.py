@@ -112,7 +112,14 @@ class InstrumentFile:
 
 
 def is_instrument_file(path) -> bool:
-    """Whether ``path``'s suffix is one of :data:`INSTRUMENT_SUFFIXES` (the file is not opened)."""
+    """Whether ``path``'s suffix is one of :data:`INSTRUMENT_SUFFIXES` (the file is not opened).
+
+    Examples
+    --------
+    >>> from ggrad_gpu.io import is_instrument_file
+    >>> is_instrument_file("sample.WDF"), is_instrument_file("mosaic.dmt"), is_instrument_file("cube.npy")
+    (True, True, False)
+    """
     return Path(str(path)).suffix.lower() in INSTRUMENT_SUFFIXES
 
 

@@ -66,6 +66,16 @@ def write_many_outputs(outdir, refinements, guide, cubes, names, *, cube_to_cube
     -------
     list of pathlib.Path
         The entries written, at their final place.
+
+    Examples
+    --------
+    >>> from ggrad_gpu import cube_to_cube, refine_many
+    >>> from ggrad_gpu.io import write_many_outputs
+    >>> results = refine_many(guide, [raman, ir], initials=[raman_stage, ir_stage])  # doctest: +SKIP
+    >>> write_many_outputs("both", results, guide, [raman, ir], ["raman", "ir"],  # doctest: +SKIP
+    ...                    cube_to_cube=cube_to_cube([r.matrix for r in results], ["raman", "ir"]),
+    ...                    initial_sources=["file", "file"], inputs=[{}, {}])
+    [PosixPath('both/raman'), PosixPath('both/ir'), PosixPath('both/cube_to_cube.json'), PosixPath('both/overlay.png')]
     """
     from ..overlay import overlay_figure
     from ..plotting import save_report
