@@ -229,7 +229,7 @@ def _source_window(matrix, block, cube_shape, pad: int):
 
 
 def fill_gaps_chunked(values, gaps):
-    """:func:`ggrad_gpu.coverage.fill_gaps` of a dask array: the nearest-pixel indices on the host, gathered per chunk."""
+    """:func:`ggrad_gpu.coverage.fill_gaps` of a dask array: nearest-pixel indices on the host, gathered per chunk."""
     import dask
     import dask.array as da
     from scipy import ndimage

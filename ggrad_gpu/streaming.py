@@ -48,18 +48,21 @@ def default_memory_limit() -> int:
         return 4 << 30
 
 
-def stream_refine(args, guide, cube_data, *, initial, weights, memory_limit: int, run_refine, say) -> tuple:
+def stream_refine(args, guide, cube_data, *, guide_path, initial_path, initial, weights, memory_limit: int,
+                  run_refine, say) -> tuple:
     """Refine a lazy cube and write the output folder in place, resumably.
 
     Parameters
     ----------
     args : argparse.Namespace
-        ``ggrad refine``'s arguments (output, force, guide, cube, initial,
-        levels, backend, output_grid, ...).
+        ``ggrad refine``'s arguments (output, force, levels, backend,
+        output_grid, ...).
     guide : numpy.ndarray
         The guide image.
     cube_data : ggrad_gpu.io.CubeData
         The cube, ``data`` a dask array.
+    guide_path, initial_path : path-like
+        The files they came from (``initial_path`` None for the default).
     initial, weights
         As :func:`ggrad_gpu.refine` takes them.
     memory_limit : int
@@ -82,8 +85,8 @@ def stream_refine(args, guide, cube_data, *, initial, weights, memory_limit: int
     out = Path(args.output)
     grid = args.output_grid or "cube"
     signature = fingerprint(
-        guide=file_signature(args.guide), cube=file_signature(cube_data.path), dataset=cube_data.dataset,
-        initial=None if args.initial is None else file_signature(args.initial), band_axis=args.band_axis,
+        guide=file_signature(guide_path), cube=file_signature(cube_data.path), dataset=cube_data.dataset,
+        initial=None if initial_path is None else file_signature(initial_path), band_axis=args.band_axis,
         levels=args.levels, weights=weights, backend=args.backend, output_grid=grid,
         working_shape=getattr(args, "working_shape", None), absorbance=getattr(args, "absorbance", True),
         version=__version__,
@@ -92,7 +95,8 @@ def stream_refine(args, guide, cube_data, *, initial, weights, memory_limit: int
     if record is None:
         refinement = run_refine(guide, cube_data.data, initial=initial, weights=weights, memory_limit=memory_limit,
                                 output_grid=grid)
-        record = _write_small_outputs(out, refinement, guide, cube_data, args, signature)
+        source = "default" if initial_path is None else "file"
+        record = _write_small_outputs(out, refinement, guide, cube_data, guide_path, signature, source)
         say(f"refined: the transform is in {out / 'transform.json'}; now writing registered.zarr")
     else:
         say(f"continuing {out}: the transform of the interrupted run is reused")
@@ -147,7 +151,7 @@ def _resumable_record(out: Path, signature: str, *, force: bool):
     return record
 
 
-def _write_small_outputs(out: Path, refinement, guide, cube_data, args, signature) -> dict:
+def _write_small_outputs(out: Path, refinement, guide, cube_data, guide_path, signature, initial_source) -> dict:
     """``transform.json`` (with the fingerprint), ``weights.json`` and ``report.png``, each atomic."""
     from .io import transform_record, weights_record, write_json
     from .io.atomic import atomic_write
@@ -160,8 +164,10 @@ def _write_small_outputs(out: Path, refinement, guide, cube_data, args, signatur
     write_json(out / "weights.json", weights_record(refinement.gradient, band_centres=centres, band_unit=unit),
                overwrite=True)
     record = transform_record(
-        refinement, guide={"shape": [int(n) for n in guide.shape], "source": str(args.guide)},
-        cube={"shape": [int(n) for n in cube_data.data.shape], "source": str(args.cube), "format": cube_data.format},
+        refinement, guide={"shape": [int(n) for n in guide.shape], "source": str(guide_path)},
+        cube={"shape": [int(n) for n in cube_data.data.shape], "source": str(cube_data.path),
+              "format": cube_data.format},
+        initial_source=initial_source,
     )
     record.update(fingerprint=signature, streamed=True)
     write_json(out / "transform.json", record, overwrite=True)  # last: its fingerprint marks the transform done

@@ -50,7 +50,7 @@ def versions() -> dict:
     return found
 
 
-def transform_record(refinement, *, guide=None, cube=None) -> dict:
+def transform_record(refinement, *, guide=None, cube=None, initial_source: str = "default") -> dict:
     """The content of ``transform.json`` for a :class:`~ggrad_gpu.pipeline.Refinement`.
 
     Parameters
@@ -58,6 +58,10 @@ def transform_record(refinement, *, guide=None, cube=None) -> dict:
     refinement : Refinement
     guide, cube : dict, optional
         What to say about the inputs (e.g. path, shape, format); stored as given.
+    initial_source : str
+        Where the initial transform came from: ``"default"`` (the cube spans
+        the guide), ``"file"`` (``--initial``) or the instrument metadata
+        (e.g. ``"renishaw-wdf stage metadata"``).
 
     Returns
     -------
@@ -72,6 +76,7 @@ def transform_record(refinement, *, guide=None, cube=None) -> dict:
         "matrix": _nested(refinement.matrix),
         "convention": CONVENTION,
         "initial": _nested(refinement.initial),
+        "initial_source": str(initial_source),
         "improved": bool(refinement.improved),
         "message": refinement.message,
         "quality": {name: _number(value) for name, value in refinement.quality.items()},
