@@ -12,6 +12,7 @@ from . import baselines, metrics, synthetic
 from ._backend import array_module, ndimage_module, resolve_backend, to_device, to_host
 from .estimate import GlobalGradient, estimate_global_gradient
 from .filters import sobel_magnitude
+from .multimodal import cube_to_cube, refine_many
 from .nnls import gram_products, nnls_gram
 from .pipeline import Refinement, refine
 from .pyramid import gaussian_pyramid, upsample_level
@@ -29,6 +30,7 @@ __all__ = [
     "Refinement",
     "baselines",
     "array_module",
+    "cube_to_cube",
     "estimate_global_gradient",
     "gaussian_pyramid",
     "gram_products",
@@ -36,6 +38,7 @@ __all__ = [
     "ndimage_module",
     "nnls_gram",
     "refine",
+    "refine_many",
     "register_affine",
     "resolve_backend",
     "sobel_magnitude",

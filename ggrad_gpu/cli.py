@@ -2,8 +2,13 @@
 
 ``ggrad refine GUIDE CUBE -o OUTDIR`` refines the placement of a cube on a
 guide image and writes the registered cube, ``transform.json``,
-``weights.json`` and ``report.png`` into a new OUTDIR. ``ggrad demo`` does the
-same on a built-in phantom (:func:`ggrad_gpu.synthetic.make_phantom`) and
+``weights.json`` and ``report.png`` into a new OUTDIR; ``ggrad refine FILE -o
+OUTDIR`` takes the cube, the guide and the initial transform from an instrument
+file (:func:`ggrad_gpu.io.read_instrument`), and ``ggrad refine --guide GUIDE
+CUBE_A CUBE_B ... -o OUTDIR`` refines several cubes on one guide (a subfolder
+per cube, ``cube_to_cube.json``, ``overlay.png``). ``ggrad apply TRANSFORM CUBE
+-o OUTDIR`` resamples a cube with a saved ``transform.json`` without refining
+(:mod:`ggrad_gpu.apply`). ``ggrad demo`` refines a built-in phantom (:func:`ggrad_gpu.synthetic.make_phantom`) and
 prints, for the global gradient, the best single band and the baselines of
 :mod:`ggrad_gpu.baselines`, how well each matches the guide's gradient and
 the registration error that refine reaches with each (the paper's Tables
@@ -40,11 +45,23 @@ import numpy as np
 
 from . import __version__, synthetic
 from ._backend import BACKENDS, resolve_backend, to_device
+from .apply import APPLY_GRIDS, apply_transform
 from .estimate import estimate_global_gradient
 from .filters import sobel_magnitude
-from .io import CUBE_FORMATS, check_new_directory, read_transform, write_outputs
+from .io import (
+    CUBE_FORMATS,
+    INSTRUMENT_SUFFIXES,
+    check_new_directory,
+    is_instrument_file,
+    read_instrument,
+    read_transform,
+    unique_names,
+    write_many_outputs,
+    write_outputs,
+)
 from .metrics import ncc, target_registration_error
-from .options import OUTPUT_GRIDS
+from .multimodal import cube_to_cube
+from .options import OUTPUT_GRIDS, parse_bytes
 from .pipeline import refine
 
 EXIT_OK, EXIT_KEPT, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
@@ -69,26 +86,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ggrad_gpu {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("refine", help="refine a cube's placement on a guide image and write the results")
-    run.add_argument("guide", type=Path, help="guide image: PNG, TIFF, JPEG (RGB becomes grayscale) or .npy")
-    run.add_argument("cube", type=Path,
-                     help="cube: .npy, .npz, multi-page TIFF, ENVI .hdr, HDF5 (file.h5:/dataset) or .zarr")
+    run = commands.add_parser(
+        "refine", help="refine cubes' placement on a guide image and write the results",
+        description="ggrad refine GUIDE CUBE -o OUT; ggrad refine FILE -o OUT for an instrument file holding its "
+                    "own guide (.wdf, .dmt); ggrad refine [--guide GUIDE | GUIDE] CUBE_A CUBE_B ... -o OUT for "
+                    "several cubes on one guide (one subfolder per cube, cube_to_cube.json, overlay.png).",
+    )
+    run.add_argument("inputs", type=Path, nargs="+", metavar="FILE",
+                     help="GUIDE CUBE [CUBE ...], or one instrument file (with --guide: cubes only). Guide: PNG, "
+                          "TIFF, JPEG (RGB becomes grayscale) or .npy; cube: .npy, .npz, multi-page TIFF, ENVI .hdr, "
+                          "HDF5 (file.h5:/dataset), .zarr, or an instrument file (.wdf, .dmt)")
     run.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR",
                      help="folder to create for the results (never replaced without --force)")
-    run.add_argument("--initial", type=Path, metavar="FILE",
+    run.add_argument("--guide", type=Path, dest="guide_file", metavar="GUIDE",
+                     help="the guide image; every positional FILE is then a cube (overrides an instrument "
+                          "file's own white-light image)")
+    run.add_argument("--initial", type=Path, metavar="FILE", action="append",
                      help="initial guide-to-cube transform: a transform.json (key 'matrix') or a text 3x3 "
-                          "matrix (default: the cube spans the guide's field of view)")
-    run.add_argument("--dataset", help="dataset path inside an HDF5 or Zarr cube")
-    run.add_argument("--band-axis", type=int, default=None,
-                     help="axis of the stored cube that holds the bands (default: the format's own)")
+                          "matrix (default: an instrument file's stage metadata, else the cube spans the "
+                          "guide's field of view); once per cube, in the cubes' order")
+    run.add_argument("--dataset", action="append",
+                     help="dataset path inside an HDF5 or Zarr cube; once, or once per cube")
+    run.add_argument("--band-axis", type=int, action="append",
+                     help="axis of the stored cube that holds the bands (default: the format's own); once, or "
+                          "once per cube")
     _common_options(run)
     run.add_argument("--alpha", type=_float_list, metavar="A0,A1,...",
                      help="manual guide level weights (with --beta; default: solved, eq. 9)")
     run.add_argument("--beta", type=_float_list, metavar="B0,B1,...", help="manual cube level weights")
     run.add_argument("--working-shape", type=int, nargs=2, metavar=("ROWS", "COLS"),
                      help="size of the working grid (default: from the cube's resolution)")
-    run.add_argument("--output-grid", choices=OUTPUT_GRIDS, default="working",
-                     help="grid of the registered cube (default: working)")
+    run.add_argument("--output-grid", choices=OUTPUT_GRIDS, default=None,
+                     help="grid of the registered cube: working, guide, or cube "
+                          "(about the cube's pixel size; default: working, or cube when streaming)")
+    run.add_argument("--memory-limit", type=_bytes, default=None, metavar="BYTES",
+                     help="stream a cube larger than this (e.g. 4GB) chunk by chunk into registered.zarr, "
+                          "resumably (default: a quarter of the machine's memory)")
+    run.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="run the chunked work on a local Dask cluster of N worker processes")
+    run.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                     help="run the chunked work on the Dask cluster at ADDRESS")
     run.add_argument("--format", choices=CUBE_FORMATS, default="npy", dest="cube_format",
                      help="file format of the registered cube (default: npy)")
     run.add_argument("--no-absorbance", action="store_false", dest="absorbance",
@@ -97,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
     run.add_argument("--strict", action="store_true", help="exit with 1 when the initial transform is kept")
     run.set_defaults(run=_refine_command)
+
+    _apply_parser(commands)
 
     demo = commands.add_parser(
         "demo", help="estimate and refine on a built-in phantom; print the error before and after"
@@ -153,6 +192,13 @@ def _levels(text: str):
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be auto or a positive integer; got {text!r}")
     return value
+
+
+def _bytes(text: str) -> int:
+    try:
+        return parse_bytes(text, "--memory-limit")
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _float_list(text: str) -> list[float]:
@@ -217,28 +263,126 @@ def _one_line(exc) -> str:
 
 
 def _refine_command(args) -> int:
+    guide_path, cube_paths = _refine_positionals(args)
+    _check_outside(args.output, [guide_path, *cube_paths, *(args.initial or [])])
+    weights = _manual_weights(args)
+    streamed = _lazy_cube_over_limit(args, guide_path, cube_paths)
+    if streamed is not None:
+        return _stream_command(args, guide_path, *streamed, weights)
+    check_new_directory(args.output, force=args.force)
+    guide, guide_instrument, jobs = _refine_inputs(args, guide_path, cube_paths)
+    say = _printer(args)
+    say(f"guide {guide.shape[0]} x {guide.shape[1]}; " + "; ".join(
+        f"cube {' x '.join(map(str, job['cube'].data.shape))} ({job['cube'].format})" for job in jobs))
+    guide_source = guide_path if guide_path is not None else guide_instrument.path
+    refinements = [_refine_one(args, guide, guide_source, job, weights) for job in jobs]
+    if len(jobs) == 1:
+        job, refinement = jobs[0], refinements[0]
+        written = write_outputs(args.output, refinement, guide, job["cube"], cube_format=args.cube_format,
+                                force=args.force, inputs=job["inputs"], initial_source=job["initial_source"])
+        print(f"{refinement.message}")
+    else:
+        names = unique_names(job["path"] for job in jobs)
+        pairs = cube_to_cube([r.matrix for r in refinements], names)
+        written = write_many_outputs(args.output, refinements, guide, [job["cube"] for job in jobs], names,
+                                     cube_to_cube=pairs, initial_sources=[job["initial_source"] for job in jobs],
+                                     inputs=[job["inputs"] for job in jobs], cube_format=args.cube_format,
+                                     force=args.force)
+        for name, refinement in zip(names, refinements):
+            print(f"{name}: {refinement.message}")
+    print(f"wrote {', '.join(path.name for path in written)} to {args.output}")
+    kept = not all(r.improved for r in refinements)
+    return EXIT_KEPT if args.strict and kept else EXIT_OK
+
+
+def _refine_positionals(args):
+    """``(guide path or None, cube paths)`` from the grammar: --guide, one instrument file, or GUIDE CUBE..."""
+    inputs = list(args.inputs)
+    if args.guide_file is not None:
+        return args.guide_file, inputs
+    if len(inputs) == 1:
+        if not is_instrument_file(inputs[0]):
+            raise ValueError(f"a single input must be an instrument file holding its own guide "
+                             f"({', '.join(INSTRUMENT_SUFFIXES)}); got {inputs[0]}: give GUIDE CUBE, or --guide GUIDE")
+        return None, inputs
+    return inputs[0], inputs[1:]
+
+
+def _per_cube(values, count: int, option: str, *, shared: bool):
+    """One value per cube from a repeated option: none, once per cube, or (``shared``) once for all."""
+    if values is None:
+        return [None] * count
+    if len(values) == count:
+        return list(values)
+    if shared and len(values) == 1:
+        return list(values) * count
+    once = "once or " if shared else ""
+    raise ValueError(f"{option} was given {len(values)} times for {count} cube(s); give it {once}once per cube, "
+                     f"in the cubes' order")
+
+
+def _refine_inputs(args, guide_path, cube_paths):
+    """The guide, the instrument file it came from (or None), and per cube: the cube, initial and sources."""
     from . import io
 
-    check_new_directory(args.output, force=args.force)
-    _check_outside(args.output, [args.guide, args.cube, args.initial])
-    weights = _manual_weights(args)
-    initial = None if args.initial is None else read_transform(args.initial)
-    guide = io.read_guide(args.guide)
-    cube_data = io.read_cube(args.cube, dataset=args.dataset, band_axis=args.band_axis)
-    say = _printer(args)
-    say(f"guide {guide.shape[0]} x {guide.shape[1]}; cube {' x '.join(map(str, cube_data.data.shape))} "
-        f"({cube_data.format})")
+    count = len(cube_paths)
+    initials = _per_cube(args.initial, count, "--initial", shared=False)
+    datasets = _per_cube(args.dataset, count, "--dataset", shared=True)
+    band_axes = _per_cube(args.band_axis, count, "--band-axis", shared=True)
+    guide_instrument = None
+    if guide_path is None or is_instrument_file(guide_path):
+        guide_instrument = read_instrument(guide_path if guide_path is not None else cube_paths[0])
+        if guide_instrument.guide is None:
+            raise ValueError(f"{guide_instrument.path} holds no white-light image: give --guide GUIDE")
+        guide = guide_instrument.guide
+    else:
+        guide = io.read_guide(guide_path)
+    jobs = []
+    for path, initial, dataset, band_axis in zip(cube_paths, initials, datasets, band_axes):
+        job = _cube_job(path, dataset, band_axis, guide_instrument)
+        if initial is not None:
+            job.update(initial=read_transform(initial), initial_source="file")
+        job["inputs"] = {"guide": str(guide_path if guide_path is not None else path), "cube": str(path),
+                         **job.pop("instrument", {})}
+        jobs.append(job)
+    return guide, guide_instrument, jobs
+
+
+def _cube_job(path, dataset, band_axis, guide_instrument) -> dict:
+    """A cube to refine: from a cube file, or an instrument file (its stage transform when it holds the guide)."""
+    from . import io
+
+    if not is_instrument_file(path):
+        cube = io.read_cube(path, dataset=dataset, band_axis=band_axis)
+        return {"path": path, "cube": cube, "initial": None, "initial_source": "default"}
+    for option, value in (("--dataset", dataset), ("--band-axis", band_axis)):
+        if value is not None:
+            raise ValueError(f"{option} does not apply to the instrument file {path}; got {value}")
+    same = guide_instrument is not None and Path(guide_instrument.path).resolve() == Path(path).resolve()
+    instrument = guide_instrument if same else read_instrument(path)
+    job = {"path": path, "cube": instrument.cube_data(), "instrument": {"instrument": instrument.metadata}}
+    if same and instrument.initial is not None:
+        return {**job, "initial": instrument.initial, "initial_source": instrument.initial_source}
+    if instrument.initial is not None:
+        print(f"ggrad: note: the stage transform of {path} places it on its own white-light image, not on the "
+              f"guide given; starting from the default placement (give --initial to set one)", file=sys.stderr)
+    return {**job, "initial": None, "initial_source": "default"}
+
+
+def _refine_one(args, guide, guide_source, job, weights):
+    """``refine`` of one cube, its errors naming the file they concern."""
+    cube_data, cube_path = job["cube"], job["path"]
     try:
         with np.errstate(over="raise"):  # values so large that they overflow: an input error, said once
-            refinement = _run_refine(args, guide, cube_data.data, initial=initial, weights=weights)
+            return _run_refine(args, guide, cube_data.data, initial=job["initial"], weights=weights)
     except FloatingPointError as exc:
         largest = ", ".join(f"{_largest_magnitude(data):.3g} in {path}"
-                            for data, path in ((cube_data.data, args.cube), (guide, args.guide)))
+                            for data, path in ((cube_data.data, cube_path), (guide, guide_source)))
         raise ValueError(f"values too large to compute with ({exc}); the largest magnitudes are {largest}: "
                          f"rescale the data") from exc
     except (ValueError, TypeError) as exc:  # e.g. "cube contains NaN": say which file
         text = str(exc)
-        source = args.cube if text.startswith("cube") else args.guide if text.startswith("guide") else None
+        source = cube_path if text.startswith("cube") else guide_source if text.startswith("guide") else None
         if source is None or str(source) in text:
             raise
         try:
@@ -246,13 +390,116 @@ def _refine_command(args) -> int:
         except Exception:  # noqa: BLE001 - an exception type with another signature
             named = ValueError(f"{source}: {text}")
         raise named from exc
-    written = write_outputs(
-        args.output, refinement, guide, cube_data, cube_format=args.cube_format, force=args.force,
-        inputs={"guide": str(args.guide), "cube": str(args.cube)},
+
+
+def _apply_parser(commands) -> None:
+    apply = commands.add_parser(
+        "apply", help="resample a cube with a saved transform.json, without refining again",
+        description="Resample CUBE (on the native grid the transform was made for) with TRANSFORM onto the "
+                    "working grid or the guide grid; OUTDIR gets registered.<ext> and transform.json.",
     )
-    print(f"{refinement.message}")
-    print(f"wrote {', '.join(path.name for path in written)} to {args.output}")
-    return EXIT_KEPT if args.strict and not refinement.improved else EXIT_OK
+    apply.add_argument("transform", type=Path, help="a transform.json written by ggrad refine")
+    apply.add_argument("cube", type=Path, help="cube file (as ggrad refine reads) or instrument file")
+    apply.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR",
+                       help="folder to create (never replaced without --force)")
+    apply.add_argument("--output-grid", choices=APPLY_GRIDS, default="working",
+                       help="grid of the resampled cube: refine's working grid, the full guide, or cube "
+                            "(about the cube's pixel size; default: working)")
+    apply.add_argument("--dataset", help="dataset path inside an HDF5 or Zarr cube")
+    apply.add_argument("--band-axis", type=int, default=None, help="axis of the stored cube that holds the bands")
+    apply.add_argument("--format", choices=CUBE_FORMATS, default="npy", dest="cube_format",
+                       help="file format of the resampled cube (default: npy)")
+    apply.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
+    apply.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    apply.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    apply.set_defaults(run=_apply_command)
+
+
+def _apply_command(args) -> int:
+    import json
+
+    from . import io
+
+    check_new_directory(args.output, force=args.force)
+    _check_outside(args.output, [args.transform, args.cube])
+    if not args.transform.is_file():
+        raise FileNotFoundError(f"transform file not found: {args.transform}")
+    try:
+        record = json.loads(args.transform.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{args.transform} is not valid JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{args.transform} holds no transform record (a JSON object with 'matrix')")
+    if is_instrument_file(args.cube):
+        cube = read_instrument(args.cube).cube_data()
+    else:
+        cube = io.read_cube(args.cube, dataset=args.dataset, band_axis=args.band_axis)
+    try:
+        registered, valid, to_guide = apply_transform(cube.data, record, grid=args.output_grid)
+    except ValueError as exc:
+        raise ValueError(f"{args.transform} on {args.cube}: {exc}") from exc
+    applied = {**record, "cube": {"shape": [int(n) for n in cube.data.shape], "source": str(args.cube),
+                                  "format": cube.format},
+               "applied": {"transform": str(args.transform), "output_grid": args.output_grid,
+                           "output_shape": [int(n) for n in registered.shape[:2]],
+                           "output_to_guide": [[float(v) for v in row] for row in to_guide],
+                           "covered_pixels": int(valid.sum())}}
+    name = "registered" + io.cube_suffix(args.cube_format)
+    with io.atomic_folder(args.output, overwrite=args.force) as staging:
+        io.write_cube(staging / name, registered, band_centres=cube.band_centres, band_unit=cube.band_unit,
+                      format=args.cube_format)
+        io.write_json(staging / "transform.json", applied)
+    _printer(args)(f"resampled {' x '.join(map(str, cube.data.shape))} onto the {args.output_grid} grid "
+                   f"({registered.shape[0]} x {registered.shape[1]}, {int(valid.sum())} pixels covered)")
+    print(f"wrote {name}, transform.json to {args.output}")
+    return EXIT_OK
+
+
+def _lazy_cube_over_limit(args, guide_path, cube_paths):
+    """``(cube, memory limit)`` for one plain cube file larger than ``--memory-limit``, read lazily; else None."""
+    from . import io
+    from .streaming import default_memory_limit
+
+    if guide_path is None or len(cube_paths) != 1 or is_instrument_file(cube_paths[0]):
+        return None
+    try:
+        import dask.array  # noqa: F401 - streaming needs it; without it every cube is read whole
+    except ImportError:
+        return None
+    limit = args.memory_limit or default_memory_limit()
+    dataset, band_axis = (_per_cube(values, 1, option, shared=True)[0]
+                          for values, option in ((args.dataset, "--dataset"), (args.band_axis, "--band-axis")))
+    probe = io.read_cube(cube_paths[0], dataset=dataset, band_axis=band_axis, lazy=True)
+    return (probe, limit) if probe.data.nbytes > limit else None
+
+
+def _stream_command(args, guide_path, cube_data, limit, weights) -> int:
+    """``ggrad refine`` for a cube beyond ``--memory-limit`` (see :mod:`ggrad_gpu.streaming`)."""
+    from . import io
+    from .cluster import dask_client
+    from .streaming import stream_refine
+
+    initial_path = _per_cube(args.initial, 1, "--initial", shared=False)[0]
+    initial = None if initial_path is None else read_transform(initial_path)
+    guide = io.read_guide(guide_path)
+    say = _printer(args)
+    print(f"ggrad: the cube ({cube_data.data.nbytes / 2**30:.2f} GiB) is larger than the memory limit "
+          f"({limit / 2**30:.2f} GiB): streaming it chunk by chunk into {args.output / 'registered.zarr'} "
+          f"on the {args.output_grid or 'cube'} grid", file=sys.stderr)
+    try:
+        with dask_client(workers=args.workers, scheduler=args.scheduler, memory_limit=limit):
+            message, improved = stream_refine(
+                args, guide, cube_data, guide_path=guide_path, initial_path=initial_path, initial=initial,
+                weights=weights, memory_limit=limit, say=say,
+                run_refine=lambda guide, cube, **options: _run_refine(args, guide, cube, **options))
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"ggrad: {'terminated (SIGTERM)' if terminated else 'interrupted'}; {args.output} is incomplete "
+              "(registered.zarr says complete: false): run the same command again to continue", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    print(message)
+    print(f"wrote registered.zarr, transform.json, weights.json, report.png to {args.output}")
+    return EXIT_KEPT if args.strict and not improved else EXIT_OK
 
 
 def _largest_magnitude(data) -> float:
@@ -301,8 +548,8 @@ def _run_refine(args, guide, cube, **options):
 
         return refine(guide, cube, levels=args.levels, backend=args.backend, progress=progress,
                       working_shape=getattr(args, "working_shape", None),
-                      output_grid=getattr(args, "output_grid", "working"),
-                      absorbance=getattr(args, "absorbance", True), **options)
+                      absorbance=getattr(args, "absorbance", True),
+                      **{"output_grid": getattr(args, "output_grid", None) or "working", **options})
 
 
 def _printer(args):

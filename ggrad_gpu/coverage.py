@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._backend import array_module, ndimage_module
+from .chunked import fill_gaps_chunked, is_dask_array
 from .pyramid import gaussian_pyramid
 
 __all__ = ["Coverage", "excluded_levels", "fill_gaps", "level_on_grid", "valid_pixels"]
@@ -102,6 +103,8 @@ def fill_gaps(values, gaps):
     >>> fill_gaps(values, np.isnan(values))
     array([[1., 1., 3.]])
     """
+    if is_dask_array(values):
+        return fill_gaps_chunked(values, gaps)
     xp = array_module(values=values, gaps=gaps)
     if not bool(gaps.any()):
         return values.copy()

@@ -16,6 +16,7 @@ import numpy as np
 from ._backend import array_module, to_host
 from ._memory import retry_smaller
 from ._validation import all_finite, check_array, check_levels, check_mask, float_dtype, power_of_two_scale
+from .chunked import checkpoint, combine_bands_chunked, is_dask_array, level_gram_chunked
 from .coverage import Coverage, excluded_levels, fill_gaps, valid_pixels
 from .filters import iter_sobel_blocks, sobel_block_rows, sobel_magnitude
 from .level_weights import level_weights_matrix, manual_level_weights, solve_level_weights
@@ -146,6 +147,7 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", co
     if (band_units != 1.0).any():
         cube_level = cube_level * xp.asarray(band_units, dtype=dtype)
         scale = scale * band_units
+    cube_level = checkpoint(cube_level)  # a lazy cube is read once per step below: computed once
     guide_pyramid = gaussian_pyramid(guide, levels)
     shape = guide.shape
     channel_weights = np.zeros((levels, cube.shape[2]))
@@ -153,7 +155,7 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", co
     cube_levels = xp.empty((levels,) + shape, dtype=dtype)
     for k in range(levels):
         if k > 0:
-            cube_level = blur_decimate(cube_level)
+            cube_level = checkpoint(blur_decimate(cube_level))
         target = sobel_magnitude(guide_pyramid[k])
         used = None if excluded[k] is None else ~excluded[k]
         gram, rhs = level_gram(cube_level, target, used)
@@ -243,6 +245,8 @@ def level_gram(cube_level, target, mask=None, *, rows=None):
     the sums depend on the blocks in their last bits, so the result is
     exactly the one that ``rows`` set to the size that fitted gives.
     """
+    if is_dask_array(cube_level):
+        return level_gram_chunked(cube_level, target, mask)
     xp = array_module(cube_level=cube_level)
     if rows is None:
         rows = sobel_block_rows(cube_level.shape, cube_level.dtype, xp)
@@ -260,6 +264,8 @@ def level_gram(cube_level, target, mask=None, *, rows=None):
 
 def combine_bands(cube_level, x):
     """``gradG = sum_i x_i |grad HS_i|`` over the bands with ``x_i > 0`` only."""
+    if is_dask_array(cube_level):
+        return combine_bands_chunked(cube_level, x)
     xp = array_module(cube_level=cube_level)
     active = np.flatnonzero(x > 0)
     out = xp.zeros(cube_level.shape[:2], dtype=cube_level.dtype)

@@ -18,7 +18,9 @@ __all__ = [
     "WorkingGrid",
     "affine_coordinates",
     "auto_levels",
+    "block_region",
     "check_output_shape",
+    "cube_output_grid",
     "cube_resolution_step",
     "degeneracy",
     "footprint_mask",
@@ -182,11 +184,12 @@ class WorkingGrid:
         return -(-self.shape[0] // step), -(-self.shape[1] // step)
 
 
-def working_grid(guide_shape, cube_shape, initial, working_shape=None) -> WorkingGrid:
+def working_grid(guide_shape, cube_shape, initial, working_shape=None, *, max_pixels=None) -> WorkingGrid:
     """The working grid for a cube placed on a guide by ``initial`` (DESIGN "Grids", "Real geometry").
 
     ``s = max(1, ceil(r / 6))`` with ``r`` guide pixels per cube pixel, unless
-    ``working_shape`` gives it. The region is the cube's footprint plus a
+    ``working_shape`` gives it; with ``max_pixels``, ``s`` grows until the
+    grid has at most that many pixels (a cube streamed under a memory limit). The region is the cube's footprint plus a
     capture margin of ``max(45, side / 3)`` guide pixels on each side, rounded
     out to whole ``s x s`` blocks and clipped to the guide: the whole guide
     when the cube spans it.
@@ -207,18 +210,68 @@ def working_grid(guide_shape, cube_shape, initial, working_shape=None) -> Workin
         wanted = check_output_shape(working_shape, "working_shape")
         s = max(1, min(rows // wanted[0], cols // wanted[1]))
     extent = np.minimum(high + margin, guide_shape) - np.maximum(low - margin, 0)
+    if max_pixels is not None:
+        s = max(s, math.ceil(math.sqrt(float(np.prod(extent)) / max_pixels)))
     s = min(s, max(1, int(min(extent)) // 8))
+    origin, size, to_guide = block_region(guide_shape, low - margin, high + margin, s)
+    step = cube_resolution_step(initial @ to_guide)
+    return WorkingGrid(s, origin, size, to_guide, step)
+
+
+def block_region(guide_shape, low, high, s: int):
+    """The guide's region from ``low`` to ``high`` (row, col), rounded out to whole ``s x s`` blocks.
+
+    Returns ``(origin, shape, to_guide)``: the region's first guide pixel, its
+    size in blocks, and the matrix from a block's pixel to its guide
+    coordinate, ``[[s, 0, r0 + (s-1)/2], [0, s, c0 + (s-1)/2], [0, 0, 1]]``.
+    The region is clipped to the guide; one outside it is an error.
+
+    Examples
+    --------
+    >>> block_region((100, 100), (10.2, -5.0), (30.0, 41.0), 4)[:2]
+    ((8, 0), (6, 11))
+    """
     origin, size = [], []
     for axis, n in enumerate(guide_shape):
-        start = max(0, math.floor((low[axis] - margin[axis]) / s) * s)
-        stop = min(n, math.ceil((high[axis] + margin[axis]) / s) * s)
+        start = max(0, math.floor(low[axis] / s) * s)
+        stop = min(n, math.ceil(high[axis] / s) * s)
         if stop - start < s:
             raise ValueError("initial places the cube outside the guide: no guide pixel maps into the cube")
         origin.append(int(start))
         size.append(int((stop - start) // s))
     to_guide = np.array([[s, 0, origin[0] + (s - 1) / 2], [0, s, origin[1] + (s - 1) / 2], [0, 0, 1.0]])
-    step = cube_resolution_step(initial @ to_guide)
-    return WorkingGrid(s, tuple(origin), tuple(size), to_guide, step)
+    return tuple(origin), tuple(size), to_guide
+
+
+def cube_output_grid(guide_shape, cube_shape, matrix):
+    """The output grid at about the cube's own pixel size (``output_grid="cube"``, DESIGN "Grids").
+
+    The guide block-averaged by ``k = max(1, round(r))``, with ``r`` guide
+    pixels per cube pixel under ``matrix``, over the cube's footprint rounded
+    out to whole ``k x k`` blocks and clipped to the guide: an output about the
+    cube's size, aligned with the guide.
+
+    Returns
+    -------
+    to_guide : numpy.ndarray, shape (3, 3)
+        Output pixel to guide coordinate.
+    shape : (int, int)
+        The output grid's rows and columns.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> to_guide, shape = cube_output_grid((600, 700), (60, 70), fov_matrix((600, 700), (60, 70)))
+    >>> shape, to_guide[0].tolist()
+    ((60, 70), [10.0, 0.0, 4.5])
+    """
+    k = max(1, round(pixels_per_cube_pixel(matrix)))
+    low, high = footprint_box(cube_shape, matrix)
+    # Pixel-centre coordinates of the footprint's edges to edge coordinates
+    # (guide pixel p spans [p, p + 1)); the tolerance keeps rounding noise in
+    # the inverse from adding a block.
+    _, shape, to_guide = block_region(guide_shape, low + 0.5 + 1e-6, high + 0.5 - 1e-6, k)
+    return to_guide, shape
 
 
 def auto_levels(cube_shape, initial, grid: WorkingGrid) -> int:

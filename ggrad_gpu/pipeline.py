@@ -33,7 +33,8 @@ from ._backend import array_module, is_cupy_array, ndimage_module, resolve_backe
 from .coverage import Coverage, fill_gaps, level_on_grid, valid_pixels
 from .estimate import GlobalGradient, estimate_global_gradient
 from .filters import sobel_magnitude
-from .geometry import WorkingGrid, cube_resolution_step, footprint_mask
+from .chunked import checkpoints, is_dask_array
+from .geometry import WorkingGrid, cube_output_grid, cube_resolution_step, footprint_mask
 from .guard import MIN_OVERLAP, judge
 from .options import RefineOptions, bands_first_hint, check_inputs, check_placement, resolve_levels
 from .preparation import (
@@ -103,6 +104,10 @@ class Refinement:
         gradient images over their overlap (what the guard compares).
     levels : int
         Pyramid levels the estimates used.
+    output_to_guide : numpy.ndarray, shape (3, 3)
+        Pixel of ``registered`` to guide coordinate: ``working_to_guide``,
+        the identity (``output_grid="guide"``), or the grid at about the
+        cube's pixel size (``output_grid="cube"``).
     """
 
     matrix: np.ndarray
@@ -118,6 +123,7 @@ class Refinement:
     timings: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)
     levels: int = 0
+    output_to_guide: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,7 @@ def refine(
     progress=None,
     band_axis: int = -1,
     mask=None,
+    memory_limit=None,
 ) -> Refinement:
     """Refine a cube's registration to a guide image.
 
@@ -188,7 +195,11 @@ def refine(
         level weights and the registration metric.
     cube : array, shape (cube_rows, cube_cols, bands)
         The hyperspectral cube at its native resolution (bands last, or see
-        ``band_axis``). A pixel with NaN or inf in any band is missing for the
+        ``band_axis``). A ``dask.array.Array`` (NumPy chunks; on CuPy each
+        chunk moves to the device when a task reads it) is computed chunk by
+        chunk with the same stages (:mod:`ggrad_gpu.chunked`): the cube is
+        never held whole, and ``registered`` and ``valid`` come back lazy for
+        the caller to store. A pixel with NaN or inf in any band is missing for the
         estimation (eq. 5 needs every band), the same way as guide pixels;
         in ``registered`` it stays NaN in the bands where it was not finite.
     initial : array_like, shape (3, 3), optional
@@ -212,9 +223,12 @@ def refine(
         pixels or a third of the footprint's size, whichever is larger
         (clipped to the guide), block-averaged by ``s = ceil(r / 6)`` where a
         cube pixel spans ``r`` guide pixels; ``working_to_guide`` gives it.
-    output_grid : {"working", "guide"}
-        Grid of ``registered``: the working grid (the region above) or the
-        full guide grid.
+    output_grid : {"working", "guide", "cube"}
+        Grid of ``registered``: the working grid (the region above), the
+        full guide grid, or a grid aligned with the guide at about the cube's
+        own pixel size (the guide block-averaged by ``max(1, round(r))`` over
+        the refined footprint), which keeps a large cube's output about the
+        cube's size. ``output_to_guide`` gives the grid.
     method : {"gradient", "band_sum", "band_std", "pca"}
         ``"gradient"`` is the global gradient estimate; the others replace
         ``grad_y`` by the Sobel magnitude of a baseline image (for comparison).
@@ -261,6 +275,11 @@ def refine(
     mask : array of bool, shape (cube_rows, cube_cols), optional
         Valid cube pixels on the cube's native grid (after ``band_axis``);
         False marks a missing pixel, treated as a NaN in every band.
+    memory_limit : int or str, optional
+        For a ``dask.array.Array`` cube: bytes (or ``"4GB"``-style) the
+        run's intermediate cubes may hold in memory; larger ones go to a
+        temporary Zarr store, removed at the end. By default they stay in
+        memory (``persist``).
 
     Returns
     -------
@@ -295,14 +314,14 @@ def refine(
     """
     clock = time.perf_counter()
     options = RefineOptions(levels, weights, output_grid, method, reestimate, screen_bands, order, psf_sigma,
-                            absorbance)
+                            absorbance, memory_limit)
     cube = check_inputs(guide, cube, band_axis)
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be callable or None; got {type(progress).__name__}")
     xp = resolve_backend(backend)
     guide_shape = tuple(guide.shape[:2])
     initial_given = initial is not None
-    initial, mask, grid = check_placement(guide_shape, cube, initial, mask, working_shape)
+    initial, mask, grid = check_placement(guide_shape, cube, initial, mask, working_shape, options.memory_limit)
     hint = bands_first_hint(cube.shape, guide_shape, initial if initial_given else None) if band_axis % 3 == 2 else ""
     levels = resolve_levels(options, guide_shape, cube.shape, initial, grid, hint)
     if hint:
@@ -314,14 +333,15 @@ def refine(
                       initial, grid, levels, options, xp, timings, progress or (lambda stage: None))
     timings["prepare"] = time.perf_counter() - clock
 
-    first = estimate_pass(problem, np.eye(3), grid.cube_step)
-    registration, placement = register_pass(problem, first, np.eye(3), coarse_search=True)
-    last = first
-    if reestimate:
-        # Aligned now: estimate on the working grid itself (its accuracy needs
-        # it), and no coarse search, which could only jump away.
-        last = estimate_pass(problem, placement, 1, _screened_bands(problem, placement))
-        registration, placement = register_pass(problem, last, placement, coarse_search=False)
+    with checkpoints(options.memory_limit):  # where a lazy cube's intermediate steps are kept
+        first = estimate_pass(problem, np.eye(3), grid.cube_step)
+        registration, placement = register_pass(problem, first, np.eye(3), coarse_search=True)
+        last = first
+        if reestimate:
+            # Aligned now: estimate on the working grid itself (its accuracy needs
+            # it), and no coarse search, which could only jump away.
+            last = estimate_pass(problem, placement, 1, _screened_bands(problem, placement))
+            registration, placement = register_pass(problem, last, placement, coarse_search=False)
 
     start = time.perf_counter()
     verdict = judge(first.gradient.grad_x, first.gradient.grad_y, placement, fixed_valid=first.fixed_valid,
@@ -335,14 +355,14 @@ def refine(
         warnings.warn(message, UserWarning, stacklevel=2)
     timings["guard"] = time.perf_counter() - start
 
-    registered, valid = resample(problem, matrix, guide_shape)
+    registered, valid, output_to_guide = resample(problem, matrix, guide_shape)
     gradient = last.gradient
     if is_cupy_array(cube) == (xp is np):
         # Arrays come back in the input cube's kind, wherever they were computed.
         registered, valid, gradient = (_like(cube, a) for a in (registered, valid, gradient))
     timings["total"] = time.perf_counter() - clock
     return Refinement(matrix, initial, grid.to_guide, registered, valid, gradient, registration, verdict.improved,
-                      message, xp.__name__, timings, verdict.quality, levels)
+                      message, xp.__name__, timings, verdict.quality, levels, output_to_guide)
 
 
 def estimate_pass(problem: Problem, placement, step: int, bands=None) -> Estimate:
@@ -370,7 +390,7 @@ def estimate_pass(problem: Problem, placement, step: int, bands=None) -> Estimat
     on_grid = warp_cube(source, to_level, shape, order=1)
     if cube.dead_bands is not None:
         dead = cube.dead_bands if bands is None else np.flatnonzero(np.isin(bands, cube.dead_bands))
-        on_grid[:, :, xp.asarray(dead)] = 0
+        on_grid = _zeroed_bands(on_grid, dead, xp)
     footprint = footprint_mask(cube.values.shape[:2], to_level, shape, xp)
     # The Gram matrices leave out every pixel that draws on a missing cube
     # pixel; the registration metric only those that draw mostly on one.
@@ -432,20 +452,28 @@ def register_pass(problem: Problem, estimate: Estimate, placement, *, coarse_sea
 
 
 def resample(problem: Problem, matrix, guide_shape):
-    """The native cube on the output grid through ``matrix`` (guide to cube), and its pixels with data."""
+    """The native cube on the output grid through ``matrix`` (guide to cube).
+
+    Returns ``(registered, valid, output_to_guide)``: the resampled cube, its
+    pixels with data, and the output grid's pixel-to-guide matrix.
+    """
     problem.report("resample the cube")
     start = time.perf_counter()
-    if problem.options.output_grid == "working":
-        out_matrix, out_shape = matrix @ problem.grid.to_guide, problem.grid.shape
+    grid = problem.options.output_grid
+    if grid == "working":
+        to_guide, out_shape = problem.grid.to_guide, problem.grid.shape
+    elif grid == "cube":
+        to_guide, out_shape = cube_output_grid(guide_shape, problem.cube.values.shape, matrix)
     else:
-        out_matrix, out_shape = matrix, guide_shape
+        to_guide, out_shape = np.eye(3), guide_shape
+    out_matrix = matrix @ to_guide
     values = problem.cube.values
     registered = warp_cube(values, out_matrix, out_shape, order=problem.options.order)
     valid = footprint_mask(values.shape[:2], out_matrix, out_shape, problem.xp)
     if problem.cube.with_data is not None or problem.cube.dead_bands is not None:
-        valid &= has_data(registered)  # missing pixels are not covered
+        valid = valid & has_data(registered)  # missing pixels are not covered
     problem.timings["warp"] = time.perf_counter() - start
-    return registered, valid
+    return registered, valid, to_guide
 
 
 def _screened_bands(problem: Problem, placement):
@@ -479,6 +507,21 @@ def _on_working_grid(gradient: GlobalGradient, coverage: Coverage, step: int, sh
     if estimate.fixed_valid is not None:
         valid = estimate.fixed_valid if valid is None else valid & estimate.fixed_valid
     return replace(estimate, gradient=replace(gradient, valid=valid))
+
+
+def _zeroed_bands(on_grid, bands, xp):
+    """``on_grid`` with ``bands`` set to 0 (in place for an in-memory array; lazily for a dask one)."""
+    if is_dask_array(on_grid):
+        zero = np.zeros(on_grid.shape[2], dtype=bool)
+        zero[bands] = True
+        return on_grid.map_blocks(_where_zero, zero, dtype=on_grid.dtype)
+    on_grid[:, :, xp.asarray(bands)] = 0
+    return on_grid
+
+
+def _where_zero(block, zero):
+    xp = array_module(block=block)
+    return xp.where(xp.asarray(zero), block.dtype.type(0), block)
 
 
 def _inner(valid):

@@ -18,6 +18,7 @@ import numpy as np
 from ._backend import array_module, ndimage_module, to_device, to_host
 from ._memory import block_rows, retry_smaller
 from ._validation import all_finite, float_dtype, to_gray
+from .chunked import is_dask_array, prepare_lazy_cube
 from .coverage import fill_gaps
 from .geometry import WorkingGrid, pixels_per_cube_pixel
 from .warp import warp_cube
@@ -106,8 +107,11 @@ def prepare_guide(guide, grid: WorkingGrid, xp, *, absorbance: bool) -> Prepared
 def prepare_cube(cube, mask, xp) -> PreparedCube:
     """The native cube on ``xp`` with NaN at missing values, and its pixels with data.
 
-    Raises ValueError, naming ``cube``, when no pixel has data.
+    Raises ValueError, naming ``cube``, when no pixel has data. A dask cube
+    stays lazy (:func:`ggrad_gpu.chunked.prepare_lazy_cube`).
     """
+    if is_dask_array(cube):
+        return PreparedCube(*prepare_lazy_cube(cube, mask, xp))
     cube = to_device(cube, xp)
     if cube.shape[2] > 1 and cube.strides[2] != cube.itemsize:
         # A bands-first cube (band_axis=0 moves the axis as a view): made
@@ -219,6 +223,8 @@ def missing_share(with_data, matrix, shape):
 
 def has_data(registered):
     """Pixels of a resampled cube with a value (not NaN) in at least one band (by blocks of rows, retried smaller)."""
+    if is_dask_array(registered):
+        return ~registered.map_blocks(_all_nan, drop_axis=2, dtype=bool)
     xp = array_module(registered=registered)
     out = xp.empty(registered.shape[:2], dtype=bool)
 
@@ -229,3 +235,7 @@ def has_data(registered):
 
     _by_rows(rows_with_data, registered.shape, xp, stage="valid pixels")
     return out
+
+
+def _all_nan(block):
+    return array_module(block=block).isnan(block).all(axis=2)

@@ -18,6 +18,7 @@ import numpy as np
 from ._backend import array_module, ndimage_module
 from ._memory import block_rows, default_block_bytes, retry_smaller
 from ._validation import check_array, check_levels, float_dtype
+from .chunked import blur_decimate_chunked, is_dask_array
 
 __all__ = ["blur_decimate", "gaussian_pyramid", "upsample_level"]
 
@@ -103,6 +104,8 @@ def blur_decimate(x, *, rows: int | None = None):
     >>> blur_decimate(np.ones((9, 6, 2), np.float32)).shape
     (5, 3, 2)
     """
+    if is_dask_array(x):
+        return blur_decimate_chunked(x)
     xp = array_module(x=x)
     n_rows, n_cols = x.shape[:2]
     tail = x.shape[2:]

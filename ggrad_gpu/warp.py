@@ -24,6 +24,7 @@ import numpy as np
 from ._backend import array_module, ndimage_module
 from ._memory import block_rows, retry_smaller
 from ._validation import check_array, check_matrix, float_dtype
+from .chunked import is_dask_array, warp_cube_chunked
 from .geometry import check_output_shape, in_footprint, map_points
 
 __all__ = ["point_bytes", "warp_cube"]
@@ -120,6 +121,8 @@ def warp_cube(cube, matrix, output_shape, *, order: int = 1, band_chunk: int | N
     band_chunk = min(int(band_chunk), n_bands)
     matrix = _check_matrix(matrix)
     output_shape = check_output_shape(output_shape)
+    if is_dask_array(cube):
+        return warp_cube_chunked(cube, matrix, output_shape, order=order)
 
     xp = array_module(cube=cube)
     dtype = float_dtype(cube.dtype)

@@ -11,6 +11,7 @@ import pytest
 
 from ggrad_gpu import refine, warp_cube
 from ggrad_gpu.geometry import auto_levels, footprint_mask, fov_matrix, working_grid
+from ggrad_gpu.io import read_instrument
 from ggrad_gpu.metrics import footprint_region, target_registration_error
 from ggrad_gpu.synthetic import make_phantom
 
@@ -206,17 +207,6 @@ def test_too_little_data_is_an_outcome():
 RENISHAW = DATA / "renishaw-raman-whitelight"
 
 
-def _stage_transform(image_axes, map_axes):
-    """Guide-to-map matrix from the stage geometry: the image's origin is its first pixel's outer
-    corner, the map's the centre of its first point (DESIGN "Instrument files")."""
-    matrix = np.eye(3)
-    for axis, (image, spectral_map) in enumerate(zip(image_axes, map_axes)):
-        image_scale, map_scale = float(image["scale"]), float(spectral_map["scale"])
-        matrix[axis, axis] = image_scale / map_scale
-        matrix[axis, 2] = (float(image["offset"]) + 0.5 * image_scale - float(spectral_map["offset"])) / map_scale
-    return matrix
-
-
 @pytest.mark.data
 @pytest.mark.parametrize("name", ["renishaw_test_map2.wdf", "renishaw_test_map.wdf"])
 def test_real_renishaw_maps_refine_at_default_options(name):
@@ -225,24 +215,20 @@ def test_real_renishaw_maps_refine_at_default_options(name):
     path = RENISHAW / name
     if not path.exists():
         pytest.skip("the Renishaw data set is not available")
-    from rsciio.renishaw import file_reader
-
-    signals = file_reader(str(path))
-    spectral_map = next(s for s in signals if s["data"].ndim == 3)
-    image = next(s for s in signals if s["data"].ndim == 2)
-    rgb = np.stack([image["data"][channel] for channel in "RGB"], axis=-1)
-    initial = _stage_transform(image["axes"][:2], spectral_map["axes"][:2])
-    cube = np.asarray(spectral_map["data"], dtype=np.float32)
-    result = _refine(rgb, cube, initial)
+    # The map, its white-light image and the stage transform (DESIGN "Instrument files"; the reader's own
+    # tests check the transform against the stage positions).
+    sample = read_instrument(path)
+    guide, cube, initial = sample.guide, sample.cube, sample.initial
+    result = _refine(guide, cube, initial)
     assert np.isfinite(result.matrix).all() and result.registered.shape[2] == cube.shape[2]
     # The map covers a small part of its image: the working grid is the region around it.
-    region = footprint_region(cube.shape, initial, rgb.shape[:2])
+    region = footprint_region(cube.shape, initial, guide.shape[:2])
     rows, cols = result.registered.shape[:2]
-    assert rows * cols < rgb.shape[0] * rgb.shape[1]
+    assert rows * cols < guide.shape[0] * guide.shape[1]
     assert result.valid.any()
     if name == "renishaw_test_map2.wdf":  # 20 x 20 points on about 25 x 25 of 480 x 752 pixels
         assert region[2] * region[3] < 30 * 30 and result.levels >= 1
     if not result.improved:
         np.testing.assert_array_equal(result.matrix, initial)
     else:  # a real refinement stays near the stage's placement (a few of the map's points)
-        assert target_registration_error(result.matrix, initial, rgb.shape[:2], region=region).max < 3 / initial[0, 0]
+        assert target_registration_error(result.matrix, initial, guide.shape[:2], region=region).max < 3 / initial[0, 0]

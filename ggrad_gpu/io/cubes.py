@@ -120,7 +120,7 @@ class CubeData:
 
 
 def read_cube(path, *, dataset: str | None = None, band_axis: int | None = None,
-              format: str | None = None) -> CubeData:
+              format: str | None = None, lazy: bool = False) -> CubeData:
     """Read a hyperspectral cube as ``(rows, cols, bands)``.
 
     Parameters
@@ -142,6 +142,12 @@ def read_cube(path, *, dataset: str | None = None, band_axis: int | None = None,
         their interleave (bsq, bil, bip), so only the default is accepted.
     format : {"npy", "npz", "tiff", "envi", "hdf5", "zarr"}, optional
         Override the format picked from the suffix.
+    lazy : bool, default False
+        Return ``data`` as a ``dask.array.Array`` read chunk by chunk (a
+        cube beyond memory, for :func:`ggrad_gpu.refine`): Zarr in its own
+        chunks, HDF5 by slices, npy, TIFF and ENVI through their memory
+        maps, each chunk holding every band. npz and compressed files are
+        read whole first. Needs dask.
 
     Returns
     -------
@@ -206,7 +212,7 @@ def read_cube(path, *, dataset: str | None = None, band_axis: int | None = None,
     reader = {"npy": _read_npy, "npz": _read_npz, "tiff": _read_tiff, "envi": _read_envi,
               "hdf5": _read_hdf5, "zarr": _read_zarr}[fmt]
     with reading(path, _FORMAT_NAMES[fmt]):
-        data, centres, unit, dataset = reader(path, dataset)
+        data, centres, unit, dataset = reader(path, dataset, lazy)
         if data.ndim != 3:
             raise ValueError(f"cube must be 3-D (rows, cols, bands); got shape {tuple(data.shape)} "
                              f"in {path}" + (f" (dataset {dataset!r})" if dataset else ""))
@@ -216,6 +222,7 @@ def read_cube(path, *, dataset: str | None = None, band_axis: int | None = None,
             raise type(exc)(f"{exc} in {path}") from None
         if band_axis is None:
             band_axis = 0 if fmt == "tiff" else -1
+        data = _as_dask(data, band_axis) if lazy else data
         data = np.moveaxis(data, band_axis, -1)
         centres = _band_centres(centres, data.shape[2], f"the band centres in {path}")
     return CubeData(data=data, band_centres=centres, band_unit=_unit(unit), path=path, format=fmt,
@@ -321,11 +328,11 @@ def _unit(value):
     return value or None
 
 
-def _read_npy(path, dataset):
+def _read_npy(path, dataset, lazy=False):
     return np.load(path, mmap_mode="r", allow_pickle=False), None, None, None
 
 
-def _read_npz(path, dataset):
+def _read_npz(path, dataset, lazy=False):
     with np.load(path, allow_pickle=False) as archive:
         names = list(archive.files)
         if dataset is None:
@@ -362,7 +369,7 @@ def _pick_dataset(shapes: dict, path) -> str:
     raise ValueError(f"{path} holds several 3-D arrays ({', '.join(candidates)}); choose one with dataset=")
 
 
-def _read_tiff(path, dataset):
+def _read_tiff(path, dataset, lazy=False):
     tifffile = require("tifffile", "tifffile", "reading a TIFF cube")
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
@@ -397,7 +404,7 @@ def _envi_header(path: Path):
     return None
 
 
-def _read_envi(path, dataset):
+def _read_envi(path, dataset, lazy=False):
     envi = require("spectral.io.envi", "spectral", "reading an ENVI cube")
     header = _envi_header(path)
     if header is None or not header.is_file():
@@ -424,7 +431,7 @@ def _read_envi(path, dataset):
     return data, centres, unit, None
 
 
-def _read_hdf5(path, dataset):
+def _read_hdf5(path, dataset, lazy=False):
     h5py = require("h5py", "h5py", "reading an HDF5 cube")
     with h5py.File(path, "r") as file:
         if dataset is None:
@@ -439,7 +446,8 @@ def _read_hdf5(path, dataset):
         node = file.get(dataset)
         if not isinstance(node, h5py.Dataset):
             raise ValueError(f"dataset {dataset!r} is not an array in {path}")
-        data, dataset = node[()], node.name
+        data = _HDF5Slices(str(path), node.name, node.shape, node.dtype) if lazy else node[()]
+        dataset = node.name
         centres = _attr(node.attrs, _CENTRE_KEYS)
         if centres is None:
             centres = next((node.parent[key][()] for key in _CENTRE_KEYS
@@ -448,14 +456,45 @@ def _read_hdf5(path, dataset):
         unit = _attr(node.attrs, ("band_unit",))
         if unit is None:
             unit = _attr(node.parent.attrs, ("band_unit",))
-    return np.asarray(data), centres, unit, dataset
+    return data, centres, unit, dataset
+
+
+class _HDF5Slices:
+    """An HDF5 dataset read slice by slice, the file opened for each read (picklable, for dask workers)."""
+
+    def __init__(self, path, name, shape, dtype):
+        self.path, self.name, self.shape, self.dtype, self.ndim = path, name, tuple(shape), np.dtype(dtype), len(shape)
+
+    def __getitem__(self, key):
+        import h5py
+
+        with h5py.File(self.path, "r") as file:
+            return file[self.name][key]
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self[()], dtype=dtype)
+
+
+def _as_dask(data, band_axis: int):
+    """``data`` (a memory map, Zarr array or HDF5 slices) as a dask array whose chunks hold every band."""
+    from ..chunked import spatial_chunks
+
+    da = require("dask.array", "dask", "reading a cube chunk by chunk")
+    axis = band_axis % 3
+    spatial = [n for i, n in enumerate(data.shape) if i != axis]
+    rows, cols = spatial_chunks(tuple(spatial) + (data.shape[axis],), np.dtype(data.dtype).itemsize)
+    chunks = [rows, cols]
+    chunks.insert(axis, data.shape[axis])
+    if type(data).__module__.startswith("zarr"):
+        return da.from_zarr(data).rechunk({axis: -1})
+    return da.from_array(data, chunks=tuple(chunks), asarray=True)
 
 
 def _attr(attrs, keys):
     return next((attrs[key] for key in keys if key in attrs), None)
 
 
-def _read_zarr(path, dataset):
+def _read_zarr(path, dataset, lazy=False):
     zarr = require("zarr", "zarr", "reading a Zarr cube")
     if path.is_dir() and not any((path / name).is_file() for name in ("zarr.json", ".zarray", ".zgroup")):
         raise ValueError(f"{path}: not a readable Zarr store: it holds no zarr.json, .zarray or .zgroup")
@@ -483,7 +522,7 @@ def _read_zarr(path, dataset):
     unit = _attr(attrs, ("band_unit",))
     if unit is None and group is not None:
         unit = _attr(dict(group.attrs), ("band_unit",))
-    return np.asarray(array[...]), centres, unit, dataset
+    return array if lazy else np.asarray(array[...]), centres, unit, dataset
 
 
 def _zarr_arrays(group, prefix=""):

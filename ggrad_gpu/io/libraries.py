@@ -21,7 +21,7 @@ __all__ = ["reading", "require"]
 _LIBRARY_LOGGERS = ("tifffile", "spectral", "h5py", "zarr", "numcodecs", "PIL")
 
 
-def require(module: str, package: str, what: str):
+def require(module: str, package: str, what: str, *, extra: str = "io"):
     """Import an optional library, or say which ``pip install`` provides it.
 
     Parameters
@@ -32,6 +32,8 @@ def require(module: str, package: str, what: str):
         The distribution that provides it, e.g. ``"spectral"``.
     what : str
         What needs it, for the error, e.g. ``"reading an ENVI cube"``.
+    extra : str
+        The ``ggrad_gpu`` extra that installs it with its kind (``"io"``, ``"instruments"``).
 
     Returns
     -------
@@ -46,7 +48,7 @@ def require(module: str, package: str, what: str):
         return importlib.import_module(module)
     except ImportError as exc:
         raise ImportError(f"{what} needs the optional package {package!r}: pip install {package} "
-                          f"(or pip install 'ggrad_gpu[io]' for every format)") from exc
+                          f"(or pip install 'ggrad_gpu[{extra}]' for every format of its kind)") from exc
 
 
 @contextlib.contextmanager

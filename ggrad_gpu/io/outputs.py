@@ -56,7 +56,8 @@ def check_new_directory(path, *, force: bool) -> Path:
 
 
 def write_outputs(outdir, refinement, guide, cube, *, cube_format: str = "npy", force: bool = False,
-                  inputs: dict | None = None, save_cube: bool = True) -> list[Path]:
+                  inputs: dict | None = None, save_cube: bool = True,
+                  initial_source: str = "default") -> list[Path]:
     """Write ``registered.<ext>``, ``transform.json``, ``weights.json`` and ``report.png`` into ``outdir``.
 
     Parameters
@@ -74,9 +75,14 @@ def write_outputs(outdir, refinement, guide, cube, *, cube_format: str = "npy", 
     force : bool
         Replace an existing ``outdir``, once the new one is complete.
     inputs : dict, optional
-        What to record about the inputs in ``transform.json`` (e.g. their paths).
+        What to record about the inputs in ``transform.json``: ``"guide"`` and
+        ``"cube"`` (e.g. their paths) and, for an instrument file,
+        ``"instrument"`` (its metadata, recorded with the cube).
     save_cube : bool
         Write the registered cube (the demo leaves it out).
+    initial_source : str
+        Where the initial transform came from, for ``transform.json``
+        (``"default"``, ``"file"`` or the instrument metadata).
 
     Returns
     -------
@@ -113,7 +119,9 @@ def write_outputs(outdir, refinement, guide, cube, *, cube_format: str = "npy", 
             shape = {"shape": [int(n) for n in guide.shape]}
             record = transform_record(refinement, guide={**shape, "source": inputs.get("guide")},
                                       cube={"shape": [int(n) for n in data.shape], "source": inputs.get("cube"),
-                                            "format": source_format})
+                                            "format": source_format,
+                                            **({"instrument": inputs["instrument"]} if "instrument" in inputs else {})},
+                                      initial_source=initial_source)
             step = "transform.json"
             write_json(staging / step, record)
             step = "weights.json"

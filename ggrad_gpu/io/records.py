@@ -50,7 +50,7 @@ def versions() -> dict:
     return found
 
 
-def transform_record(refinement, *, guide=None, cube=None) -> dict:
+def transform_record(refinement, *, guide=None, cube=None, initial_source: str = "default") -> dict:
     """The content of ``transform.json`` for a :class:`~ggrad_gpu.pipeline.Refinement`.
 
     Parameters
@@ -58,6 +58,10 @@ def transform_record(refinement, *, guide=None, cube=None) -> dict:
     refinement : Refinement
     guide, cube : dict, optional
         What to say about the inputs (e.g. path, shape, format); stored as given.
+    initial_source : str
+        Where the initial transform came from: ``"default"`` (the cube spans
+        the guide), ``"file"`` (``--initial``) or the instrument metadata
+        (e.g. ``"renishaw-wdf stage metadata"``).
 
     Returns
     -------
@@ -72,6 +76,7 @@ def transform_record(refinement, *, guide=None, cube=None) -> dict:
         "matrix": _nested(refinement.matrix),
         "convention": CONVENTION,
         "initial": _nested(refinement.initial),
+        "initial_source": str(initial_source),
         "improved": bool(refinement.improved),
         "message": refinement.message,
         "quality": {name: _number(value) for name, value in refinement.quality.items()},
@@ -79,6 +84,7 @@ def transform_record(refinement, *, guide=None, cube=None) -> dict:
             "shape": [int(n) for n in refinement.gradient.grad_x.shape],
             "working_to_guide": _nested(refinement.working_to_guide),
         },
+        "output_grid": _output_grid(refinement),
         "registration": {
             "iterations": int(registration.iterations),
             "converged": bool(registration.converged),
@@ -184,6 +190,15 @@ def read_transform(path) -> np.ndarray:
     except (TypeError, ValueError):
         raise ValueError(f"{path}: the matrix must be 3 x 3 numbers") from None
     return check_matrix(matrix, f"the matrix in {path}")
+
+
+def _output_grid(refinement) -> dict:
+    """The grid of ``registered``: its shape and its pixel-to-guide matrix."""
+    to_guide = refinement.output_to_guide
+    return {
+        "shape": [int(n) for n in refinement.registered.shape[:2]],
+        "output_to_guide": _nested(refinement.working_to_guide if to_guide is None else to_guide),
+    }
 
 
 def _nested(matrix) -> list:

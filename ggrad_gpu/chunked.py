@@ -1,0 +1,412 @@
+"""Cubes beyond memory: the cube-sized stages on ``dask.array``, chunk by chunk.
+
+The stages that touch the cube (:func:`ggrad_gpu.warp_cube`,
+:func:`ggrad_gpu.coverage.fill_gaps`, :func:`ggrad_gpu.pyramid.blur_decimate`,
+:func:`ggrad_gpu.estimate.level_gram`, :func:`ggrad_gpu.estimate.combine_bands`)
+hand a ``dask.array.Array`` to the functions here, which run the same stage on
+each chunk with the halo it needs on the two spatial axes (never on the band
+axis) and stitch the results: one implementation of the algorithm, applied per
+chunk. What comes out of a level is small (Gram matrices, 2-D images) and is
+computed; cube-sized results stay lazy, and :func:`checkpoint` stores one that
+later steps read several times (in memory when it fits the budget, else in a
+temporary Zarr store).
+
+Nothing here imports dask unless a dask array is handed in.
+
+Why not ``dask_image.ndinterp.affine_transform``: it interpolates along the
+band axis too (a 3-D transform, with a 3-D spline prefilter at order 3), and
+spreads a NaN of one band into the others; DESIGN's Warp needs per-band 2-D
+interpolation with NaN beyond the footprint. ``dask_image.ndfilters.sobel``
+works on one axis at a time and smooths along every other axis, the band axis
+included (SciPy's ``sobel``); the estimate needs the magnitude on the spatial
+axes only, summed into Gram matrices without holding the gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+
+__all__ = [
+    "CHUNK_BYTES",
+    "all_finite_lazy",
+    "blur_decimate_chunked",
+    "checkpoint",
+    "checkpoints",
+    "combine_bands_chunked",
+    "fill_gaps_chunked",
+    "is_dask_array",
+    "level_gram_chunked",
+    "prepare_lazy_cube",
+    "spatial_chunks",
+    "warp_cube_chunked",
+]
+
+# Bytes of one cube chunk (all bands) when a stage chooses the chunks: a task
+# holds a few chunk-sized temporaries (the halo copy, the Sobel workspace, the
+# warp's taps), so a worker thread stays within a few times this.
+CHUNK_BYTES = 32 << 20
+# Pyramid blur radius (pyramid._RADIUS), rounded up to even so that every
+# chunk starts on a kept (even) row and column.
+_BLUR_HALO = 4
+# Source pixels read beyond a warp block's reach: the bilinear taps need 1;
+# the cubic prefilter's influence decays by 0.268 per pixel (0.268**16 < 1e-9).
+_WARP_PAD = {1: 2, 3: 16}
+
+
+def is_dask_array(x) -> bool:
+    """Whether ``x`` is a ``dask.array.Array``, without importing dask."""
+    module = sys.modules.get("dask.array")
+    return module is not None and isinstance(x, module.Array)
+
+
+def spatial_chunks(shape, itemsize: int, *, chunk_bytes: int = CHUNK_BYTES, multiple: int = 1):
+    """Square spatial chunks ``(rows, cols)`` of all bands within ``chunk_bytes``, multiples of ``multiple``."""
+    bands = int(np.prod(shape[2:], dtype=np.int64)) if len(shape) > 2 else 1
+    side = max(multiple, int(math.sqrt(chunk_bytes / max(1, bands * itemsize))) // multiple * multiple)
+    return min(side, shape[0]), min(side, shape[1])
+
+
+# --------------------------------------------------------------------------- materialising once
+
+_SCRATCH = contextvars.ContextVar("ggrad_gpu_chunked_scratch", default=None)
+
+
+@contextlib.contextmanager
+def checkpoints(memory_limit: int | None = None):
+    """Where :func:`checkpoint` keeps arrays while the block runs; removed afterwards.
+
+    Arrays up to a quarter of ``memory_limit`` bytes stay in memory
+    (``persist``); larger ones go to a temporary Zarr store, deleted on exit.
+    Without ``memory_limit``, everything is persisted in memory.
+    """
+    stores = []  # the temporary folder, made when the first array goes to disk
+    token = _SCRATCH.set((stores, memory_limit))
+    try:
+        yield
+    finally:
+        _SCRATCH.reset(token)
+        for folder in stores[:1]:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def checkpoint(x):
+    """``x`` computed once, for steps that read it several times (identity for in-memory arrays)."""
+    if not is_dask_array(x):
+        return x
+    scratch = _SCRATCH.get()
+    if scratch is None or scratch[1] is None or x.nbytes <= scratch[1] // 4:
+        return x.persist()
+    import dask.array as da
+
+    stores, _ = scratch
+    if not stores:
+        stores.append(tempfile.mkdtemp(prefix="ggrad-chunks-"))
+    stores.append(f"{stores[0]}/step-{len(stores)}.zarr")
+    x.to_zarr(stores[-1])
+    return da.from_zarr(stores[-1])
+
+
+def all_finite_lazy(x) -> bool:
+    """Whether a dask array holds no NaN or inf: its min and max in one pass."""
+    import dask
+
+    if x.dtype.kind != "f":
+        return True
+    low, high = dask.compute(x.min(), x.max())
+    return bool(np.isfinite(low) and np.isfinite(high))
+
+
+# --------------------------------------------------------------------------- the cube
+
+
+def prepare_lazy_cube(cube, mask, xp):
+    """A dask cube's ``(values, with_data, dead_bands)`` as :func:`ggrad_gpu.preparation.prepare_cube` gives them.
+
+    One pass over the cube finds the bands with data and, per pixel, how
+    many bands are finite; ``values`` stays lazy (NaN at missing values, on
+    the device chunk by chunk when ``xp`` is CuPy), the maps are computed.
+    """
+    import dask
+    import dask.array as da
+
+    from ._backend import to_device
+    from ._validation import float_dtype
+
+    if xp is not np:  # each chunk moves to the device when a task reads it
+        cube = cube.map_blocks(xp.asarray, dtype=cube.dtype, meta=xp.empty((0, 0, 0), dtype=cube.dtype))
+    finite = da.isfinite(cube)
+    if mask is not None:
+        finite = finite & da.from_array(np.asarray(mask), chunks=cube.chunks[:2])[:, :, None]
+    present, count = dask.compute(finite.any(axis=(0, 1)), finite.sum(axis=2, dtype=np.int32))
+    present = np.asarray(present) if xp is np else present.get()
+    if not present.any():
+        raise ValueError("cube has no finite value (inside mask)")
+    with_data = count == int(present.sum())
+    if bool(present.all()) and bool(with_data.all()):
+        return cube, None, None
+    if not bool(with_data.any()):
+        raise ValueError("cube has no pixel with a finite value in every band (inside mask)")
+    values = da.where(finite, cube.astype(float_dtype(cube.dtype)), np.nan)
+    dead = np.flatnonzero(~present)
+    return values, to_device(with_data, xp) if not bool(with_data.all()) else None, dead if dead.size else None
+
+
+# --------------------------------------------------------------------------- warp
+
+
+def warp_cube_chunked(cube, matrix, output_shape, *, order: int, chunks=None):
+    """:func:`ggrad_gpu.warp_cube` of a dask cube: one task per output block, reading the source window it needs.
+
+    Each output block reads the cube's window that its pixels map into, plus
+    a pad (:data:`_WARP_PAD`), clipped to the cube, and warps it with the
+    matrix shifted to the window: where the window is clipped its edge is the
+    cube's, so footprint and edge clamping are the whole cube's. At order 3
+    the spline prefilter runs over the window; the pad keeps its difference
+    from the whole cube's below 1e-9 of the values.
+    """
+    import dask
+    import dask.array as da
+
+    from .warp import warp_cube
+
+    bands = cube.shape[2]
+    dtype = np.dtype(np.float64 if cube.dtype == np.float64 else np.float32)
+    if chunks is None:
+        chunks = spatial_chunks(tuple(output_shape) + (bands,), dtype.itemsize)
+    meta = cube._meta
+    rows = []
+    for r0 in range(0, output_shape[0], chunks[0]):
+        r1 = min(r0 + chunks[0], output_shape[0])
+        row = []
+        for c0 in range(0, output_shape[1], chunks[1]):
+            c1 = min(c0 + chunks[1], output_shape[1])
+            window = _source_window(matrix, (r0, r1, c0, c1), cube.shape, _WARP_PAD[order])
+            if window is None:  # the block maps outside the cube: NaN, read nothing
+                row.append(da.full((r1 - r0, c1 - c0, bands), np.nan, dtype=dtype, chunks=(r1 - r0, c1 - c0, bands)))
+                continue
+            (w0, w1), (v0, v1) = window
+            shifted = _translation(-w0, -v0) @ matrix @ _translation(r0, c0)
+            task = dask.delayed(warp_cube, pure=True)(cube[w0:w1, v0:v1], shifted, (r1 - r0, c1 - c0), order=order)
+            row.append(da.from_delayed(task, (r1 - r0, c1 - c0, bands), dtype=dtype, meta=meta))
+        rows.append(row)
+    return _stitched(rows)
+
+
+def _stitched(rows):
+    """One cube from a grid of blocks (``rows`` of lists of 3-D arrays), bands whole in every block."""
+    import dask.array as da
+
+    return da.block([[[block] for block in row] for row in rows])
+
+
+def _translation(rows: float, cols: float) -> np.ndarray:
+    return np.array([[1.0, 0, rows], [0, 1.0, cols], [0, 0, 1.0]])
+
+
+def _source_window(matrix, block, cube_shape, pad: int):
+    """Rows and columns of the cube that the output block ``(r0, r1, c0, c1)`` reads, or None."""
+    r0, r1, c0, c1 = block
+    corners = np.array([[r0, c0, 1], [r0, c1 - 1, 1], [r1 - 1, c0, 1], [r1 - 1, c1 - 1, 1]], dtype=np.float64).T
+    points = (np.asarray(matrix, dtype=np.float64) @ corners)[:2]
+    window = []
+    for axis in (0, 1):
+        n = cube_shape[axis]
+        low, high = points[axis].min(), points[axis].max()
+        if high < -0.5 or low > n - 0.5:
+            return None
+        window.append((max(0, math.floor(low) - pad), min(n, math.ceil(high) + pad + 1)))
+    return window
+
+
+# --------------------------------------------------------------------------- gaps
+
+
+def fill_gaps_chunked(values, gaps):
+    """:func:`ggrad_gpu.coverage.fill_gaps` of a dask array: nearest-pixel indices on the host, gathered per chunk."""
+    import dask
+    import dask.array as da
+    from scipy import ndimage
+
+    from .coverage import fill_gaps
+
+    gaps = np.asarray(gaps)
+    if not gaps.any():
+        return values
+    if gaps.all():
+        return fill_gaps(np.zeros((1, 1)), gaps[:1, :1])  # the in-memory function's error
+    nearest = ndimage.distance_transform_edt(gaps, return_distances=False, return_indices=True)
+    rows = []
+    for r0, r1 in _bounds(values.chunks[0]):
+        row = []
+        for c0, c1 in _bounds(values.chunks[1]):
+            here = (slice(r0, r1), slice(c0, c1))
+            if not gaps[here].any():
+                row.append(values[here])
+                continue
+            source_rows, source_cols = nearest[0][here], nearest[1][here]
+            w0, w1 = int(source_rows.min()), int(source_rows.max()) + 1
+            v0, v1 = int(source_cols.min()), int(source_cols.max()) + 1
+            task = dask.delayed(_gather, pure=True)(values[w0:w1, v0:v1], source_rows - w0, source_cols - v0)
+            row.append(da.from_delayed(task, (r1 - r0, c1 - c0) + values.shape[2:], dtype=values.dtype,
+                                       meta=values._meta))
+        rows.append(row)
+    return _stitched(rows)
+
+
+def _gather(window, rows, cols):
+    return window[_like(window, rows), _like(window, cols)]
+
+
+def _like(array, index):
+    """``index`` (host) in the array module of ``array``."""
+    from ._backend import array_module
+
+    return array_module(array=array).asarray(index)
+
+
+def _bounds(chunks):
+    """``(start, stop)`` of each chunk along an axis."""
+    edges = np.cumsum((0,) + tuple(chunks))
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+
+
+# --------------------------------------------------------------------------- pyramid
+
+
+def blur_decimate_chunked(x):
+    """:func:`ggrad_gpu.pyramid.blur_decimate` of a dask array, chunk by chunk with a halo.
+
+    Chunks are made even along the spatial axes (so each starts on a kept
+    pixel) and at least twice the halo; the halo at the array's edges
+    reflects as SciPy's ``mode="reflect"`` does (``d c b a | a b c d``).
+    """
+    import dask.array as da
+
+    from .pyramid import blur_decimate
+
+    x = x.rechunk({0: _even_chunks(x.chunks[0]), 1: _even_chunks(x.chunks[1])})
+    halo = _BLUR_HALO
+    depth = {0: halo, 1: halo} | {axis: 0 for axis in range(2, x.ndim)}
+    boundary = {0: "reflect", 1: "reflect"} | {axis: "none" for axis in range(2, x.ndim)}
+    padded = da.overlap.overlap(x, depth=depth, boundary=boundary, allow_rechunk=False)
+    chunks = tuple(tuple(-(-c // 2) for c in x.chunks[axis]) for axis in (0, 1)) + x.chunks[2:]
+    return padded.map_blocks(_blur_decimate_inner, blur_decimate, halo // 2, chunks=chunks, dtype=x.dtype)
+
+
+def _blur_decimate_inner(block, blur_decimate, trim):
+    return blur_decimate(block)[trim:-trim, trim:-trim]
+
+
+def _even_chunks(chunks, minimum: int = 2 * _BLUR_HALO):
+    """Chunk sizes along one axis: even, at least ``minimum``, the remainder merged into the last."""
+    total = int(sum(chunks))
+    size = max(minimum, int(max(chunks)) // 2 * 2)
+    if total <= size:
+        return (total,)
+    sizes = [size] * (total // size)
+    rest = total - size * len(sizes)
+    if rest >= minimum:
+        sizes.append(rest)
+    else:
+        sizes[-1] += rest
+    return tuple(sizes)
+
+
+# --------------------------------------------------------------------------- eq. 5
+
+
+def level_gram_chunked(cube_level, target, mask=None):
+    """:func:`ggrad_gpu.estimate.level_gram` of a dask level: per-chunk float64 sums, added in a tree.
+
+    Each chunk's Sobel gradients see a one-pixel halo (reflected at the
+    array's edges, as SciPy's ``mode="reflect"``), and only the chunk's own
+    pixels enter its sums; the result equals the in-memory one up to the
+    order of the float64 additions.
+    """
+    import dask
+
+    from .estimate import level_gram
+
+    padded = _padded(cube_level, 1)
+    target_padded = _padded(target, 1)
+    parts = []
+    for (r0, r1), (c0, c1) in _chunk_bounds(cube_level):
+        here = (slice(r0, r1 + 2), slice(c0, c1 + 2))
+        own = None if mask is None else mask[r0:r1, c0:c1]
+        parts.append(dask.delayed(_gram_inner, pure=True, nout=2)(padded[here], target_padded[here], own, level_gram))
+    gram, rhs = dask.compute(_tree_sum([p[0] for p in parts]), _tree_sum([p[1] for p in parts]))
+    return gram, rhs
+
+
+def _gram_inner(block, target, mask, level_gram):
+    """One chunk's sums: its Sobel over the block with its halo, its own pixels only."""
+    from ._backend import array_module
+
+    xp = array_module(block=block)
+    own = xp.zeros(block.shape[:2], dtype=bool)
+    own[1:-1, 1:-1] = True if mask is None else xp.asarray(mask)
+    return level_gram(block, target, own)
+
+
+def combine_bands_chunked(cube_level, x):
+    """:func:`ggrad_gpu.estimate.combine_bands` of a dask level: computed, as a 2-D array of its chunks' kind."""
+    import dask
+    import dask.array as da
+
+    from .estimate import combine_bands
+
+    padded = _padded(cube_level, 1)
+    rows = []
+    for (r0, r1), row in _rows_of_chunks(cube_level):
+        blocks = []
+        for c0, c1 in row:
+            task = dask.delayed(_combine_inner, pure=True)(padded[r0:r1 + 2, c0:c1 + 2], x, combine_bands)
+            blocks.append(da.from_delayed(task, (r1 - r0, c1 - c0), dtype=cube_level.dtype,
+                                          meta=cube_level._meta.sum(axis=2)))
+        rows.append(blocks)
+    (out,) = dask.compute(da.block(rows))
+    return out
+
+
+def _combine_inner(block, x, combine_bands):
+    return combine_bands(block, x)[1:-1, 1:-1]
+
+
+def _padded(array, halo: int):
+    """``array`` with a halo on the spatial axes reflected as SciPy's ``mode="reflect"`` (``d c b a | a b c d``).
+
+    Lazy for a dask array (sliced per chunk), else padded in its own module.
+    """
+    pad = ((halo, halo), (halo, halo)) + ((0, 0),) * (array.ndim - 2)
+    if is_dask_array(array):
+        import dask.array as da
+
+        return da.pad(array, pad, mode="symmetric")
+    from ._backend import array_module
+
+    return array_module(array=array).pad(array, pad, mode="symmetric")
+
+
+def _chunk_bounds(cube):
+    return [(rows, cols) for rows in _bounds(cube.chunks[0]) for cols in _bounds(cube.chunks[1])]
+
+
+def _rows_of_chunks(cube):
+    return [(rows, _bounds(cube.chunks[1])) for rows in _bounds(cube.chunks[0])]
+
+
+def _tree_sum(parts):
+    """The sum of delayed values, added pairwise (a tree: no task holds more than two partial sums)."""
+    import dask
+
+    while len(parts) > 1:
+        pairs = [dask.delayed(np.add, pure=True)(a, b) for a, b in zip(parts[::2], parts[1::2])]
+        parts = pairs + ([parts[-1]] if len(parts) % 2 else [])
+    return parts[0]

@@ -1,0 +1,53 @@
+"""Where Dask work runs: in-process threads by default, or a ``dask.distributed`` cluster.
+
+``--workers N`` starts a local cluster of N single-threaded worker processes;
+``--scheduler ADDRESS`` connects to a running one. Several GPUs: start ``dask_cuda.LocalCUDACluster()`` (one
+worker per GPU) and pass its ``scheduler_address`` as ``--scheduler``; each
+worker then computes its chunks on its own device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+__all__ = ["dask_client"]
+
+
+@contextlib.contextmanager
+def dask_client(*, workers: int | None = None, scheduler: str | None = None, memory_limit: int | None = None):
+    """A ``distributed.Client`` for the block (the default scheduler while it runs), or nothing.
+
+    Parameters
+    ----------
+    workers : int, optional
+        Start a ``distributed.LocalCluster`` with this many worker processes.
+    scheduler : str, optional
+        Connect to the scheduler at this address instead.
+    memory_limit : int, optional
+        Not imposed on the workers (what bounds their memory is the chunk
+        size the run chose from it); kept for the caller's record.
+
+    Yields
+    ------
+    distributed.Client or None
+        None when neither is given: Dask's threads in this process do the work.
+    """
+    if workers is not None and scheduler is not None:
+        raise ValueError("give --workers or --scheduler, not both")
+    if workers is None and scheduler is None:
+        yield None
+        return
+    from .io.libraries import require
+
+    distributed = require("distributed", "distributed", "running on a Dask cluster (--workers, --scheduler)")
+    if scheduler is not None:
+        with distributed.Client(scheduler) as client:
+            yield client
+        return
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer; got {workers!r}")
+    # No per-worker limit: the chunks bound what a task holds, and a worker
+    # over distributed's limit would pause (at 80 %) and stall the run.
+    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=0,
+                                  dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
+        yield client

@@ -1,0 +1,140 @@
+"""``ggrad refine`` on a cube beyond ``--memory-limit``: streamed, resumable, the same answer.
+
+References: the in-memory ``ggrad refine`` of the same files, ``warp_cube`` of
+the whole cube through the recorded matrices, and an uninterrupted streamed
+run for the resumed one (bit for bit).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import has_module
+
+pytestmark = pytest.mark.skipif(not (has_module("dask") and has_module("zarr")), reason="needs dask and zarr")
+
+from ggrad_gpu import io, warp_cube
+from ggrad_gpu.cli import main
+from ggrad_gpu.metrics import target_registration_error
+from ggrad_gpu.synthetic import make_phantom
+
+LIMIT = "200KB"  # the phantom cube below is about 0.5 MB
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    phantom = make_phantom(shape=(240, 280), bands=40, seed=6, signatures="mixed", shift=(6.0, -5.0))
+    np.save(folder / "guide.npy", phantom.guide)
+    io.write_cube(folder / "cube.zarr", phantom.cube, band_centres=np.linspace(500, 1800, 40), band_unit="cm-1")
+    np.savetxt(folder / "initial.txt", phantom.initial)
+    return folder, phantom
+
+
+def _refine(files, out, *extra):
+    folder, _ = files
+    # The working grid given: under a small --memory-limit it would be coarsened to fit.
+    return main(["refine", str(folder / "guide.npy"), str(folder / "cube.zarr"), "-o", str(out), "-q",
+                 "--initial", str(folder / "initial.txt"), "--working-shape", "240", "280", *extra])
+
+
+def _registered(out):
+    import zarr
+
+    return zarr.open_array(str(out / "registered.zarr"), mode="r")
+
+
+@pytest.mark.slow
+def test_a_cube_over_the_limit_is_streamed_and_matches_the_in_memory_run(files, tmp_path, capsys):
+    _, phantom = files
+    assert _refine(files, tmp_path / "memory", "--output-grid", "cube") == 0
+    assert _refine(files, tmp_path / "streamed", "--memory-limit", LIMIT) == 0
+    assert "streaming it chunk by chunk" in capsys.readouterr().err
+    streamed = json.loads((tmp_path / "streamed" / "transform.json").read_text())
+    in_memory = json.loads((tmp_path / "memory" / "transform.json").read_text())
+    shape = phantom.guide.shape
+    assert target_registration_error(np.array(streamed["matrix"]), np.array(in_memory["matrix"]), shape).max < 0.01
+    assert target_registration_error(np.array(streamed["matrix"]), phantom.matrix, shape).mean < 0.3
+    store = _registered(tmp_path / "streamed")
+    assert store.attrs["complete"] is True and store.attrs["output_grid"] == "cube"
+    assert store.chunks[:2] != store.shape[:2]  # really written in chunks
+    assert not (tmp_path / "streamed" / "registered.zarr" / ".done").exists()
+    reference = warp_cube(phantom.cube, np.array(streamed["matrix"]) @ np.array(store.attrs["output_to_guide"]),
+                          store.shape[:2])
+    np.testing.assert_array_equal(store[...], reference)
+    assert {p.name for p in (tmp_path / "streamed").iterdir()} == {"registered.zarr", "transform.json",
+                                                                   "weights.json", "report.png"}
+
+
+def test_an_interrupted_run_resumes_to_the_same_bits(files, tmp_path, monkeypatch, capsys):
+    assert _refine(files, tmp_path / "whole", "--memory-limit", LIMIT) == 0
+    written = []
+    original = io.ResumableArray.write
+
+    def write_then_stop(self, index, block):
+        if len(written) == 3:
+            raise KeyboardInterrupt  # Ctrl-C after three chunks
+        written.append(index)
+        original(self, index, block)
+
+    monkeypatch.setattr(io.ResumableArray, "write", write_then_stop)
+    assert _refine(files, tmp_path / "cut", "--memory-limit", LIMIT) == 130
+    assert "run the same command again" in capsys.readouterr().err
+    assert _registered(tmp_path / "cut").attrs["complete"] is False
+    monkeypatch.setattr(io.ResumableArray, "write", original)
+    refined_at = (tmp_path / "cut" / "transform.json").stat().st_mtime_ns
+    assert _refine(files, tmp_path / "cut", "--memory-limit", LIMIT) == 0
+    assert (tmp_path / "cut" / "transform.json").stat().st_mtime_ns == refined_at  # not refined again
+    whole, resumed = _registered(tmp_path / "whole"), _registered(tmp_path / "cut")
+    assert resumed.attrs["complete"] is True
+    np.testing.assert_array_equal(resumed[...], whole[...])
+    for name in ("matrix", "output_to_guide"):
+        assert resumed.attrs[name] == whole.attrs[name]
+
+
+@pytest.mark.slow
+def test_other_inputs_never_overwrite_a_streamed_folder_without_force(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _refine(files, out, "--memory-limit", LIMIT) == 0
+    before = _registered(out)[...]
+    assert _refine(files, out, "--memory-limit", LIMIT, "--levels", "2") == 2  # other settings
+    assert "pass --force" in capsys.readouterr().err
+    np.testing.assert_array_equal(_registered(out)[...], before)
+    first = json.loads((out / "transform.json").read_text())["fingerprint"]
+    assert _refine(files, out, "--memory-limit", LIMIT, "--levels", "2", "--force") == 0
+    assert json.loads((out / "transform.json").read_text())["fingerprint"] != first
+    assert _registered(out).attrs["complete"] is True
+
+
+@pytest.mark.slow
+def test_sigterm_mid_stream_then_rerun_completes(files, tmp_path):
+    """A real SIGTERM to a running ``ggrad refine``, then the same command again."""
+    folder, _ = files
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "ggrad_gpu", "refine", str(folder / "guide.npy"), str(folder / "cube.zarr"),
+               "-o", str(out), "-q", "--initial", str(folder / "initial.txt"), "--memory-limit", "20KB",
+               "--working-shape", "240", "280"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    marks = out / "registered.zarr" / ".done"
+    for _ in range(600):  # wait until some chunks are written
+        if marks.is_dir() and len(os.listdir(marks)) >= 2:
+            break
+        if process.poll() is not None:
+            break
+        import time
+
+        time.sleep(0.05)
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=120)
+    assert process.returncode in (0, 143)
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    whole = tmp_path / "whole"
+    assert _refine(files, whole, "--memory-limit", "20KB") == 0
+    np.testing.assert_array_equal(_registered(out)[...], _registered(whole)[...])
