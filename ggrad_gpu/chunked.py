@@ -87,7 +87,7 @@ def checkpoints(memory_limit: int | None = None):
     Without ``memory_limit``, everything is persisted in memory.
     """
     stores = []  # the temporary folder, made when the first array goes to disk
-    token = _SCRATCH.set((stores, memory_limit))
+    token = _SCRATCH.set((stores, memory_limit, set()))
     try:
         yield
     finally:
@@ -97,20 +97,30 @@ def checkpoints(memory_limit: int | None = None):
 
 
 def checkpoint(x):
-    """``x`` computed once, for steps that read it several times (identity for in-memory arrays)."""
+    """``x`` computed once, for steps that read it several times (identity for in-memory arrays).
+
+    An array that is already a checkpoint of the current block is returned as it is.
+    """
     if not is_dask_array(x):
         return x
     scratch = _SCRATCH.get()
-    if scratch is None or scratch[1] is None or x.nbytes <= scratch[1] // 4:
+    if scratch is None:
         return x.persist()
-    import dask.array as da
+    stores, limit, done = scratch
+    if x.name in done:
+        return x
+    if limit is None or x.nbytes <= limit // 4:
+        kept = x.persist()
+    else:
+        import dask.array as da
 
-    stores, _ = scratch
-    if not stores:
-        stores.append(tempfile.mkdtemp(prefix="ggrad-chunks-"))
-    stores.append(f"{stores[0]}/step-{len(stores)}.zarr")
-    x.to_zarr(stores[-1])
-    return da.from_zarr(stores[-1])
+        if not stores:
+            stores.append(tempfile.mkdtemp(prefix="ggrad-chunks-"))
+        stores.append(f"{stores[0]}/step-{len(stores)}.zarr")
+        x.to_zarr(stores[-1], compressors=None)  # scratch, read back at once: compression only costs time
+        kept = da.from_zarr(stores[-1])
+    done.add(kept.name)
+    return kept
 
 
 def all_finite_lazy(x) -> bool:

@@ -130,7 +130,8 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", co
     levels = check_levels(levels, guide.shape, image="guide")
     manual = None if isinstance(weights, str) and weights == "auto" else manual_level_weights(weights, levels)
     guide = _filled(guide, coverage.guide_missing, "guide", xp)
-    cube = _filled(cube, coverage.cube_gaps, "cube", xp)
+    # A lazy cube (a warp of a cube beyond memory) is computed once here, not per reading step below.
+    cube = _filled(checkpoint(cube), coverage.cube_gaps, "cube", xp)
     gaps = coverage.gaps
     excluded = excluded_levels(gaps, levels)
 
