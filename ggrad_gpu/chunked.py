@@ -44,6 +44,7 @@ __all__ = [
     "is_dask_array",
     "level_gram_chunked",
     "prepare_lazy_cube",
+    "release_checkpoints",
     "spatial_chunks",
     "warp_cube_chunked",
 ]
@@ -87,7 +88,7 @@ def checkpoints(memory_limit: int | None = None):
     Without ``memory_limit``, everything is persisted in memory.
     """
     stores = []  # the temporary folder, made when the first array goes to disk
-    token = _SCRATCH.set((stores, memory_limit))
+    token = _SCRATCH.set((stores, memory_limit, {}))
     try:
         yield
     finally:
@@ -97,20 +98,55 @@ def checkpoints(memory_limit: int | None = None):
 
 
 def checkpoint(x):
-    """``x`` computed once, for steps that read it several times (identity for in-memory arrays)."""
+    """``x`` computed once, for steps that read it several times (identity for in-memory arrays).
+
+    An array that is already a checkpoint of the current block is returned as it is.
+    """
     if not is_dask_array(x):
         return x
     scratch = _SCRATCH.get()
-    if scratch is None or scratch[1] is None or x.nbytes <= scratch[1] // 4:
-        return x.persist()
-    import dask.array as da
+    if scratch is None:
+        return _persisted(x)
+    stores, limit, done = scratch
+    if x.name in done:
+        return x
+    if limit is None or x.nbytes <= limit // 4:
+        kept = _persisted(x)
+    else:
+        import dask.array as da
 
-    stores, _ = scratch
-    if not stores:
-        stores.append(tempfile.mkdtemp(prefix="ggrad-chunks-"))
-    stores.append(f"{stores[0]}/step-{len(stores)}.zarr")
-    x.to_zarr(stores[-1])
-    return da.from_zarr(stores[-1])
+        if not stores:
+            stores.append(tempfile.mkdtemp(prefix="ggrad-chunks-"))
+        stores.append(f"{stores[0]}/step-{len(stores)}.zarr")
+        x.to_zarr(stores[-1], compressors=None)  # scratch, read back at once: compression only costs time
+        kept = da.from_zarr(stores[-1])
+    done[kept.name] = kept  # held (until release_checkpoints): on a cluster, its data stay while later steps read them
+    return kept
+
+
+def release_checkpoints() -> None:
+    """Let go of the current block's checkpoints (the steps that read them are done)."""
+    scratch = _SCRATCH.get()
+    if scratch is not None:
+        scratch[2].clear()
+
+
+def _persisted(x):
+    """``x.persist()``, finished before it returns.
+
+    On a ``distributed`` cluster ``persist`` returns at once; the steps that
+    follow replace the array they read, and its data would be released while
+    the next checkpoint still needs it.
+    """
+    kept = x.persist()
+    distributed = sys.modules.get("distributed")
+    if distributed is not None:
+        try:
+            distributed.default_client()
+        except ValueError:  # no client: the local scheduler has finished already
+            return kept
+        distributed.wait(kept)
+    return kept
 
 
 def all_finite_lazy(x) -> bool:

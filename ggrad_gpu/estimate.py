@@ -16,7 +16,7 @@ import numpy as np
 from ._backend import array_module, to_host
 from ._memory import retry_smaller
 from ._validation import all_finite, check_array, check_levels, check_mask, float_dtype, power_of_two_scale
-from .chunked import checkpoint, combine_bands_chunked, is_dask_array, level_gram_chunked
+from .chunked import checkpoint, combine_bands_chunked, is_dask_array, level_gram_chunked, release_checkpoints
 from .coverage import Coverage, excluded_levels, fill_gaps, valid_pixels
 from .filters import iter_sobel_blocks, sobel_block_rows, sobel_magnitude
 from .level_weights import level_weights_matrix, manual_level_weights, solve_level_weights
@@ -130,7 +130,8 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", co
     levels = check_levels(levels, guide.shape, image="guide")
     manual = None if isinstance(weights, str) and weights == "auto" else manual_level_weights(weights, levels)
     guide = _filled(guide, coverage.guide_missing, "guide", xp)
-    cube = _filled(cube, coverage.cube_gaps, "cube", xp)
+    # A lazy cube (a warp of a cube beyond memory) is computed once here, not per reading step below.
+    cube = _filled(checkpoint(cube), coverage.cube_gaps, "cube", xp)
     gaps = coverage.gaps
     excluded = excluded_levels(gaps, levels)
 
@@ -168,6 +169,7 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", co
             guide_levels[k] /= dtype.type(guide_unit)
             cube_levels[k] /= dtype.type(guide_unit)
 
+    release_checkpoints()  # what follows is 2-D
     valid = valid_pixels(gaps, levels, shape)
     if manual is None:
         alpha, beta = solve_level_weights(level_weights_matrix(guide_levels, cube_levels, valid))
