@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from types import ModuleType
 
 import numpy as np
 
 __all__ = [
     "array_module",
+    "check_cupy",
     "cupy_usable",
     "is_cupy_array",
     "ndimage_module",
@@ -86,18 +88,44 @@ def ndimage_module(xp: ModuleType) -> ModuleType:
 
 @functools.cache
 def cupy_usable() -> tuple[bool, str]:
-    """Whether CuPy imports and sees a CUDA device, and if not, why not."""
+    """Whether CuPy imports, sees a CUDA device and runs on it; if not, why not.
+
+    Beyond the device count, a small elementwise kernel (compiled by NVRTC at
+    first use) and a small matrix product (cuBLAS) run and are checked against
+    NumPy: a ``cupy-cuda13x`` wheel without the CUDA runtime libraries
+    (``cupy-cuda13x[ctk]``) sees the device but fails there. Checked once per
+    process.
+    """
     try:
         import cupy
     except Exception as exc:  # ImportError, or a broken CUDA install
         return False, f"CuPy does not import ({type(exc).__name__}: {exc})"
+    return check_cupy(cupy)
+
+
+def check_cupy(cupy) -> tuple[bool, str]:
+    """The checks of :func:`cupy_usable` on an imported ``cupy`` module (or a stand-in)."""
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:
         return False, f"CuPy sees no CUDA device ({type(exc).__name__}: {exc})"
     if count < 1:
         return False, "CuPy sees no CUDA device"
+    host = np.arange(16, dtype=np.float32).reshape(4, 4)
+    try:
+        device = cupy.asarray(host)
+        kernel = cupy.asnumpy(device * 2 + 1)  # an elementwise kernel: NVRTC
+        product = cupy.asnumpy(device @ device)  # cuBLAS
+    except Exception as exc:
+        return False, (f"{BROKEN}: a test kernel or matrix product failed ({type(exc).__name__}: {exc}); "
+                       "install the CUDA runtime libraries, e.g. pip install 'cupy-cuda13x[ctk]'")
+    if not (np.array_equal(kernel, host * 2 + 1) and np.allclose(product, host @ host)):
+        return False, f"{BROKEN}: a test kernel or matrix product gave wrong numbers"
     return True, ""
+
+
+# How cupy_usable's reason starts where CuPy sees a device but cannot compute on it.
+BROKEN = "CuPy sees a CUDA device but cannot compute on it"
 
 
 def resolve_backend(backend: str = "auto") -> ModuleType:
@@ -106,9 +134,18 @@ def resolve_backend(backend: str = "auto") -> ModuleType:
     Parameters
     ----------
     backend : {"auto", "numpy", "cupy"}
-        ``"auto"`` picks CuPy when it imports and sees a device, else NumPy.
-        ``"numpy"`` never imports CuPy. ``"cupy"`` raises where CuPy is not
-        usable: there is no silent fallback.
+        ``"auto"`` picks CuPy when it imports, sees a device and passes the
+        checks of :func:`cupy_usable`, else NumPy; where CuPy sees a device
+        but fails those checks (a broken CUDA install), NumPy with a
+        ``UserWarning`` that says why. ``"numpy"`` never imports CuPy.
+        ``"cupy"`` raises where CuPy is not usable: there is no silent fallback.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from ggrad_gpu._backend import resolve_backend
+    >>> resolve_backend("numpy") is np
+    True
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
@@ -121,6 +158,8 @@ def resolve_backend(backend: str = "auto") -> ModuleType:
         import cupy
 
         return cupy
+    if reason.startswith(BROKEN):
+        warnings.warn(f'backend="auto" computes with NumPy: {reason}', UserWarning, stacklevel=3)
     return np
 
 

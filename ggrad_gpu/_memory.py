@@ -67,17 +67,21 @@ def default_block_bytes(xp: ModuleType) -> int:
 
 
 def _device_available_bytes(xp: ModuleType) -> int | None:
-    """Bytes the current device can still hand to CuPy, or None if unknown."""
-    try:
-        free, _total = xp.cuda.runtime.memGetInfo()
-        pool = xp.get_default_memory_pool()
-        available = int(free) + int(pool.free_bytes())
-        limit = int(pool.get_limit())
-        if limit:
-            available = min(available, max(limit - int(pool.used_bytes()), 0))
-        return available
-    except Exception:  # an allocator without these statistics, a broken context
+    """Bytes the current device can still hand to CuPy, or None for a module without device statistics.
+
+    A CUDA error while asking (a broken context) propagates: it is not a
+    reason to guess a budget, and the next kernel would fail anyway.
+    """
+    runtime = getattr(getattr(xp, "cuda", None), "runtime", None)
+    if runtime is None or not hasattr(xp, "get_default_memory_pool"):
         return None
+    free, _total = runtime.memGetInfo()
+    pool = xp.get_default_memory_pool()
+    available = int(free) + int(pool.free_bytes())
+    limit = int(pool.get_limit())
+    if limit:
+        available = min(available, max(limit - int(pool.used_bytes()), 0))
+    return available
 
 
 # Where CUDA libraries report a failed allocation other than by CuPy's
@@ -130,21 +134,24 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def free_device_memory() -> None:
-    """Return unused memory after a failed allocation: collect garbage, empty CuPy's pool.
+    """Return unused memory after a failed allocation: collect garbage, empty CuPy's pools.
 
-    The pool is emptied only if CuPy is already imported; this never imports it.
+    CuPy's default device pool and pinned host pool are emptied only if CuPy
+    is already imported; this never imports it.
     """
     gc.collect()  # arrays held by reference cycles of the failed attempt
     cupy = sys.modules.get("cupy")
-    if cupy is not None:
-        try:
-            cupy.get_default_memory_pool().free_all_blocks()
-        except Exception:  # a custom allocator, or no usable device
-            pass
+    if cupy is None:
+        return
+    # Both of CuPy's default pools: the device pool, and the pinned host pool of staged copies.
+    for pool in ("get_default_memory_pool", "get_default_pinned_memory_pool"):
+        getter = getattr(cupy, pool, None)
+        if getter is not None:
+            getter().free_all_blocks()
 
 
 def retry_smaller(run: Callable[[int], T], size: int, *, stage: str, minimum: int = 1,
-                  unit: str = "items") -> tuple[T, int]:
+                  unit: str = "items", xp: ModuleType | None = None) -> tuple[T, int]:
     """Call ``run(size)``, halving ``size`` after each out-of-memory error.
 
     Chunked stages run each chunk through this, carrying the returned size on
@@ -164,6 +171,11 @@ def retry_smaller(run: Callable[[int], T], size: int, *, stage: str, minimum: in
         The smallest size to try.
     unit : str, default "items"
         What ``size`` counts (plural), for error messages, e.g. ``"rows"``.
+    xp : module, optional
+        The chunk's array module. With CuPy, the device is synchronised
+        before a chunk counts as done, so that an asynchronous CUDA error (a
+        failed kernel, a library's workspace allocation) is raised, retried
+        or named here, in this stage, and not at a later sync in another.
 
     Returns
     -------
@@ -195,7 +207,10 @@ def retry_smaller(run: Callable[[int], T], size: int, *, stage: str, minimum: in
     size = max(int(size), minimum)
     while True:
         try:
-            return run(size), size
+            result = run(size)
+            if xp is not None and xp is not np:
+                xp.cuda.get_current_stream().synchronize()
+            return result, size
         except Exception as exc:
             if not is_out_of_memory(exc):
                 if is_cuda_error(exc):

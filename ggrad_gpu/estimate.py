@@ -260,7 +260,7 @@ def level_gram(cube_level, target, mask=None, *, rows=None):
             acc.add(gradients, target[start:stop], None if mask is None else mask[start:stop])
         return acc
 
-    acc, _ = retry_smaller(accumulate, rows, stage="Gram matrices (eq. 5)", unit="rows")
+    acc, _ = retry_smaller(accumulate, rows, stage="Gram matrices (eq. 5)", unit="rows", xp=xp)
     return acc.gram, acc.rhs
 
 
@@ -282,7 +282,8 @@ def combine_bands(cube_level, x):
                 out[start:stop] = gradients @ weights
 
     rows = sobel_block_rows(cube_level.shape[:2] + (active.size,), cube_level.dtype, xp)
-    retry_smaller(combine, rows, stage="gradient combination (gradG = A x, eq. 5)", unit="rows")
+    retry_smaller(combine, rows, stage="gradient combination (gradG = A x, eq. 5)", unit="rows",
+                  xp=xp)
     return out
 
 

@@ -104,7 +104,8 @@ def _sobel_rows(workspace, x, start, stop, bands, out, step) -> int:
 
     sub = start
     while sub < stop:
-        sub, step = retry_smaller(functools.partial(one_pass, sub), step, stage=STAGE, unit="rows")
+        sub, step = retry_smaller(functools.partial(one_pass, sub), step, stage=STAGE, unit="rows",
+                                  xp=workspace.xp)
     return step
 
 

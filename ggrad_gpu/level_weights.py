@@ -11,9 +11,12 @@ active-set method (:func:`solve_level_weights`) whose KKT conditions
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ._backend import array_module, to_host
+from ._memory import block_rows, retry_smaller
 
 __all__ = ["level_weights_kkt", "level_weights_matrix", "manual_level_weights", "solve_level_weights"]
 
@@ -30,15 +33,32 @@ def level_weights_matrix(guide_levels, cube_levels, weights=None) -> np.ndarray:
     """
     xp = array_module(guide_levels=guide_levels, cube_levels=cube_levels, weights=weights)
     k = guide_levels.shape[0]
-    columns = xp.concatenate([guide_levels.reshape(k, -1), -cube_levels.reshape(k, -1)], axis=0)
-    columns = columns.astype(xp.float64)
-    if weights is None:
-        count = columns.shape[1]
-    else:
-        w = weights.reshape(-1).astype(xp.float64)
-        count = float(w.sum())
-        columns *= xp.sqrt(w)[None, :]
-    return to_host(columns @ columns.T) / max(count, 1.0)
+    guide_flat, cube_flat = guide_levels.reshape(k, -1), cube_levels.reshape(k, -1)
+    w = None if weights is None else weights.reshape(-1)
+    pixels = guide_flat.shape[1]
+    q = xp.zeros((2 * k + 1, 2 * k + 1), dtype=xp.float64)
+
+    def block(start, size):
+        # The float64 columns of a block of pixels only (the whole 2K x N would
+        # be 8 N K float64), their products summed on the device.
+        stop = min(start + size, pixels)
+        columns = xp.empty((2 * k + 1, stop - start), dtype=xp.float64)
+        columns[:k] = guide_flat[:, start:stop]
+        xp.negative(cube_flat[:, start:stop], out=columns[k : 2 * k], dtype=xp.float64)
+        columns[2 * k] = 1.0 if w is None else xp.sqrt(w[start:stop].astype(xp.float64))
+        if w is not None:
+            columns[: 2 * k] *= columns[2 * k]
+        q[...] += columns @ columns.T
+        return stop
+
+    size = block_rows((pixels, 2 * k + 1), 8, xp)
+    start = 0
+    while start < pixels:
+        start, size = retry_smaller(functools.partial(block, start), size, stage="level weights (eq. 9)",
+                                    unit="pixels", xp=xp)
+    q = to_host(q)  # one read: the products and (last row, with weights) the pixel count
+    count = pixels if w is None else float(q[2 * k, 2 * k])
+    return q[: 2 * k, : 2 * k] / max(count, 1.0)
 
 
 def solve_level_weights(q, *, max_iter: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -101,7 +101,12 @@ def _window(region, guide_shape):
 
 
 def _paired(a, b, mask):
-    """The float64 values of ``a`` and ``b`` where both are finite (and ``mask`` is True), checked."""
+    """``a`` and ``b`` in float64, 0 where either is not finite (or ``mask`` is False), checked.
+
+    Also returns the map of the pixels kept (None: all are) and their number.
+    Zeros and a count rather than compacting by a boolean index: on CuPy that
+    would build an index array and read its size back.
+    """
     check_array(a, "a", (1, 2, 3), "an image (1-D to 3-D array)")
     check_array(b, "b", (1, 2, 3), "an image (1-D to 3-D array)")
     xp = array_module(a=a, b=b, mask=mask)
@@ -116,11 +121,12 @@ def _paired(a, b, mask):
     keep = xp.isfinite(a) & xp.isfinite(b)
     if mask is not None:
         keep &= mask.ravel().astype(bool)
-    if not bool(keep.all()):
-        a, b = a[keep], b[keep]
-    if a.size == 0:
+    count = int(keep.sum())
+    if count == 0:
         raise ValueError("a and b have no pixel in common that is finite (and inside mask)")
-    return xp, a, b
+    if count == keep.size:
+        return xp, a, b, None, count
+    return xp, xp.where(keep, a, 0), xp.where(keep, b, 0), keep, count
 
 
 def ncc(a, b, mask=None) -> float:
@@ -135,9 +141,11 @@ def ncc(a, b, mask=None) -> float:
         Naming ``a``, ``b`` or ``mask``: not real arrays, different shapes,
         or no finite pixel in common.
     """
-    xp, a, b = _paired(a, b, mask)
-    a = a - a.mean()
-    b = b - b.mean()
+    xp, a, b, keep, count = _paired(a, b, mask)
+    a = a - a.sum() / count
+    b = b - b.sum() / count
+    if keep is not None:
+        a, b = xp.where(keep, a, 0), xp.where(keep, b, 0)
     denominator = float(xp.sqrt((a @ a) * (b @ b)))
     return float(a @ b) / denominator if denominator > 0 else 0.0
 
@@ -153,6 +161,6 @@ def mse(a, b, mask=None) -> float:
         Naming ``a``, ``b`` or ``mask``: not real arrays, different shapes,
         or no finite pixel in common.
     """
-    xp, a, b = _paired(a, b, mask)
-    diff = a - b
-    return float(xp.mean(diff * diff))
+    xp, a, b, _keep, count = _paired(a, b, mask)
+    diff = a - b  # 0 where a pixel is left out
+    return float((diff * diff).sum()) / count

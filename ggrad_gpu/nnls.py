@@ -17,6 +17,7 @@ import numpy as np
 import scipy.linalg
 
 from ._backend import array_module, to_host
+from ._memory import block_rows
 
 __all__ = ["GramAccumulator", "gram_products", "nnls_gram", "nnls_kkt_residual"]
 
@@ -77,15 +78,18 @@ class GramAccumulator:
         self.rhs += rhs
 
 
-def gram_products(a, b, *, chunk_rows: int = 4096):
+def gram_products(a, b, *, chunk_rows: int | None = None):
     """``A^T A`` and ``A^T b`` in float64, ``chunk_rows`` rows of ``A`` at a time.
 
     Parameters
     ----------
     a : array, shape (pixels, bands)
     b : array, shape (pixels,)
-    chunk_rows : int
+    chunk_rows : int, optional
         Rows promoted to float64 at once; memory stays ``O(chunk_rows * bands)``.
+        Default: a block of float64 rows near the block budget
+        (:func:`ggrad_gpu._memory.block_rows`: 8 MiB on the CPU, up to 256 MiB
+        on a GPU, where small products would be launch-bound).
 
     Returns
     -------
@@ -98,6 +102,8 @@ def gram_products(a, b, *, chunk_rows: int = 4096):
         raise ValueError(f"a must be 2-D (pixels, bands); got shape {tuple(a.shape)}")
     if b.shape != a.shape[:1]:
         raise ValueError(f"b must have shape ({a.shape[0]},) to match a; got {tuple(b.shape)}")
+    if chunk_rows is None:
+        chunk_rows = block_rows(a.shape, 8, xp)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be positive; got {chunk_rows}")
     acc = GramAccumulator(a.shape[1], xp)

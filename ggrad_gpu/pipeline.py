@@ -547,9 +547,10 @@ def _baseline_gradient(guide, on_grid, coverage: Coverage, method):
     grad_y = sobel_magnitude(image.astype(grad_x.dtype))
     valid = ndimage_module(xp).minimum_filter(covered.astype(xp.uint8), size=3, mode="nearest").astype(bool)
     # The MSE needs comparable scales: each gradient image at unit mean over the overlap.
-    if bool(valid.any()):
-        grad_x = grad_x / max(float(grad_x[valid].mean()), 1e-30)
-        grad_y = grad_y / max(float(grad_y[valid].mean()), 1e-30)
+    count = float(valid.sum())
+    if count > 0:  # means by masked sums: no boolean indexing (an index array and a sync on CuPy)
+        grad_x = grad_x / max(float(xp.where(valid, grad_x, 0).sum()) / count, 1e-30)
+        grad_y = grad_y / max(float(xp.where(valid, grad_y, 0).sum()) / count, 1e-30)
     one = np.ones(1)
     return GlobalGradient(grad_x, grad_y, one, one, np.zeros((1, on_grid.shape[2])), grad_x[None], grad_y[None], valid)
 

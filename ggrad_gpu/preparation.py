@@ -9,13 +9,14 @@ pixels with data says where the estimates may trust it.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from ._backend import array_module, ndimage_module, to_device, to_host
-from ._memory import block_rows
+from ._memory import block_rows, retry_smaller
 from ._validation import all_finite, float_dtype, to_gray
 from .chunked import is_dask_array, prepare_lazy_cube
 from .coverage import fill_gaps
@@ -112,22 +113,60 @@ def prepare_cube(cube, mask, xp) -> PreparedCube:
     if is_dask_array(cube):
         return PreparedCube(*prepare_lazy_cube(cube, mask, xp))
     cube = to_device(cube, xp)
+    if cube.shape[2] > 1 and cube.strides[2] != cube.itemsize:
+        # A bands-first cube (band_axis=0 moves the axis as a view): made
+        # band-last once here, not by every warp of it.
+        cube = xp.ascontiguousarray(cube)
     mask = None if mask is None else to_device(mask, xp)
     if (mask is None or bool(mask.all())) and all_finite(cube, xp):
         return PreparedCube(cube)
     values = cube.astype(float_dtype(cube.dtype))  # a copy: the caller's cube is never changed
-    finite = xp.isfinite(values)
-    if mask is not None:
-        finite &= mask[..., None]
-    values = xp.where(finite, values, xp.nan)
-    present = finite.any(axis=(0, 1))
+    present = _mark_missing(values, mask, xp)
     if not bool(present.any()):
         raise ValueError("cube has no finite value (inside mask)")
-    with_data = (finite | ~present).all(axis=2)
+    with_data = xp.empty(values.shape[:2], dtype=bool)
+
+    def pixels_with_data(start, size):
+        stop = min(start + size, values.shape[0])
+        with_data[start:stop] = (xp.isfinite(values[start:stop]) | ~present).all(axis=2)
+        return stop
+
+    _by_rows(pixels_with_data, values.shape, xp)
     if not bool(with_data.any()):
         raise ValueError("cube has no pixel with a finite value in every band (inside mask)")
     dead = np.flatnonzero(~to_host(present))
     return PreparedCube(values, None if bool(with_data.all()) else with_data, dead if dead.size else None)
+
+
+def _mark_missing(values, mask, xp):
+    """Set NaN in place at ``values``' non-finite values and outside ``mask``; which bands have data.
+
+    Block by block of rows, with ``copyto``: the boolean maps are a block's,
+    never the cube's, and no index array is built.
+    """
+    present = xp.zeros(values.shape[2], dtype=bool)
+
+    def mark(start, size):
+        # Idempotent, so a block that runs out of memory is simply redone smaller.
+        stop = min(start + size, values.shape[0])
+        block = values[start:stop]
+        finite = xp.isfinite(block)
+        if mask is not None:
+            finite &= mask[start:stop, :, None]
+        xp.copyto(block, xp.nan, where=~finite)
+        present[...] |= finite.any(axis=(0, 1))
+        return stop
+
+    _by_rows(mark, values.shape, xp)
+    return present
+
+
+def _by_rows(run, shape, xp, *, stage: str = "missing cube values") -> None:
+    """``run(start, rows)`` over blocks of rows (two boolean maps of a block near the budget), retried smaller."""
+    rows = block_rows(shape, 2, xp)
+    start = 0
+    while start < shape[0]:
+        start, rows = retry_smaller(functools.partial(run, start), rows, stage=stage, unit="rows", xp=xp)
 
 
 def block_average(image, s: int):
@@ -183,14 +222,18 @@ def missing_share(with_data, matrix, shape):
 
 
 def has_data(registered):
-    """Pixels of a resampled cube with a finite value in at least one band (by blocks of rows)."""
+    """Pixels of a resampled cube with a value (not NaN) in at least one band (by blocks of rows, retried smaller)."""
     if is_dask_array(registered):
         return ~registered.map_blocks(_all_nan, drop_axis=2, dtype=bool)
     xp = array_module(registered=registered)
     out = xp.empty(registered.shape[:2], dtype=bool)
-    rows = block_rows(registered.shape, 1, xp)
-    for start in range(0, registered.shape[0], rows):
-        out[start : start + rows] = ~xp.isnan(registered[start : start + rows]).all(axis=2)
+
+    def rows_with_data(start, size):
+        stop = min(start + size, registered.shape[0])
+        out[start:stop] = ~xp.isnan(registered[start:stop]).all(axis=2)
+        return stop
+
+    _by_rows(rows_with_data, registered.shape, xp, stage="valid pixels")
     return out
 
 

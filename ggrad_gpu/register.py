@@ -14,8 +14,10 @@ both images cover:
   otherwise the damping grows and the step shrinks, so it cannot diverge.
   With large damping the step is scaled gradient descent.
 
-Each iteration is a few whole-image operations and one 6 x 6 solve on the
-host, the same on NumPy and CuPy.
+Each evaluation is a few whole-image operations in the images' dtype, one
+stacked product summed in float64, and one read of its 10 x 10 result to the
+host, where the 6 x 6 step is solved: the same on NumPy and CuPy, with one
+device sync per evaluation.
 """
 
 from __future__ import annotations
@@ -265,7 +267,8 @@ def _prepare(image, mask, dtype, xp):
     coverage = xp.isfinite(image)
     if mask is not None:
         coverage &= mask.astype(bool)
-    image[~coverage] = 0
+    # copyto with where: no index array and no device sync (a boolean-mask assignment has both).
+    xp.copyto(image, 0, where=~coverage)
     return image, coverage.astype(dtype)
 
 
@@ -342,22 +345,37 @@ class _Level:
         self.p_rows = xp.arange(rows, dtype=self.fixed.dtype)[:, None]
         self.p_cols = xp.arange(cols, dtype=self.fixed.dtype)[None, :]
         self.fixed_valid = self.fixed_cov > 0.5
+        self.mid = ((rows - 1) / 2, (cols - 1) / 2)
         self._sources = {}
+        self._buffer = None
+
+    @property
+    def _rows(self):
+        """Scratch (10, pixels) float64 for :meth:`_normal_equations`, allocated once per level."""
+        if self._buffer is None:
+            self._buffer = self.xp.empty((10, self.fixed.size), dtype=self.xp.float64)
+        return self._buffer
 
     def _sample(self, matrix, *images):
-        """Bilinear samples of ``images`` (moving grid) at ``matrix @ p``, and where they are covered."""
+        """Bilinear samples of ``images`` (moving grid) at ``matrix @ p``, and where they are covered.
+
+        Everything stays in the images' dtype (float32 for float32): the
+        neighbour's index is floored in floating point and cast afterwards,
+        so no integer enters the arithmetic and promotes it to float64. Flat
+        indices are ``intp`` (int64), which does not overflow past 2**31 pixels.
+        """
         xp = self.xp
         q_rows, q_cols = map_points(matrix, self.p_rows, self.p_cols)
         n_rows, n_cols = self.moving.shape
         inside = (q_rows >= 0) & (q_rows <= n_rows - 1) & (q_cols >= 0) & (q_cols <= n_cols - 1)
         q_rows = xp.clip(q_rows, 0, n_rows - 1)
         q_cols = xp.clip(q_cols, 0, n_cols - 1)
-        r0 = xp.minimum(q_rows.astype(xp.int32), max(n_rows - 2, 0))
-        c0 = xp.minimum(q_cols.astype(xp.int32), max(n_cols - 2, 0))
+        r0 = xp.minimum(xp.floor(q_rows), max(n_rows - 2, 0))
+        c0 = xp.minimum(xp.floor(q_cols), max(n_cols - 2, 0))
         fr, fc = q_rows - r0, q_cols - c0
         # Flat indices of the four neighbours; one gather each fetches every
         # image at once from the stacked (pixels, channels) source.
-        top_left = (r0 * n_cols + c0).ravel()
+        top_left = (r0.astype(xp.intp) * n_cols + c0.astype(xp.intp)).ravel()
         right = 1 if n_cols > 1 else 0
         down = n_cols if n_rows > 1 else 0
         source = self._stacked(images)
@@ -450,32 +468,45 @@ class _Level:
         return matrix, max_iter, False
 
     def _normal_equations(self, matrix):
-        """``J^T J``, ``J^T r``, MSE, centre and radius of the overlap at ``matrix``."""
+        """``J^T J``, ``J^T r``, MSE, centre and radius of the overlap at ``matrix``.
+
+        One stacked product of ten pixel rows (the six raw Jacobian columns,
+        the residual, and the overlap's moments) and one read from the
+        device per evaluation; the centring and scaling of the parameters
+        are a 6 x 6 change of basis on the host.
+        """
         xp = self.xp
         covered, (warped, g_rows, g_cols) = self._sample(matrix, self.moving, self.grad_rows, self.grad_cols)
         weight = (covered & self.fixed_valid).astype(self.fixed.dtype)
-        count = float(weight.sum())
-        if count < 16:
+        g_rows, g_cols = g_rows * weight, g_cols * weight
+        rows = self._rows
+        # Coordinates about the grid's centre (fixed per level) keep the raw moments small.
+        p_rows, p_cols = self.p_rows - self.mid[0], self.p_cols - self.mid[1]
+        products = ((g_rows, p_rows), (g_rows, p_cols), (g_cols, p_rows), (g_cols, p_cols), (g_rows, None),
+                    (g_cols, None), (warped - self.fixed, weight), (weight, None), (weight, p_rows), (weight, p_cols))
+        for row, (a, b) in zip(rows, products):
+            if b is None:
+                row[...] = a.reshape(-1)
+            else:  # the product in float64, without a float64 copy of either factor
+                xp.multiply(a, b, out=row.reshape(a.shape[0], -1), dtype=xp.float64)
+        moments = to_host(rows @ rows.T)  # the one read from the device
+        count = float(moments[7, 7])  # weight is 0 or 1: sum(w * w) = sum(w)
+        if not count >= 16:
             return None
-        center_r = float((weight * self.p_rows).sum()) / count
-        center_c = float((weight * self.p_cols).sum()) / count
-        d_rows = (self.p_rows - center_r) * weight
-        d_cols = (self.p_cols - center_c) * weight
-        radius = max(float(xp.sqrt((d_rows * d_rows + d_cols * d_cols).sum() / count)), 1.0)
-        residual = (warped - self.fixed) * weight
-        # d q / d theta for theta = (A scaled by 1/radius (4), displacement at the centre (2)).
-        g_rows = g_rows * weight
-        g_cols = g_cols * weight
-        dr, dc = d_rows / radius, d_cols / radius
-        columns = xp.stack([g_rows * dr, g_rows * dc, g_cols * dr, g_cols * dc,
-                            xp.broadcast_to(g_rows, residual.shape), xp.broadcast_to(g_cols, residual.shape)])
-        columns = columns.reshape(6, -1).astype(xp.float64)
-        jtj = to_host(columns @ columns.T) / count
-        jtr = to_host(columns @ residual.reshape(-1).astype(xp.float64)) / count
-        mse = float((residual * residual).sum()) / count
+        center = moments[7, 8:10] / count
+        spread = (moments[8, 8] + moments[9, 9]) / count - float(center @ center)
+        radius = max(math.sqrt(max(spread, 0.0)), 1.0)
+        # Raw columns (g p_r, g p_c, g, ...) to the scaled, centred parameters of _update.
+        basis = np.eye(6)
+        basis[:4, :4] /= radius
+        basis[4, 0] = basis[5, 2] = -center[0] / radius
+        basis[4, 1] = basis[5, 3] = -center[1] / radius
+        jtj = basis.T @ moments[:6, :6] @ basis / count
+        jtr = basis.T @ moments[:6, 6] / count
+        mse = float(moments[6, 6]) / count
         if not (np.isfinite(jtj).all() and np.isfinite(jtr).all() and math.isfinite(mse)):
             return None  # overflowing values: no step can be judged here
-        return jtj, jtr, mse, (center_r, center_c), radius
+        return jtj, jtr, mse, (center[0] + self.mid[0], center[1] + self.mid[1]), radius
 
 
 def _update(matrix, step, center, radius):

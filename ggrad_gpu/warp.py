@@ -27,7 +27,7 @@ from ._validation import check_array, check_matrix, float_dtype
 from .chunked import is_dask_array, warp_cube_chunked
 from .geometry import check_output_shape, in_footprint, map_points
 
-__all__ = ["warp_cube"]
+__all__ = ["point_bytes", "warp_cube"]
 
 STAGE = "warp_cube"
 
@@ -131,7 +131,9 @@ def warp_cube(cube, matrix, output_shape, *, order: int = 1, band_chunk: int | N
     # one block stays near the memory budget even with thousands of bands;
     # the sums hold a few (pixels, bands) temporaries at a time.
     pixels = out.reshape(-1, n_bands)
-    block = block_rows((pixels.shape[0], 4, band_chunk), dtype.itemsize, xp)
+    # Sized for all bands, so that a smaller band_chunk only lowers the peak
+    # (its points per block stay; their spectra shrink).
+    block = block_rows((pixels.shape[0], point_bytes(order, n_bands, dtype.itemsize)), 1, xp)
     out_cols = output_shape[1]
 
     def resample_block(sampler, bands, start, size):
@@ -149,7 +151,7 @@ def warp_cube(cube, matrix, output_shape, *, order: int = 1, band_chunk: int | N
         start = 0
         while start < pixels.shape[0]:
             run = functools.partial(resample_block, sampler, bands, start)
-            start, block = retry_smaller(run, block, stage=STAGE, unit="output pixels")
+            start, block = retry_smaller(run, block, stage=STAGE, unit="output pixels", xp=xp)
         return bands.stop
 
     # Out of memory even with one-pixel blocks: the chunk's set-up holds too
@@ -157,8 +159,29 @@ def warp_cube(cube, matrix, output_shape, *, order: int = 1, band_chunk: int | N
     first = 0
     while first < n_bands:
         run = functools.partial(resample_chunk, first)
-        first, band_chunk = retry_smaller(run, band_chunk, stage=STAGE, unit="bands")
+        first, band_chunk = retry_smaller(run, band_chunk, stage=STAGE, unit="bands", xp=xp)
     return out
+
+
+def point_bytes(order: int, bands: int, itemsize: int) -> int:
+    """Bytes of temporaries per output point of a block: its spectra and its taps.
+
+    Four (points, bands) spectra (the gathered tap, the kept weight with
+    NaN, and the output block as it is written and read back: on the CPU
+    this keeps a block's spectra near cache size), per tap an ``intp`` index
+    and a weight in the cube's dtype, and the per-axis taps (float64
+    weights, their cast, ``intp`` indices) and coordinates. The taps do not
+    shrink with the bands, so with few bands they are most of a block.
+
+    Examples
+    --------
+    >>> from ggrad_gpu.warp import point_bytes
+    >>> point_bytes(1, 1000, 4), point_bytes(1, 1, 4)
+    (16192, 208)
+    
+    """
+    taps, axis_taps = (4, 2) if order == 1 else (16, 4)
+    return 4 * bands * itemsize + taps * (8 + itemsize) + 2 * axis_taps * (16 + itemsize) + 64
 
 
 def _check_matrix(matrix) -> np.ndarray:
@@ -178,7 +201,11 @@ class _Sampler:
     def __init__(self, values, order, dtype, xp):
         self.xp, self.order, self.dtype = xp, order, dtype
         self.shape = values.shape[:2]
-        values = values.astype(dtype, order="C", copy=False)
+        # A chunk of a band-last cube is used in place (each pixel's bands are
+        # contiguous, so a gather reads whole runs); a cube with strided bands
+        # (a bands-first view) is copied once.
+        contiguous_bands = values.shape[2] == 1 or values.strides[2] == values.itemsize
+        values = values.astype(dtype, order="K" if contiguous_bands else "C", copy=False)
         n_bands = values.shape[2]
         # One reduction (min propagates NaN) and one device sync per chunk
         # decide whether it needs NaN bookkeeping; NaN-free chunks skip it.
@@ -222,7 +249,12 @@ class _Sampler:
         # row_weights[i] * col_weights[j]; each gather fetches whole spectra.
         # Tap-major (taps, points), so each tap's indices are contiguous.
         index = (rows[:, None, :] * width + cols[None, :, :]).reshape(-1, points)
-        weights = (row_weights[:, None, :] * col_weights[None, :, :]).reshape(-1, points).astype(self.dtype)
+        # Coordinates and each axis's weights in float64; their products, per tap, in the cube's dtype.
+        row_weights, col_weights = row_weights.astype(self.dtype), col_weights.astype(self.dtype)
+        weights = (row_weights[:, None, :] * col_weights[None, :, :]).reshape(-1, points)
+        # A point beyond the footprint gets NaN weights, so the sums below make
+        # it NaN in every band: no extra pass over the spectra, no mask indexing.
+        xp.copyto(weights, xp.nan, where=~in_footprint(q_rows, q_cols, (n_rows, n_cols)))
         if self.buffers is None or self.buffers.shape[1] < points:
             count = 1 if self.finite is None else 2
             self.buffers = xp.empty((count, points, self.source.shape[1]), dtype=self.dtype)
@@ -246,8 +278,8 @@ class _Sampler:
             # pixel is nearer; at the NaN pixel itself the band stays NaN.
             near_rows = xp.floor(xp.clip(q_rows, 0, n_rows - 1) + 0.5).astype(xp.intp)
             near_cols = xp.floor(xp.clip(q_cols, 0, n_cols - 1) + 0.5).astype(xp.intp)
-            out[self.missing[near_rows * n_cols + near_cols]] = xp.nan
-        out[~in_footprint(q_rows, q_cols, (n_rows, n_cols))] = xp.nan
+            # copyto with where, not a boolean-mask assignment: no index array, no device sync.
+            xp.copyto(out, xp.nan, where=self.missing[near_rows * n_cols + near_cols])
 
 
 def _linear_taps(q, n, pad, xp):
@@ -285,12 +317,17 @@ def _gather(source, index, xp, out):
     A fresh multi-megabyte temporary per tap costs page faults that dominate
     the arithmetic on the CPU. NumPy's ``take`` copies through a hidden buffer
     unless ``mode`` is ``"clip"`` or ``"wrap"`` (the indices are in range, so
-    clipping changes nothing); CuPy's ``take`` writes ``out`` directly.
+    clipping changes nothing), and copies a non-contiguous source whole;
+    CuPy's ``take`` writes ``out`` directly.
     """
-    if xp is np:
+    if xp is not np:
+        xp.take(source, index, axis=0, out=out)
+    elif source.flags.c_contiguous:
         np.take(source, index, axis=0, out=out, mode="clip")
     else:
-        xp.take(source, index, axis=0, out=out)
+        # A chunk of bands (a strided view): take would copy the whole chunk
+        # at every call; indexing makes only a temporary of the block's size.
+        out[...] = source[index]
 
 
 def _weighted_sum(source, index, weights, xp, tap, out):
