@@ -125,25 +125,26 @@ def check_inputs(guide, cube, band_axis):
     return cube if band_axis == 2 else array_module(cube=cube).moveaxis(cube, band_axis, -1)
 
 
-# Bytes per working-grid pixel that refine's in-memory steps hold at their peak (346 measured with
-# tracemalloc at 512 x 512 and 1024 x 1024 working grids, 2026-11-30)
+# Bytes per working-grid pixel that refine's in-memory steps hold at their peak
 # (the guide and its levels, the estimate's level images, the registration's
-# pyramids and samples): a streamed cube's working grid is coarsened to fit.
-WORKING_BYTES_PER_PIXEL = 384
+# pyramids; its evaluations run in row blocks): 192 measured with tracemalloc
+# on a 1024 x 1024 working grid (2026-11-30). A streamed cube's working grid
+# is coarsened until its 2-D steps fit the memory limit.
+WORKING_BYTES_PER_PIXEL = 200
 
 
 def check_placement(guide_shape, cube, initial, mask, working_shape, memory_limit=None):
     """The initial matrix (default: the cube spans the guide), the mask and the working grid, checked.
 
     For a dask cube with a ``memory_limit``, the working grid is coarsened
-    (where it must be) so that its images fit in half the limit.
+    (where it must be) so that its 2-D steps fit the limit.
     """
     if mask is not None:
         mask = check_mask(mask, "mask", cube.shape[:2])
     initial = fov_matrix(guide_shape, cube.shape[:2]) if initial is None else check_affine(initial, "initial")
     max_pixels = None
     if memory_limit is not None and is_dask_array(cube) and working_shape is None:
-        max_pixels = max(64, memory_limit // 2 // WORKING_BYTES_PER_PIXEL)
+        max_pixels = max(64, memory_limit // WORKING_BYTES_PER_PIXEL)
     grid = working_grid(guide_shape, cube.shape[:2], initial, working_shape, max_pixels=max_pixels)
     return initial, mask, grid
 

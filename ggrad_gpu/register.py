@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._backend import array_module, ndimage_module, to_host
+from ._memory import block_rows
 from ._validation import (
     all_finite,
     check_affine,
@@ -49,6 +50,10 @@ __all__ = ["AffineRegistration", "affine_mse", "affine_ncc", "register_affine"]
 # initial matrix), or flips, is degenerate: the optimiser shrank the overlap
 # to where both images are flat, or the images do not match at all.
 MAX_SCALE = 4.0
+# Bytes per pixel that one evaluation of the normal equations holds (the ten
+# float64 product rows, coordinates, four taps of four channels, the samples):
+# its blocks of rows are sized from this with the memory budget.
+EVALUATION_BYTES_PER_PIXEL = 256
 
 
 @dataclass(frozen=True)
@@ -348,24 +353,33 @@ class _Level:
         self.mid = ((rows - 1) / 2, (cols - 1) / 2)
         self._sources = {}
         self._buffer = None
+        # An evaluation runs over blocks of rows: its per-pixel temporaries
+        # (coordinates, taps, the ten float64 product rows: about 250 bytes a
+        # pixel) stay within one block, whatever the image's size.
+        self.block = block_rows((rows, cols), EVALUATION_BYTES_PER_PIXEL, xp)
 
-    @property
-    def _rows(self):
+    def _blocks(self):
+        """Row slices of one evaluation's blocks."""
+        rows = self.fixed.shape[0]
+        return [slice(start, min(start + self.block, rows)) for start in range(0, rows, self.block)]
+
+    def _rows(self, pixels: int):
         """Scratch (10, pixels) float64 for :meth:`_normal_equations`, allocated once per level."""
-        if self._buffer is None:
-            self._buffer = self.xp.empty((10, self.fixed.size), dtype=self.xp.float64)
-        return self._buffer
+        if self._buffer is None or self._buffer.shape[1] < pixels:
+            self._buffer = self.xp.empty((10, pixels), dtype=self.xp.float64)
+        return self._buffer[:, :pixels]
 
-    def _sample(self, matrix, *images):
+    def _sample(self, matrix, *images, rows=slice(None)):
         """Bilinear samples of ``images`` (moving grid) at ``matrix @ p``, and where they are covered.
 
         Everything stays in the images' dtype (float32 for float32): the
         neighbour's index is floored in floating point and cast afterwards,
         so no integer enters the arithmetic and promotes it to float64. Flat
         indices are ``intp`` (int64), which does not overflow past 2**31 pixels.
+        ``rows`` limits the samples to those rows of the fixed grid.
         """
         xp = self.xp
-        q_rows, q_cols = map_points(matrix, self.p_rows, self.p_cols)
+        q_rows, q_cols = map_points(matrix, self.p_rows[rows], self.p_cols)
         n_rows, n_cols = self.moving.shape
         inside = (q_rows >= 0) & (q_rows <= n_rows - 1) & (q_cols >= 0) & (q_cols <= n_cols - 1)
         q_rows = xp.clip(q_rows, 0, n_rows - 1)
@@ -404,12 +418,15 @@ class _Level:
         return warped, covered & self.fixed_valid
 
     def mse(self, matrix) -> float:
-        warped, valid = self._overlap(matrix)
-        count = int(valid.sum())
-        if count == 0:
-            return float("inf")
-        diff = self.xp.where(valid, warped - self.fixed, 0)
-        return float((diff * diff).sum()) / count
+        xp, total, count = self.xp, 0.0, 0.0
+        for rows in self._blocks():  # sums on the device, one read at the end
+            covered, (warped,) = self._sample(matrix, self.moving, rows=rows)
+            valid = covered & self.fixed_valid[rows]
+            diff = xp.where(valid, warped - self.fixed[rows], 0)
+            total = total + (diff * diff).sum(dtype=xp.float64)
+            count = count + valid.sum()
+        total, count = float(total), int(count)
+        return float("inf") if count == 0 else total / count
 
     def ncc(self, matrix) -> float:
         warped, valid = self._overlap(matrix)
@@ -475,21 +492,10 @@ class _Level:
         device per evaluation; the centring and scaling of the parameters
         are a 6 x 6 change of basis on the host.
         """
-        xp = self.xp
-        covered, (warped, g_rows, g_cols) = self._sample(matrix, self.moving, self.grad_rows, self.grad_cols)
-        weight = (covered & self.fixed_valid).astype(self.fixed.dtype)
-        g_rows, g_cols = g_rows * weight, g_cols * weight
-        rows = self._rows
-        # Coordinates about the grid's centre (fixed per level) keep the raw moments small.
-        p_rows, p_cols = self.p_rows - self.mid[0], self.p_cols - self.mid[1]
-        products = ((g_rows, p_rows), (g_rows, p_cols), (g_cols, p_rows), (g_cols, p_cols), (g_rows, None),
-                    (g_cols, None), (warped - self.fixed, weight), (weight, None), (weight, p_rows), (weight, p_cols))
-        for row, (a, b) in zip(rows, products):
-            if b is None:
-                row[...] = a.reshape(-1)
-            else:  # the product in float64, without a float64 copy of either factor
-                xp.multiply(a, b, out=row.reshape(a.shape[0], -1), dtype=xp.float64)
-        moments = to_host(rows @ rows.T)  # the one read from the device
+        moments = 0
+        for block in self._blocks():  # summed on the device; one read at the end
+            moments = moments + self._block_moments(matrix, block)
+        moments = to_host(moments)  # the one read from the device
         count = float(moments[7, 7])  # weight is 0 or 1: sum(w * w) = sum(w)
         if not count >= 16:
             return None
@@ -507,6 +513,27 @@ class _Level:
         if not (np.isfinite(jtj).all() and np.isfinite(jtr).all() and math.isfinite(mse)):
             return None  # overflowing values: no step can be judged here
         return jtj, jtr, mse, (center[0] + self.mid[0], center[1] + self.mid[1]), radius
+
+
+    def _block_moments(self, matrix, block):
+        """The ten product rows of :meth:`_normal_equations` over the rows ``block``, as their 10 x 10 moments."""
+        xp = self.xp
+        covered, (warped, g_rows, g_cols) = self._sample(matrix, self.moving, self.grad_rows, self.grad_cols,
+                                                         rows=block)
+        weight = (covered & self.fixed_valid[block]).astype(self.fixed.dtype)
+        g_rows, g_cols = g_rows * weight, g_cols * weight
+        rows = self._rows(weight.size)
+        # Coordinates about the grid's centre (fixed per level) keep the raw moments small.
+        p_rows, p_cols = self.p_rows[block] - self.mid[0], self.p_cols - self.mid[1]
+        products = ((g_rows, p_rows), (g_rows, p_cols), (g_cols, p_rows), (g_cols, p_cols), (g_rows, None),
+                    (g_cols, None), (warped - self.fixed[block], weight), (weight, None), (weight, p_rows),
+                    (weight, p_cols))
+        for row, (a, b) in zip(rows, products):
+            if b is None:
+                row[...] = a.reshape(-1)
+            else:  # the product in float64, without a float64 copy of either factor
+                xp.multiply(a, b, out=row.reshape(a.shape[0], -1), dtype=xp.float64)
+        return rows @ rows.T
 
 
 def _update(matrix, step, center, radius):
