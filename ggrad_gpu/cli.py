@@ -60,6 +60,7 @@ from .io import (
     write_outputs,
 )
 from .metrics import ncc, target_registration_error
+from .mosaic_cli import add_parser as add_mosaic_parser
 from .multimodal import cube_to_cube
 from .options import OUTPUT_GRIDS, parse_bytes
 from .pipeline import refine
@@ -169,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     bench.add_argument("--debug", action="store_true", help="show the traceback of an error")
     bench.set_defaults(run=_bench_command)
+    add_mosaic_parser(commands, _common_options)
     return parser
 
 
