@@ -224,8 +224,9 @@ def main(argv=None) -> int:
         return args.run(args)
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, Terminated)
-        print(f"ggrad: {'terminated (SIGTERM)' if terminated else 'interrupted'}; no partial output was left "
-              "behind", file=sys.stderr)
+        left = ("the same command continues the mosaic" if args.command == "mosaic"  # resumable by design
+                else "no partial output was left behind")
+        print(f"ggrad: {'terminated (SIGTERM)' if terminated else 'interrupted'}; {left}", file=sys.stderr)
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except (ValueError, TypeError, OSError, ImportError) as exc:
         # Bad input, missing files, an existing OUTDIR, a missing optional reader.

@@ -179,7 +179,7 @@ def mosaic_command(args) -> int:
             _write_report(args.output / "report.png", guide, result, [t["name"] for t in tiles])
         else:
             say(f"ggrad mosaic: reusing the transforms in {record_path}")
-        _fuse(args, record, sources, stamp, client, say)
+        _fuse(args, record, sources, stamp, client)
     counts = {s: [t["status"] for t in record["tiles"]].count(s) for s in ("refined", "model", "initial", "failed")}
     print(f"{len(tiles)} tiles: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
     print(f"wrote {', '.join(OUTPUTS)} to {args.output}")
@@ -214,7 +214,7 @@ class _Missing:
         raise OSError("the tile's file could not be read")
 
 
-def _fuse(args, record, sources, stamp, client, say):
+def _fuse(args, record, sources, stamp, client):
     from tqdm.auto import tqdm
 
     from .fusion import MosaicGrid, fuse_mosaic
@@ -233,8 +233,8 @@ def _fuse(args, record, sources, stamp, client, say):
                         fingerprint=stamp, force=args.force, client=client, max_in_flight=args.max_in_flight,
                         progress=progress)
         except KeyboardInterrupt:
-            say(f"ggrad mosaic: {args.output / 'mosaic.zarr'} is incomplete; run the same command again to "
-                f"continue it")
+            print(f"ggrad mosaic: {args.output / 'mosaic.zarr'} is incomplete; run the same command again to "
+                  f"continue it", file=sys.stderr)
             raise
 
 
