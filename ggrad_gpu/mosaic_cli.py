@@ -153,11 +153,12 @@ def add_parser(commands, common_options) -> None:
 def mosaic_command(args) -> int:
     from . import io
     from .fusion import mosaic_grid
+    from .io.guide_regions import open_guide_regions
 
     tiles = read_manifest(args.manifest, tile_pixel_um=args.tile_pixel_size, guide_pixel_um=args.guide_pixel_size,
                           guide_origin_um=tuple(args.guide_origin))
     _check_outdir(args.output, [args.guide, args.manifest] + [t["cube"] for t in tiles])
-    guide = io.read_guide(args.guide)
+    guide = open_guide_regions(args.guide)  # by region where the format allows
     sources, stamps = _open_tiles(tiles)
     settings = {"levels": args.levels, "chunk": args.chunk}
     stamp = _digest([_file_stamp(args.guide), [[t["name"], t["initial"].tolist()] for t in tiles], stamps, settings])

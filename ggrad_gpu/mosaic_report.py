@@ -17,6 +17,8 @@ from .stage_model import tile_points
 __all__ = ["STATUS_COLOURS", "mosaic_figure"]
 
 STATUS_COLOURS = {"refined": "tab:green", "model": "tab:orange", "initial": "tab:gray", "failed": "tab:red"}
+# The guide is shown with at most this many pixels along its larger side.
+DISPLAY_PIXELS = 2000
 # Outline corners in drawing order (tile_points: four corners, then the centre).
 _OUTLINE = [0, 1, 3, 2, 0]
 
@@ -26,7 +28,9 @@ def mosaic_figure(guide, result, names=None, *, arrow_scale=None):
 
     Parameters
     ----------
-    guide : array, shape (rows, cols)
+    guide : array-like, shape (rows, cols)
+        Sliced with a step (``guide[::n, ::n]``) when larger than
+        ``DISPLAY_PIXELS``, so a guide read by region is not read whole.
     result : MosaicRefinement
     names : sequence of str, optional
         Tile names for the table (default their indices).
@@ -54,22 +58,25 @@ def mosaic_figure(guide, result, names=None, *, arrow_scale=None):
     """
     from matplotlib.figure import Figure
 
-    guide = np.asarray(guide, dtype=np.float64)
+    rows, cols = guide.shape[:2]
+    step = max(1, -(-max(rows, cols) // DISPLAY_PIXELS))  # a large guide is shown (and read) decimated
+    shown = np.asarray(guide[::step, ::step], dtype=np.float64)
     count = len(result.status)
     names = [str(i) for i in range(count)] if names is None else [str(n) for n in names]
     figure = Figure(figsize=(13, 6.5), dpi=110, layout="constrained")
     image_ax, table_ax = figure.subplots(1, 2, width_ratios=[1.6, 1])
-    finite = guide[np.isfinite(guide)]
+    finite = shown[np.isfinite(shown)]
     low, high = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
-    image_ax.imshow(guide, cmap="gray", vmin=low, vmax=high, interpolation="nearest")
+    image_ax.imshow(shown, cmap="gray", vmin=low, vmax=high, interpolation="nearest",
+                    extent=(-0.5, step * shown.shape[1] - 0.5, step * shown.shape[0] - 0.5, -0.5))
     residuals = result.model.residuals
     lengths = np.hypot(*residuals.T)
     typical = lengths[result.model.inliers & np.isfinite(lengths)]
     longest = float(typical.max()) if typical.size else 0.0
     if arrow_scale is None:
-        arrow_scale = max(1.0, 0.08 * max(guide.shape) / longest) if longest > 0 else 1.0
+        arrow_scale = max(1.0, 0.08 * max(rows, cols) / longest) if longest > 0 else 1.0
     # An outlier's arrow (a slip) is drawn no longer than this; its length is written beside it.
-    cap = 0.15 * max(guide.shape)
+    cap = 0.15 * max(rows, cols)
     for i in range(count):
         shape = result.shapes[i] if result.shapes else None
         if shape is None:
@@ -95,8 +102,8 @@ def mosaic_figure(guide, result, names=None, *, arrow_scale=None):
                     title_fontsize=7)
     image_ax.set_title(f"tiles on the guide; arrows: own placement minus the stage model's, x{arrow_scale:.3g}",
                        fontsize=9)
-    image_ax.set_xlim(-0.5, guide.shape[1] - 0.5)
-    image_ax.set_ylim(guide.shape[0] - 0.5, -0.5)
+    image_ax.set_xlim(-0.5, cols - 0.5)
+    image_ax.set_ylim(rows - 0.5, -0.5)
     _quality_table(table_ax, result, names)
     return figure
 

@@ -131,3 +131,34 @@ def _repository():
     from pathlib import Path
 
     return Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".zarr", ".npy", ".png"])
+def test_a_guide_is_read_by_region_where_its_format_allows(tmp_path, suffix):
+    from ggrad_gpu.io import read_guide
+    from ggrad_gpu.io.guide_regions import GuideRegions, open_guide_regions
+
+    rgb = np.random.default_rng(1).integers(0, 256, size=(70, 90, 3), dtype=np.uint8)
+    path = tmp_path / f"guide{suffix}"
+    if suffix == ".tif":
+        import tifffile
+
+        tifffile.imwrite(path, rgb, tile=(32, 32))
+        whole = read_guide(path)
+    elif suffix == ".zarr":
+        zarr.create_array(str(path), data=rgb, chunks=(32, 32, 3))
+        np.save(tmp_path / "same.npy", rgb)
+        whole = read_guide(tmp_path / "same.npy")
+    elif suffix == ".npy":
+        np.save(path, rgb)
+        whole = read_guide(path)
+    else:
+        from PIL import Image
+
+        Image.fromarray(rgb).save(path)
+        whole = read_guide(path)
+    guide = open_guide_regions(path)
+    assert isinstance(guide, GuideRegions) == (suffix != ".png")
+    assert tuple(guide.shape[:2]) == (70, 90)
+    np.testing.assert_array_equal(guide[10:40, 25:80], whole[10:40, 25:80])
+    np.testing.assert_array_equal(np.asarray(guide), whole)
