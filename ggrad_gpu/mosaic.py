@@ -33,7 +33,8 @@ from .pipeline import refine
 from .stage_model import StageModel, fit_stage_model
 from .tasks import run_tasks
 
-__all__ = ["STATUSES", "STRONG_NCC", "MosaicRefinement", "TileOutcome", "refine_mosaic", "refine_tile"]
+__all__ = ["STATUSES", "STRONG_NCC", "MosaicRefinement", "TileOutcome", "quiet_kept_transforms", "refine_mosaic",
+           "refine_tile"]
 
 STATUSES = ("refined", "model", "initial", "failed")
 # A tile that disagrees with the stage model keeps its own result only on a
@@ -216,6 +217,8 @@ def refine_mosaic(guide, tiles, *, initials, levels="auto", backend: str = "auto
         if progress is not None:
             progress(tasks[index][0], outcome)
 
+    if client is not None:
+        client.run(quiet_kept_transforms)  # on the workers, whose warnings this block does not reach
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a kept initial transform: the status says it
         results = run_tasks(refine_tile, [args for _, args in tasks], client=client, max_in_flight=max_in_flight,
@@ -224,6 +227,14 @@ def refine_mosaic(guide, tiles, *, initials, levels="auto", backend: str = "auto
         outcomes[i] = outcome
     timings = {"refine": time.perf_counter() - clock}
     return _decide(outcomes, initials, strong_ncc, tolerance, timings, clock)
+
+
+def quiet_kept_transforms() -> None:
+    """Silence refine's warning for a kept initial transform in this process (a Dask worker's).
+
+    The tile's status and message say it; only that warning is filtered.
+    """
+    warnings.filterwarnings("ignore", message="kept the initial transform", category=UserWarning)
 
 
 def _decide(outcomes, initials, strong_ncc, tolerance, timings, clock) -> MosaicRefinement:
