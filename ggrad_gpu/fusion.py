@@ -38,7 +38,7 @@ from .warp import warp_cube
 
 __all__ = ["CHUNK", "MosaicGrid", "feather_weights", "chunk_count", "fuse_chunk", "fuse_mosaic", "mosaic_array",
            "inputs_fingerprint",
-           "mosaic_grid", "tiles_reaching", "write_chunk"]
+           "mosaic_grid", "tiles_reaching", "write_chunk", "write_ome_zarr"]
 
 # Rows and columns of an output chunk (all bands): about 256 x 256 (DESIGN).
 CHUNK = 256
@@ -292,6 +292,42 @@ def write_chunk(path, tiles, matrices, grid: MosaicGrid, rows, cols, bands) -> t
     array = zarr.open_array(path, mode="r+", config={"write_empty_chunks": True})
     array[rows[0] : rows[1], cols[0] : cols[1], :] = values
     return rows, cols
+
+
+def write_ome_zarr(mosaic_path, path, *, overwrite: bool = False) -> Path:
+    """Write a complete ``mosaic.zarr`` again as OME-Zarr (NGFF 0.5, ``(c, y, x)``), for napari.
+
+    All or nothing (:func:`ggrad_gpu.io.atomic_write`); a pyramid halving
+    ``y`` and ``x`` down to about 256 pixels, written with ``ome-zarr`` from the
+    store chunk by chunk (``dask.array``). The group's attributes also hold
+    ``mosaic_to_guide`` and ``band_centres``.
+
+    Raises
+    ------
+    ValueError
+        If ``mosaic_path`` is not complete.
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is False.
+    """
+    import dask.array as da
+    import zarr
+    from ome_zarr.writer import write_image
+
+    from .io import atomic_write
+
+    source = zarr.open_array(str(mosaic_path), mode="r")
+    if source.attrs.get("complete") is not True:
+        raise ValueError(f"mosaic_path {mosaic_path} is not complete; finish it first")
+    image = da.from_zarr(source).transpose(2, 0, 1)
+    factors, size = [], max(source.shape[:2])
+    while size / 2 ** (len(factors) + 1) >= 256:
+        factors.append(2 ** (len(factors) + 1))
+    with atomic_write(path, overwrite=overwrite) as temporary:
+        group = zarr.open_group(str(temporary), mode="w")
+        write_image(image, group, axes="cyx", scale_factors=tuple(factors),
+                    storage_options={"chunks": (source.shape[2],) + tuple(source.chunks[:2])})
+        group.attrs.update({"ggrad_gpu": {key: source.attrs.get(key) for key in ("mosaic_to_guide", "band_centres")}})
+    return Path(path)
 
 
 def _open_matching(path: Path, stamp: str, force: bool):

@@ -11,7 +11,9 @@ the guide's origin that of the outer corner of its first pixel (DESIGN
 
 OUTDIR receives ``tiles.json`` (per tile: matrix, initial, status, quality;
 the stage model; the mosaic grid), ``mosaic.zarr`` (resumable: see
-:mod:`ggrad_gpu.fusion`) and ``report.png`` (:mod:`ggrad_gpu.mosaic_report`).
+:mod:`ggrad_gpu.fusion`) and ``report.png`` (:mod:`ggrad_gpu.mosaic_report`);
+with ``--ome-zarr`` also ``mosaic.ome.zarr`` (NGFF, ``(c, y, x)``, all or
+nothing, once the mosaic is complete).
 The transforms are computed first and saved; a rerun of the same command
 (same inputs and settings: ``tiles.json``'s fingerprint) reuses them and
 writes only the mosaic's missing chunks, so an interrupted run (Ctrl-C,
@@ -40,6 +42,7 @@ import numpy as np
 __all__ = ["TileFile", "add_parser", "initial_from_stage", "mosaic_command", "read_manifest"]
 
 OUTPUTS = ("tiles.json", "mosaic.zarr", "report.png")
+OME_ZARR = "mosaic.ome.zarr"  # with --ome-zarr
 
 
 class TileFile:
@@ -145,6 +148,7 @@ def add_parser(commands, common_options) -> None:
     mosaic.add_argument("--guide-origin", type=float, nargs=2, default=(0.0, 0.0), metavar=("X_UM", "Y_UM"),
                         help="stage position of the guide's first pixel's outer corner (CSV manifest)")
     mosaic.add_argument("--chunk", type=int, default=256, help="rows and columns of a mosaic chunk (default 256)")
+    mosaic.add_argument("--ome-zarr", action="store_true", help="also write mosaic.ome.zarr (NGFF, c/y/x) for napari")
     mosaic.add_argument("--force", action="store_true", help="replace OUTDIR's outputs from other inputs")
     common_options(mosaic)
     mosaic.set_defaults(run=mosaic_command)
@@ -181,9 +185,13 @@ def mosaic_command(args) -> int:
         else:
             say(f"ggrad mosaic: reusing the transforms in {record_path}")
         _fuse(args, record, sources, stamp, client)
+    if args.ome_zarr and not (args.output / OME_ZARR).exists():
+        from .fusion import write_ome_zarr
+
+        write_ome_zarr(args.output / "mosaic.zarr", args.output / OME_ZARR)
     counts = {s: [t["status"] for t in record["tiles"]].count(s) for s in ("refined", "model", "initial", "failed")}
     print(f"{len(tiles)} tiles: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
-    print(f"wrote {', '.join(OUTPUTS)} to {args.output}")
+    print(f"wrote {', '.join(OUTPUTS + ((OME_ZARR,) if args.ome_zarr else ()))} to {args.output}")
     return 0
 
 
@@ -314,7 +322,7 @@ def _check_outdir(output: Path, inputs) -> None:
 
 def _remove_outputs(folder: Path) -> None:
     """Remove this command's outputs from ``folder`` (and nothing else)."""
-    for name in OUTPUTS:
+    for name in OUTPUTS + (OME_ZARR,):
         target = folder / name
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)

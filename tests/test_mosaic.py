@@ -304,3 +304,23 @@ def test_a_store_from_other_inputs_is_refused_without_force(small, tmp_path):
     with pytest.raises(FileExistsError):
         fuse_mosaic(tmp_path / "notes.txt", tiles, matrices, grid)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_ome_zarr_holds_the_mosaic_as_c_y_x(small, tmp_path):
+    pytest.importorskip("ome_zarr")
+    from ggrad_gpu.fusion import write_ome_zarr
+
+    tiles, matrices, guide_shape = small
+    grid = mosaic_grid([t.shape for t in tiles], matrices, guide_shape)
+    path = fuse_mosaic(tmp_path / "mosaic.zarr", tiles, matrices, grid, chunk=16)
+    ome = write_ome_zarr(path, tmp_path / "mosaic.ome.zarr")
+    group = zarr.open_group(str(ome), mode="r")
+    axes = [axis["name"] for axis in group.attrs["ome"]["multiscales"][0]["axes"]]
+    assert axes == ["c", "y", "x"]
+    np.testing.assert_array_equal(group["s0"][:], np.moveaxis(zarr.open_array(str(path))[:], 2, 0))
+    with pytest.raises(FileExistsError):
+        write_ome_zarr(path, ome)
+    zarr.open_array(str(path), mode="r+").attrs.update({"complete": False})
+    with pytest.raises(ValueError, match="not complete"):
+        write_ome_zarr(path, tmp_path / "other.ome.zarr")
+    assert not (tmp_path / "other.ome.zarr").exists()

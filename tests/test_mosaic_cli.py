@@ -86,8 +86,10 @@ def test_mosaic_command_writes_and_reruns(mosaic_files, tmp_path, capsys):
     assert _run(folder, out, "--chunk", "32") == 2
     assert "--force" in capsys.readouterr().err
     assert (out / "tiles.json").stat().st_mtime_ns == stamp
-    assert _run(folder, out, "--chunk", "32", "--force") == 0
+    assert _run(folder, out, "--chunk", "32", "--force", "--ome-zarr") == 0
     assert zarr.open_array(str(out / "mosaic.zarr")).chunks[:2] == (32, 32)
+    ome = zarr.open_group(str(out / "mosaic.ome.zarr"), mode="r")
+    np.testing.assert_array_equal(ome["s0"][:], np.moveaxis(zarr.open_array(str(out / "mosaic.zarr"))[:], 2, 0))
 
 
 def test_mosaic_command_refuses_an_outdir_holding_an_input(mosaic_files, capsys):
