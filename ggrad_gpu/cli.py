@@ -60,7 +60,7 @@ from .io import (
     write_outputs,
 )
 from .metrics import ncc, target_registration_error
-from .mosaic_cli import add_parser as add_mosaic_parser
+from .mosaic_cli import add_parser as add_mosaic_parser, mosaic_demo
 from .multimodal import cube_to_cube
 from .options import OUTPUT_GRIDS, parse_bytes
 from .pipeline import refine
@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="phantom seed (default: 0)")
     demo.add_argument("-o", "--output", type=Path, metavar="OUTDIR",
                       help="folder to create for the report (default: a new temporary folder)")
+    demo.add_argument("--mosaic", action="store_true", help="a phantom mosaic of 3 x 4 tiles instead (ggrad mosaic)")
     _common_options(demo)
     demo.set_defaults(run=_demo_command, force=False, cube_format="npy")
 
@@ -570,6 +571,9 @@ DEMO_METHODS = (  # (label, refine's method or None, baseline image or None)
 
 def _demo_command(args) -> int:
     from .baselines import BASELINES
+
+    if args.mosaic:
+        return mosaic_demo(args)
 
     say = _printer(args)
     xp = resolve_backend(args.backend)

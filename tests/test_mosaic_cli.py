@@ -164,3 +164,14 @@ def test_a_guide_is_read_by_region_where_its_format_allows(tmp_path, suffix):
     assert tuple(guide.shape[:2]) == (70, 90)
     np.testing.assert_array_equal(guide[10:40, 25:80], whole[10:40, 25:80])
     np.testing.assert_array_equal(np.asarray(guide), whole)
+
+
+@pytest.mark.slow
+def test_demo_mosaic(tmp_path, capsys):
+    assert main(["demo", "--mosaic", "--bands", "4", "--backend", "numpy", "-o", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "tile 5 slipped" in out and "   6  model" in out
+    record = json.loads((tmp_path / "demo" / "tiles.json").read_text())
+    assert record["tiles"][5]["status"] == "refined" and record["tiles"][6]["status"] == "model"
+    assert zarr.open_array(str(tmp_path / "demo" / "mosaic.zarr")).attrs["complete"] is True
+    assert (tmp_path / "demo" / "report.png").stat().st_size > 0
