@@ -52,7 +52,8 @@ class TileFile:
         from .io import read_cube
 
         self.path, self.dataset = Path(path), dataset
-        self.shape = tuple(read_cube(self.path, dataset=dataset).shape)  # npy is memory-mapped: cheap
+        header = read_cube(self.path, dataset=dataset)  # npy is memory-mapped: cheap
+        self.shape, self.band_centres = tuple(header.shape), header.band_centres
 
     def __array__(self, dtype=None, copy=None):
         from .io import read_cube
@@ -271,6 +272,9 @@ def _fuse(args, record, sources, stamp, client):
     mosaic = record["mosaic"]
     grid = MosaicGrid(int(mosaic["grid_factor"]), np.asarray(mosaic["mosaic_to_guide"]), tuple(mosaic["shape"][:2]))
     placed = [i for i, t in enumerate(record["tiles"]) if t["status"] != "failed"]
+    unreadable = [record["tiles"][i]["cube"] for i in placed if sources[i] is None]
+    if unreadable:
+        raise ValueError(f"tiles placed before cannot be read now: {', '.join(unreadable)}")
     with tqdm(desc="mosaic", unit=" chunk", disable=True if args.quiet else None, file=sys.stderr) as bar:
         def progress(done, total):
             bar.total = total
@@ -279,6 +283,7 @@ def _fuse(args, record, sources, stamp, client):
         try:
             fuse_mosaic(args.output / "mosaic.zarr", [sources[i] for i in placed],
                         [np.asarray(record["tiles"][i]["matrix"]) for i in placed], grid, chunk=args.chunk,
+                        band_centres=sources[placed[0]].band_centres,
                         fingerprint=stamp, force=args.force, client=client, max_in_flight=args.max_in_flight,
                         progress=progress)
         except KeyboardInterrupt:
