@@ -153,8 +153,9 @@ def fuse_chunk(tiles, matrices, grid: MosaicGrid, rows, cols) -> np.ndarray:
     Returns
     -------
     numpy.ndarray, shape (rows, cols, bands), float32
-        The feather-weighted mean of the tiles' values (float64 sums, in the
-        tiles' order); NaN where no tile has a value.
+        The feather-weighted mean of the tiles' values (float32 sums, in the
+        tiles' order, each tile resampled only over the part of the window
+        its footprint reaches); NaN where no tile has a value.
     """
     shape = (rows[1] - rows[0], cols[1] - cols[0])
     window = grid.to_guide @ np.array([[1.0, 0, rows[0]], [0, 1, cols[0]], [0, 0, 1]])
@@ -162,19 +163,28 @@ def fuse_chunk(tiles, matrices, grid: MosaicGrid, rows, cols) -> np.ndarray:
     for i in tiles_reaching([t.shape for t in tiles], matrices, grid, rows, cols):
         to_tile = np.asarray(matrices[i], dtype=np.float64) @ window
         cube = np.asarray(tiles[i])
-        values = warp_cube(cube, to_tile, shape)
-        feather = feather_weights(to_tile, cube.shape, shape)[:, :, None]
-        have = np.isfinite(values) & (feather > 0)
+        # Only the part of the window the tile's footprint reaches is resampled.
+        low, high = footprint_box(cube.shape[:2], to_tile)
+        r0, c0 = (max(0, int(np.floor(v))) for v in low)
+        r1, c1 = min(shape[0], int(np.ceil(high[0])) + 1), min(shape[1], int(np.ceil(high[1])) + 1)
+        if r1 <= r0 or c1 <= c0:
+            continue
+        part = to_tile @ np.array([[1.0, 0, r0], [0, 1, c0], [0, 0, 1]])
+        values = warp_cube(cube, part, (r1 - r0, c1 - c0))
+        feather = feather_weights(part, cube.shape, (r1 - r0, c1 - c0)).astype(np.float32)[:, :, None]
+        present = ~np.isnan(values)
         if total is None:
-            total = np.zeros(values.shape)
-            weight = np.zeros(values.shape)
-        total += np.where(have, values * feather, 0.0)
-        weight += np.where(have, feather, 0.0)
+            total = np.zeros(shape + (cube.shape[2],), dtype=np.float32)
+            weight = np.zeros_like(total)
+        np.multiply(values, feather, out=values)
+        values[~present] = 0
+        total[r0:r1, c0:c1] += values
+        weight[r0:r1, c0:c1] += present * feather
     if total is None:
         bands = np.asarray(tiles[0]).shape[2] if len(tiles) else 0
         return np.full(shape + (bands,), np.nan, dtype=np.float32)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(weight > 0, total / weight, np.nan).astype(np.float32)
+    with np.errstate(invalid="ignore"):  # 0 / 0 where no tile has a value: NaN
+        return np.divide(total, weight, out=total)
 
 
 def mosaic_array(tiles, matrices, grid: MosaicGrid, *, chunk: int = CHUNK):
