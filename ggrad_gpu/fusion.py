@@ -13,11 +13,11 @@ NaN where no tile reaches.
 
 :func:`fuse_mosaic` writes ``mosaic.zarr`` (one Zarr v3 array, bands last,
 chunks of ``chunk x chunk x bands``) resumably: its attributes hold a
-fingerprint of the inputs and ``complete``, set last; a rerun with the same
-fingerprint writes only the chunks that are not there (Zarr's local store
-writes each chunk atomically, and every written chunk is stored, NaN or not)
-and ends bitwise identical to an uninterrupted run; a store with another
-fingerprint is refused without ``force``. Chunks are Dask tasks
+fingerprint of the inputs and ``complete``, set last
+(:class:`ggrad_gpu.io.resumable.ResumableArray`: each chunk marked done once
+written); a rerun with the same fingerprint writes only the chunks not
+marked and ends bitwise identical to an uninterrupted run; a store with
+another fingerprint is refused without ``force``. Chunks are Dask tasks
 (:mod:`ggrad_gpu.tasks`).
 """
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -255,53 +254,48 @@ def fuse_mosaic(path, tiles, matrices, grid: MosaicGrid, *, chunk: int = CHUNK, 
         If ``path`` holds something else (another fingerprint, not a Zarr
         array) and ``force`` is False.
     """
-    import zarr
+    from .io.resumable import ResumableArray
 
     path = Path(path)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive integer; got {chunk!r}")
     bands = _bands(tiles)
     stamp = inputs_fingerprint(tiles, matrices, grid, chunk=chunk) if fingerprint is None else str(fingerprint)
-    array = _open_matching(path, stamp, force)
-    if array is not None and array.attrs.get("complete") is True:
-        return path
-    if array is None:
-        centres = None if band_centres is None else [float(v) for v in band_centres]
-        array = zarr.create_array(
-            store=str(path), shape=grid.shape + (bands,), chunks=(chunk, chunk, bands), dtype="float32",
-            fill_value=np.nan, dimension_names=("y", "x", "band"), config={"write_empty_chunks": True},
-            attributes={"mosaic_to_guide": grid.to_guide.tolist(), "band_centres": centres,
-                        "grid_factor": grid.factor, "fingerprint": stamp, "complete": False},
-        )
-    missing = [(r, c) for r in range(0, grid.shape[0], chunk) for c in range(0, grid.shape[1], chunk)
-               if not (path / array.metadata.encode_chunk_key((r // chunk, c // chunk, 0))).exists()]
+    centres = None if band_centres is None else [float(v) for v in band_centres]
+    store = ResumableArray.open(path, shape=grid.shape + (bands,), chunks=(chunk, chunk, bands), dtype="float32",
+                                fingerprint=stamp, force=force,
+                                attributes={"mosaic_to_guide": grid.to_guide.tolist(), "band_centres": centres,
+                                            "grid_factor": grid.factor})
     arguments = []
-    for r, c in missing:
-        rows, cols = (r, min(r + chunk, grid.shape[0])), (c, min(c + chunk, grid.shape[1]))
+    for index in store.pending():
+        rows, cols, _ = store.region(index)
+        rows, cols = (rows.start, rows.stop), (cols.start, cols.stop)
         reaching = tiles_reaching([t.shape for t in tiles], matrices, grid, rows, cols)
-        arguments.append((str(path), [tiles[i] for i in reaching], [np.asarray(matrices[i]) for i in reaching],
+        arguments.append((str(path), index, [tiles[i] for i in reaching], [np.asarray(matrices[i]) for i in reaching],
                           grid, rows, cols, bands))
     done = [0]
 
-    def count(index, result):
+    def count(position, result):
         done[0] += 1
         if progress is not None:
             progress(done[0], len(arguments))
 
     run_tasks(write_chunk, arguments, client=client, max_in_flight=max_in_flight, on_done=count)
-    array.attrs.update({"complete": True})  # last: a store without it is unfinished
+    if not store.complete:
+        store.finish()  # complete: true, last
     return path
 
 
-def write_chunk(path, tiles, matrices, grid: MosaicGrid, rows, cols, bands) -> tuple:
-    """Fuse one window and write it into the store at ``path``; a task of :func:`fuse_mosaic`."""
+def write_chunk(path, index, tiles, matrices, grid: MosaicGrid, rows, cols, bands) -> tuple:
+    """Fuse one chunk and write it into the resumable store at ``path``; a task of :func:`fuse_mosaic`."""
     import zarr
+
+    from .io.resumable import ResumableArray
 
     values = fuse_chunk(tiles, matrices, grid, rows, cols) if tiles else \
         np.full((rows[1] - rows[0], cols[1] - cols[0], bands), np.nan, dtype=np.float32)
-    array = zarr.open_array(path, mode="r+", config={"write_empty_chunks": True})
-    array[rows[0] : rows[1], cols[0] : cols[1], :] = values
-    return rows, cols
+    ResumableArray(Path(path), zarr.open_array(str(path), mode="r+")).write(index, values)
+    return index
 
 
 def write_ome_zarr(mosaic_path, path, *, overwrite: bool = False) -> Path:
@@ -338,29 +332,6 @@ def write_ome_zarr(mosaic_path, path, *, overwrite: bool = False) -> Path:
                     storage_options={"chunks": (source.shape[2],) + tuple(source.chunks[:2])})
         group.attrs.update({"ggrad_gpu": {key: source.attrs.get(key) for key in ("mosaic_to_guide", "band_centres")}})
     return Path(path)
-
-
-def _open_matching(path: Path, stamp: str, force: bool):
-    """The store at ``path`` if it was written from the same inputs; None if there is none (or forced away)."""
-    import zarr
-
-    if not path.exists():
-        return None
-    try:
-        array = zarr.open_array(str(path), mode="r+", config={"write_empty_chunks": True})
-        same = array.attrs.get("fingerprint") == stamp
-    except Exception:  # noqa: BLE001 - not a Zarr array: something else the user keeps there
-        array, same = None, False
-    if same:
-        return array
-    if not force:
-        raise FileExistsError(f"{path} holds a mosaic from other inputs or settings (or something else); "
-                              f"pass force=True (--force) to replace it")
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-    return None
 
 
 def _bands(tiles) -> int:

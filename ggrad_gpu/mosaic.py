@@ -204,6 +204,9 @@ def refine_mosaic(guide, tiles, *, initials, levels="auto", backend: str = "auto
     for name in ("initial", "output_grid", "progress"):
         if name in options:
             raise TypeError(f"refine_mosaic sets refine's {name!r} itself; got {name}={options[name]!r}")
+    # Only the matrix is kept: the registered tile on a grid of about its own size,
+    # not on the working grid (which for a 128 x 128 x 256 tile at r = 4 holds half a GB).
+    options["output_grid"] = "cube"
     tasks, outcomes = [], [None] * len(tiles)
     for i, (tile, initial) in enumerate(zip(tiles, initials)):
         try:

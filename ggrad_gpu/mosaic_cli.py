@@ -29,12 +29,10 @@ running cluster. For several GPUs, start ``dask_cuda.LocalCUDACluster()``
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import shutil
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -61,10 +59,11 @@ class TileFile:
         data = np.asarray(read_cube(self.path, dataset=self.dataset).data)
         return data if dtype is None else data.astype(dtype)
 
-    def stamp(self) -> list:
-        """What identifies the file's content cheaply: path, size, modification time."""
-        status = self.path.stat()
-        return [str(self.path.resolve()), self.dataset, status.st_size, status.st_mtime_ns]
+    def stamp(self) -> dict:
+        """What identifies the file's content cheaply (:func:`ggrad_gpu.io.resumable.file_signature`)."""
+        from .io.resumable import file_signature
+
+        return {**file_signature(self.path), "dataset": self.dataset}
 
 
 def initial_from_stage(x_um, y_um, tile_pixel_um, guide_pixel_um, guide_origin_um=(0.0, 0.0)) -> np.ndarray:
@@ -157,8 +156,10 @@ def add_parser(commands, common_options) -> None:
 
 def mosaic_command(args) -> int:
     from . import io
+    from .cluster import dask_client
     from .fusion import mosaic_grid
     from .io.guide_regions import open_guide_regions
+    from .io.resumable import file_signature, fingerprint
 
     tiles = read_manifest(args.manifest, tile_pixel_um=args.tile_pixel_size, guide_pixel_um=args.guide_pixel_size,
                           guide_origin_um=tuple(args.guide_origin))
@@ -166,11 +167,12 @@ def mosaic_command(args) -> int:
     guide = open_guide_regions(args.guide)  # by region where the format allows
     sources, stamps = _open_tiles(tiles)
     settings = {"levels": args.levels, "chunk": args.chunk}
-    stamp = _digest([_file_stamp(args.guide), [[t["name"], t["initial"].tolist()] for t in tiles], stamps, settings])
+    stamp = fingerprint(guide=file_signature(args.guide), tiles=[[t["name"], t["initial"].tolist()] for t in tiles],
+                        files=stamps, settings=settings)
     record_path = args.output / "tiles.json"
     record = _reusable_record(record_path, stamp, args.force)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
-    with _dask_client(args) as client:
+    with dask_client(workers=args.workers, scheduler=args.scheduler) as client:
         if record is None:
             if args.output.exists() and args.force:
                 _remove_outputs(args.output)
@@ -373,31 +375,3 @@ def _remove_outputs(folder: Path) -> None:
             shutil.rmtree(target)
         elif os.path.lexists(target):
             target.unlink()
-
-
-def _file_stamp(path) -> list:
-    status = Path(path).stat()
-    return [str(Path(path).resolve()), status.st_size, status.st_mtime_ns]
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
-@contextmanager
-def _dask_client(args):
-    """A ``distributed.Client`` for ``--scheduler`` or ``--workers``; None (threads) otherwise."""
-    if args.scheduler is None and args.workers is None:
-        yield None
-        return
-    from distributed import Client, LocalCluster
-
-    if args.scheduler is not None:
-        with Client(args.scheduler) as client:
-            yield client
-        return
-    if args.workers < 1:
-        raise ValueError(f"--workers must be a positive integer; got {args.workers}")
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
-        yield client
