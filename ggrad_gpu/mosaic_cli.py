@@ -180,7 +180,7 @@ def mosaic_command(args) -> int:
             result = _refine_tiles(args, guide, tiles, sources, client)
             placed = [i for i, s in enumerate(result.status) if s != "failed"]
             if not placed:
-                raise ValueError("no tile could be read: nothing to place (see tiles.json)")
+                raise ValueError(f"no tile could be read, nothing to place; {tiles[0]['cube']}: {result.messages[0]}")
             grid = mosaic_grid([result.shapes[i] for i in placed], result.matrices[placed], guide.shape)
             record = _tiles_record(tiles, result, grid, stamp)
             io.write_json(record_path, record, overwrite=True)
