@@ -19,6 +19,18 @@ from .pyramid import gaussian_pyramid, upsample_level
 from .register import AffineRegistration, register_affine
 from .warp import warp_cube
 
+# Loaded on first use, so that ``import ggrad_gpu`` does not import Dask.
+_LAZY = {"refine_mosaic": "mosaic", "MosaicRefinement": "mosaic"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 try:
     __version__ = version("ggrad_gpu")
 except PackageNotFoundError:  # running from a source tree
@@ -27,6 +39,7 @@ except PackageNotFoundError:  # running from a source tree
 __all__ = [
     "AffineRegistration",
     "GlobalGradient",
+    "MosaicRefinement",
     "Refinement",
     "baselines",
     "array_module",
@@ -39,6 +52,7 @@ __all__ = [
     "nnls_gram",
     "refine",
     "refine_many",
+    "refine_mosaic",
     "register_affine",
     "resolve_backend",
     "sobel_magnitude",

@@ -60,6 +60,7 @@ from .io import (
     write_outputs,
 )
 from .metrics import ncc, target_registration_error
+from .mosaic_cli import add_parser as add_mosaic_parser, mosaic_demo
 from .multimodal import cube_to_cube
 from .options import OUTPUT_GRIDS, parse_bytes
 from .pipeline import refine
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="phantom seed (default: 0)")
     demo.add_argument("-o", "--output", type=Path, metavar="OUTDIR",
                       help="folder to create for the report (default: a new temporary folder)")
+    demo.add_argument("--mosaic", action="store_true", help="a phantom mosaic of 3 x 4 tiles instead (ggrad mosaic)")
     _common_options(demo)
     demo.set_defaults(run=_demo_command, force=False, cube_format="npy")
 
@@ -169,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     bench.add_argument("--debug", action="store_true", help="show the traceback of an error")
     bench.set_defaults(run=_bench_command)
+    add_mosaic_parser(commands, _common_options)
     return parser
 
 
@@ -222,8 +225,9 @@ def main(argv=None) -> int:
         return args.run(args)
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, Terminated)
-        print(f"ggrad: {'terminated (SIGTERM)' if terminated else 'interrupted'}; no partial output was left "
-              "behind", file=sys.stderr)
+        left = ("the same command continues the mosaic" if args.command == "mosaic"  # resumable by design
+                else "no partial output was left behind")
+        print(f"ggrad: {'terminated (SIGTERM)' if terminated else 'interrupted'}; {left}", file=sys.stderr)
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except (ValueError, TypeError, OSError, ImportError) as exc:
         # Bad input, missing files, an existing OUTDIR, a missing optional reader.
@@ -567,6 +571,9 @@ DEMO_METHODS = (  # (label, refine's method or None, baseline image or None)
 
 def _demo_command(args) -> int:
     from .baselines import BASELINES
+
+    if args.mosaic:
+        return mosaic_demo(args)
 
     say = _printer(args)
     xp = resolve_backend(args.backend)

@@ -31,10 +31,12 @@ from .warp import warp_cube
 
 __all__ = [
     "HED_FROM_RGB",
+    "MosaicPhantom",
     "Phantom",
     "RGB_FROM_HED",
     "affine_about_center",
     "fov_matrix",
+    "make_mosaic",
     "make_phantom",
     "make_tissue_phantom",
     "separate_stains",
@@ -623,3 +625,178 @@ def make_tissue_phantom(
         scene, pad, (rows, cols), (native_shape, initial, misregistration, matrix), native_factor, bands,
         lambda visible: luminance, noise, normalisation, rng,
     )
+
+
+@dataclass(frozen=True)
+class MosaicPhantom:
+    """A synthetic guide and a grid of tiles with the true placement of each.
+
+    Attributes
+    ----------
+    guide : numpy.ndarray, shape (rows, cols), float32
+        Brightfield image of the whole mosaic.
+    tiles : list of numpy.ndarray, each (tile_rows, tile_cols, bands), float32
+        The tiles' cubes at their native resolution, row by row of the grid.
+    matrices : numpy.ndarray, shape (tiles, 3, 3)
+        True guide-to-tile matrices.
+    initials : numpy.ndarray, shape (tiles, 3, 3)
+        The stage's placement: ``matrices[i] @ stage_error @ jitter_i`` (and
+        the slip, for the slipped tile), with ``jitter_i`` a guide-frame shift.
+    stage_error : numpy.ndarray, shape (3, 3)
+        The systematic guide-frame error shared by every tile (rotation,
+        scale and shift about the guide's centre); the stage model's
+        correction is about its inverse.
+    jitter : numpy.ndarray, shape (tiles, 2)
+        Each tile's own shift, in guide pixels (row, col); the slipped tile's
+        includes its slip.
+    footprints : list of (row0, col0, rows, cols)
+        Each tile's true window of the guide.
+    grid : (int, int)
+        Tiles per column and per row.
+    slipped, featureless : int or None
+        Index of the tile with a large error of its own (on strong
+        structure), and of the tile over a sample without structure.
+    wavenumbers : numpy.ndarray, shape (bands,)
+    """
+
+    guide: np.ndarray
+    tiles: list
+    matrices: np.ndarray
+    initials: np.ndarray
+    stage_error: np.ndarray
+    jitter: np.ndarray
+    footprints: list
+    grid: tuple
+    slipped: int | None
+    featureless: int | None
+    wavenumbers: np.ndarray
+
+
+def make_mosaic(
+    *,
+    grid=(3, 4),
+    tile_shape=(32, 32),
+    bands: int = 8,
+    native_factor: int = 4,
+    overlap: float = 0.15,
+    rotation_deg: float = 0.4,
+    scale: float = 1.01,
+    shift=(3.0, -4.0),
+    jitter: float = 1.0,
+    slip=(12.0, -9.0),
+    slipped: int | None = 5,
+    featureless: int | None = 6,
+    components: int = 3,
+    noise: float = 0.02,
+    guide_noise: float = 0.01,
+    normalisation: str | None = "area",
+    signatures: str = "separate",
+    seed: int = 0,
+) -> MosaicPhantom:
+    """Build a phantom mosaic: one guide, a grid of overlapping tiles, the truth per tile.
+
+    The sample and the tiles' measurement are those of :func:`make_phantom`
+    (domains a tenth of a tile's footprint across, particles, the same
+    spectra and noise); each tile sees its own window of one scene. The
+    stage places every tile with a shared error (``rotation_deg``,
+    ``scale``, ``shift`` about the guide's centre) and a random shift of its
+    own (``jitter``); one tile has slipped by ``slip`` more, and under one
+    tile the sample is only substrate (the last component with
+    ``signatures="mixed"``), so neither the tile nor the guide there has
+    structure.
+
+    Parameters
+    ----------
+    grid : (int, int), default (3, 4)
+        Tiles per column and per row.
+    tile_shape : (int, int), default (32, 32)
+        Each tile's native pixels.
+    bands : int, default 8
+    native_factor : int, default 4
+        Guide pixels per tile pixel.
+    overlap : float, default 0.15
+        Share of a tile's side that its neighbour also covers, in [0, 0.5).
+    rotation_deg, scale, shift
+        The stage's systematic error (see :func:`affine_about_center`).
+    jitter : float, default 1.0
+        Standard deviation of each tile's own shift, guide pixels per axis.
+    slip : (float, float), default (12.0, -9.0)
+        The slipped tile's further shift, guide pixels.
+    slipped, featureless : int or None, default 5 and 6
+        Indices (row by row) of the slipped and of the featureless tile;
+        None for none. They must differ.
+    components, noise, guide_noise, normalisation, signatures, seed
+        As in :func:`make_phantom`.
+
+    Returns
+    -------
+    MosaicPhantom
+
+    Examples
+    --------
+    >>> from ggrad_gpu.synthetic import make_mosaic
+    >>> mosaic = make_mosaic(grid=(2, 3), tile_shape=(16, 20), bands=4, slipped=1, featureless=None)
+    >>> mosaic.guide.shape, len(mosaic.tiles), mosaic.tiles[0].shape
+    ((166, 264), 6, (16, 20, 4))
+    >>> mosaic.footprints[1]
+    (24, 92, 64, 80)
+    """
+    grid_rows, grid_cols = (int(n) for n in grid)
+    count = grid_rows * grid_cols
+    if min(grid_rows, grid_cols) < 1:
+        raise ValueError(f"grid must be two positive tile counts; got {grid!r}")
+    if not 0 <= overlap < 0.5:
+        raise ValueError(f"overlap must lie in [0, 0.5); got {overlap!r}")
+    for name, index in (("slipped", slipped), ("featureless", featureless)):
+        if index is not None and not 0 <= index < count:
+            raise ValueError(f"{name} must be a tile index below {count} or None; got {index!r}")
+    if slipped is not None and slipped == featureless:
+        raise ValueError(f"slipped and featureless must be different tiles; got {slipped} for both")
+    if signatures not in SIGNATURES:
+        raise ValueError(f"signatures must be one of {SIGNATURES}; got {signatures!r}")
+    rng = np.random.default_rng(seed)
+    tile_shape = tuple(int(n) for n in tile_shape)
+    side = np.array(tile_shape) * native_factor
+    step = np.maximum(1, np.round(side * (1 - overlap)).astype(int))
+    margin = 6 * native_factor  # room for the stage's errors inside the guide
+    rows, cols = (int(n) for n in 2 * margin + step * (np.array(grid) - 1) + side)
+    footprints = [(int(margin + r * step[0]), int(margin + c * step[1]), int(side[0]), int(side[1]))
+                  for r in range(grid_rows) for c in range(grid_cols)]
+    pad = 4 * native_factor + 2
+    substrate = signatures == "separate"
+    scene = _abundances((rows + 2 * pad, cols + 2 * pad), components, max(1, rows * cols // 4000), rng,
+                        domain_size=min(side) / 10, substrate=substrate)
+    if featureless is not None:
+        scene = _without_structure(scene, footprints[featureless], pad, native_factor)
+    wavenumbers = np.linspace(400.0, 1800.0, bands)
+    spectra = _raman_spectra(wavenumbers, scene.shape[0], rng, signatures)
+    guide = _brightfield(scene[:, pad : pad + rows, pad : pad + cols], guide_noise, rng, substrate=substrate)
+    matrices = np.stack([fov_matrix(side, tile_shape) @ np.array([[1.0, 0, -r0], [0, 1, -c0], [0, 0, 1]])
+                         for r0, c0, _, _ in footprints])
+    tiles = [_measure_cube(scene, pad, m, tile_shape, native_factor, spectra, noise, normalisation, rng)
+             for m in matrices]
+    stage_error = affine_about_center((rows, cols), rotation_deg=rotation_deg, scale=scale, shift=shift)
+    shifts = jitter * rng.standard_normal((count, 2))
+    if slipped is not None:
+        shifts[slipped] += slip
+    initials = np.stack([m @ stage_error @ affine_about_center((rows, cols), shift=s)
+                         for m, s in zip(matrices, shifts)])
+    return MosaicPhantom(guide, tiles, matrices, initials, stage_error, shifts, footprints,
+                         (grid_rows, grid_cols), slipped, featureless, wavenumbers)
+
+
+def _without_structure(scene, footprint, pad, native_factor):
+    """``scene`` with only the background component (the last, or the only) under ``footprint``.
+
+    The window grows by the tile's blurred spot and a soft edge, so that
+    neither the tile nor the guide under it shows any boundary.
+    """
+    row0, col0, height, width = footprint
+    grow = 2 * native_factor
+    window = np.zeros(scene.shape[1:])
+    window[pad + row0 - grow : pad + row0 + height + grow, pad + col0 - grow : pad + col0 + width + grow] = 1
+    window = ndi.gaussian_filter(window, native_factor)
+    window = np.clip(2 * window, 0, 1)  # flat over the grown window, a soft edge beyond it
+    background = np.zeros_like(scene)
+    background[-1] = 1
+    return scene * (1 - window) + background * window
