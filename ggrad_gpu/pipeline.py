@@ -333,7 +333,8 @@ def refine(
     timings["guard"] = time.perf_counter() - start
     if check:
         start = time.perf_counter()
-        spread = trust.spread(problem, placement, candidates=candidates) if verdict.improved else math.nan
+        spread = (trust.spread(problem, placement, candidates=candidates, estimate=last)
+                  if verdict.improved else math.nan)
         verdict = replace(verdict, quality={**verdict.quality, "spread_px": spread})
         timings["check"] = time.perf_counter() - start
     if verdict.improved:
@@ -366,7 +367,7 @@ def build_problem(guide, cube, *, initial=None, levels="auto", weights="auto", b
     >>> phantom = synthetic.make_phantom(shape=(120, 140), bands=16, seed=1)
     >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
     >>> problem.grid.shape, problem.levels
-    ((120, 140), 3)
+    ((120, 140), 2)
     """
     options = RefineOptions(levels, weights, output_grid, method, reestimate, screen_bands, order, psf_sigma,
                             absorbance)
