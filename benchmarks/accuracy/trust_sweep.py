@@ -1,11 +1,13 @@
 """Trust without ground truth: refine(check=True) on wide seed sweeps and on induced wrong locks (RESULTS.md).
 
-``python benchmarks/accuracy/trust_sweep.py phantom|tissue|locks [--cases 40] [--bands 60] [--json FILE]``
+``python benchmarks/accuracy/trust_sweep.py phantom|tissue|locks [--cases 40] [--bands 100]
+[--signatures mixed] [--json FILE]``
 
-- ``phantom``: ``make_phantom(bands=..., seed=500 + i, ...)`` (the default
-  phantom, 350 x 415 guide, native 70 x 83 cube) on ``draw_cases(n,
-  seed=SWEEP_SEED)``: other misregistrations and noise seeds than the tests'
-  and the accuracy sweeps' (``CASE_SEED``);
+- ``phantom``: ``make_phantom(bands=..., signatures=..., seed=500 + i, ...)``
+  (350 x 415 guide, native 70 x 83 cube; ``"mixed"``, the phantom of the
+  accuracy sweeps, by default) on ``draw_cases(n, seed=SWEEP_SEED)``: other
+  misregistrations and noise seeds than the tests' and the accuracy sweeps'
+  (``CASE_SEED``);
 - ``tissue``: ``make_tissue_phantom(ihc.png, seed=500 + i, ...)`` on the same draws;
 - ``locks``: deliberately induced wrong locks on repetitive texture
   (``make_lattice_phantom``, discs 40 px apart, jittered by up to 10 % of a
@@ -72,13 +74,15 @@ def _checked(phantom) -> dict:
             "seconds_check": result.timings["check"], "seconds_wall": wall, "message": result.message}
 
 
-def sweep(kind: str, count: int, bands: int) -> list[dict]:
+def sweep(kind: str, count: int, bands: int, signatures: str = "mixed") -> list[dict]:
     rgb = _tissue_rgb() if kind == "tissue" else None
     rows = []
     for case in draw_cases(count, seed=SWEEP_SEED):
         kwargs = {**case.phantom_kwargs(), "seed": PHANTOM_SEED + case.seed}
-        phantom = make_phantom(bands=bands, **kwargs) if kind == "phantom" else make_tissue_phantom(
-            rgb, bands=bands, **kwargs)
+        if kind == "phantom":
+            phantom = make_phantom(bands=bands, signatures=signatures, **kwargs)
+        else:
+            phantom = make_tissue_phantom(rgb, bands=bands, **kwargs)
         row = {"case": case.seed, **kwargs, **_checked(phantom)}
         print(f"{kind} {case.seed}: TRE {row['tre_before']:.1f} -> {row['tre_mean']:.3f} / {row['tre_max']:.3f} px, "
               f"improved {row['improved']}, spread {row['spread_px']}, {row['seconds_refine']:.1f} s + "
@@ -150,12 +154,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=("phantom", "tissue", "locks"))
     parser.add_argument("--cases", type=int, default=40)
-    parser.add_argument("--bands", type=int, default=60)
+    parser.add_argument("--bands", type=int, default=100)
+    parser.add_argument("--signatures", choices=("mixed", "separate"), default="mixed",
+                        help="make_phantom's spectra (phantom sweep only; default: mixed)")
     parser.add_argument("--json", type=Path, default=None,
                         help="per-case results (default: .benchmarks/trust_KIND.json in the repository)")
     args = parser.parse_args(argv)
-    rows = locks(args.cases, args.bands) if args.kind == "locks" else sweep(args.kind, args.cases, args.bands)
-    result = {"kind": args.kind, "bands": args.bands, "sweep_seed": SWEEP_SEED, "rows": rows}
+    rows = (locks(args.cases, args.bands) if args.kind == "locks"
+            else sweep(args.kind, args.cases, args.bands, args.signatures))
+    result = {"kind": args.kind, "bands": args.bands, "signatures": args.signatures, "sweep_seed": SWEEP_SEED,
+              "rows": rows}
     if args.kind != "locks":
         result["summary"] = summary(rows)
         print(json.dumps(result["summary"], indent=1))
