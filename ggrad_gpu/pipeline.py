@@ -333,8 +333,7 @@ def refine(
     timings["guard"] = time.perf_counter() - start
     if check:
         start = time.perf_counter()
-        spread = (trust.spread(problem, placement, candidates=candidates, estimate=last)
-                  if verdict.improved else math.nan)
+        spread = trust.spread(problem, placement, candidates=candidates) if verdict.improved else math.nan
         verdict = replace(verdict, quality={**verdict.quality, "spread_px": spread})
         timings["check"] = time.perf_counter() - start
     if verdict.improved:

@@ -69,12 +69,12 @@ class Spread:
     alternatives: tuple
 
 
-def spread(problem, placement, *, candidates=(), estimate=None) -> float:
+def spread(problem, placement, *, candidates=()) -> float:
     """``spread_px`` of a refined ``placement`` (see :func:`assess`)."""
-    return assess(problem, placement, candidates=candidates, estimate=estimate).spread_px
+    return assess(problem, placement, candidates=candidates).spread_px
 
 
-def assess(problem, placement, *, candidates=(), estimate=None) -> Spread:
+def assess(problem, placement, *, candidates=()) -> Spread:
     """How far independent refinements land from ``placement``, in guide pixels over the footprint.
 
     Parameters
@@ -87,9 +87,6 @@ def assess(problem, placement, *, candidates=(), estimate=None) -> Spread:
         e.g. one deliberately started in a wrong basin.
     candidates : sequence of ggrad_gpu.basins.Candidate, optional
         The first registration's candidates (other coarse peaks).
-    estimate : ggrad_gpu.pipeline.Estimate, optional
-        The estimate the result was registered on (by default estimated
-        again at ``placement``); the far starts register on it.
 
     Returns
     -------
@@ -126,8 +123,9 @@ def assess(problem, placement, *, candidates=(), estimate=None) -> Spread:
             start = np.array([[1.0, 0, side], [0, 1, side], [0, 0, 1]])
             _, other = pipeline.register_pass(problem, half_estimate, placement, coarse_search=False, start=start)
             add("band half", other, fit)  # the same basin by construction: its distance always counts
-    if estimate is None:
-        estimate = pipeline.estimate_pass(problem, placement, step, bands)
+    # The result's own images, estimated where it placed the cube (the
+    # alternatives' registrations are relative to where their images were made).
+    estimate = pipeline.estimate_pass(problem, placement, step, bands)
     reach = FAR_START * _footprint_side(problem, placement)
     starts = [("far start", np.array([[1.0, 0, dr], [0, 1, dc], [0, 0, 1]]))
               for dr, dc in ((reach, 0), (-reach, 0), (0, reach), (0, -reach))]
