@@ -8,11 +8,13 @@
 2. the guide and the cube prepared (:mod:`ggrad_gpu.preparation`): optical
    density, missing values;
 3. :func:`estimate_pass` at the cube's resolution from the initial placement,
-   :func:`register_pass` with a coarse search; then again on the working grid
-   from the aligned placement (``reestimate``), from the bands that matter
-   (``screen_bands``);
+   the first registration from several coarse-search peaks, the one where the
+   cube explains the guide best kept (:mod:`ggrad_gpu.basins`); then again on
+   the working grid from the aligned placement (``reestimate``), from the
+   bands that matter (``screen_bands``);
 4. the guard (:func:`ggrad_gpu.guard.judge`) compares the first estimate's
-   images before and after;
+   images before and after, and the fair fit at both placements;
+   with ``check``, :mod:`ggrad_gpu.trust` estimates the result's uncertainty;
 5. :func:`resample` brings the native cube onto the output grid.
 
 Pixels without data (outside the footprint, missing cube or guide values) are
@@ -92,7 +94,7 @@ class Refinement:
         to the placement that pass started from (``matrix`` above composes them).
     improved : bool
         Whether the refined transform beats the initial one (the guard's MSE
-        and NCC of the gradient images over their overlap).
+        and NCC of the gradient images over their overlap, and the fair fit).
     message : str
     backend : str
         "numpy" or "cupy": where it was computed.
@@ -101,7 +103,10 @@ class Refinement:
     quality : dict
         TRE-free figures of the match, before and after: ``mse_before``,
         ``mse_after``, ``ncc_before``, ``ncc_after`` of the first estimate's
-        gradient images over their overlap (what the guard compares).
+        gradient images over their overlap, ``fit_before``, ``fit_after``
+        (:func:`ggrad_gpu.basins.fit_at`: what the guard compares), and with
+        ``check=True`` ``spread_px`` (guide pixels; NaN where the initial
+        transform was kept).
     levels : int
         Pyramid levels the estimates used.
     """
