@@ -1,7 +1,8 @@
 """Trust without ground truth: refine(check=True) on wide seed sweeps and on induced wrong locks (RESULTS.md).
 
 ``python benchmarks/accuracy/trust_sweep.py phantom|tissue|locks [--cases 40] [--bands 100]
-[--signatures mixed] [--json FILE]``
+[--signatures mixed] [--json FILE]``; ``python benchmarks/accuracy/trust_sweep.py table
+FILE.json ...`` prints the tables of RESULTS.md from those files.
 
 - ``phantom``: ``make_phantom(bands=..., signatures=..., seed=500 + i, ...)``
   (350 x 415 guide, native 70 x 83 cube; ``"mixed"``, the phantom of the
@@ -150,7 +151,37 @@ def summary(rows: list[dict]) -> dict:
     return out
 
 
+def tables(paths) -> str:
+    """The markdown tables of RESULTS.md from the sweeps' JSON files (any of phantom, tissue, locks)."""
+    runs = {json.loads(Path(p).read_text())["kind"]: json.loads(Path(p).read_text()) for p in paths}
+    lines = ["| sweep | cases | mean TRE (px) | worst case mean | worst max | max > 1 px | accepted > 1 px | kept initial "
+             "| median spread (px) | spread > 1 px | Spearman spread vs max TRE (vs mean) | refine (s) | check (s) |",
+             "|---" + "|---:" * 12 + "|"]
+    for kind in ("phantom", "tissue"):
+        if kind in runs:
+            s = runs[kind]["summary"]
+            lines.append(f"| {kind} | {s['cases']} | {s['mean_tre']:.3f} | {s['worst_mean_tre']:.3f} | "
+                         f"{s['worst_max_tre']:.3f} | {s['cases_max_over_1px']} | {s['accepted_over_1px']} | "
+                         f"{s['kept_initial']} | {s['median_spread_px']:.3f} | {s['spread_over_1px']} | "
+                         f"{s.get('spearman_spread_vs_max_tre', float('nan')):.2f} "
+                         f"({s.get('spearman_spread_vs_mean_tre', float('nan')):.2f}) | {s['seconds_refine']:.1f} | "
+                         f"{s['seconds_check']:.1f} |")
+    if "locks" in runs:
+        rows = runs["locks"]["rows"]
+        lines += ["", "| induced wrong lock | TRE mean / max (px) | spread (px) | check (s) | perfect lattice one step "
+                  "off: refine's TRE max (px) | improved | spread (px) |", "|---:" * 7 + "|"]
+        for r in rows:
+            q = r["perfect_lattice"]
+            spread = "n/a" if q["spread_px"] is None else f"{q['spread_px']:.1f}"
+            lines.append(f"| {r['case']} | {r['tre_mean']:.1f} / {r['tre_max']:.1f} | {r['spread_px']:.1f} | "
+                         f"{r['seconds_check']:.1f} | {q['tre_max']:.1f} | {q['improved']} | {spread} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
+    if argv is None and sys.argv[1:2] == ["table"] or argv and argv[0] == "table":
+        print(tables((argv or sys.argv[1:])[1:]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=("phantom", "tissue", "locks"))
     parser.add_argument("--cases", type=int, default=40)
