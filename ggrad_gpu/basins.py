@@ -23,13 +23,15 @@ and keeps the candidate with the best fit.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from . import pipeline
 from .geometry import degeneracy
 from .guard import MAX_SCALE_CHANGE
 from .metrics import ncc
-from .register import coarse_shifts
+from .register import AffineRegistration, coarse_shifts
 
 __all__ = ["CANDIDATES", "Candidate", "fit_at", "first_registration"]
 
@@ -39,11 +41,13 @@ __all__ = ["CANDIDATES", "Candidate", "fit_at", "first_registration"]
 CANDIDATES = 3
 
 
+@dataclass(frozen=True)
 class Candidate:
-    """A registration of the first estimate's images, its placement and the fair fit there."""
+    """A first registration, the placement it gives and the fair fit there (-1 where implausible)."""
 
-    def __init__(self, registration, placement, fit: float):
-        self.registration, self.placement, self.fit = registration, placement, fit
+    registration: AffineRegistration
+    placement: np.ndarray
+    fit: float
 
 
 def fit_at(problem, placement) -> float:
