@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(for guides that are not transmitted light)")
     run.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
     run.add_argument("--strict", action="store_true", help="exit with 1 when the initial transform is kept")
+    run.add_argument("--check", action="store_true",
+                     help="also estimate the result's own uncertainty, spread_px in transform.json's quality "
+                          "(independent refinements; about as long again)")
     run.set_defaults(run=_refine_command)
 
     _apply_parser(commands)
@@ -552,7 +555,7 @@ def _run_refine(args, guide, cube, **options):
 
         return refine(guide, cube, levels=args.levels, backend=args.backend, progress=progress,
                       working_shape=getattr(args, "working_shape", None),
-                      absorbance=getattr(args, "absorbance", True),
+                      absorbance=getattr(args, "absorbance", True), check=getattr(args, "check", False),
                       **{"output_grid": getattr(args, "output_grid", None) or "working", **options})
 
 

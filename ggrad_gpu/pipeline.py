@@ -8,11 +8,13 @@
 2. the guide and the cube prepared (:mod:`ggrad_gpu.preparation`): optical
    density, missing values;
 3. :func:`estimate_pass` at the cube's resolution from the initial placement,
-   :func:`register_pass` with a coarse search; then again on the working grid
-   from the aligned placement (``reestimate``), from the bands that matter
-   (``screen_bands``);
+   the first registration from several coarse-search peaks, the one where the
+   cube explains the guide best kept (:mod:`ggrad_gpu.basins`); then again on
+   the working grid from the aligned placement (``reestimate``), from the
+   bands that matter (``screen_bands``);
 4. the guard (:func:`ggrad_gpu.guard.judge`) compares the first estimate's
-   images before and after;
+   images before and after, and the fair fit at both placements;
+   with ``check``, :mod:`ggrad_gpu.trust` estimates the result's uncertainty;
 5. :func:`resample` brings the native cube onto the output grid.
 
 Pixels without data (outside the footprint, missing cube or guide values) are
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from . import baselines
+from . import baselines, basins, trust
 from ._backend import array_module, is_cupy_array, ndimage_module, resolve_backend, to_device
 from .coverage import Coverage, fill_gaps, level_on_grid, valid_pixels
 from .estimate import GlobalGradient, estimate_global_gradient
@@ -50,7 +52,8 @@ from .pyramid import upsample_level
 from .register import AffineRegistration, register_affine
 from .warp import warp_cube
 
-__all__ = ["Refinement", "estimate_pass", "refine", "register_pass", "resample"]
+__all__ = ["Problem", "Refinement", "build_problem", "estimate_pass", "refine", "register_pass",
+           "registration_images", "resample", "screened_bands"]
 
 
 # The registration trusts grad_y where no level's blur draws more than this
@@ -92,7 +95,7 @@ class Refinement:
         to the placement that pass started from (``matrix`` above composes them).
     improved : bool
         Whether the refined transform beats the initial one (the guard's MSE
-        and NCC of the gradient images over their overlap).
+        and NCC of the gradient images over their overlap, and the fair fit).
     message : str
     backend : str
         "numpy" or "cupy": where it was computed.
@@ -101,7 +104,10 @@ class Refinement:
     quality : dict
         TRE-free figures of the match, before and after: ``mse_before``,
         ``mse_after``, ``ncc_before``, ``ncc_after`` of the first estimate's
-        gradient images over their overlap (what the guard compares).
+        gradient images over their overlap, ``fit_before``, ``fit_after``
+        (:func:`ggrad_gpu.basins.fit_at`: what the guard compares), and with
+        ``check=True`` ``spread_px`` (guide pixels; NaN where the initial
+        transform was kept).
     levels : int
         Pyramid levels the estimates used.
     output_to_guide : numpy.ndarray, shape (3, 3)
@@ -139,6 +145,7 @@ class Problem:
     xp: object
     timings: dict
     report: object
+    guide_shape: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -181,6 +188,7 @@ def refine(
     band_axis: int = -1,
     mask=None,
     memory_limit=None,
+    check: bool = False,
 ) -> Refinement:
     """Refine a cube's registration to a guide image.
 
@@ -280,6 +288,16 @@ def refine(
         run's intermediate cubes may hold in memory; larger ones go to a
         temporary Zarr store, removed at the end. By default they stay in
         memory (``persist``).
+    check : bool, default False
+        Also estimate the refinement's own uncertainty without ground truth,
+        ``quality["spread_px"]`` in guide pixels (:mod:`ggrad_gpu.trust`):
+        how far alternative refinements on independent evidence (disjoint
+        halves of the bands, starts far enough apart to leave a wrong basin,
+        the other coarse-search peaks where they fit as well) land from the
+        result, over the cube's footprint. A spread over 1 px says the result
+        cannot be trusted to a pixel. NaN when the initial transform was kept.
+        Costs a few more estimates and registrations (about as much again as
+        ``refine``).
 
     Returns
     -------
@@ -313,6 +331,70 @@ def refine(
     True
     """
     clock = time.perf_counter()
+    problem = build_problem(guide, cube, initial=initial, levels=levels, weights=weights, backend=backend,
+                            working_shape=working_shape, output_grid=output_grid, method=method,
+                            reestimate=reestimate, screen_bands=screen_bands, order=order, psf_sigma=psf_sigma,
+                            absorbance=absorbance, progress=progress, band_axis=band_axis, mask=mask,
+                            memory_limit=memory_limit)
+    if not isinstance(check, bool):
+        raise TypeError(f"check must be True or False; got {check!r}")
+    xp, grid, initial, timings = problem.xp, problem.grid, problem.initial, problem.timings
+    timings["prepare"] = time.perf_counter() - clock
+
+    with checkpoints(problem.options.memory_limit):  # where a lazy cube's intermediate steps are kept
+        first = estimate_pass(problem, np.eye(3), grid.cube_step)
+        # The first registration from several coarse peaks, the best fit kept (basins).
+        registration, placement, candidates = basins.first_registration(problem, first)
+        last = first
+        if reestimate:
+            # Aligned now: estimate on the working grid itself (its accuracy needs
+            # it), and no coarse search, which could only jump away.
+            last = estimate_pass(problem, placement, 1, screened_bands(problem, placement))
+            registration, placement = register_pass(problem, last, placement, coarse_search=False)
+
+        start = time.perf_counter()
+        fits = (basins.fit_at(problem, np.eye(3)), basins.fit_at(problem, placement))
+        verdict = judge(first.gradient.grad_x, first.gradient.grad_y, placement, fixed_valid=first.fixed_valid,
+                        moving_valid=first.moving_valid, guide_flat=problem.guide.flat, fits=fits)
+        timings["guard"] = time.perf_counter() - start
+        if check:
+            start = time.perf_counter()
+            spread = trust.spread(problem, placement, candidates=candidates) if verdict.improved else math.nan
+            verdict = replace(verdict, quality={**verdict.quality, "spread_px": spread})
+            timings["check"] = time.perf_counter() - start
+    if verdict.improved:
+        matrix, message = initial @ grid.to_guide @ placement @ np.linalg.inv(grid.to_guide), "refined: "
+    else:
+        matrix, message = initial, f"kept the initial transform: {verdict.reason} ("
+    message += verdict.figures + ("" if verdict.improved else ")")
+    if not verdict.improved:
+        warnings.warn(message, UserWarning, stacklevel=2)
+
+    registered, valid, output_to_guide = resample(problem, matrix, problem.guide_shape)
+    gradient = last.gradient
+    if is_cupy_array(cube) == (xp is np):
+        # Arrays come back in the input cube's kind, wherever they were computed.
+        registered, valid, gradient = (_like(cube, a) for a in (registered, valid, gradient))
+    timings["total"] = time.perf_counter() - clock
+    return Refinement(matrix, initial, grid.to_guide, registered, valid, gradient, registration, verdict.improved,
+                      message, xp.__name__, timings, verdict.quality, problem.levels, output_to_guide)
+
+
+def build_problem(guide, cube, *, initial=None, levels="auto", weights="auto", backend="auto", working_shape=None,
+                  output_grid="working", method="gradient", reestimate=True, screen_bands=True, order=1,
+                  psf_sigma=0.5, absorbance=True, progress=None, band_axis=-1, mask=None,
+                  memory_limit=None) -> Problem:
+    """The inputs checked and prepared on the working grid, as :func:`refine` starts (same parameters).
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> from ggrad_gpu.pipeline import build_problem
+    >>> phantom = synthetic.make_phantom(shape=(120, 140), bands=16, seed=1)
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> problem.grid.shape, problem.levels
+    ((120, 140), 2)
+    """
     options = RefineOptions(levels, weights, output_grid, method, reestimate, screen_bands, order, psf_sigma,
                             absorbance, memory_limit)
     cube = check_inputs(guide, cube, band_axis)
@@ -326,43 +408,9 @@ def refine(
     levels = resolve_levels(options, guide_shape, cube.shape, initial, grid, hint)
     if hint:
         warnings.warn(f"cube of shape {tuple(cube.shape)} does not fit the guide's {guide_shape[0]} x "
-                      f"{guide_shape[1]} pixels as (rows, cols, bands){hint}", UserWarning, stacklevel=2)
-
-    timings = {}
-    problem = Problem(prepare_guide(guide, grid, xp, absorbance=absorbance), prepare_cube(cube, mask, xp),
-                      initial, grid, levels, options, xp, timings, progress or (lambda stage: None))
-    timings["prepare"] = time.perf_counter() - clock
-
-    with checkpoints(options.memory_limit):  # where a lazy cube's intermediate steps are kept
-        first = estimate_pass(problem, np.eye(3), grid.cube_step)
-        registration, placement = register_pass(problem, first, np.eye(3), coarse_search=True)
-        last = first
-        if reestimate:
-            # Aligned now: estimate on the working grid itself (its accuracy needs
-            # it), and no coarse search, which could only jump away.
-            last = estimate_pass(problem, placement, 1, _screened_bands(problem, placement))
-            registration, placement = register_pass(problem, last, placement, coarse_search=False)
-
-    start = time.perf_counter()
-    verdict = judge(first.gradient.grad_x, first.gradient.grad_y, placement, fixed_valid=first.fixed_valid,
-                    moving_valid=first.moving_valid, guide_flat=problem.guide.flat)
-    if verdict.improved:
-        matrix, message = initial @ grid.to_guide @ placement @ np.linalg.inv(grid.to_guide), "refined: "
-    else:
-        matrix, message = initial, f"kept the initial transform: {verdict.reason} ("
-    message += verdict.figures + ("" if verdict.improved else ")")
-    if not verdict.improved:
-        warnings.warn(message, UserWarning, stacklevel=2)
-    timings["guard"] = time.perf_counter() - start
-
-    registered, valid, output_to_guide = resample(problem, matrix, guide_shape)
-    gradient = last.gradient
-    if is_cupy_array(cube) == (xp is np):
-        # Arrays come back in the input cube's kind, wherever they were computed.
-        registered, valid, gradient = (_like(cube, a) for a in (registered, valid, gradient))
-    timings["total"] = time.perf_counter() - clock
-    return Refinement(matrix, initial, grid.to_guide, registered, valid, gradient, registration, verdict.improved,
-                      message, xp.__name__, timings, verdict.quality, levels, output_to_guide)
+                      f"{guide_shape[1]} pixels as (rows, cols, bands){hint}", UserWarning, stacklevel=3)
+    return Problem(prepare_guide(guide, grid, xp, absorbance=absorbance), prepare_cube(cube, mask, xp), initial, grid,
+                   levels, options, xp, {}, progress or (lambda stage: None), guide_shape)
 
 
 def estimate_pass(problem: Problem, placement, step: int, bands=None) -> Estimate:
@@ -425,30 +473,39 @@ def estimate_pass(problem: Problem, placement, step: int, bands=None) -> Estimat
     return estimate
 
 
-def register_pass(problem: Problem, estimate: Estimate, placement, *, coarse_search: bool):
+def register_pass(problem: Problem, estimate: Estimate, placement, *, coarse_search: bool, start=None):
     """Register ``grad_y`` to ``grad_x`` on the working grid; the registration and the new placement.
 
     Missing samples enter as NaN (the registration's own rule for them);
     the footprint as the moving mask. Too little overlap keeps the placement
-    (the guard says why).
+    (the guard says why). ``start`` (working grid to working grid, relative
+    to ``placement``; default the identity) is where the registration begins.
     """
-    xp = problem.xp
     problem.report("register" + (" (with coarse search)" if coarse_search else ""))
-    start = time.perf_counter()
-    gradient, coverage = estimate.gradient, estimate.coverage
-    overlap = estimate.moving_valid
-    if overlap is not None and int(overlap.sum()) < MIN_OVERLAP:
+    clock = time.perf_counter()
+    fixed, moving, mask = registration_images(problem, estimate)
+    if fixed is None:
         registration = AffineRegistration(np.eye(3), math.inf, math.inf, 0, False,
                                           message="too few valid pixels to register")
     else:
-        fixed, moving = gradient.grad_x, gradient.grad_y
-        if coverage.guide_missing is not None:
-            fixed = xp.where(coverage.guide_missing, xp.nan, fixed)
-        if coverage.cube_missing is not None:
-            moving = xp.where(coverage.cube_missing, xp.nan, moving)
-        registration = register_affine(fixed, moving, moving_mask=coverage.footprint, coarse_search=coarse_search)
-    problem.timings["register"] = problem.timings.get("register", 0.0) + time.perf_counter() - start
+        registration = register_affine(fixed, moving, initial=start, moving_mask=mask, coarse_search=coarse_search)
+    problem.timings["register"] = problem.timings.get("register", 0.0) + time.perf_counter() - clock
     return registration, placement @ registration.matrix
+
+
+def registration_images(problem: Problem, estimate: Estimate):
+    """``grad_x`` and ``grad_y`` with NaN at missing samples, and the footprint; three Nones if too few overlap."""
+    xp = problem.xp
+    gradient, coverage = estimate.gradient, estimate.coverage
+    overlap = estimate.moving_valid
+    if overlap is not None and int(overlap.sum()) < MIN_OVERLAP:
+        return None, None, None
+    fixed, moving = gradient.grad_x, gradient.grad_y
+    if coverage.guide_missing is not None:
+        fixed = xp.where(coverage.guide_missing, xp.nan, fixed)
+    if coverage.cube_missing is not None:
+        moving = xp.where(coverage.cube_missing, xp.nan, moving)
+    return fixed, moving, coverage.footprint
 
 
 def resample(problem: Problem, matrix, guide_shape):
@@ -476,7 +533,7 @@ def resample(problem: Problem, matrix, guide_shape):
     return registered, valid, to_guide
 
 
-def _screened_bands(problem: Problem, placement):
+def screened_bands(problem: Problem, placement):
     """The bands an exact estimate at the cube's resolution, aligned, weights at any level (None: all).
 
     The working grid's Gram matrices then cost ``(kept / bands)**2`` of the

@@ -223,7 +223,8 @@ def verdict_line(refinement) -> str:
 
     ``"Improved: gradient NCC 0.43 -> 0.80, MSE -42 %"`` or
     ``"Kept the initial transform: <reason>; gradient NCC ..., MSE ..."``,
-    from ``refinement.improved``, ``message`` and ``quality``.
+    from ``refinement.improved``, ``message`` and ``quality``; with
+    ``refine(check=True)`` also the uncertainty, ``"spread 0.21 px"``.
 
     Examples
     --------
@@ -232,6 +233,8 @@ def verdict_line(refinement) -> str:
     >>> quality = {"ncc_before": 0.62, "ncc_after": 0.91, "mse_before": 0.5, "mse_after": 0.26}
     >>> verdict_line(SimpleNamespace(improved=True, message="refined", quality=quality))
     'Improved: gradient NCC 0.62 -> 0.91, MSE -48 %'
+    >>> verdict_line(SimpleNamespace(improved=True, message="refined", quality={**quality, "spread_px": 0.21}))
+    'Improved: gradient NCC 0.62 -> 0.91, MSE -48 %, spread 0.21 px'
     """
     figures = _quality_figures(getattr(refinement, "quality", None) or {})
     if refinement.improved:
@@ -258,6 +261,9 @@ def _quality_figures(quality: dict) -> str:
         before = after = math.nan
     if math.isfinite(before) and math.isfinite(after) and before > 0:
         parts.append(f"MSE {100.0 * (after - before) / before:+.0f} %")
+    spread = quality.get("spread_px")  # refine(check=True) only; None in a transform.json where not finite
+    if isinstance(spread, (int, float)) and math.isfinite(spread):
+        parts.append(f"spread {float(spread):.2f} px")
     return ", ".join(parts)
 
 

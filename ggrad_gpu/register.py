@@ -44,7 +44,7 @@ from .geometry import degeneracy, map_points
 from .metrics import ncc
 from .pyramid import blur_decimate
 
-__all__ = ["AffineRegistration", "affine_mse", "affine_ncc", "register_affine"]
+__all__ = ["AffineRegistration", "affine_mse", "affine_ncc", "coarse_shifts", "register_affine"]
 
 # A result that scales by more than this along an axis (relative to the
 # initial matrix), or flips, is degenerate: the optimiser shrank the overlap
@@ -164,59 +164,25 @@ def register_affine(
     >>> np.round(result.matrix[:2, 2], 1)
     array([ 2.5, -1.5])
     """
-    check_array(fixed, "fixed", (2,), "2-D (rows, cols)", min_size=2)
-    check_array(moving, "moving", (2,), "2-D (rows, cols)", min_size=2)
-    xp = array_module(fixed=fixed, moving=moving, fixed_mask=fixed_mask, moving_mask=moving_mask)
-    for name, mask, image in (("fixed_mask", fixed_mask, fixed), ("moving_mask", moving_mask, moving)):
-        if mask is not None:
-            check_mask(mask, name, image.shape)
+    _check_images(fixed, moving, fixed_mask, moving_mask)
     matrix = np.eye(3) if initial is None else check_affine(initial, "initial")
     initial_matrix = matrix.copy()
     _check_options(max_shift, max_iter, tolerance)
-    if levels is not None:
-        if isinstance(levels, bool) or not isinstance(levels, numbers.Integral):
-            raise TypeError(f"levels must be an integer or None; got {levels!r}")
-        smaller = tuple(min(a, b) for a, b in zip(fixed.shape, moving.shape))
-        levels = 1 if levels == 1 else check_levels(levels, smaller)  # one level needs no pyramid
-    dtype = np.promote_types(float_dtype(fixed.dtype), float_dtype(moving.dtype))
-    fixed_img, fixed_cov = _prepare(fixed, fixed_mask, dtype, xp)
-    moving_img, moving_cov = _prepare(moving, moving_mask, dtype, xp)
-    for name, coverage in (("fixed", fixed_cov), ("moving", moving_cov)):
-        if not bool(coverage.any()):
-            raise ValueError(f"{name} has no usable pixel: all are NaN or inf, or outside {name}_mask")
-    # Values far from 1 would overflow (or underflow) the squares: a common
-    # power-of-two scale is exact and leaves the minimiser where it was.
-    unit = power_of_two_scale(max(float(xp.abs(fixed_img).max()), float(xp.abs(moving_img).max())))
-    if unit != 1.0:
-        fixed_img, moving_img = fixed_img * unit, moving_img * unit
-    if levels is None:
-        smallest = min(fixed.shape + moving.shape)
-        levels = int(np.clip(np.floor(np.log2(max(smallest, 1) / 64)) + 1, 1, 5))
-    fixed_strict = _strict_coverage(fixed, fixed_cov, fixed_mask, xp)
-    moving_strict = _strict_coverage(moving, moving_cov, moving_mask, xp)
-    fixed_pyr = _pyramid(fixed_img, fixed_cov, levels, strict=fixed_strict)
-    moving_pyr = _pyramid(moving_img, moving_cov, levels, strict=moving_strict)
-    if moving_strict is not moving_cov:
-        # The moving image's derivatives read neighbours: give its NaN and
-        # inf samples their nearest sample's value (they stay out of the metric).
-        moving_pyr[0] = (fill_gaps(moving_img, moving_cov < 0.5), moving_cov)
-
-    start = _Level(fixed_pyr[0], moving_pyr[0], xp)
+    pyramids = _Pyramids(fixed, moving, fixed_mask, moving_mask, levels)
+    levels, unit = pyramids.levels, pyramids.unit
+    start = pyramids.level(0)
     mse_before = start.mse(matrix) / unit**2
 
     shift = (0.0, 0.0)
     if coarse_search:
-        coarse = _Level(fixed_pyr[-1], moving_pyr[-1], xp)
-        factor = 2.0 ** (levels - 1)
-        limit = (min(fixed.shape) / 3 if max_shift is None else float(max_shift)) / factor
-        found = coarse.best_shift(_to_level(matrix, levels - 1), limit)
-        if found is not None:
-            shift = (found[0] * factor, found[1] * factor)
+        found = pyramids.shifts(matrix, max_shift, count=1)
+        if found:
+            shift = found[0]
             matrix = matrix @ _translation(shift)
 
     iterations, converged = 0, False
     for k in range(levels - 1, -1, -1):
-        level = start if k == 0 else _Level(fixed_pyr[k], moving_pyr[k], xp)
+        level = start if k == 0 else pyramids.level(k)
         level_matrix, used, converged = level.optimise(_to_level(matrix, k), max_iter, tolerance)
         matrix = _from_level(level_matrix, k)
         iterations += used
@@ -227,6 +193,109 @@ def register_affine(
         return AffineRegistration(initial_matrix, mse_before, mse_before, iterations, False, (0.0, 0.0), message)
     mse_after = start.mse(matrix) / unit**2
     return AffineRegistration(matrix, mse_before, mse_after, iterations, converged, shift)
+
+
+def coarse_shifts(fixed, moving, *, fixed_mask=None, moving_mask=None, levels=None, max_shift=None,
+                  count: int = 3, separation: float | None = None) -> list:
+    """The translations the coarse search of :func:`register_affine` ranks highest, best first.
+
+    ``register_affine`` starts from the best of them. On repetitive texture or
+    a small overlap, the best cross-correlation peak can be a wrong basin
+    whose affine fit then beats the right one on these images; the runners-up
+    are starts for alternative registrations, to be judged on other evidence.
+
+    Parameters
+    ----------
+    fixed, moving, fixed_mask, moving_mask, levels, max_shift
+        As for :func:`register_affine` (identity start).
+    count : int, default 3
+        Most peaks returned.
+    separation : float, optional
+        Peaks closer than this (fixed pixels, along both axes) to a better one
+        are the same basin; default a quarter of ``max_shift``.
+
+    Returns
+    -------
+    list of (float, float)
+        Shifts ``(rows, cols)`` in fixed pixels, best first; empty where no
+        shift correlates better than none.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import scipy.ndimage as ndi
+    >>> from ggrad_gpu.register import coarse_shifts
+    >>> fixed = ndi.gaussian_filter(np.random.default_rng(0).random((128, 128)), 2)
+    >>> moving = np.roll(fixed, (12, -8), axis=(0, 1))
+    >>> coarse_shifts(fixed, moving)[0]
+    (12.0, -8.0)
+    """
+    _check_images(fixed, moving, fixed_mask, moving_mask)
+    _check_options(max_shift, 1, 1.0)
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
+        raise ValueError(f"count must be an integer >= 1; got {count!r}")
+    if separation is not None and not (isinstance(separation, numbers.Real) and separation >= 0):
+        raise ValueError(f"separation must be None or a number >= 0; got {separation!r}")
+    return _Pyramids(fixed, moving, fixed_mask, moving_mask, levels).shifts(np.eye(3), max_shift, count, separation)
+
+
+def _check_images(fixed, moving, fixed_mask, moving_mask) -> None:
+    """Raise, naming the parameter, for images that are not 2-D or masks of the wrong shape."""
+    check_array(fixed, "fixed", (2,), "2-D (rows, cols)", min_size=2)
+    check_array(moving, "moving", (2,), "2-D (rows, cols)", min_size=2)
+    array_module(fixed=fixed, moving=moving, fixed_mask=fixed_mask, moving_mask=moving_mask)
+    for name, mask, image in (("fixed_mask", fixed_mask, fixed), ("moving_mask", moving_mask, moving)):
+        if mask is not None:
+            check_mask(mask, name, image.shape)
+
+
+class _Pyramids:
+    """Both images prepared for registration: scaled to unit range, their pyramids with coverage."""
+
+    def __init__(self, fixed, moving, fixed_mask, moving_mask, levels):
+        xp = array_module(fixed=fixed, moving=moving, fixed_mask=fixed_mask, moving_mask=moving_mask)
+        if levels is not None:
+            if isinstance(levels, bool) or not isinstance(levels, numbers.Integral):
+                raise TypeError(f"levels must be an integer or None; got {levels!r}")
+            smaller = tuple(min(a, b) for a, b in zip(fixed.shape, moving.shape))
+            levels = 1 if levels == 1 else check_levels(levels, smaller)  # one level needs no pyramid
+        dtype = np.promote_types(float_dtype(fixed.dtype), float_dtype(moving.dtype))
+        fixed_img, fixed_cov = _prepare(fixed, fixed_mask, dtype, xp)
+        moving_img, moving_cov = _prepare(moving, moving_mask, dtype, xp)
+        for name, coverage in (("fixed", fixed_cov), ("moving", moving_cov)):
+            if not bool(coverage.any()):
+                raise ValueError(f"{name} has no usable pixel: all are NaN or inf, or outside {name}_mask")
+        # Values far from 1 would overflow (or underflow) the squares: a common
+        # power-of-two scale is exact and leaves the minimiser where it was.
+        unit = power_of_two_scale(max(float(xp.abs(fixed_img).max()), float(xp.abs(moving_img).max())))
+        if unit != 1.0:
+            fixed_img, moving_img = fixed_img * unit, moving_img * unit
+        if levels is None:
+            smallest = min(fixed.shape + moving.shape)
+            levels = int(np.clip(np.floor(np.log2(max(smallest, 1) / 64)) + 1, 1, 5))
+        fixed_strict = _strict_coverage(fixed, fixed_cov, fixed_mask, xp)
+        moving_strict = _strict_coverage(moving, moving_cov, moving_mask, xp)
+        self.fixed = _pyramid(fixed_img, fixed_cov, levels, strict=fixed_strict)
+        self.moving = _pyramid(moving_img, moving_cov, levels, strict=moving_strict)
+        if moving_strict is not moving_cov:
+            # The moving image's derivatives read neighbours: give its NaN and
+            # inf samples their nearest sample's value (they stay out of the metric).
+            self.moving[0] = (fill_gaps(moving_img, moving_cov < 0.5), moving_cov)
+        self.xp, self.levels, self.unit, self.shape = xp, levels, unit, tuple(fixed.shape)
+        self._levels = {}
+
+    def level(self, k: int) -> "_Level":
+        if k not in self._levels:
+            self._levels[k] = _Level(self.fixed[k], self.moving[k], self.xp)
+        return self._levels[k]
+
+    def shifts(self, matrix, max_shift, count, separation=None) -> list:
+        """The best ``count`` coarse translations (fixed pixels) from ``matrix``, separate basins, best first."""
+        factor = 2.0 ** (self.levels - 1)
+        limit = (min(self.shape) / 3 if max_shift is None else float(max_shift)) / factor
+        apart = limit / 4 if separation is None else float(separation) / factor
+        found = self.level(self.levels - 1).best_shifts(_to_level(matrix, self.levels - 1), limit, count, apart)
+        return [(r * factor, c * factor) for r, c in found]
 
 
 def _check_options(max_shift, max_iter, tolerance) -> None:
@@ -434,8 +503,10 @@ class _Level:
             return 0.0
         return ncc(self.fixed, warped, valid)
 
-    def best_shift(self, matrix, limit):
-        """Shift ``d`` (rows, cols) maximising the masked NCC of fixed(p) and warped(p + d)."""
+    def best_shifts(self, matrix, limit, count, apart):
+        """Up to ``count`` shifts ``d`` (rows, cols) at local maxima of the masked NCC of fixed(p) and
+        warped(p + d), best first, each more than ``apart`` from a better one along some axis and
+        better than no shift."""
         xp = self.xp
         covered, (warped,) = self._sample(matrix, self.moving)
         # The warped image lives on the fixed grid; so does its coverage.
@@ -447,12 +518,20 @@ class _Level:
         shifts_c = xp.fft.fftfreq(cols, 1 / cols)[None, :]
         allowed = (xp.abs(shifts_r) <= limit) & (xp.abs(shifts_c) <= limit)
         scores = xp.where(allowed & xp.isfinite(scores), scores, -xp.inf)
-        best = int(xp.argmax(scores))
-        peak = float(scores.ravel()[best])
-        if not np.isfinite(peak) or peak <= float(scores[0, 0]) + 1e-6:
-            return None
-        r, c = np.unravel_index(best, scores.shape)
-        return (float(to_host(shifts_r[r, 0])), float(to_host(shifts_c[0, c])))
+        floor = float(scores[0, 0]) + 1e-6
+        # Shift 0 and -1 are neighbours: the FFT order wraps.
+        peaks = scores >= ndimage_module(xp).maximum_filter(scores, size=3, mode="wrap")
+        order = to_host(xp.argsort(-xp.where(peaks, scores, -xp.inf), axis=None))
+        flat, found = to_host(scores).ravel(), []
+        shifts_r, shifts_c = to_host(shifts_r).ravel(), to_host(shifts_c).ravel()
+        for index in order[: 50 * count]:
+            if len(found) == count or not (np.isfinite(flat[index]) and flat[index] > floor):
+                break
+            r, c = np.unravel_index(index, scores.shape)
+            shift = (float(shifts_r[r]), float(shifts_c[c]))
+            if all(max(abs(shift[0] - a), abs(shift[1] - b)) > apart for a, b in found):
+                found.append(shift)
+        return found
 
     def optimise(self, matrix, max_iter, tolerance):
         """Damped Gauss-Newton on six scaled affine parameters; returns (matrix, iterations, converged)."""

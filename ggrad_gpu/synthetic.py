@@ -36,6 +36,7 @@ __all__ = [
     "RGB_FROM_HED",
     "affine_about_center",
     "fov_matrix",
+    "make_lattice_phantom",
     "make_mosaic",
     "make_phantom",
     "make_tissue_phantom",
@@ -242,6 +243,81 @@ def make_phantom(
         scene, pad, (rows, cols), (native_shape, initial, misregistration, matrix), native_factor, bands,
         lambda visible: _brightfield(visible, guide_noise, rng, substrate=signatures == "separate"), noise,
         normalisation, rng, signatures,
+    )
+
+
+def make_lattice_phantom(
+    *,
+    shape=(240, 280),
+    period: int = 40,
+    bands: int = 32,
+    native_factor: int = 4,
+    jitter: float = 0.0,
+    rotation_deg: float = 0.0,
+    scale: float = 1.0,
+    shear: float = 0.0,
+    shift=(0.0, 0.0),
+    noise: float = 0.02,
+    guide_noise: float = 0.01,
+    seed: int = 0,
+) -> Phantom:
+    """A phantom of repetitive texture: discs on a square lattice, on a substrate.
+
+    Every lattice step looks alike, so a registration started a step away
+    from the truth locks there (a wrong basin that fits as well as the
+    right one): the test case for an uncertainty estimate, which must flag it.
+
+    Parameters
+    ----------
+    shape : (int, int), default (240, 280)
+        Guide shape; the cube spans it under ``initial``.
+    period : int, default 40
+        Lattice step in guide pixels (the discs' radius is a quarter of it).
+    bands, native_factor, rotation_deg, scale, shear, shift, noise, guide_noise, seed
+        As for :func:`make_phantom` (spectra ``signatures="separate"``: the
+        discs' component and the substrate).
+    jitter : float, default 0.0
+        Each disc moves by up to this share of ``period`` along each axis
+        (drawn from ``seed``); 0 is a perfect lattice.
+
+    Returns
+    -------
+    Phantom
+
+    Examples
+    --------
+    >>> from ggrad_gpu.synthetic import make_lattice_phantom
+    >>> phantom = make_lattice_phantom(shape=(80, 96), period=16, bands=8, shift=(16, 0))
+    >>> phantom.guide.shape, phantom.cube.shape, phantom.abundances.shape
+    ((80, 96), (20, 24, 8), (2, 80, 96))
+    """
+    if not 4 <= int(period) <= min(shape):
+        raise ValueError(f"period must be from 4 to the guide's smaller side; got {period!r}")
+    if bands < 1:
+        raise ValueError(f"bands must be positive; got {bands}")
+    if native_factor < 1:
+        raise ValueError(f"native_factor must be a positive integer; got {native_factor}")
+    if not 0 <= jitter < 0.25:
+        raise ValueError(f"jitter must be in [0, 0.25); got {jitter!r}")
+    rows, cols = (int(n) for n in shape)
+    rng = np.random.default_rng(seed)
+    native_shape, initial, misregistration, matrix, pad = _geometry(
+        (rows, cols), native_factor, rotation_deg=rotation_deg, scale=scale, shear=shear, shift=shift
+    )
+    scene_shape = (rows + 2 * pad, cols + 2 * pad)
+    # Disc centres on the lattice through the guide's origin, each moved by its jitter.
+    cells = [np.arange(-pad - period, n + pad + period, period) for n in (rows, cols)]
+    centres = np.stack(np.meshgrid(*cells, indexing="ij"), axis=-1).reshape(-1, 2).astype(np.float64)
+    centres += jitter * period * rng.uniform(-1, 1, size=centres.shape) + pad
+    rr, cc = np.mgrid[: scene_shape[0], : scene_shape[1]]
+    nearest = np.full(scene_shape, np.inf)
+    for r, c in centres:  # a few hundred discs; a loop over discs, not bands
+        nearest = np.minimum(nearest, np.hypot(rr - r, cc - c))
+    discs = ndi.gaussian_filter((nearest <= period / 4).astype(np.float64), 1.0)
+    scene = np.stack([discs, 1.0 - discs])
+    return _assemble(
+        scene, pad, (rows, cols), (native_shape, initial, misregistration, matrix), native_factor, bands,
+        lambda visible: _brightfield(visible, guide_noise, rng, substrate=True), noise, "area", rng, "separate",
     )
 
 

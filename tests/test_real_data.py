@@ -51,10 +51,6 @@ TRUTH_PX = 1.0
 STARTS = [(2.0, -1.0), (1.0, 0.0), (1.0, -1.0), (0.5, 0.5)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "on 30 x 30 EDS pixels the guard passes a worse transform from some start: the gradient MSE halves "
-    "and the NCC rises while the affine fits scale and shear to the map's noise (at b269b89, from a (2, -1) "
-    "px shift: 'refined', TRE 2.2 / 2.2 -> 2.1 / 5.1 px; before it, from (1, 0): 1.0 / 1.0 -> 1.9 / 4.4 px)"))
 def test_eds_from_a_shifted_start_is_not_made_worse(eds):
     image, cube = eds
     worse = []

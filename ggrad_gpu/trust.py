@@ -1,0 +1,172 @@
+"""Trust without ground truth: how far independent refinements land from the result (``spread_px``).
+
+On real data there is no known transform, so ``refine(check=True)`` asks the
+data again, each time on evidence the result did not use, and measures how
+far the answers land from the result over the cube's footprint, in guide
+pixels (the TRE's distance with the result in place of the truth):
+
+- **disjoint halves of the bands** (the bands the estimate weights, every
+  other one to each half, so both halves see every component): each half is
+  estimated and registered on its own, from half a working pixel on either
+  side of the result; their distance is the result's precision against the
+  spectral noise and the optimiser's own stopping;
+- **starts far enough apart to leave a wrong basin**: the registration is
+  started again a sixth of the footprint away along each axis. Perturbed
+  starts alone fall back into the same wrong lock; from this far, a start
+  either fails to be captured (and lands where the cube explains the guide
+  clearly worse: it does not count) or finds a placement that explains it as
+  well or better, which means the result is ambiguous (repetitive texture) or
+  wrong, and its distance counts;
+- **the other coarse-search peaks** of the first registration
+  (:mod:`ggrad_gpu.basins`) that fit about as well as the kept one, finished
+  on the result's images from where they were, counted the same way.
+
+"Explains as well" is the fair fit (:func:`ggrad_gpu.basins.fit_at`) within
+``FIT_TOLERANCE`` of the result's. ``spread_px`` is the largest distance that
+counts. Perturbed starts and halves alone cannot flag a wrong lock; the far
+starts and the other peaks can.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import basins, pipeline
+from .metrics import footprint_region, target_registration_error
+
+__all__ = ["FIT_TOLERANCE", "Alternative", "Spread", "alternative_distance", "assess", "spread"]
+
+# An alternative counts when its fair fit is at least the result's less this
+# share of what the result leaves unexplained (1 - fit), and at least less 0.01.
+FIT_TOLERANCE = 0.25
+# Far starts: this share of the footprint's smaller side (working pixels) away.
+FAR_START = 1 / 6
+# Band halves start this far (working px, along both axes) on either side of the result.
+HALF_START = 0.5
+# An alternative that ends this close (guide px) is back at the result: its fit is not estimated again.
+NEAR_PX = 0.5
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One independent refinement: what it was, its distance from the result, its fair fit, whether it counts."""
+
+    kind: str
+    distance_px: float
+    fit: float
+    counts: bool
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The uncertainty estimate: ``spread_px`` (largest counted distance), the result's fit, every alternative."""
+
+    spread_px: float
+    fit: float
+    alternatives: tuple
+
+
+def spread(problem, placement, *, candidates=()) -> float:
+    """``spread_px`` of a refined ``placement`` (see :func:`assess`)."""
+    return assess(problem, placement, candidates=candidates).spread_px
+
+
+def assess(problem, placement, *, candidates=()) -> Spread:
+    """How far independent refinements land from ``placement``, in guide pixels over the footprint.
+
+    Parameters
+    ----------
+    problem : ggrad_gpu.pipeline.Problem
+        From :func:`ggrad_gpu.pipeline.build_problem`.
+    placement : numpy.ndarray, shape (3, 3)
+        The result to assess, working grid to working grid (``refine``'s
+        ``matrix`` is ``initial @ S @ placement @ inv(S)``); any placement,
+        e.g. one deliberately started in a wrong basin.
+    candidates : sequence of ggrad_gpu.basins.Candidate, optional
+        The first registration's candidates (other coarse peaks).
+
+    Returns
+    -------
+    Spread
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from ggrad_gpu import synthetic
+    >>> from ggrad_gpu.pipeline import build_problem
+    >>> from ggrad_gpu.trust import assess
+    >>> phantom = synthetic.make_phantom(shape=(120, 140), bands=16, seed=1, signatures="mixed", shift=(4, -3))
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> truth = np.linalg.inv(phantom.initial) @ phantom.matrix  # s = 1, no crop: S is the identity
+    >>> bool(assess(problem, truth).spread_px < 1)
+    True
+    """
+    fit = basins.fit_at(problem, placement)
+    alternatives = []
+
+    def add(kind, other, other_fit):
+        counts = other_fit >= fit - max(0.01, FIT_TOLERANCE * (1 - fit))
+        alternatives.append(Alternative(kind, alternative_distance(problem, placement, other), other_fit, counts))
+
+    step = 1 if problem.options.reestimate else problem.grid.cube_step
+    bands = pipeline.screened_bands(problem, placement) if step == 1 else None
+    support = np.arange(problem.cube.values.shape[2]) if bands is None else np.asarray(bands)
+    if support.size >= 2:
+        # Each half from its own side of the result: Gauss-Newton stops where
+        # a step no longer pays (about 0.1 px on the phantoms), so a half
+        # started at the result would stay there whatever its evidence.
+        for half, side in ((support[0::2], HALF_START), (support[1::2], -HALF_START)):
+            half_estimate = pipeline.estimate_pass(problem, placement, step, half)
+            start = np.array([[1.0, 0, side], [0, 1, side], [0, 0, 1]])
+            _, other = pipeline.register_pass(problem, half_estimate, placement, coarse_search=False, start=start)
+            add("band half", other, fit)  # the same basin by construction: its distance always counts
+    # The result's own images, estimated where it placed the cube (the
+    # alternatives' registrations are relative to where their images were made).
+    estimate = pipeline.estimate_pass(problem, placement, step, bands)
+    reach = FAR_START * _footprint_side(problem, placement)
+    starts = [("far start", np.array([[1.0, 0, dr], [0, 1, dc], [0, 0, 1]]))
+              for dr, dc in ((reach, 0), (-reach, 0), (0, reach), (0, -reach))]
+    # The other coarse peaks that fit about as well, finished on the result's
+    # images: the same basin comes back to the result, another stays away.
+    starts += [("coarse peak", np.linalg.solve(placement, c.placement)) for c in candidates
+               if c.fit >= fit - max(0.01, FIT_TOLERANCE * (1 - fit))]
+    for kind, start in starts:
+        _, other = pipeline.register_pass(problem, estimate, placement, coarse_search=False, start=start)
+        near = alternative_distance(problem, placement, other) < NEAR_PX
+        add(kind, other, fit if near else basins.fit_at(problem, other))  # back at the result: its fit
+    counted = [a.distance_px for a in alternatives if a.counts and math.isfinite(a.distance_px)]
+    return Spread(max(counted, default=0.0), fit, tuple(alternatives))
+
+
+def alternative_distance(problem, placement, other) -> float:
+    """Max over the footprint under ``placement`` of how far ``other`` moves a guide point, in guide pixels.
+
+    Both are working-grid placements of ``problem``; the distance is the TRE
+    of ``other``'s guide-to-cube matrix against ``placement``'s, on a grid of
+    about 10 x 10 points over the footprint's bounding box.
+    """
+    if not np.isfinite(other).all():
+        return math.inf
+    main, alt = (_guide_matrix(problem, m) for m in (placement, other))
+    region = footprint_region(problem.cube.values.shape[:2], main, problem.guide_shape)
+    if min(region[2:]) < 1:  # the footprint left the guide: over the whole guide
+        region = (0, 0) + tuple(problem.guide_shape)
+    spacing = max(1, min(region[2:]) // 10)
+    return target_registration_error(alt, main, problem.guide_shape, spacing=spacing, region=region).max
+
+
+def _guide_matrix(problem, placement):
+    to_guide = problem.grid.to_guide
+    return problem.initial @ to_guide @ placement @ np.linalg.inv(to_guide)
+
+
+def _footprint_side(problem, placement) -> float:
+    """The footprint's smaller side under ``placement``, in working pixels."""
+    rows, cols = problem.cube.values.shape[:2]
+    corners = np.array([[-0.5, -0.5, rows - 0.5, rows - 0.5], [-0.5, cols - 0.5, -0.5, cols - 0.5], [1, 1, 1, 1]])
+    working = np.linalg.solve(problem.initial @ problem.grid.to_guide @ placement, corners)
+    extent = working[:2].max(axis=1) - working[:2].min(axis=1)
+    return float(extent.min())

@@ -1,0 +1,175 @@
+"""Trust without ground truth (``refine(check=True)``, ``trust``) and capture across basins (``basins``).
+
+The references are the phantoms' known transforms: a spread is small where
+the result is right, and over 1 px where it is deliberately wrong (a lock one
+lattice step away on repetitive texture).
+"""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from ggrad_gpu import pipeline, refine, trust
+from ggrad_gpu.basins import fit_at
+from ggrad_gpu.cli import main
+from ggrad_gpu.guard import judge
+from ggrad_gpu.metrics import target_registration_error
+from ggrad_gpu.register import coarse_shifts
+from ggrad_gpu.synthetic import make_lattice_phantom, make_phantom
+
+PERIOD = 32
+
+
+def _quiet_refine(phantom, **options):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return refine(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy", **options)
+
+
+def _truth_placement(problem, phantom):
+    """The known transform as a working-grid placement: initial @ S @ P @ inv(S) = matrix."""
+    to_guide = problem.grid.to_guide
+    return np.linalg.inv(to_guide) @ np.linalg.solve(phantom.initial, phantom.matrix) @ to_guide
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    # The phantom of the accuracy sweeps (signatures="mixed"), where refine reaches a few tenths of a pixel.
+    return make_phantom(shape=(160, 200), bands=24, seed=11, rotation_deg=2.0, scale=1.02, shift=(9.0, -7.0),
+                        signatures="mixed")
+
+
+# --------------------------------------------------------------------------- refine(check=True)
+
+
+def test_check_gives_a_small_finite_spread_where_the_result_is_right(phantom):
+    plain = _quiet_refine(phantom)
+    checked = _quiet_refine(phantom, check=True)
+    tre = target_registration_error(checked.matrix, phantom.matrix, phantom.guide.shape)
+    spread = checked.quality["spread_px"]
+    print(f"phantom: TRE {tre.mean:.3f} / {tre.max:.3f} px, spread {spread:.3f} px")
+    assert checked.improved and tre.max < 1.0
+    assert np.isfinite(spread) and 0 < spread < 1.0
+    assert "spread_px" not in plain.quality and "spread" in checked.message
+    # The check adds evidence, it does not change the result.
+    np.testing.assert_array_equal(checked.matrix, plain.matrix)
+    assert checked.timings["check"] > 0
+
+
+def test_check_must_be_a_bool(phantom):
+    with pytest.raises(TypeError, match="check"):
+        refine(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy", check="yes")
+
+
+def test_an_induced_wrong_lock_is_flagged():
+    # Repetitive texture, the registration started one lattice step from the
+    # truth (no coarse search) and refined there: a wrong lock.
+    phantom = make_lattice_phantom(shape=(192, 224), period=PERIOD, bands=16, jitter=0.1, seed=3, shift=(4.0, -3.0))
+    problem = pipeline.build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    truth = _truth_placement(problem, phantom)
+    start = truth @ np.array([[1.0, 0, PERIOD], [0, 1, 0], [0, 0, 1]])
+    estimate = pipeline.estimate_pass(problem, start, problem.grid.cube_step)
+    _, wrong = pipeline.register_pass(problem, estimate, start, coarse_search=False)
+    wrong_tre = trust.alternative_distance(problem, truth, wrong)
+    assessed = trust.assess(problem, wrong)
+    right = trust.assess(problem, truth)
+    print(f"lattice: wrong lock {wrong_tre:.1f} px from the truth, spread {assessed.spread_px:.1f} px; "
+          f"at the truth {right.spread_px:.2f} px")
+    assert wrong_tre > PERIOD / 2  # it did lock a step away
+    assert assessed.spread_px > 1.0
+    assert right.spread_px < 1.0
+    # The evidence that flags it: a far start that explains the guide at least as well.
+    assert any(a.kind == "far start" and a.counts and a.distance_px > 1 for a in assessed.alternatives)
+
+
+@pytest.mark.slow
+def test_refine_on_a_perfect_lattice_one_step_off_is_flagged():
+    # Nothing tells the lattice steps apart: refine locks wrongly by itself, and the check says so.
+    phantom = make_lattice_phantom(shape=(192, 224), period=PERIOD, bands=16, seed=5, shift=(PERIOD + 3.0, 2.0))
+    result = _quiet_refine(phantom, check=True)
+    tre = target_registration_error(result.matrix, phantom.matrix, phantom.guide.shape)
+    print(f"perfect lattice: TRE {tre.mean:.1f} / {tre.max:.1f} px, {result.message}")
+    assert tre.max > 1.0 and result.quality["spread_px"] > 1.0
+
+
+def test_kept_initial_transform_has_no_spread():
+    rng = np.random.default_rng(0)
+    guide = rng.random((96, 96)).astype(np.float32)  # pure noise: nothing to register on
+    cube = rng.random((24, 24, 8)).astype(np.float32)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always", UserWarning)
+        result = refine(guide, cube, backend="numpy", check=True)
+    assert not result.improved and np.isnan(result.quality["spread_px"])
+    np.testing.assert_array_equal(result.matrix, result.initial)
+
+
+def test_cli_check_records_the_spread(tmp_path, phantom):
+    np.save(tmp_path / "guide.npy", phantom.guide)
+    np.save(tmp_path / "cube.npy", phantom.cube)
+    np.savetxt(tmp_path / "initial.txt", phantom.initial)
+    out = tmp_path / "out"
+    assert main(["refine", str(tmp_path / "guide.npy"), str(tmp_path / "cube.npy"), "-o", str(out), "-q",
+                 "--initial", str(tmp_path / "initial.txt"), "--backend", "numpy", "--check"]) == 0
+    record = json.loads((out / "transform.json").read_text())
+    spread = record["quality"]["spread_px"]
+    assert isinstance(spread, float) and 0 < spread < 1.0
+    tre = target_registration_error(np.array(record["matrix"]), phantom.matrix, phantom.guide.shape)
+    assert tre.max < 1.0
+
+
+# --------------------------------------------------------------------------- basins and the guard
+
+
+def test_fair_fit_prefers_the_truth(phantom):
+    problem = pipeline.build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    truth = _truth_placement(problem, phantom)
+    off = truth @ np.array([[1.0, 0, 6], [0, 1, -5], [0, 0, 1]])
+    assert fit_at(problem, truth) > fit_at(problem, off) + 0.05
+    assert fit_at(problem, truth) > fit_at(problem, np.eye(3)) + 0.05
+    assert fit_at(problem, np.full((3, 3), np.nan)) == 0.0
+
+
+def test_the_guard_asks_the_fair_fit_to_rise():
+    grad_x = ndi.gaussian_filter(np.random.default_rng(1).random((64, 64)), 2)
+    grad_y = np.roll(grad_x, (2, -3), axis=(0, 1))
+    shift = np.array([[1.0, 0, 2], [0, 1, -3], [0, 0, 1]])
+    assert judge(grad_x, grad_y, shift, fits=(0.3, 0.9)).improved
+    verdict = judge(grad_x, grad_y, shift, fits=(0.9, 0.3))
+    assert not verdict.improved and "no better" in verdict.reason
+    assert verdict.quality["fit_before"] == 0.9 and "fit 0.900 -> 0.300" in verdict.figures
+
+
+def test_coarse_shifts_rank_separate_peaks_against_brute_force():
+    # Two copies of one pattern: the moving image matches the fixed one at two
+    # shifts; the peaks come back best first, a basin apart.
+    rng = np.random.default_rng(2)
+    fixed = ndi.gaussian_filter(rng.random((96, 96)), 2)
+    moving = 0.6 * np.roll(fixed, (10, 4), axis=(0, 1)) + 0.4 * np.roll(fixed, (-12, -20), axis=(0, 1))
+    found = coarse_shifts(fixed, moving, count=3, levels=1)
+    assert found[:2] == [(10.0, 4.0), (-12.0, -20.0)]
+
+    def brute(shift):  # NCC over the overlap of fixed(p) and moving(p + d)
+        r, c = (int(v) for v in shift)
+        a = fixed[max(0, -r): 96 - max(0, r), max(0, -c): 96 - max(0, c)]
+        b = moving[max(0, r): 96 + min(0, r), max(0, c): 96 + min(0, c)]
+        return np.corrcoef(a.ravel(), b.ravel())[0, 1]
+
+    assert brute(found[0]) > brute(found[1]) > brute((0, 0))
+    with pytest.raises(ValueError, match="count"):
+        coarse_shifts(fixed, moving, count=0)
+
+
+def test_lattice_phantom_truth_and_arguments():
+    p = make_lattice_phantom(shape=(80, 96), period=16, bands=8, shift=(16.0, 0.0))
+    np.testing.assert_allclose(p.matrix, p.initial @ p.misregistration)
+    assert p.abundances.shape == (2, 80, 96)
+    np.testing.assert_allclose(p.abundances.sum(axis=0), 1, atol=1e-6)
+    # A perfect lattice is periodic: the discs one step on are the same discs.
+    np.testing.assert_allclose(p.abundances[0, 8:56, 8:56], p.abundances[0, 24:72, 8:56], atol=1e-6)
+    with pytest.raises(ValueError, match="period"):
+        make_lattice_phantom(period=2)
+    with pytest.raises(ValueError, match="jitter"):
+        make_lattice_phantom(jitter=0.5)
