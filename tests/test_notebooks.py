@@ -15,7 +15,7 @@ from helpers import has_module
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 # Figures each notebook draws at least (issue: six or more across the walk-throughs).
-FIGURES = {"01_quickstart.ipynb": 4, "03_mosaics_and_gpus.ipynb": 2}
+FIGURES = {"01_quickstart.ipynb": 4, "02_your_data.ipynb": 2, "03_mosaics_and_gpus.ipynb": 2}
 
 pytestmark = [
     pytest.mark.slow,
