@@ -58,6 +58,13 @@ def array_module(**named_arrays) -> ModuleType:
     TypeError
         If NumPy and CuPy arrays are mixed; the message names both parameters.
         Data are never moved between host and device silently.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from ggrad_gpu import array_module
+    >>> array_module(guide=np.zeros((2, 2)), cube=np.zeros((2, 2, 3))).__name__
+    'numpy'
     """
     host, device = None, None
     for name, x in named_arrays.items():
@@ -76,7 +83,15 @@ def array_module(**named_arrays) -> ModuleType:
 
 
 def ndimage_module(xp: ModuleType) -> ModuleType:
-    """``scipy.ndimage`` for NumPy, ``cupyx.scipy.ndimage`` for CuPy."""
+    """``scipy.ndimage`` for NumPy, ``cupyx.scipy.ndimage`` for CuPy.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from ggrad_gpu import ndimage_module
+    >>> ndimage_module(np).__name__
+    'scipy.ndimage'
+    """
     if xp is np:
         import scipy.ndimage
 
@@ -164,14 +179,30 @@ def resolve_backend(backend: str = "auto") -> ModuleType:
 
 
 def to_host(x):
-    """A NumPy array of ``x`` (copied from the device if it is a CuPy array)."""
+    """A NumPy array of ``x`` (copied from the device if it is a CuPy array).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from ggrad_gpu import to_host
+    >>> to_host(np.arange(3)).tolist()
+    [0, 1, 2]
+    """
     if is_cupy_array(x):
         return x.get()
     return np.asarray(x)
 
 
 def to_device(x, xp: ModuleType):
-    """``x`` as an array of module ``xp`` (NumPy or CuPy), copying only if needed."""
+    """``x`` as an array of module ``xp`` (NumPy or CuPy), copying only if needed.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from ggrad_gpu import to_device
+    >>> type(to_device([1.0, 2.0], np)).__name__
+    'ndarray'
+    """
     if xp is np:
         return to_host(x)
     return xp.asarray(x)

@@ -77,6 +77,14 @@ def footprint_region(cube_shape, matrix, guide_shape) -> tuple[int, int, int, in
     ``matrix`` maps the guide to the cube (e.g. the true one); the window is
     the footprint's bounding box, clipped to the guide. For
     :func:`target_registration_error`'s ``region``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from ggrad_gpu.geometry import fov_matrix
+    >>> from ggrad_gpu.metrics import footprint_region
+    >>> footprint_region((20, 25), fov_matrix((100, 125), (20, 25)), (100, 125))
+    (0, 0, 100, 125)
     """
     low, high = footprint_box(cube_shape, check_affine(matrix, "matrix"))
     start = np.clip(np.ceil(low), 0, guide_shape).astype(int)
@@ -140,6 +148,14 @@ def ncc(a, b, mask=None) -> float:
     ValueError, TypeError
         Naming ``a``, ``b`` or ``mask``: not real arrays, different shapes,
         or no finite pixel in common.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from ggrad_gpu.metrics import ncc
+    >>> a = np.arange(12.0).reshape(3, 4)
+    >>> round(ncc(a, 2 * a + 1), 6), round(ncc(a, -a), 6)
+    (1.0, -1.0)
     """
     xp, a, b, keep, count = _paired(a, b, mask)
     a = a - a.sum() / count
@@ -160,6 +176,13 @@ def mse(a, b, mask=None) -> float:
     ValueError, TypeError
         Naming ``a``, ``b`` or ``mask``: not real arrays, different shapes,
         or no finite pixel in common.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from ggrad_gpu.metrics import mse
+    >>> mse(np.zeros((2, 2)), np.array([[0.0, 2.0], [0.0, 0.0]]))
+    1.0
     """
     xp, a, b, _keep, count = _paired(a, b, mask)
     diff = a - b  # 0 where a pixel is left out

@@ -96,6 +96,15 @@ def gram_products(a, b, *, chunk_rows: int | None = None):
     gram : array, shape (bands, bands), float64
     rhs : array, shape (bands,), float64
         In the input's array module.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from ggrad_gpu import gram_products
+    >>> a, b = np.arange(6.0).reshape(3, 2), np.ones(3)
+    >>> gram, rhs = gram_products(a, b)
+    >>> bool(np.allclose(gram, a.T @ a)), rhs.tolist()
+    (True, [6.0, 9.0])
     """
     xp = array_module(a=a, b=b)
     if a.ndim != 2:

@@ -251,6 +251,15 @@ def upsample_level(image, level: int, shape):
     Returns
     -------
     array, shape ``shape``, in the input's array module and dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from ggrad_gpu import gaussian_pyramid, upsample_level
+    >>> coarse = gaussian_pyramid(np.ones((40, 30)), 3)[2]
+    >>> up = upsample_level(coarse, 2, (40, 30))
+    >>> up.shape, bool(np.allclose(up, 1.0))
+    ((40, 30), True)
     """
     check_array(image, "image", (2,), "2-D (rows, cols)")
     xp = array_module(image=image)

@@ -121,6 +121,14 @@ def affine_about_center(shape, *, rotation_deg=0.0, scale=1.0, shear=0.0, shift=
         Row coordinate gains ``shear`` times the column coordinate.
     shift : (float, float)
         Translation in (row, col) pixels.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from ggrad_gpu.synthetic import affine_about_center
+    >>> matrix = affine_about_center((11, 21), rotation_deg=30.0)
+    >>> np.round(matrix @ [5.0, 10.0, 1.0], 12).tolist()  # the centre stays put
+    [5.0, 10.0, 1.0]
     """
     theta = np.deg2rad(rotation_deg)
     rotation = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])

@@ -44,6 +44,19 @@ def check_new_directory(path, *, force: bool) -> Path:
         folder (never replaced).
     FileNotFoundError
         If the folder to hold ``path`` does not exist.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from ggrad_gpu.io import check_new_directory
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> check_new_directory(folder / "results", force=False).name
+    'results'
+    >>> check_new_directory(folder, force=False)
+    Traceback (most recent call last):
+    ...
+    FileExistsError: output folder ... exists; choose another or pass --force to replace it
     """
     path = Path(path)
     if path.exists() and not force:
@@ -96,6 +109,18 @@ def write_outputs(outdir, refinement, guide, cube, *, cube_format: str = "npy", 
     OSError
         If a file cannot be written (e.g. a full disk); the message names
         ``outdir`` and the file, and nothing is left behind.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from ggrad_gpu import refine, synthetic
+    >>> from ggrad_gpu.io import write_outputs
+    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=12, seed=1, signatures="mixed")
+    >>> result = refine(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> written = write_outputs(Path(tempfile.mkdtemp()) / "out", result, phantom.guide, phantom.cube)
+    >>> sorted(path.name for path in written)
+    ['registered.npy', 'report.png', 'transform.json', 'weights.json']
     """
     # Imported here: matplotlib loads only once there is a report to draw.
     from ..plotting import report_figure, save_report

@@ -35,6 +35,12 @@ def versions() -> dict:
     dict
         Name -> version string. CuPy is listed only if already imported
         (asking would import it, and start a device context, in a CPU run).
+
+    Examples
+    --------
+    >>> from ggrad_gpu.io import versions
+    >>> {"ggrad_gpu", "numpy", "scipy"} <= set(versions())
+    True
     """
     import sys
 
@@ -70,6 +76,16 @@ def transform_record(refinement, *, guide=None, cube=None, initial_source: str =
         convention in words, ``improved`` and ``message``, TRE-free
         quality figures, the working grid, the registration's iteration
         count, timings and versions.
+
+    Examples
+    --------
+    >>> from ggrad_gpu import refine, synthetic
+    >>> from ggrad_gpu.io import transform_record
+    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=12, seed=1, signatures="mixed")
+    >>> result = refine(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> record = transform_record(result, initial_source="file")
+    >>> record["improved"], record["initial_source"], len(record["matrix"])
+    (True, 'file', 3)
     """
     registration = refinement.registration
     record = {
@@ -117,6 +133,16 @@ def weights_record(gradient, *, band_centres=None, band_unit=None) -> dict:
     dict
         ``alpha``, ``beta`` (K), ``channel_weights`` (K x bands), the bands
         each level uses, and the band centres and unit (None if unknown).
+
+    Examples
+    --------
+    >>> from ggrad_gpu import estimate_global_gradient, synthetic
+    >>> from ggrad_gpu.io import weights_record
+    >>> phantom = synthetic.make_phantom(shape=(64, 80), bands=6, seed=1)
+    >>> gradient = estimate_global_gradient(phantom.guide, phantom.cube_on_guide, levels=2)
+    >>> record = weights_record(gradient, band_centres=phantom.wavenumbers, band_unit="cm-1")
+    >>> len(record["alpha"]), len(record["beta"])
+    (2, 2)
     """
     channel_weights = np.asarray(gradient.channel_weights, dtype=np.float64)
     bands = channel_weights.shape[1]

@@ -35,7 +35,18 @@ DONE = ".done"
 
 
 def file_signature(path) -> dict:
-    """What identifies an input file (or folder) without reading it: its resolved path, bytes and times."""
+    """What identifies an input file (or folder) without reading it: its resolved path, bytes and times.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from ggrad_gpu.io import file_signature
+    >>> path = os.path.join(tempfile.mkdtemp(), "cube.npy")
+    >>> _ = open(path, "wb").write(b"0123")
+    >>> signature = file_signature(path)
+    >>> signature["bytes"], signature["files"]
+    (4, 1)
+    """
     path = Path(path)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     stats = [p.stat() for p in files]
@@ -44,7 +55,16 @@ def file_signature(path) -> dict:
 
 
 def fingerprint(**parts) -> str:
-    """A SHA-256 of JSON-ready ``parts`` (inputs' signatures, settings, versions)."""
+    """A SHA-256 of JSON-ready ``parts`` (inputs' signatures, settings, versions).
+
+    Examples
+    --------
+    >>> from ggrad_gpu.io import fingerprint
+    >>> fingerprint(levels=4, grid="cube") == fingerprint(grid="cube", levels=4)
+    True
+    >>> fingerprint(levels=4) == fingerprint(levels=3)
+    False
+    """
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
