@@ -17,8 +17,6 @@ import numbers
 
 import numpy as np
 
-from .chunked import all_finite_lazy, is_dask_array
-
 #: ITU-R BT.709 luma weights for R, G, B (as scikit-image's ``rgb2gray``).
 LUMA_WEIGHTS = (0.2125, 0.7154, 0.0721)
 GRAY_LAYOUT = "2-D (rows, cols) or RGB(A) (rows, cols, 3 or 4)"
@@ -132,11 +130,12 @@ def check_finite(x, name: str, xp) -> None:
 
 
 def all_finite(x, xp) -> bool:
-    """Whether a real array holds no NaN or inf (two reductions, no full-size temporary)."""
+    """Whether a real array holds no NaN or inf (two reductions, no full-size temporary).
+
+    A dask array is read once: both reductions are computed by the one ``bool``.
+    """
     if x.dtype.kind != "f":
         return True
-    if is_dask_array(x):
-        return all_finite_lazy(x)
     return bool(xp.isfinite(x.min()) & xp.isfinite(x.max()))
 
 

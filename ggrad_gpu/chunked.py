@@ -35,7 +35,6 @@ import numpy as np
 
 __all__ = [
     "CHUNK_BYTES",
-    "all_finite_lazy",
     "blur_decimate_chunked",
     "checkpoint",
     "checkpoints",
@@ -149,16 +148,6 @@ def _persisted(x):
     return kept
 
 
-def all_finite_lazy(x) -> bool:
-    """Whether a dask array holds no NaN or inf: its min and max in one pass."""
-    import dask
-
-    if x.dtype.kind != "f":
-        return True
-    low, high = dask.compute(x.min(), x.max())
-    return bool(np.isfinite(low) and np.isfinite(high))
-
-
 # --------------------------------------------------------------------------- the cube
 
 
@@ -265,18 +254,15 @@ def _source_window(matrix, block, cube_shape, pad: int):
 
 
 def fill_gaps_chunked(values, gaps):
-    """:func:`ggrad_gpu.coverage.fill_gaps` of a dask array: nearest-pixel indices on the host, gathered per chunk."""
+    """:func:`ggrad_gpu.coverage.fill_gaps` of a dask array: nearest-pixel indices on the host, gathered per chunk.
+
+    ``gaps`` marks some pixels and leaves some (``fill_gaps`` checks it first).
+    """
     import dask
     import dask.array as da
     from scipy import ndimage
 
-    from .coverage import fill_gaps
-
     gaps = np.asarray(gaps)
-    if not gaps.any():
-        return values
-    if gaps.all():
-        return fill_gaps(np.zeros((1, 1)), gaps[:1, :1])  # the in-memory function's error
     nearest = ndimage.distance_transform_edt(gaps, return_distances=False, return_indices=True)
     rows = []
     for r0, r1 in _bounds(values.chunks[0]):

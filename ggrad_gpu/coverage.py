@@ -103,13 +103,13 @@ def fill_gaps(values, gaps):
     >>> fill_gaps(values, np.isnan(values))
     array([[1., 1., 3.]])
     """
-    if is_dask_array(values):
-        return fill_gaps_chunked(values, gaps)
     xp = array_module(values=values, gaps=gaps)
     if not bool(gaps.any()):
         return values.copy()
     if bool(gaps.all()):
         raise ValueError("fill_gaps needs at least one pixel with data (gaps covers every pixel)")
+    if is_dask_array(values):
+        return fill_gaps_chunked(values, gaps)
     ndi = ndimage_module(xp)
     nearest = ndi.distance_transform_edt(gaps, return_distances=False, return_indices=True)
     return values[nearest[0], nearest[1]]
