@@ -81,8 +81,15 @@ def fit_at(problem, placement) -> float:
     """
     if not np.isfinite(placement).all():
         return 0.0
-    step = problem.grid.cube_step
-    estimate = pipeline.estimate_pass(problem, placement, step)
+    key = _placement_key(placement)
+    if key not in problem.fits:  # each fit costs an estimate: a pass over the cube
+        step = problem.grid.cube_step
+        problem.fits[key] = _fit(pipeline.estimate_pass(problem, placement, step), step)
+    return problem.fits[key]
+
+
+def _fit(estimate, step: int) -> float:
+    """The fair fit of an estimate at the cube's resolution (pixel step ``step``); see :func:`fit_at`."""
     gradient = estimate.gradient
     valid = gradient.valid
     pixels = (gradient.grad_x.size if valid is None else int(valid.sum())) / step**2
@@ -97,6 +104,10 @@ def fit_at(problem, placement) -> float:
     return float(np.sign(correlation) * np.sqrt(max(1 - unexplained, 0.0)))
 
 
+def _placement_key(placement) -> bytes:
+    return np.asarray(placement, dtype=np.float64).tobytes()
+
+
 def first_registration(problem, first):
     """The first registration: from the device placement and the best coarse peaks, the best fit kept.
 
@@ -104,7 +115,8 @@ def first_registration(problem, first):
     ----------
     problem : ggrad_gpu.pipeline.Problem
     first : ggrad_gpu.pipeline.Estimate
-        The first estimate (from the device placement).
+        The first estimate (from the device placement, at the cube's resolution: the
+        estimate :func:`fit_at` makes there, whose fit is kept).
 
     Returns
     -------
@@ -113,6 +125,8 @@ def first_registration(problem, first):
     candidates : list of Candidate
         Every candidate tried, the kept one first.
     """
+    # The first estimate is the one fit_at makes at the device placement.
+    problem.fits.setdefault(_placement_key(np.eye(3)), _fit(first, problem.grid.cube_step))
     # The plain way: the best coarse peak of the first estimate's images, then Gauss-Newton on them.
     tries = [(first, np.eye(3), True)]
     fixed, moving, mask = pipeline.registration_images(problem, first)

@@ -146,6 +146,8 @@ class Problem:
     timings: dict
     report: object
     guide_shape: tuple = ()
+    # Fair fits (basins.fit_at) by placement: each costs an estimate, a pass over the cube.
+    fits: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

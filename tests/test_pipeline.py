@@ -164,3 +164,25 @@ def test_a_cupy_cube_computed_on_numpy_comes_back_as_cupy(monkeypatch):
     assert isinstance(result.matrix, np.ndarray) and not isinstance(result.matrix, device_array)
     reference = refine(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
     np.testing.assert_array_equal(result.matrix, reference.matrix)
+
+
+def test_each_placement_is_estimated_once(monkeypatch):
+    """A fair fit reuses the estimate made at its placement: each is a pass over the cube."""
+    from ggrad_gpu import pipeline
+
+    calls = []
+    original = pipeline.estimate_pass
+
+    def counted(problem, placement, step, bands=None):
+        calls.append((np.asarray(placement).tobytes(), step, bands is None))
+        return original(problem, placement, step, bands)
+
+    monkeypatch.setattr(pipeline, "estimate_pass", counted)
+    phantom = make_phantom(shape=(120, 140), bands=16, seed=1, signatures="mixed", shift=(6, -4))
+    result = refine(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    assert result.improved
+    assert len(calls) >= 3  # the first estimate, a coarse peak's, the re-estimate
+    assert len(set(calls)) == len(calls)
+    # The identity's fit (the guard's "before") is the first estimate's, not a second pass.
+    identity = [c for c in calls if c[0] == np.eye(3).tobytes()]
+    assert len(identity) == 1
