@@ -34,7 +34,7 @@ from ._validation import check_array, float_dtype
 from .filters import sobel_magnitude
 from .warp import warp_cube
 
-__all__ = ["PANELS", "report_figure", "save_report"]
+__all__ = ["DISPLAY_SIDE", "PANELS", "block_mean", "display_step", "report_figure", "save_report"]
 
 PANELS = ("before", "after", "level weights", "grad_x", "grad_y", "band weights")
 FIGSIZE = (12.0, 8.0)  # inches
@@ -42,6 +42,10 @@ DPI = 120
 _PERCENTILES = (1.0, 99.5)  # robust display range of every image
 _OUTSIDE_DIMMING = 0.45  # guide brightness outside the cube's footprint in the overlays
 _TITLE_WIDTH = 130  # characters per suptitle line
+# Pixels per side an image panel shows at most: a panel is under 500 pixels
+# wide at FIGSIZE and DPI, and a larger image only costs memory (matplotlib
+# holds it and its RGBA copies while drawing).
+DISPLAY_SIDE = 1024
 _KEPT_PREFIX = "kept the initial transform: "
 
 
@@ -140,6 +144,7 @@ def report_figure(refinement, guide, cube, *, band_centres=None, band_unit=None,
     # The cube's image on the working grid, combined once at its native grid.
     native_image = _combined_bands(cube, channel_weights)
     valid = None if gradient.valid is None else to_host(gradient.valid).astype(bool)
+    step = display_step(shape)
     for label, matrix, name in (
         ("before", refinement.initial, "initial"),
         ("after", refinement.matrix, "refined" if refinement.improved else "kept"),
@@ -147,7 +152,7 @@ def report_figure(refinement, guide, cube, *, band_centres=None, band_unit=None,
         on_grid = warp_cube(native_image[:, :, None], np.asarray(matrix) @ scale, shape, order=1)[:, :, 0]
         edges = _host_float(sobel_magnitude(on_grid))
         ax = axes[label]
-        ax.imshow(_overlay(grad_x, edges), interpolation="nearest")
+        ax.imshow(_overlay(block_mean(grad_x, step), block_mean(edges, step)), interpolation="nearest")
         ax.set_title(f"{label.capitalize()}: {name} transform\nguide magenta, cube green, both white")
         _image_axes(ax)
 
@@ -155,7 +160,7 @@ def report_figure(refinement, guide, cube, *, band_centres=None, band_unit=None,
         ("grad_x", grad_x, None, "guide"),
         ("grad_y", grad_y, valid, "cube"),
     ):
-        shown = image if mask is None else np.where(mask, image, np.nan)
+        shown = block_mean(image if mask is None else np.where(mask, image, np.nan), step)
         low, high = _display_range(shown)
         ax = axes[label]
         picture = ax.imshow(shown, cmap="gray", vmin=low, vmax=high, interpolation="nearest")
@@ -336,6 +341,43 @@ def _combined_bands(cube, channel_weights):
     dtype = float_dtype(cube.dtype)
     values = cube if used.size == cube.shape[2] else cube[:, :, xp.asarray(used)]
     return values.astype(dtype, copy=False) @ xp.asarray(weights[used], dtype=dtype)
+
+
+def display_step(shape, side: int | None = None) -> int:
+    """Pixels per displayed pixel along each axis, so that no side shows more than ``side`` (:data:`DISPLAY_SIDE`).
+
+    Examples
+    --------
+    >>> display_step((800, 600)), display_step((2048, 1500)), display_step((4100, 10))
+    (1, 2, 5)
+    """
+    return max(1, math.ceil(max(shape) / (DISPLAY_SIDE if side is None else side)))
+
+
+def block_mean(image, step: int) -> np.ndarray:
+    """``image`` averaged over ``step x step`` blocks, NaN left out (NaN where a block has no value).
+
+    The last blocks along each axis take what is left. ``step`` 1 returns
+    ``image`` itself.
+
+    Examples
+    --------
+    >>> image = np.arange(20.0).reshape(4, 5)
+    >>> image[0, 0] = np.nan
+    >>> block_mean(image, 2)
+    array([[ 4. ,  5. ,  6.5],
+           [13. , 15. , 16.5]])
+    """
+    if step == 1:
+        return image
+    rows, cols = image.shape
+    padded = np.full((-(-rows // step) * step, -(-cols // step) * step), np.nan)
+    padded[:rows, :cols] = image
+    blocks = padded.reshape(padded.shape[0] // step, step, padded.shape[1] // step, step)
+    finite = np.isfinite(blocks)
+    count = finite.sum(axis=(1, 3))
+    total = np.where(finite, blocks, 0.0).sum(axis=(1, 3))
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 def _host_float(image) -> np.ndarray:

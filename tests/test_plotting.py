@@ -254,3 +254,21 @@ def test_failed_save_leaves_nothing(figure, tmp_path, monkeypatch):
         save_report(figure, tmp_path / "report.png", overwrite=True)
     assert os.listdir(tmp_path) == ["report.png"]
     assert (tmp_path / "report.png").read_bytes() == b"old"
+
+
+def test_large_grids_are_shown_block_averaged(refined, phantom, monkeypatch):
+    """Images larger than a panel can show are averaged over blocks (NaN left out), not held whole."""
+    from ggrad_gpu import plotting
+
+    monkeypatch.setattr(plotting, "DISPLAY_SIDE", 40)
+    small = report_figure(refined, phantom.guide, phantom.cube)
+    rows, cols = refined.gradient.grad_x.shape
+    step = -(-max(rows, cols) // 40)
+    grad_x = np.asarray(refined.gradient.grad_x, dtype=float)
+    shown = np.ma.filled(panel(small, "grad_x").get_images()[0].get_array().astype(float), np.nan)
+    assert shown.shape == (-(-rows // step), -(-cols // step)) and max(shown.shape) <= 40
+    # an independent block mean: the top-left block and a block on the ragged last column
+    np.testing.assert_allclose(shown[0, 0], grad_x[:step, :step].mean())
+    np.testing.assert_allclose(shown[1, -1], grad_x[step:2 * step, (shown.shape[1] - 1) * step:].mean())
+    overlay = panel(small, "after").get_images()[0].get_array()
+    assert overlay.shape == shown.shape + (3,)
