@@ -33,12 +33,16 @@ from .guard import MAX_SCALE_CHANGE
 from .metrics import ncc
 from .register import AffineRegistration, coarse_shifts
 
-__all__ = ["CANDIDATES", "Candidate", "fit_at", "first_registration"]
+__all__ = ["BASIN_PIXELS", "CANDIDATES", "Candidate", "basin_level", "fit_at", "first_registration"]
 
 # Coarse peaks tried besides the device placement. Each costs one
 # registration of the first estimate's images and one estimate at the cube's
-# resolution.
+# resolution (basin_level).
 CANDIDATES = 3
+# Pixels of the grid that the candidates' estimates and the fits run on, at
+# most: they only choose among basins (the re-estimate on the working grid
+# sets the accuracy), and on a streamed cube each one is a pass over it.
+BASIN_PIXELS = 512 * 512
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,8 @@ def fit_at(problem, placement) -> float:
     float
         The NCC of ``grad_x`` and ``grad_y`` over the pixels both hold,
         with the weights estimated (eq. 5, 9) at ``placement`` on the grid
-        at the cube's resolution; 0.0 where nothing overlaps or the matrix
+        at the cube's resolution (coarser for a large footprint:
+        :func:`basin_level`); 0.0 where nothing overlaps or the matrix
         is not finite.
 
     Examples
@@ -83,9 +88,39 @@ def fit_at(problem, placement) -> float:
         return 0.0
     key = _placement_key(placement)
     if key not in problem.fits:  # each fit costs an estimate: a pass over the cube
-        step = problem.grid.cube_step
-        problem.fits[key] = _fit(pipeline.estimate_pass(problem, placement, step), step)
+        step, levels = basin_level(problem)
+        problem.fits[key] = _fit(pipeline.estimate_pass(problem, placement, step, levels=levels), step)
     return problem.fits[key]
+
+
+def basin_level(problem) -> tuple[int, int]:
+    """Pixel step and pyramid levels of the estimates that choose among basins.
+
+    The estimate at the cube's resolution (``problem.grid.cube_step``,
+    ``problem.levels``), its finest levels dropped while its grid has more
+    than :data:`BASIN_PIXELS` pixels: the same pyramid from a coarser level
+    on, never coarser than its coarsest level.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> from ggrad_gpu.geometry import working_grid
+    >>> import numpy as np
+    >>> grid = working_grid((2048, 2048), (1024, 1024), np.diag([0.5, 0.5, 1.0]))
+    >>> grid.shape, grid.cube_step
+    ((2048, 2048), 1)
+    >>> auto = SimpleNamespace(auto_weights=True)
+    >>> basin_level(SimpleNamespace(grid=grid, levels=5, options=auto))  # 512 x 512 pixels at step 4
+    (4, 3)
+    >>> basin_level(SimpleNamespace(grid=grid, levels=2, options=auto))  # no coarser than the coarsest level
+    (2, 1)
+    """
+    step, levels = problem.grid.cube_step, problem.levels
+    if not problem.options.auto_weights:  # the user's weights name every level
+        return step, levels
+    while levels > 1 and int(np.prod(problem.grid.level_shape(step))) > BASIN_PIXELS:
+        step, levels = 2 * step, levels - 1
+    return step, levels
 
 
 def _fit(estimate, step: int) -> float:
@@ -125,8 +160,9 @@ def first_registration(problem, first):
     candidates : list of Candidate
         Every candidate tried, the kept one first.
     """
-    # The first estimate is the one fit_at makes at the device placement.
-    problem.fits.setdefault(_placement_key(np.eye(3)), _fit(first, problem.grid.cube_step))
+    step, levels = basin_level(problem)
+    if (step, levels) == (problem.grid.cube_step, problem.levels):  # the estimate fit_at makes there
+        problem.fits.setdefault(_placement_key(np.eye(3)), _fit(first, step))
     # The plain way: the best coarse peak of the first estimate's images, then Gauss-Newton on them.
     tries = [(first, np.eye(3), True)]
     fixed, moving, mask = pipeline.registration_images(problem, first)
@@ -142,7 +178,7 @@ def first_registration(problem, first):
     candidates = []
     for estimate, start, search in tries:
         if estimate is None:
-            estimate = pipeline.estimate_pass(problem, start, problem.grid.cube_step)
+            estimate = pipeline.estimate_pass(problem, start, step, levels=levels)
         registration, placement = pipeline.register_pass(problem, estimate, start, coarse_search=search)
         if any(np.allclose(placement, c.placement, atol=0.5) for c in candidates):
             continue  # the same basin again

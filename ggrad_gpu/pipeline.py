@@ -415,7 +415,7 @@ def build_problem(guide, cube, *, initial=None, levels="auto", weights="auto", b
                    levels, options, xp, {}, progress or (lambda stage: None), guide_shape)
 
 
-def estimate_pass(problem: Problem, placement, step: int, bands=None) -> Estimate:
+def estimate_pass(problem: Problem, placement, step: int, bands=None, levels=None) -> Estimate:
     """Estimate on the working grid's pyramid level with pixel step ``step``, brought to the working grid.
 
     Parameters
@@ -429,8 +429,11 @@ def estimate_pass(problem: Problem, placement, step: int, bands=None) -> Estimat
         resolution for the first estimate, 1 for the re-estimate).
     bands : numpy.ndarray of int, optional
         Only these bands (the others get weight 0).
+    levels : int, optional
+        Pyramid levels (default ``problem.levels``).
     """
     xp, grid, options, cube = problem.xp, problem.grid, problem.options, problem.cube
+    levels = problem.levels if levels is None else levels
     problem.report(f"estimate ({'all' if bands is None else len(bands)} bands, grid step {step})")
     start = time.perf_counter()
     to_cube = problem.initial @ grid.to_guide @ placement
@@ -454,7 +457,7 @@ def estimate_pass(problem: Problem, placement, step: int, bands=None) -> Estimat
     start = time.perf_counter()
     coverage = Coverage(None if bool(footprint.all()) else footprint, cube_missing, guide_missing)
     if options.method == "gradient":
-        gradient = estimate_global_gradient(reference, on_grid, levels=problem.levels,
+        gradient = estimate_global_gradient(reference, on_grid, levels=levels,
                                             weights=options.weights, coverage=coverage)
     else:
         gradient = _baseline_gradient(reference, on_grid, coverage, options.method)
@@ -462,7 +465,7 @@ def estimate_pass(problem: Problem, placement, step: int, bands=None) -> Estimat
     # level draws much on stand-ins, and the cube's pixels that draw mostly on
     # missing ones.
     trusted = Coverage(
-        _inner(valid_pixels(_invert(coverage.footprint), problem.levels, shape, share=TRUSTED_SHARE)),
+        _inner(valid_pixels(_invert(coverage.footprint), levels, shape, share=TRUSTED_SHARE)),
         None if share is None else (share > 0.5) & footprint,
         guide_missing,
     )

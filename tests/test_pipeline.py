@@ -173,9 +173,9 @@ def test_each_placement_is_estimated_once(monkeypatch):
     calls = []
     original = pipeline.estimate_pass
 
-    def counted(problem, placement, step, bands=None):
-        calls.append((np.asarray(placement).tobytes(), step, bands is None))
-        return original(problem, placement, step, bands)
+    def counted(problem, placement, step, bands=None, levels=None):
+        calls.append((np.asarray(placement).tobytes(), step, bands is None, levels))
+        return original(problem, placement, step, bands, levels)
 
     monkeypatch.setattr(pipeline, "estimate_pass", counted)
     phantom = make_phantom(shape=(120, 140), bands=16, seed=1, signatures="mixed", shift=(6, -4))
@@ -186,3 +186,30 @@ def test_each_placement_is_estimated_once(monkeypatch):
     # The identity's fit (the guard's "before") is the first estimate's, not a second pass.
     identity = [c for c in calls if c[0] == np.eye(3).tobytes()]
     assert len(identity) == 1
+
+
+def test_basins_estimate_a_large_footprint_on_a_coarser_level(monkeypatch):
+    """Past BASIN_PIXELS, the candidates and fits run on the pyramid from a coarser level, with as many levels fewer."""
+    from ggrad_gpu import basins, pipeline
+
+    monkeypatch.setattr(basins, "BASIN_PIXELS", 20 * 20)  # the grid at the cube's resolution is 30 x 35
+    steps = []
+    original = pipeline.estimate_pass
+
+    def counted(problem, placement, step, bands=None, levels=None):
+        steps.append((step, problem.levels if levels is None else levels, problem.levels, problem.grid.cube_step))
+        return original(problem, placement, step, bands, levels)
+
+    monkeypatch.setattr(pipeline, "estimate_pass", counted)
+    phantom = make_phantom(shape=(120, 140), bands=16, seed=1, signatures="mixed", shift=(6, -4))
+    result = refine(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    coarse = [s for s in steps if s[0] > s[3]]
+    assert coarse, steps
+    for step, levels, full_levels, cube_step in coarse:
+        dropped = int(np.log2(step // cube_step))
+        assert levels == full_levels - dropped >= 1
+    # the first estimate and the re-estimate still run at full resolution, and the result is as good
+    assert steps[0][:2] == (steps[0][3], steps[0][2])
+    assert any(step == 1 and levels == full for step, levels, full, _ in steps)
+    assert result.improved
+    assert target_registration_error(result.matrix, phantom.matrix, (120, 140)).mean < 0.5
