@@ -51,7 +51,8 @@ class Candidate:
     >>> from ggrad_gpu.pipeline import build_problem, estimate_pass
     >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=8, seed=1)
     >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
-    >>> _, placement, candidates = first_registration(problem, estimate_pass(problem, np.eye(3), problem.grid.cube_step))
+    >>> first = estimate_pass(problem, np.eye(3), problem.grid.cube_step)
+    >>> _, placement, candidates = first_registration(problem, first)
     >>> all(isinstance(c, Candidate) for c in candidates), bool(np.allclose(candidates[0].placement, placement))
     (True, True)
     >>> bool(np.isclose(candidates[0].fit, fit_at(problem, placement)))  # the fair fit where it places the cube

@@ -1290,7 +1290,8 @@ def case_lines(rows) -> list[str]:
     Examples
     --------
     >>> rows = [{"stage": "refine", "size": "s", "case": case, "backend": backend, "median_s": seconds}
-    ...         for case, backend, seconds in [(0, "plain", 4.0), (0, "numpy", 1.0), (1, "plain", 6.0), (1, "numpy", 2.0)]]
+    ...         for case, backend, seconds in [(0, "plain", 4.0), (0, "numpy", 1.0),
+    ...                                         (1, "plain", 6.0), (1, "numpy", 2.0)]]
     >>> for line in case_lines(rows):
     ...     print(line)
     refine at s, numpy against the plain way:
