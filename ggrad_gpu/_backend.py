@@ -34,7 +34,14 @@ BACKENDS = ("auto", "numpy", "cupy")
 
 
 def is_cupy_array(x) -> bool:
-    """Whether ``x`` is a CuPy array, without importing CuPy."""
+    """Whether ``x`` is a CuPy array, without importing CuPy.
+
+    Examples
+    --------
+    >>> imported = "cupy" in sys.modules
+    >>> is_cupy_array(np.zeros(2)), ("cupy" in sys.modules) == imported  # never imports CuPy
+    (False, True)
+    """
     cupy = sys.modules.get("cupy")
     return cupy is not None and isinstance(x, cupy.ndarray)
 
@@ -110,6 +117,12 @@ def cupy_usable() -> tuple[bool, str]:
     NumPy: a ``cupy-cuda13x`` wheel without the CUDA runtime libraries
     (``cupy-cuda13x[ctk]``) sees the device but fails there. Checked once per
     process.
+
+    Examples
+    --------
+    >>> usable, reason = cupy_usable()
+    >>> usable == (reason == "") and (usable or reason.startswith("CuPy"))  # on a CPU-only machine: why not
+    True
     """
     try:
         import cupy
@@ -119,7 +132,21 @@ def cupy_usable() -> tuple[bool, str]:
 
 
 def check_cupy(cupy) -> tuple[bool, str]:
-    """The checks of :func:`cupy_usable` on an imported ``cupy`` module (or a stand-in)."""
+    """The checks of :func:`cupy_usable` on an imported ``cupy`` module (or a stand-in).
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> def stand_in(devices, asnumpy=np.asarray):  # NumPy posing as CuPy
+    ...     runtime = SimpleNamespace(getDeviceCount=lambda: devices)
+    ...     return SimpleNamespace(cuda=SimpleNamespace(runtime=runtime), asarray=np.asarray, asnumpy=asnumpy)
+    >>> check_cupy(stand_in(0))
+    (False, 'CuPy sees no CUDA device')
+    >>> check_cupy(stand_in(1))
+    (True, '')
+    >>> check_cupy(stand_in(1, asnumpy=lambda a: np.asarray(a) + 1))  # doctest: +ELLIPSIS
+    (False, 'CuPy sees a CUDA device but cannot compute on it: ... gave wrong numbers')
+    """
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:

@@ -43,6 +43,13 @@ def block_rows(shape, itemsize: int, xp: ModuleType, *, target_bytes: int | None
     Blocks keep temporaries bounded (and, on the CPU, cache-sized). The default
     budget (:func:`default_block_bytes`) is 8 MiB on the CPU and 256 MiB on a
     GPU, where larger launches pay, or less where little device memory is free.
+
+    Examples
+    --------
+    >>> block_rows((1000, 512, 4), 4, np, target_bytes=1 << 20)  # 8 KiB a row: 128 rows in 1 MiB
+    128
+    >>> block_rows((100, 1024), 8, np)  # within the 8 MiB CPU budget: all the rows
+    100
     """
     if target_bytes is None:
         target_bytes = default_block_bytes(xp)
@@ -57,6 +64,11 @@ def default_block_bytes(xp: ModuleType) -> int:
     still available (free on the device, cached free in CuPy's pool, and
     within the pool's limit if one is set) where that is less, but at least
     1 MiB; blocks that still do not fit are halved by :func:`retry_smaller`.
+
+    Examples
+    --------
+    >>> default_block_bytes(np) == CPU_BLOCK_BYTES == 8 << 20
+    True
     """
     if xp is np:
         return CPU_BLOCK_BYTES
@@ -103,6 +115,12 @@ def is_cuda_error(exc: BaseException) -> bool:
     Decided from the exception's class (defined in ``cupy``, ``cupy_backends``
     or ``cupyx``), without importing CuPy. Plain Python exceptions that CuPy
     raises for bad arguments (``ValueError``, ``TypeError``) are not CUDA errors.
+
+    Examples
+    --------
+    >>> CUDARuntimeError = type("CUDARuntimeError", (RuntimeError,), {"__module__": "cupy_backends.cuda.api.runtime"})
+    >>> is_cuda_error(CUDARuntimeError("cudaErrorIllegalAddress")), is_cuda_error(ValueError("bad shape"))
+    (True, False)
     """
     return any(cls.__module__.split(".")[0] in _CUDA_PACKAGES for cls in type(exc).__mro__)
 
@@ -138,6 +156,16 @@ def free_device_memory() -> None:
 
     CuPy's default device pool and pinned host pool are emptied only if CuPy
     is already imported; this never imports it.
+
+    Examples
+    --------
+    >>> import weakref
+    >>> class Attempt:
+    ...     pass
+    >>> attempt = Attempt(); attempt.itself = attempt  # a reference cycle, as a failed attempt may leave
+    >>> alive = weakref.ref(attempt); del attempt
+    >>> free_device_memory(); alive() is None
+    True
     """
     gc.collect()  # arrays held by reference cycles of the failed attempt
     cupy = sys.modules.get("cupy")

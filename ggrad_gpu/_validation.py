@@ -33,6 +33,15 @@ def float_dtype(dtype) -> np.dtype:
     ------
     TypeError
         For complex or non-numeric dtypes.
+
+    Examples
+    --------
+    >>> [str(float_dtype(t)) for t in (np.float64, ">f8", np.float16, np.int64, bool)]
+    ['float64', 'float64', 'float32', 'float32', 'float32']
+    >>> float_dtype(np.complex64)
+    Traceback (most recent call last):
+        ...
+    TypeError: complex input is not supported; got dtype complex64
     """
     dtype = np.dtype(dtype)
     if dtype.kind == "c":
@@ -47,6 +56,15 @@ def check_array(x, name: str, ndims: tuple[int, ...], layout: str, *, min_size: 
 
     ``min_size`` is the least number of pixels along each of the first two
     (spatial) axes; every other axis must not be empty.
+
+    Examples
+    --------
+    >>> check_array(np.zeros((70, 70, 5)), "cube", (3,), "3-D (rows, cols, bands)").shape
+    (70, 70, 5)
+    >>> check_array(np.zeros((70, 70)), "cube", (3,), "3-D (rows, cols, bands)")
+    Traceback (most recent call last):
+        ...
+    ValueError: cube must be 3-D (rows, cols, bands); got shape (70, 70)
     """
     if not hasattr(x, "shape") or not hasattr(x, "dtype") or not hasattr(x, "ndim"):
         raise TypeError(f"{name} must be a NumPy or CuPy array; got {type(x).__name__}")
@@ -70,6 +88,15 @@ def check_band_axis(band_axis, *, allow_none: bool = False):
 
     Raises TypeError for a non-integer (booleans included) and ValueError,
     naming ``band_axis``, for an axis outside -3 .. 2.
+
+    Examples
+    --------
+    >>> check_band_axis(-1), check_band_axis(0), check_band_axis(None, allow_none=True)
+    (2, 0, None)
+    >>> check_band_axis(3)
+    Traceback (most recent call last):
+        ...
+    ValueError: band_axis must be an axis of a 3-D cube (-3 to 2); got 3
     """
     if band_axis is None and allow_none:
         return None
@@ -86,6 +113,16 @@ def check_mask(mask, name: str, shape, xp=None):
 
     Accepts boolean arrays and 0/1 numeric ones (nonzero = True); refuses
     other shapes and non-arrays, naming ``name``.
+
+    Examples
+    --------
+    >>> check_mask(np.array([[0, 1], [2, 0]]), "mask", (2, 2))  # nonzero is True
+    array([[False,  True],
+           [ True, False]])
+    >>> check_mask(np.ones((2, 3), bool), "mask", (2, 2))
+    Traceback (most recent call last):
+        ...
+    ValueError: mask must have shape (2, 2); got (2, 3)
     """
     check_array(mask, name, (2,), "2-D (rows, cols)")
     if tuple(mask.shape) != tuple(shape):
@@ -97,6 +134,17 @@ def check_matrix(matrix, name: str) -> np.ndarray:
     """``matrix`` as a float64 NumPy array, checked to be a finite 3 x 3 transform.
 
     A private copy: a caller's matrix is never modified through it.
+
+    Examples
+    --------
+    >>> matrix = np.eye(3)
+    >>> checked = check_matrix(matrix, "initial")
+    >>> checked.dtype, checked is matrix  # a private copy
+    (dtype('float64'), False)
+    >>> check_matrix(np.eye(2), "initial")
+    Traceback (most recent call last):
+        ...
+    ValueError: initial must be a finite 3x3 matrix; got shape (2, 2)
     """
     try:
         matrix = np.array(matrix, dtype=np.float64)
@@ -108,7 +156,21 @@ def check_matrix(matrix, name: str) -> np.ndarray:
 
 
 def check_affine(matrix, name: str) -> np.ndarray:
-    """:func:`check_matrix`, and the matrix must be affine (last row ``0, 0, 1``) and invertible."""
+    """:func:`check_matrix`, and the matrix must be affine (last row ``0, 0, 1``) and invertible.
+
+    Examples
+    --------
+    >>> check_affine(np.diag([2.0, 0.5, 1.0]), "initial")[:2, :2].tolist()
+    [[2.0, 0.0], [0.0, 0.5]]
+    >>> check_affine(np.diag([1.0, 0.0, 1.0]), "initial")
+    Traceback (most recent call last):
+        ...
+    ValueError: initial must be invertible (its 2 x 2 linear part has determinant 0)
+    >>> check_affine([[1, 0, 0], [0, 1, 0], [0.1, 0, 1]], "initial")
+    Traceback (most recent call last):
+        ...
+    ValueError: initial must be affine, with last row (0, 0, 1); got [0.1, 0.0, 1.0]
+    """
     matrix = check_matrix(matrix, name)
     det = float(np.linalg.det(matrix[:2, :2]))
     scale = float(np.abs(matrix[:2, :2]).max())
@@ -124,6 +186,15 @@ def check_finite(x, name: str, xp) -> None:
 
     ``min`` and ``max`` propagate NaN and reach inf, so two streaming
     reductions decide it without a full-size boolean temporary.
+
+    Examples
+    --------
+    >>> check_finite(np.ones(3), "guide", np) is None
+    True
+    >>> check_finite(np.array([1.0, np.nan]), "guide", np)
+    Traceback (most recent call last):
+        ...
+    ValueError: guide contains NaN or inf values
     """
     if x.dtype.kind == "f" and not all_finite(x, xp):
         raise ValueError(f"{name} contains NaN or inf values")
@@ -133,6 +204,11 @@ def all_finite(x, xp) -> bool:
     """Whether a real array holds no NaN or inf (two reductions, no full-size temporary).
 
     A dask array is read once: both reductions are computed by the one ``bool``.
+
+    Examples
+    --------
+    >>> all_finite(np.array([1.0, np.inf]), np), all_finite(np.array([1.0, 2.0]), np), all_finite(np.arange(3), np)
+    (False, True, True)
     """
     if x.dtype.kind != "f":
         return True
@@ -145,6 +221,15 @@ def check_levels(levels, shape, name: str = "levels", *, image: str | None = Non
     The error for too many levels gives the most the image allows. With
     ``image`` (the image's parameter name), an image too small for any
     pyramid (under 3 x 3 pixels) is reported under that name.
+
+    Examples
+    --------
+    >>> check_levels(3, (40, 30))
+    3
+    >>> check_levels(5, (40, 30))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+        ...
+    ValueError: levels=5 is too many for an image of 40 x 30 pixels: ... (at most 4 levels)
     """
     if isinstance(levels, bool) or not isinstance(levels, numbers.Integral):
         raise TypeError(f"{name} must be an integer; got {levels!r}")
@@ -171,6 +256,14 @@ def power_of_two_scale(peak, *, limit: float = 2.0**30) -> float:
     not depend on a common scale (a least-squares minimiser, normalised
     weights) give the same bits, without the overflow of squaring 1e30 in
     float32 or the underflow of squaring 1e-30.
+
+    Examples
+    --------
+    >>> scale = power_of_two_scale(1e30)
+    >>> float(np.log2(scale)), 1e30 * scale  # exactly 2**-100: the product is near 1
+    (-100.0, 0.7888609052210118)
+    >>> power_of_two_scale(5.0)  # already within the limit
+    1.0
     """
     peak = float(peak)
     if not (np.isfinite(peak) and peak > 0) or 1.0 / limit <= peak <= limit:
@@ -179,7 +272,15 @@ def power_of_two_scale(peak, *, limit: float = 2.0**30) -> float:
 
 
 def max_levels(shape) -> int:
-    """The most pyramid levels whose coarsest level is still at least 3 x 3 (0 if none)."""
+    """The most pyramid levels whose coarsest level is still at least 3 x 3 (0 if none).
+
+    Examples
+    --------
+    >>> max_levels((40, 30))  # 30, 15, 8, 4 pixels across; the next (2) is too small
+    4
+    >>> max_levels((2, 100))
+    0
+    """
     size, levels = min(shape[:2]), 0
     while size >= 3:
         levels += 1

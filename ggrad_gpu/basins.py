@@ -47,7 +47,21 @@ BASIN_PIXELS = 512 * 512
 
 @dataclass(frozen=True)
 class Candidate:
-    """A first registration, the placement it gives and the fair fit there (-1 where implausible)."""
+    """A first registration, the placement it gives and the fair fit there (-1 where implausible).
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> from ggrad_gpu.pipeline import build_problem, estimate_pass
+    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=8, seed=1)
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> first = estimate_pass(problem, np.eye(3), problem.grid.cube_step)
+    >>> _, placement, candidates = first_registration(problem, first)
+    >>> all(isinstance(c, Candidate) for c in candidates), bool(np.allclose(candidates[0].placement, placement))
+    (True, True)
+    >>> bool(np.isclose(candidates[0].fit, fit_at(problem, placement)))  # the fair fit where it places the cube
+    True
+    """
 
     registration: AffineRegistration
     placement: np.ndarray
@@ -159,6 +173,23 @@ def first_registration(problem, first):
     placement : numpy.ndarray, shape (3, 3)
     candidates : list of Candidate
         Every candidate tried, the kept one first.
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> from ggrad_gpu.metrics import target_registration_error
+    >>> from ggrad_gpu.pipeline import build_problem, estimate_pass
+    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=8, seed=1)
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> first = estimate_pass(problem, np.eye(3), problem.grid.cube_step)
+    >>> registration, placement, candidates = first_registration(problem, first)
+    >>> max(c.fit for c in candidates) == candidates[0].fit  # the best fit kept, first
+    True
+    >>> to_guide = problem.grid.to_guide
+    >>> refined = problem.initial @ to_guide @ placement @ np.linalg.inv(to_guide)
+    >>> before = target_registration_error(phantom.initial, phantom.matrix, (96, 112)).mean
+    >>> bool(target_registration_error(refined, phantom.matrix, (96, 112)).mean < before / 3)
+    True
     """
     step, levels = basin_level(problem)
     if (step, levels) == (problem.grid.cube_step, problem.levels):  # the estimate fit_at makes there

@@ -104,7 +104,17 @@ CASE_SEED = 2024  # draw_cases: refine's misregistrations (benchmarks/RESULTS.md
 
 
 def parse_sizes(text: str) -> list[tuple[int, int, int]]:
-    """Sizes from a comma list of names (``tiny``, ``small``, ``paper``, ``large``) and ``RxCxB``."""
+    """Sizes from a comma list of names (``tiny``, ``small``, ``paper``, ``large``) and ``RxCxB``.
+
+    Examples
+    --------
+    >>> parse_sizes("tiny, 48x64x8")
+    [(64, 80, 16), (48, 64, 8)]
+    >>> parse_sizes("10x10x3")
+    Traceback (most recent call last):
+        ...
+    ValueError: sizes need at least 24 x 24 pixels (4 pyramid levels); got '10x10x3'
+    """
     sizes = []
     for item in (part.strip().lower() for part in str(text).split(",")):
         if item in SIZES:
@@ -124,7 +134,19 @@ def parse_sizes(text: str) -> list[tuple[int, int, int]]:
 
 
 def parse_stages(text: str | None) -> list[str]:
-    """Stage names from a comma list (default: all), in :data:`STAGES` order."""
+    """Stage names from a comma list (default: all), in :data:`STAGES` order.
+
+    Examples
+    --------
+    >>> parse_stages("warp, sobel")  # in STAGES order
+    ['sobel', 'warp']
+    >>> parse_stages(None) == list(STAGES)
+    True
+    >>> parse_stages("fft")
+    Traceback (most recent call last):
+        ...
+    ValueError: stages must be among sobel, pyramid, gram, nnls, combine, warp, register, estimate, refine; got fft
+    """
     if not text:
         return list(STAGES)
     names = {name.strip().lower() for name in text.split(",") if name.strip()}
@@ -139,6 +161,14 @@ def backends_for(choice: str) -> tuple[list[str], str | None]:
 
     ``cupy`` where CuPy sees no device raises ``ValueError`` (no silent
     fallback); ``both`` then runs NumPy alone and says why.
+
+    Examples
+    --------
+    >>> backends_for("numpy")
+    (['numpy'], None)
+    >>> backends, note = backends_for("both")  # NumPy always; CuPy where a device is usable
+    >>> backends == ["numpy", "cupy"] or (backends == ["numpy"] and note.startswith("cupy skipped"))
+    True
     """
     if choice not in ("numpy", "cupy", "auto", "both"):
         raise ValueError(f"backend must be numpy, cupy, auto or both; got {choice!r}")
@@ -158,7 +188,16 @@ def backends_for(choice: str) -> tuple[list[str], str | None]:
 
 @dataclass(frozen=True)
 class Misregistration:
-    """One drawn misregistration of ``make_phantom`` (phantom seed = case number)."""
+    """One drawn misregistration of ``make_phantom`` (phantom seed = case number).
+
+    Examples
+    --------
+    >>> case = Misregistration(seed=3, rotation_deg=1.0, scale=1.01, shear=0.0, shift=(2.0, -4.0))
+    >>> phantom = make_phantom(shape=(48, 64), bands=4, **case.phantom_kwargs())
+    >>> expected = affine_about_center((48, 64), rotation_deg=1.0, scale=1.01, shift=(2.0, -4.0))
+    >>> bool(np.allclose(phantom.misregistration, expected))
+    True
+    """
 
     seed: int
     rotation_deg: float
@@ -177,6 +216,14 @@ def draw_cases(count: int, *, seed: int = CASE_SEED) -> list[Misregistration]:
     Rotation uniform in [-5, 5] degrees, scale in [0.95, 1.05], shear in
     [-0.02, 0.02], a shift of length uniform in [0, 45] guide pixels in a
     uniformly random direction; case ``i`` uses phantom seed ``i``.
+
+    Examples
+    --------
+    >>> cases = draw_cases(5)
+    >>> cases[:2] == draw_cases(2), [case.seed for case in cases]  # the first cases do not depend on the count
+    (True, [0, 1, 2, 3, 4])
+    >>> all(abs(c.rotation_deg) <= 5 and 0.95 <= c.scale <= 1.05 and np.hypot(*c.shift) <= 45 for c in cases)
+    True
     """
     rng = np.random.default_rng(seed)
     cases = []
@@ -200,6 +247,16 @@ class Data:
         Which of :func:`draw_cases` the ``refine`` stage's phantom takes (its
         shift scaled down on guides smaller than 350 x 415; at 350 x 415 x
         1000 these are benchmarks/RESULTS.md's end-to-end cases).
+
+    Examples
+    --------
+    >>> data = Data((32, 40, 4))
+    >>> data.size, data.cube.shape, data.cube.dtype, data.target.shape
+    ('32x40x4', (32, 40, 4), dtype('float32'), (32, 40))
+    >>> gram, rhs = data.gram  # eq. 5's Gram of level 0, from the cube's and the guide's Sobel magnitudes
+    >>> a, b = data.explicit
+    >>> bool(np.allclose(gram, a.T @ a, rtol=1e-5)), bool(np.allclose(rhs, a.T @ b, rtol=1e-5))
+    (True, True)
     """
 
     def __init__(self, shape, case: int = 0):
@@ -274,6 +331,14 @@ class Case:
     and ``plain_peak`` the machine limit each is a fraction of.
     ``compare(ours, plain)`` is their relative difference (``tolerance``:
     what the tests accept); ``describe(result)`` adds facts about a result.
+
+    Examples
+    --------
+    >>> case = build("sobel", Data((32, 40, 4)))
+    >>> case.stage, case.size, case.bytes_moved == 2 * 32 * 40 * 4 * 4  # float32 cube read and written
+    ('sobel', '32x40x4', True)
+    >>> bool(case.compare(case.call(case.arrays, np), case.plain()) < case.tolerance)
+    True
     """
 
     stage: str
@@ -473,6 +538,17 @@ def _refine(data):
 
 @dataclass(frozen=True)
 class Stage:
+    """A benchmarked stage: its name, its title in tables, and how to build its :class:`Case` from :class:`Data`.
+
+    Examples
+    --------
+    >>> stage = STAGES["warp"]
+    >>> stage.name, stage.title, stage.sitk
+    ('warp', 'warp_cube, bilinear', False)
+    >>> sorted(stage.build(Data((32, 40, 4)))["arrays"])
+    ['cube']
+    """
+
     name: str
     title: str
     build: Callable[[Data], dict]
@@ -493,7 +569,15 @@ STAGES = {stage.name: stage for stage in (
 
 
 def build(stage: str, data: Data) -> Case:
-    """The :class:`Case` of ``stage`` on ``data``; its plain way where it can run here."""
+    """The :class:`Case` of ``stage`` on ``data``; its plain way where it can run here.
+
+    Examples
+    --------
+    >>> case = build("nnls", Data((32, 40, 4)))
+    >>> x, reference = case.call(case.arrays, np), case.plain()  # nnls_gram and scipy.optimize.nnls
+    >>> abs(case.compare(x, reference)) < case.tolerance
+    True
+    """
     spec = STAGES[stage]
     case = Case(stage=stage, size=data.size, case=data.case if stage == "refine" else None, **spec.build(data))
     if math.prod(data.shape) > PLAIN_LIMIT:
@@ -507,7 +591,13 @@ def build(stage: str, data: Data) -> Case:
 
 
 def device_sync(xp) -> Callable[[], None]:
-    """A function that waits for the backend's queued work (a no-op for NumPy)."""
+    """A function that waits for the backend's queued work (a no-op for NumPy).
+
+    Examples
+    --------
+    >>> device_sync(np)() is None  # NumPy has no queue to wait for
+    True
+    """
     return (lambda: None) if xp is np else xp.cuda.Device().synchronize
 
 
@@ -534,6 +624,14 @@ def measure(case: Case, backend: str, *, repeat: int = 3, warmup: bool = True, t
     rounds (default: :func:`time.perf_counter` around each; the pytest
     suites pass one that goes through pytest-benchmark). ``warmup=False``
     skips the separate first call (the caller warmed up on other data).
+
+    Examples
+    --------
+    >>> row, out = measure(build("sobel", Data((32, 40, 4))), "numpy", repeat=2)
+    >>> row["stage"], row["backend"], row["rounds"], row["h2d_s"], out.shape
+    ('sobel', 'numpy', 2, None, (32, 40, 4))
+    >>> row["median_s"] > 0 and row["warmup_s"] > 0
+    True
     """
     timer = timer or _rounds
     if backend not in ("numpy", "cupy", "plain"):
@@ -577,7 +675,14 @@ def measure(case: Case, backend: str, *, repeat: int = 3, warmup: bool = True, t
 
 
 def add_rates(row: dict, limits: dict | None) -> dict:
-    """Fill ``throughput`` (GB/s or GFLOP/s), ``peak`` (same unit) and ``frac_peak`` of a row."""
+    """Fill ``throughput`` (GB/s or GFLOP/s), ``peak`` (same unit) and ``frac_peak`` of a row.
+
+    Examples
+    --------
+    >>> row = add_rates({"median_s": 0.5, "bytes_moved": 2e9, "peak_kind": "bandwidth"}, {"copy_gbps": 8.0})
+    >>> row["throughput"], row["unit"], row["peak"], row["frac_peak"]  # 2 GB in 0.5 s of 8 GB/s
+    (4.0, 'GB/s', 8.0, 0.5)
+    """
     seconds, row["throughput"], row["frac_peak"] = row.get("median_s"), None, None
     work = row.get("flops") or row.get("bytes_moved")
     if not (seconds and work):
@@ -614,6 +719,14 @@ def machine(backend: str, quick: bool = False) -> dict:
     on one thread); GEMM: ``a @ b`` of square float32 and float64 operands,
     ``2 n^3`` flops (all BLAS threads; cuBLAS). On a GPU also its data-sheet
     bandwidth (``2 x memory clock x bus width``). ``quick``: smaller operands.
+
+    Examples
+    --------
+    >>> limits = machine("numpy", True)  # quick: smaller operands
+    >>> limits["device"].startswith("CPU"), sorted(limits["gemm_gflops"]), limits["gemm_n"]
+    (True, ['float32', 'float64'], 1024)
+    >>> limits["copy_gbps"] > 0
+    True
     """
     xp = np if backend in ("numpy", "plain") else resolve_backend("cupy")
     sync = device_sync(xp)
@@ -653,7 +766,15 @@ def machine(backend: str, quick: bool = False) -> dict:
 
 
 def machine_lines(machines: dict) -> list[str]:
-    """One line per device: identity, versions and measured limits."""
+    """One line per device: identity, versions and measured limits.
+
+    Examples
+    --------
+    >>> cpu = {"device": "CPU Example, 8 cores", "versions": "Python 3.12", "copy_gbps": 20.0,
+    ...        "gemm_gflops": {"float32": 400.0, "float64": 200.0}, "gemm_n": 2048}
+    >>> machine_lines({"numpy": cpu})
+    ['CPU Example, 8 cores; Python 3.12; measured: copy 20.0 GB/s, GEMM float32 400, float64 200 GFLOP/s (n = 2048)']
+    """
     lines = []
     for m in machines.values():
         gemm = m["gemm_gflops"]
@@ -681,6 +802,16 @@ def plain_estimate(guide, cube, levels: int = LEVELS) -> dict:
         ``channel_weights`` (levels, bands); ``objective`` (levels,)
         ``||A_k x_k - b_k||^2``; ``timings`` (seconds: ``pyramid_sobel_matrix``,
         ``nnls``, ``rest``).
+
+    Examples
+    --------
+    >>> data = Data((32, 40, 4))
+    >>> plain = plain_estimate(data.guide, data.cube, levels=2)
+    >>> ours = estimate_global_gradient(data.guide, data.cube, levels=2)
+    >>> plain["channel_weights"].shape, round(float(plain["alpha"].sum()), 9)
+    ((2, 4), 1.0)
+    >>> bool(np.allclose(plain["grad_y"], ours.grad_y, rtol=0, atol=1e-4 * np.abs(ours.grad_y).max()))
+    True
     """
     guide, cube = np.asarray(guide), np.asarray(cube)
     shape, bands = guide.shape, cube.shape[2]
@@ -743,7 +874,15 @@ def _slsqp_level_weights(guide_levels, cube_levels):
 
 
 def fill_outside(array, invalid):
-    """Every ``invalid`` pixel (a (rows, cols) map) takes the value of the nearest valid one (0 if none)."""
+    """Every ``invalid`` pixel (a (rows, cols) map) takes the value of the nearest valid one (0 if none).
+
+    Examples
+    --------
+    >>> fill_outside(np.array([[1.0, 2.0, 3.0]]), np.array([[False, True, True]]))
+    array([[1., 1., 1.]])
+    >>> fill_outside(np.array([[1.0, 2.0]]), np.array([[True, True]]))  # no valid pixel: zeros
+    array([[0., 0.]])
+    """
     if not invalid.any():
         return array
     if invalid.all():
@@ -753,7 +892,15 @@ def fill_outside(array, invalid):
 
 @dataclass(frozen=True)
 class PlainRefinement:
-    """The plain way's result: ``matrix = initial @ registration`` (guide grid to native cube)."""
+    """The plain way's result: ``matrix = initial @ registration`` (guide grid to native cube).
+
+    Examples
+    --------
+    >>> initial, registration = np.diag([0.2, 0.2, 1.0]), np.array([[1.0, 0, 2.0], [0, 1, -1.0], [0, 0, 1]])
+    >>> result = PlainRefinement(initial @ registration, registration, {"stop": "example"})
+    >>> result.matrix[:2, 2].tolist(), result.timings, result.images
+    ([0.4, -0.2], {}, ())
+    """
 
     matrix: np.ndarray
     registration: np.ndarray
@@ -770,6 +917,16 @@ def plain_refine(guide, cube, initial, *, levels: int = LEVELS, settings=None, s
     spectrum), :func:`plain_estimate` gives ``grad_x`` and ``grad_y``, and
     :func:`register_sitk` registers ``grad_y`` (moving) to ``grad_x``
     (fixed), from the identity or from ``start`` (guide grid to guide grid).
+
+    Examples
+    --------
+    >>> from ggrad_gpu.metrics import target_registration_error
+    >>> phantom = make_phantom(shape=(64, 80), bands=8, seed=0, shift=(3.0, -2.0))
+    >>> result = plain_refine(phantom.guide, phantom.cube, phantom.initial)
+    >>> before = target_registration_error(phantom.initial, phantom.matrix, phantom.guide.shape).mean
+    >>> after = target_registration_error(result.matrix, phantom.matrix, phantom.guide.shape).mean
+    >>> bool(after < before), sorted(result.timings)
+    (True, ['estimate', 'place', 'register'])
     """
     initial = np.asarray(initial, dtype=np.float64)
     timings, clock = {}, time.perf_counter()
@@ -810,6 +967,13 @@ class SitkSettings:
     (``shrink_factors``, ``smoothing_sigmas`` in pixels), linear
     interpolation; Mattes mutual information with ``bins`` bins on a seeded
     random ``sampling`` of the pixels.
+
+    Examples
+    --------
+    >>> import dataclasses
+    >>> settings = dataclasses.replace(SitkSettings(), iterations=50, threads=1)
+    >>> settings.iterations, settings.shrink_factors, settings.smoothing_sigmas
+    (50, (4, 2, 1), (2, 1, 0))
     """
 
     learning_rate: float = 2.0
@@ -831,6 +995,14 @@ def sitk_to_matrix(transform) -> np.ndarray:
     SimpleITK maps a fixed physical point to a moving one, ``T(x) = A (x - c)
     + c + t`` on ``(x, y) = (col, row)``; with origin 0, spacing 1 and the
     identity direction the result maps the fixed grid to the moving grid.
+
+    Examples
+    --------
+    >>> import SimpleITK as sitk
+    >>> sitk_to_matrix(sitk.TranslationTransform(2, (3.0, -1.0)))  # x = +3 columns, y = -1 row
+    array([[ 1.,  0., -1.],
+           [ 0.,  1.,  3.],
+           [ 0.,  0.,  1.]])
     """
     import SimpleITK as sitk
 
@@ -853,7 +1025,18 @@ def sitk_to_matrix(transform) -> np.ndarray:
 
 def matrix_to_sitk(matrix, center=(0.0, 0.0)):
     """A (row, col) matrix as a SimpleITK ``AffineTransform`` about ``center`` ((x, y)); inverse of
-    :func:`sitk_to_matrix`."""
+    :func:`sitk_to_matrix`.
+
+    Examples
+    --------
+    >>> matrix = affine_about_center((40, 60), rotation_deg=10.0, shift=(2.0, -3.0))
+    >>> transform = matrix_to_sitk(matrix, center=image_center((40, 60)))
+    >>> bool(np.allclose(sitk_to_matrix(transform), matrix))
+    True
+    >>> row, col = (matrix @ [5.0, 7.0, 1.0])[:2]  # the same point, in SimpleITK's (x, y) order
+    >>> bool(np.allclose(transform.TransformPoint((7.0, 5.0)), (col, row)))
+    True
+    """
     import SimpleITK as sitk
 
     xy = _SWAP @ np.asarray(matrix, dtype=np.float64) @ _SWAP
@@ -866,7 +1049,13 @@ def matrix_to_sitk(matrix, center=(0.0, 0.0)):
 
 
 def image_center(shape) -> tuple[float, float]:
-    """The physical ``(x, y)`` centre of a ``(rows, cols)`` image (origin 0, spacing 1)."""
+    """The physical ``(x, y)`` centre of a ``(rows, cols)`` image (origin 0, spacing 1).
+
+    Examples
+    --------
+    >>> image_center((5, 9))  # (x, y) = (col, row)
+    (4.0, 2.0)
+    """
     return ((shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0)
 
 
@@ -887,6 +1076,14 @@ def register_sitk(fixed, moving, *, metric: str = "mse", initial=None, settings:
         Fixed grid to moving grid, (row, col).
     info : dict
         ``stop`` (the optimizer's stop condition), ``iterations`` (finest level), ``metric``.
+
+    Examples
+    --------
+    >>> fixed = ndi.gaussian_filter(np.random.default_rng(0).random((64, 64)), 3)
+    >>> moving = ndi.shift(fixed, (-1.5, 2.0), order=3, mode="nearest")  # moving(p) = fixed(p + (1.5, -2))
+    >>> matrix, info = register_sitk(fixed, moving, settings=SitkSettings(threads=1))
+    >>> np.round(matrix[:2, 2], 1) + 0.0, sorted(info)
+    (array([-1.5,  2. ]), ['iterations', 'metric', 'stop'])
     """
     import SimpleITK as sitk
 
@@ -939,6 +1136,14 @@ def run(sizes, backends, stages, *, repeat: int = 3, plain: bool = True, progres
         ``rows`` (one per case, with ``difference`` against the plain way
         where both ran), ``machines`` (:func:`machine` per backend used) and
         ``skipped`` (plain ways that could not run here, with the reason).
+
+    Examples
+    --------
+    >>> result = run([(32, 40, 4)], ["numpy"], ["sobel"], repeat=1)
+    >>> [(row["stage"], row["backend"]) for row in result["rows"]]  # the plain way first
+    [('sobel', 'plain'), ('sobel', 'numpy')]
+    >>> bool(result["rows"][1]["difference"] < 1e-5), sorted(result["machines"])
+    (True, ['numpy'])
     """
     if repeat < 1:
         raise ValueError(f"repeat must be at least 1; got {repeat}")
@@ -980,6 +1185,16 @@ def rows_from_pytest_benchmark(document: dict) -> tuple[list[dict], dict]:
     Each benchmark's ``extra_info`` holds its ``row`` and ``machine``
     (:func:`measure`, :func:`machine`); its timing is pytest-benchmark's
     median. Benchmarks without a row are left out.
+
+    Examples
+    --------
+    >>> row = {"stage": "sobel", "size": "32x40x4", "backend": "numpy", "median_s": 9.0, "bytes_moved": 4e9,
+    ...        "peak_kind": "bandwidth"}
+    >>> document = {"benchmarks": [{"extra_info": {"row": row, "machine": {"copy_gbps": 16.0}},
+    ...                             "stats": {"median": 0.5}}, {"extra_info": {}}]}
+    >>> rows, machines = rows_from_pytest_benchmark(document)
+    >>> len(rows), rows[0]["median_s"], rows[0]["throughput"], sorted(machines)  # pytest-benchmark's median
+    (1, 0.5, 8.0, ['numpy'])
     """
     rows, machines = [], {}
     for entry in document.get("benchmarks", []):
@@ -1047,7 +1262,16 @@ def _cells(row) -> list[str]:
 
 
 def markdown_table(rows) -> str:
-    """The rows as one Markdown table, padded to read in a terminal (several cases: their mean)."""
+    """The rows as one Markdown table, padded to read in a terminal (several cases: their mean).
+
+    Examples
+    --------
+    >>> rows = [{"stage": "sobel", "size": "32x40x4", "backend": "plain", "median_s": 0.004},
+    ...         {"stage": "sobel", "size": "32x40x4", "backend": "numpy", "median_s": 0.001}]
+    >>> lines = markdown_table(rows).splitlines()
+    >>> len(lines), lines[0].split("|")[1].strip(), lines[3].split("|")[9].strip()  # numpy 4x faster than plain
+    (4, 'stage', '4.0x')
+    """
     body = [_cells(row) for row in _grouped(rows)]
     widths = [max(len(c) for c in column) for column in zip(COLUMNS, *body, strict=True)]
     numeric = range(3, 10)
@@ -1061,7 +1285,20 @@ def markdown_table(rows) -> str:
 
 
 def case_lines(rows) -> list[str]:
-    """For stages timed on several cases: each case's times and ratio, then the ratio of the means."""
+    """For stages timed on several cases: each case's times and ratio, then the ratio of the means.
+
+    Examples
+    --------
+    >>> rows = [{"stage": "refine", "size": "s", "case": case, "backend": backend, "median_s": seconds}
+    ...         for case, backend, seconds in [(0, "plain", 4.0), (0, "numpy", 1.0),
+    ...                                         (1, "plain", 6.0), (1, "numpy", 2.0)]]
+    >>> for line in case_lines(rows):
+    ...     print(line)
+    refine at s, numpy against the plain way:
+      case 0: numpy 1.00 s, plain 4.00 s = 4.0x
+      case 1: numpy 2.00 s, plain 6.00 s = 3.0x
+      mean over 2 cases: numpy 1.50 s, plain 5.00 s = 3.3x
+    """
     lines, by_key = [], {}
     for row in rows:
         if row.get("case") is not None and row.get("median_s"):

@@ -61,13 +61,30 @@ _WARP_PAD = {1: 2, 3: 16}
 
 
 def is_dask_array(x) -> bool:
-    """Whether ``x`` is a ``dask.array.Array``, without importing dask."""
+    """Whether ``x`` is a ``dask.array.Array``, without importing dask.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> is_dask_array(np.zeros(3)), is_dask_array(da.zeros(3))
+    (False, True)
+    """
     module = sys.modules.get("dask.array")
     return module is not None and isinstance(x, module.Array)
 
 
 def spatial_chunks(shape, itemsize: int, *, chunk_bytes: int = CHUNK_BYTES, multiple: int = 1):
-    """Square spatial chunks ``(rows, cols)`` of all bands within ``chunk_bytes``, multiples of ``multiple``."""
+    """Square spatial chunks ``(rows, cols)`` of all bands within ``chunk_bytes``, multiples of ``multiple``.
+
+    Examples
+    --------
+    >>> spatial_chunks((1000, 800, 100), 4, chunk_bytes=1_000_000)  # 400 bytes a pixel: 50 x 50
+    (50, 50)
+    >>> spatial_chunks((1000, 800, 100), 4, chunk_bytes=1_000_000, multiple=16)
+    (48, 48)
+    >>> spatial_chunks((30, 800, 100), 4, chunk_bytes=1_000_000)  # never more than the array
+    (30, 50)
+    """
     bands = int(np.prod(shape[2:], dtype=np.int64)) if len(shape) > 2 else 1
     side = max(multiple, int(math.sqrt(chunk_bytes / max(1, bands * itemsize))) // multiple * multiple)
     return min(side, shape[0]), min(side, shape[1])
@@ -85,6 +102,16 @@ def checkpoints(memory_limit: int | None = None):
     Arrays up to a quarter of ``memory_limit`` bytes stay in memory
     (``persist``); larger ones go to a temporary Zarr store, deleted on exit.
     Without ``memory_limit``, everything is persisted in memory.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> x = da.arange(12, chunks=4) * 2  # 96 bytes
+    >>> with checkpoints(memory_limit=64):  # more than a quarter of the limit: a temporary Zarr store
+    ...     on_disk = checkpoint(x)
+    ...     total = int(on_disk.sum().compute())
+    >>> total, on_disk.name.startswith("from-zarr")
+    (132, True)
     """
     stores = []  # the temporary folder, made when the first array goes to disk
     token = _SCRATCH.set((stores, memory_limit, {}))
@@ -100,6 +127,18 @@ def checkpoint(x):
     """``x`` computed once, for steps that read it several times (identity for in-memory arrays).
 
     An array that is already a checkpoint of the current block is returned as it is.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> x = da.arange(12, chunks=4) * 2
+    >>> with checkpoints():  # no limit: persisted in memory
+    ...     kept = checkpoint(x)
+    ...     again = checkpoint(kept)
+    >>> again is kept, len(kept.__dask_graph__()), int(kept.sum().compute())  # one task per computed chunk
+    (True, 3, 132)
+    >>> checkpoint(np.ones(2))  # an in-memory array is its own checkpoint
+    array([1., 1.])
     """
     if not is_dask_array(x):
         return x
@@ -124,7 +163,18 @@ def checkpoint(x):
 
 
 def release_checkpoints() -> None:
-    """Let go of the current block's checkpoints (the steps that read them are done)."""
+    """Let go of the current block's checkpoints (the steps that read them are done).
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> with checkpoints():
+    ...     kept = checkpoint(da.ones(4, chunks=2))
+    ...     release_checkpoints()  # later steps no longer need it
+    ...     fresh = checkpoint(kept)  # no longer held, so kept again
+    >>> fresh is kept, float(fresh.sum().compute())
+    (False, 4.0)
+    """
     scratch = _SCRATCH.get()
     if scratch is not None:
         scratch[2].clear()
@@ -157,6 +207,14 @@ def prepare_lazy_cube(cube, mask, xp):
     One pass over the cube finds the bands with data and, per pixel, how
     many bands are finite; ``values`` stays lazy (NaN at missing values, on
     the device chunk by chunk when ``xp`` is CuPy), the maps are computed.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> cube = np.ones((4, 4, 3)); cube[0, 0, 1] = np.nan; cube[..., 2] = np.nan  # band 2 is empty
+    >>> values, with_data, dead = prepare_lazy_cube(da.from_array(cube, chunks=2), None, np)
+    >>> is_dask_array(values), dead.tolist(), int(with_data.sum())  # pixel (0, 0) lacks band 1
+    (True, [2], 15)
     """
     import dask
     import dask.array as da
@@ -195,6 +253,16 @@ def warp_cube_chunked(cube, matrix, output_shape, *, order: int, chunks=None):
     cube's, so footprint and edge clamping are the whole cube's. At order 3
     the spline prefilter runs over the window; the pad keeps its difference
     from the whole cube's below 1e-9 of the values.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> from ggrad_gpu import warp_cube
+    >>> cube = np.random.default_rng(0).random((10, 10, 2))
+    >>> matrix = np.array([[0.9, 0.1, 0.5], [-0.1, 0.9, 1.0], [0, 0, 1]])
+    >>> lazy = warp_cube_chunked(da.from_array(cube, chunks=(4, 4, 2)), matrix, (12, 12), order=1, chunks=(5, 5))
+    >>> bool(np.allclose(lazy.compute(), warp_cube(cube, matrix, (12, 12)), equal_nan=True))
+    True
     """
     import dask
     import dask.array as da
@@ -257,6 +325,15 @@ def fill_gaps_chunked(values, gaps):
     """:func:`ggrad_gpu.coverage.fill_gaps` of a dask array: nearest-pixel indices on the host, gathered per chunk.
 
     ``gaps`` marks some pixels and leaves some (``fill_gaps`` checks it first).
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> from ggrad_gpu.coverage import fill_gaps
+    >>> values = np.random.default_rng(0).random((6, 6, 2)); gaps = np.zeros((6, 6), bool); gaps[:3, :3] = True
+    >>> lazy = fill_gaps_chunked(da.from_array(values, chunks=(2, 2, 2)), gaps)
+    >>> bool(np.array_equal(lazy.compute(), fill_gaps(values, gaps)))
+    True
     """
     import dask
     import dask.array as da
@@ -308,6 +385,15 @@ def blur_decimate_chunked(x):
     Chunks are made even along the spatial axes (so each starts on a kept
     pixel) and at least twice the halo; the halo at the array's edges
     reflects as SciPy's ``mode="reflect"`` does (``d c b a | a b c d``).
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> from ggrad_gpu.pyramid import blur_decimate
+    >>> x = np.random.default_rng(0).random((40, 36, 2))
+    >>> lazy = blur_decimate_chunked(da.from_array(x, chunks=(10, 10, 2)))
+    >>> lazy.shape, bool(np.allclose(lazy.compute(), blur_decimate(x)))
+    ((20, 18, 2), True)
     """
     import dask.array as da
 
@@ -351,6 +437,17 @@ def level_gram_chunked(cube_level, target, mask=None):
     array's edges, as SciPy's ``mode="reflect"``), and only the chunk's own
     pixels enter its sums; the result equals the in-memory one up to the
     order of the float64 additions.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> from ggrad_gpu.estimate import level_gram
+    >>> rng = np.random.default_rng(0)
+    >>> cube, target = rng.random((12, 10, 3)), rng.random((12, 10))
+    >>> gram, rhs = level_gram_chunked(da.from_array(cube, chunks=(5, 5, 3)), target)
+    >>> expected = level_gram(cube, target)
+    >>> bool(np.allclose(gram, expected[0])), bool(np.allclose(rhs, expected[1]))
+    (True, True)
     """
     import dask
 
@@ -378,7 +475,17 @@ def _gram_inner(block, target, mask, level_gram):
 
 
 def combine_bands_chunked(cube_level, x):
-    """:func:`ggrad_gpu.estimate.combine_bands` of a dask level: computed, as a 2-D array of its chunks' kind."""
+    """:func:`ggrad_gpu.estimate.combine_bands` of a dask level: computed, as a 2-D array of its chunks' kind.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> from ggrad_gpu.estimate import combine_bands
+    >>> cube, x = np.random.default_rng(0).random((12, 10, 3)), np.array([1.0, 0.0, 0.5])
+    >>> out = combine_bands_chunked(da.from_array(cube, chunks=(5, 5, 3)), x)
+    >>> type(out).__name__, bool(np.allclose(out, combine_bands(cube, x)))
+    ('ndarray', True)
+    """
     import dask
     import dask.array as da
 

@@ -74,10 +74,30 @@ class Terminated(KeyboardInterrupt):
     A subclass of :class:`KeyboardInterrupt`, so that everything that cleans
     up after Ctrl-C (the output folder's staging, :func:`ggrad_gpu.io.atomic_write`)
     cleans up after SIGTERM too.
+
+    Examples
+    --------
+    >>> issubclass(Terminated, KeyboardInterrupt)  # cleaned up after like Ctrl-C
+    True
+    >>> try:
+    ...     raise Terminated()
+    ... except KeyboardInterrupt as exc:
+    ...     print(type(exc).__name__)
+    Terminated
     """
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``ggrad`` command line: ``refine``, ``apply``, ``demo``, ``bench`` and ``mosaic``.
+
+    Examples
+    --------
+    >>> args = build_parser().parse_args(["refine", "guide.png", "cube.npy", "-o", "out", "--levels", "3"])
+    >>> args.command, [str(path) for path in args.inputs], str(args.output), args.levels, args.backend
+    ('refine', ['guide.png', 'cube.npy'], 'out', 3, 'auto')
+    >>> build_parser().parse_args(["bench", "--sizes", "tiny"]).repeat
+    3
+    """
     parser = argparse.ArgumentParser(
         prog="ggrad",
         description="Refine the registration of hyperspectral images to a brightfield image.",
@@ -221,6 +241,28 @@ def main(argv=None) -> int:
     which unwinds like Ctrl-C: partial outputs are removed and the exit code
     is 143 (130 for Ctrl-C). The previous SIGTERM handler is restored on
     return.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from ggrad_gpu.synthetic import make_phantom
+    >>> folder = tempfile.TemporaryDirectory(); root = Path(folder.name)
+    >>> phantom = make_phantom(shape=(64, 80), bands=8, seed=0)
+    >>> np.save(root / "guide.npy", phantom.guide); np.save(root / "cube.npy", phantom.cube)
+    >>> np.savetxt(root / "initial.txt", phantom.initial)
+    >>> command = ["refine", str(root / "guide.npy"), str(root / "cube.npy"), "--initial", str(root / "initial.txt"),
+    ...            "-o", str(root / "out"), "-q"]
+    >>> main(command)  # doctest: +ELLIPSIS
+    refined: gradient MSE ... -> ..., NCC ... -> ..., fit ... -> ...
+    wrote registered.npy, transform.json, weights.json, report.png to ...
+    0
+    >>> matrix = read_transform(root / "out" / "transform.json")
+    >>> before = target_registration_error(phantom.initial, phantom.matrix, (64, 80)).mean
+    >>> bool(target_registration_error(matrix, phantom.matrix, (64, 80)).mean < before / 3)
+    True
+    >>> main(command)  # the folder exists now: exit code 2, nothing replaced without --force
+    2
+    >>> folder.cleanup()
     """
     args = build_parser().parse_args(argv)
     previous = _handle_sigterm()

@@ -31,6 +31,20 @@ def dask_client(*, workers: int | None = None, scheduler: str | None = None, mem
     ------
     distributed.Client or None
         None when neither is given: Dask's threads in this process do the work.
+
+    Examples
+    --------
+    >>> with dask_client() as client:  # neither given: Dask's threads in this process
+    ...     print(client)
+    None
+    >>> with dask_client(workers=2, scheduler="tcp://127.0.0.1:8786"):
+    ...     pass
+    Traceback (most recent call last):
+        ...
+    ValueError: give --workers or --scheduler, not both
+    >>> with dask_client(workers=2) as client:  # doctest: +SKIP
+    ...     sorted(client.nthreads().values())  # two single-threaded worker processes
+    [1, 1]
     """
     if workers is not None and scheduler is not None:
         raise ValueError("give --workers or --scheduler, not both")

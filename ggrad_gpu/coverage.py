@@ -42,6 +42,20 @@ class Coverage:
         Pixels whose cube values are missing (filled in); None: none are.
     guide_missing : array of bool, shape (rows, cols), or None
         Pixels whose guide values are missing (filled in); None: none are.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> coverage = Coverage(footprint=np.array([[True, True, False]]),
+    ...                     guide_missing=np.array([[True, False, False]]))
+    >>> coverage.cube_gaps  # outside the footprint
+    array([[False, False,  True]])
+    >>> coverage.gaps  # the cube's or the guide's
+    array([[ True, False,  True]])
+    >>> sorted(coverage.maps())
+    ['footprint', 'guide_missing']
+    >>> Coverage.of(None).gaps is None
+    True
     """
 
     footprint: object = None
@@ -72,7 +86,16 @@ class Coverage:
 
 
 def either(a, b):
-    """``a | b`` where either may be None (nothing marked)."""
+    """``a | b`` where either may be None (nothing marked).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> either(None, None) is None
+    True
+    >>> either(np.array([True, False, False]), np.array([False, False, True]))
+    array([ True, False,  True])
+    """
     if a is None or b is None:
         return b if a is None else a
     return a | b
@@ -121,6 +144,18 @@ def excluded_levels(gaps, levels: int, *, share: float = 0.5) -> list:
     Level 0: the gaps themselves. Level ``k``: the pixels whose pyramid blur
     (the data's ``blur_decimate``) draws more than ``share`` of its weight
     (default half) from gaps. Entries are None where ``gaps`` is None.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> gaps = np.zeros((16, 16), bool); gaps[:, :8] = True  # no data in the left half
+    >>> excluded = excluded_levels(gaps, 3)
+    >>> excluded[0] is gaps, [level.shape for level in excluded[1:]]
+    (True, [(8, 8), (4, 4)])
+    >>> excluded[1][0].astype(int)  # more than half of the blur's weight from the gaps
+    array([1, 1, 1, 1, 0, 0, 0, 0])
+    >>> excluded_levels(None, 2)
+    [None, None]
     """
     if gaps is None:
         return [None] * levels
@@ -134,6 +169,16 @@ def level_on_grid(excluded, level: int, shape):
 
     Level-0 pixel ``p`` sits at level coordinate ``p / 2**k``, between level
     pixels ``floor`` and ``floor + 1``: it is excluded if either is.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> excluded = np.array([[False, True], [False, False]])  # level 1
+    >>> level_on_grid(excluded, 1, (4, 4)).astype(int)
+    array([[1, 1, 1, 1],
+           [1, 1, 1, 1],
+           [0, 0, 0, 0],
+           [0, 0, 0, 0]])
     """
     if level == 0:
         return excluded
@@ -150,6 +195,16 @@ def valid_pixels(gaps, levels: int, shape, *, share: float = 0.5):
     """Level-0 pixels that no level of ``levels`` leaves out for ``gaps`` (None if there are none).
 
     ``share`` as in :func:`excluded_levels`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> gaps = np.zeros((16, 16), bool); gaps[:, :5] = True
+    >>> valid = valid_pixels(gaps, 2, (16, 16))
+    >>> bool((valid & gaps).any())  # a gap is never valid
+    False
+    >>> valid[0].astype(int)  # level 1 also leaves out column 5, next to the gaps
+    array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1])
     """
     if gaps is None:
         return None

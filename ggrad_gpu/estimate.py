@@ -45,6 +45,16 @@ class GlobalGradient:
     valid : array of bool, shape (rows, cols), or None
         With a ``coverage``: the pixels that no level leaves out for missing
         data (what entered eq. 9). None without one (every pixel is valid).
+
+    Examples
+    --------
+    >>> from ggrad_gpu import estimate_global_gradient, synthetic
+    >>> phantom = synthetic.make_phantom(shape=(64, 64), bands=8, seed=0)
+    >>> result = estimate_global_gradient(phantom.guide, phantom.cube_on_guide, levels=2)
+    >>> isinstance(result, GlobalGradient), result.guide_levels.shape, result.valid is None
+    (True, (2, 64, 64), True)
+    >>> bool((result.channel_weights >= 0).all())  # NNLS band weights
+    True
     """
 
     grad_x: object
@@ -246,6 +256,17 @@ def level_gram(cube_level, target, mask=None, *, rows=None):
     runs out of memory, the level is accumulated again with half the rows:
     the sums depend on the blocks in their last bits, so the result is
     exactly the one that ``rows`` set to the size that fitted gives.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from ggrad_gpu.filters import sobel_magnitude
+    >>> rng = np.random.default_rng(0)
+    >>> cube, target = rng.random((10, 8, 3)), rng.random((10, 8))
+    >>> gram, rhs = level_gram(cube, target, rows=3)
+    >>> a = sobel_magnitude(cube).reshape(-1, 3)  # the per-band gradients, whole
+    >>> bool(np.allclose(gram, a.T @ a)), bool(np.allclose(rhs, a.T @ target.ravel()))
+    (True, True)
     """
     if is_dask_array(cube_level):
         return level_gram_chunked(cube_level, target, mask)
@@ -265,7 +286,17 @@ def level_gram(cube_level, target, mask=None, *, rows=None):
 
 
 def combine_bands(cube_level, x):
-    """``gradG = sum_i x_i |grad HS_i|`` over the bands with ``x_i > 0`` only."""
+    """``gradG = sum_i x_i |grad HS_i|`` over the bands with ``x_i > 0`` only.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from ggrad_gpu.filters import sobel_magnitude
+    >>> cube = np.random.default_rng(0).random((10, 8, 3))
+    >>> x = np.array([0.5, 0.0, 2.0])
+    >>> bool(np.allclose(combine_bands(cube, x), sobel_magnitude(cube) @ x))
+    True
+    """
     if is_dask_array(cube_level):
         return combine_bands_chunked(cube_level, x)
     xp = array_module(cube_level=cube_level)

@@ -86,7 +86,16 @@ def _cache_rows(shape, dtype, xp) -> int:
 
 
 def sobel_block_rows(shape, dtype, xp) -> int:
-    """Rows per block of :func:`iter_sobel_blocks`: about 32 MiB on the CPU, 256 MiB on a GPU."""
+    """Rows per block of :func:`iter_sobel_blocks`: about 32 MiB on the CPU, 256 MiB on a GPU.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> sobel_block_rows((4096, 1024, 4), np.dtype(np.float32), np)  # 32 MiB / 16 KiB per row
+    2048
+    >>> sobel_block_rows((100, 1024, 4), np.dtype(np.float32), np)  # never more than the rows
+    100
+    """
     return block_rows(shape, dtype.itemsize, xp, target_bytes=(32 << 20) if xp is np else None)
 
 
@@ -132,6 +141,17 @@ def iter_sobel_blocks(x, *, rows: int | None = None, bands=None) -> Iterator[tup
     -----
     The yielded array is a buffer that the next block overwrites: use it (or
     copy it) before advancing the iterator.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> cube = np.random.default_rng(0).random((10, 6, 3))
+    >>> blocks = [(start, stop, magnitude.copy()) for start, stop, magnitude in iter_sobel_blocks(cube, rows=4)]
+    >>> [(start, stop) for start, stop, _ in blocks]
+    [(0, 4), (4, 8), (8, 10)]
+    >>> whole = np.concatenate([magnitude for *_, magnitude in blocks])
+    >>> bool(np.allclose(whole, sobel_magnitude(cube)))
+    True
     """
     xp = array_module(x=x)
     dtype = float_dtype(x.dtype)

@@ -56,6 +56,16 @@ class MosaicGrid:
         ``[[k, 0, r0 + (k-1)/2], [0, k, c0 + (k-1)/2], [0, 0, 1]]``.
     shape : (int, int)
         Mosaic pixels (rows, cols).
+
+    Examples
+    --------
+    >>> tiles = [np.full((8, 8, 2), 1.0), np.full((8, 8, 2), 3.0)]
+    >>> matrices = [np.eye(3), np.array([[1.0, 0, 0], [0, 1, -6], [0, 0, 1]])]  # the second 6 columns on
+    >>> grid = mosaic_grid([t.shape for t in tiles], matrices)
+    >>> grid.factor, grid.shape
+    (1, (8, 14))
+    >>> grid.record(bands=2)["shape"]
+    [8, 14, 2]
     """
 
     factor: int
@@ -129,7 +139,17 @@ def feather_weights(matrix, tile_shape, output_shape) -> np.ndarray:
 
 
 def tiles_reaching(tile_shapes, matrices, grid: MosaicGrid, rows, cols) -> list:
-    """Indices of the tiles whose footprint reaches the mosaic window ``rows x cols`` (two ranges)."""
+    """Indices of the tiles whose footprint reaches the mosaic window ``rows x cols`` (two ranges).
+
+    Examples
+    --------
+    >>> tiles = [np.full((8, 8, 2), 1.0), np.full((8, 8, 2), 3.0)]
+    >>> matrices = [np.eye(3), np.array([[1.0, 0, 0], [0, 1, -6], [0, 0, 1]])]
+    >>> grid = mosaic_grid([t.shape for t in tiles], matrices)
+    >>> shapes = [t.shape for t in tiles]
+    >>> [tiles_reaching(shapes, matrices, grid, (0, 8), cols) for cols in [(0, 4), (4, 10), (10, 14)]]
+    [[0], [0, 1], [1]]
+    """
     reaching = []
     for i, (shape, matrix) in enumerate(zip(tile_shapes, matrices)):
         low, high = footprint_box(shape[:2], np.asarray(matrix) @ grid.to_guide)
@@ -155,6 +175,17 @@ def fuse_chunk(tiles, matrices, grid: MosaicGrid, rows, cols) -> np.ndarray:
         The feather-weighted mean of the tiles' values (float32 sums, in the
         tiles' order, each tile resampled only over the part of the window
         its footprint reaches); NaN where no tile has a value.
+
+    Examples
+    --------
+    >>> tiles = [np.full((8, 8, 2), 1.0), np.full((8, 8, 2), 3.0)]
+    >>> matrices = [np.eye(3), np.array([[1.0, 0, 0], [0, 1, -6], [0, 0, 1]])]  # overlap: columns 6 and 7
+    >>> grid = mosaic_grid([t.shape for t in tiles], matrices)
+    >>> fused = fuse_chunk(tiles, matrices, grid, (0, 8), (0, 14))
+    >>> fused.shape, fused.dtype
+    ((8, 14, 2), dtype('float32'))
+    >>> fused[4, :, 0].tolist()  # column 6: weights 1.5 and 0.5, (1.5 * 1 + 0.5 * 3) / 2; column 7 the reverse
+    [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.5, 2.5, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0]
     """
     shape = (rows[1] - rows[0], cols[1] - cols[0])
     window = grid.to_guide @ np.array([[1.0, 0, rows[0]], [0, 1, cols[0]], [0, 0, 1]])
@@ -191,6 +222,17 @@ def mosaic_array(tiles, matrices, grid: MosaicGrid, *, chunk: int = CHUNK):
 
     Each block reads only the tiles that reach it; ``compute()`` it for a
     small mosaic, or let :func:`fuse_mosaic` write it.
+
+    Examples
+    --------
+    >>> tiles = [np.full((8, 8, 2), 1.0), np.full((8, 8, 2), 3.0)]
+    >>> matrices = [np.eye(3), np.array([[1.0, 0, 0], [0, 1, -6], [0, 0, 1]])]
+    >>> grid = mosaic_grid([t.shape for t in tiles], matrices)
+    >>> lazy = mosaic_array(tiles, matrices, grid, chunk=5)
+    >>> lazy.chunks
+    ((5, 3), (5, 5, 4), (2,))
+    >>> bool(np.array_equal(lazy.compute(), fuse_chunk(tiles, matrices, grid, (0, 8), (0, 14))))
+    True
     """
     import dask.array as da
 
@@ -205,7 +247,20 @@ def mosaic_array(tiles, matrices, grid: MosaicGrid, *, chunk: int = CHUNK):
 
 
 def inputs_fingerprint(tiles, matrices, grid: MosaicGrid, *, chunk: int = CHUNK, extra=None) -> str:
-    """A digest of what the mosaic is made of: the tiles' values, the matrices, the grid, ``extra``."""
+    """A digest of what the mosaic is made of: the tiles' values, the matrices, the grid, ``extra``.
+
+    Examples
+    --------
+    >>> tiles = [np.full((8, 8, 2), 1.0), np.full((8, 8, 2), 3.0)]
+    >>> matrices = [np.eye(3), np.array([[1.0, 0, 0], [0, 1, -6], [0, 0, 1]])]
+    >>> grid = mosaic_grid([t.shape for t in tiles], matrices)
+    >>> stamp = inputs_fingerprint(tiles, matrices, grid)
+    >>> len(stamp), stamp == inputs_fingerprint([t.copy() for t in tiles], matrices, grid)
+    (64, True)
+    >>> tiles[1][0, 0, 0] = 4.0  # one value changed: another mosaic
+    >>> stamp == inputs_fingerprint(tiles, matrices, grid)
+    False
+    """
     digest = hashlib.sha256()
     settings = {"matrices": np.round(np.asarray(matrices, dtype=np.float64), 12).tolist(),
                 "grid": grid.record(_bands(tiles)), "chunk": chunk, "extra": extra}
@@ -253,6 +308,21 @@ def fuse_mosaic(path, tiles, matrices, grid: MosaicGrid, *, chunk: int = CHUNK, 
     FileExistsError
         If ``path`` holds something else (another fingerprint, not a Zarr
         array) and ``force`` is False.
+
+    Examples
+    --------
+    >>> import tempfile, zarr
+    >>> tiles = [np.full((8, 8, 2), 1.0), np.full((8, 8, 2), 3.0)]
+    >>> matrices = [np.eye(3), np.array([[1.0, 0, 0], [0, 1, -6], [0, 0, 1]])]
+    >>> grid = mosaic_grid([t.shape for t in tiles], matrices)
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> path = fuse_mosaic(Path(folder.name) / "mosaic.zarr", tiles, matrices, grid, chunk=5)
+    >>> store = zarr.open_array(str(path), mode="r")
+    >>> store.shape, store.attrs["complete"], store.attrs["grid_factor"]
+    ((8, 14, 2), True, 1)
+    >>> bool(np.array_equal(store[:], fuse_chunk(tiles, matrices, grid, (0, 8), (0, 14))))
+    True
+    >>> folder.cleanup()
     """
     from .io.resumable import ResumableArray
 
@@ -287,7 +357,24 @@ def fuse_mosaic(path, tiles, matrices, grid: MosaicGrid, *, chunk: int = CHUNK, 
 
 
 def write_chunk(path, index, tiles, matrices, grid: MosaicGrid, rows, cols, bands) -> tuple:
-    """Fuse one chunk and write it into the resumable store at ``path``; a task of :func:`fuse_mosaic`."""
+    """Fuse one chunk and write it into the resumable store at ``path``; a task of :func:`fuse_mosaic`.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from ggrad_gpu.io.resumable import ResumableArray
+    >>> tiles = [np.full((8, 8, 2), 1.0), np.full((8, 8, 2), 3.0)]
+    >>> matrices = [np.eye(3), np.array([[1.0, 0, 0], [0, 1, -6], [0, 0, 1]])]
+    >>> grid = mosaic_grid([t.shape for t in tiles], matrices)
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> path = Path(folder.name) / "mosaic.zarr"
+    >>> store = ResumableArray.open(path, shape=(8, 14, 2), chunks=(5, 5, 2), dtype="float32", fingerprint="demo")
+    >>> write_chunk(path, (0, 1, 0), tiles, matrices, grid, (0, 5), (5, 10), 2)
+    (0, 1, 0)
+    >>> len(store.pending()), store.array[4, 5:10, 0].tolist()  # 5 chunks left; this one written
+    (5, [1.0, 1.5, 2.5, 3.0, 3.0])
+    >>> folder.cleanup()
+    """
     import zarr
 
     from .io.resumable import ResumableArray
@@ -312,6 +399,22 @@ def write_ome_zarr(mosaic_path, path, *, overwrite: bool = False) -> Path:
         If ``mosaic_path`` is not complete.
     FileExistsError
         If ``path`` exists and ``overwrite`` is False.
+
+    Examples
+    --------
+    >>> import tempfile, zarr
+    >>> tiles = [np.full((8, 8, 2), 1.0), np.full((8, 8, 2), 3.0)]
+    >>> matrices = [np.eye(3), np.array([[1.0, 0, 0], [0, 1, -6], [0, 0, 1]])]
+    >>> grid = mosaic_grid([t.shape for t in tiles], matrices)
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> mosaic = fuse_mosaic(Path(folder.name) / "mosaic.zarr", tiles, matrices, grid, chunk=5)
+    >>> path = write_ome_zarr(mosaic, Path(folder.name) / "mosaic.ome.zarr")
+    >>> group = zarr.open_group(str(path), mode="r")
+    >>> [axis["name"] for axis in group.attrs["ome"]["multiscales"][0]["axes"]]
+    ['c', 'y', 'x']
+    >>> bool(np.array_equal(group["s0"][:], np.moveaxis(zarr.open_array(str(mosaic))[:], 2, 0)))
+    True
+    >>> folder.cleanup()
     """
     import dask.array as da
     import zarr
@@ -346,5 +449,11 @@ def _splits(size: int, chunk: int) -> tuple:
 
 
 def chunk_count(grid: MosaicGrid, chunk: int = CHUNK) -> int:
-    """Chunks of the store: ``ceil(rows / chunk) * ceil(cols / chunk)``."""
+    """Chunks of the store: ``ceil(rows / chunk) * ceil(cols / chunk)``.
+
+    Examples
+    --------
+    >>> chunk_count(MosaicGrid(1, np.eye(3), (8, 14)), chunk=5)  # ceil(8 / 5) * ceil(14 / 5)
+    6
+    """
     return math.ceil(grid.shape[0] / chunk) * math.ceil(grid.shape[1] / chunk)

@@ -64,7 +64,17 @@ def fov_matrix(guide_shape, cube_shape) -> np.ndarray:
 
 
 def check_output_shape(shape, name: str = "output_shape") -> tuple[int, int]:
-    """``shape`` as ``(rows, cols)`` of positive integers; ValueError naming ``name`` otherwise."""
+    """``shape`` as ``(rows, cols)`` of positive integers; ValueError naming ``name`` otherwise.
+
+    Examples
+    --------
+    >>> check_output_shape([4.0, 5])
+    (4, 5)
+    >>> check_output_shape((4, 0))
+    Traceback (most recent call last):
+        ...
+    ValueError: output_shape must be (rows, cols) with positive sizes; got (4, 0)
+    """
     try:
         values = tuple(shape)
         out = tuple(int(n) for n in values)
@@ -81,13 +91,25 @@ def map_points(matrix, rows, cols):
 
     The matrix's entries become host scalars, so no device round trip per
     call; the result has the coordinates' dtype and array module.
+
+    Examples
+    --------
+    >>> matrix = np.array([[2.0, 0, 1], [0, 3, -1], [0, 0, 1]])
+    >>> map_points(matrix, np.array([0.0, 1.0]), np.array([2.0, 2.0]))
+    (array([1., 3.]), array([5., 5.]))
     """
     m = [[float(v) for v in row] for row in np.asarray(matrix)[:2]]
     return m[0][0] * rows + m[0][1] * cols + m[0][2], m[1][0] * rows + m[1][1] * cols + m[1][2]
 
 
 def in_footprint(q_rows, q_cols, cube_shape):
-    """Whether cube coordinates lie in the cube's footprint, ``-0.5 .. size - 0.5`` on each axis."""
+    """Whether cube coordinates lie in the cube's footprint, ``-0.5 .. size - 0.5`` on each axis.
+
+    Examples
+    --------
+    >>> in_footprint(np.array([-0.5, 2.4, 2.6]), np.zeros(3), (3, 3))
+    array([ True,  True, False])
+    """
     return (q_rows >= -0.5) & (q_rows <= cube_shape[0] - 0.5) & (q_cols >= -0.5) & (q_cols <= cube_shape[1] - 0.5)
 
 
@@ -102,6 +124,12 @@ def affine_coordinates(matrix, shape, xp):
         The grid.
     xp : module
         NumPy or CuPy: where the coordinates are made.
+
+    Examples
+    --------
+    >>> q_rows, q_cols = affine_coordinates(fov_matrix((4, 4), (2, 2)), (4, 4), np)
+    >>> q_rows.shape, q_rows[:, 0].tolist()
+    ((4, 4), [-0.25, 0.25, 0.75, 1.25])
     """
     r = xp.arange(shape[0], dtype=xp.float64)[:, None]
     c = xp.arange(shape[1], dtype=xp.float64)[None, :]
@@ -109,12 +137,26 @@ def affine_coordinates(matrix, shape, xp):
 
 
 def footprint_mask(cube_shape, matrix, shape, xp):
-    """Grid pixels whose mapped point lies in the cube's footprint (``-0.5 .. size - 0.5``)."""
+    """Grid pixels whose mapped point lies in the cube's footprint (``-0.5 .. size - 0.5``).
+
+    Examples
+    --------
+    >>> footprint_mask((2, 2), np.eye(3), (3, 4), np).astype(int)
+    array([[1, 1, 0, 0],
+           [1, 1, 0, 0],
+           [0, 0, 0, 0]])
+    """
     return in_footprint(*affine_coordinates(matrix, shape, xp), cube_shape)
 
 
 def pixels_per_cube_pixel(matrix) -> float:
-    """``r = 1 / sqrt(|det(matrix[:2, :2])|)``: grid pixels per cube pixel (matrix: grid to cube)."""
+    """``r = 1 / sqrt(|det(matrix[:2, :2])|)``: grid pixels per cube pixel (matrix: grid to cube).
+
+    Examples
+    --------
+    >>> pixels_per_cube_pixel(fov_matrix((100, 100), (20, 20)))
+    5.0
+    """
     det = abs(float(np.linalg.det(np.asarray(matrix, dtype=np.float64)[:2, :2])))
     if not det > 0:
         raise ValueError("initial must be invertible (its 2 x 2 linear part has determinant 0)")
@@ -122,13 +164,26 @@ def pixels_per_cube_pixel(matrix) -> float:
 
 
 def footprint_sides(cube_shape, matrix) -> tuple[float, float]:
-    """Lengths, in grid pixels, of the cube footprint's sides along the cube's rows and columns."""
+    """Lengths, in grid pixels, of the cube footprint's sides along the cube's rows and columns.
+
+    Examples
+    --------
+    >>> footprint_sides((20, 10), np.diag([0.5, 0.25, 1.0]))
+    (40.0, 40.0)
+    """
     inverse = np.linalg.inv(np.asarray(matrix, dtype=np.float64)[:2, :2])
     return (float(np.hypot(*inverse[:, 0])) * cube_shape[0], float(np.hypot(*inverse[:, 1])) * cube_shape[1])
 
 
 def footprint_box(cube_shape, matrix) -> tuple[np.ndarray, np.ndarray]:
-    """The grid's bounding box ``(low, high)`` (row, col) of the cube's footprint, pixel edges included."""
+    """The grid's bounding box ``(low, high)`` (row, col) of the cube's footprint, pixel edges included.
+
+    Examples
+    --------
+    >>> low, high = footprint_box((20, 10), fov_matrix((100, 50), (20, 10)))
+    >>> np.round(low, 6).tolist(), np.round(high, 6).tolist()
+    ([-0.5, -0.5], [99.5, 49.5])
+    """
     h, w = cube_shape[0] - 0.5, cube_shape[1] - 0.5
     corners = np.array([[-0.5, -0.5, 1], [-0.5, w, 1], [h, -0.5, 1], [h, w, 1]]).T
     points = np.linalg.solve(np.asarray(matrix, dtype=np.float64), corners)[:2]
@@ -142,6 +197,13 @@ def cube_resolution_step(to_cube) -> int:
     (its values there are interpolated) but cost the most: the estimate from
     the initial placement runs on the finest level whose pixels still sample
     the cube at least every 0.8 cube pixels.
+
+    Examples
+    --------
+    >>> cube_resolution_step(np.diag([0.0625, 0.0625, 1.0]))  # 16 pixels per cube pixel: step 8 samples every 0.5
+    8
+    >>> cube_resolution_step(np.eye(3))
+    1
     """
     pixel = pixels_per_cube_pixel(to_cube)
     return 2 ** max(0, int(math.floor(math.log2(max(pixel / 1.25, 1.0)))))
@@ -166,6 +228,14 @@ class WorkingGrid:
     cube_step : int
         Pixel step of the working grid's pyramid level at the cube's
         resolution (:func:`cube_resolution_step`).
+
+    Examples
+    --------
+    >>> grid = WorkingGrid(s=2, origin=(10, 20), shape=(5, 6), to_guide=np.eye(3), cube_step=1)
+    >>> grid.guide_region()
+    (slice(10, 20, None), slice(20, 32, None))
+    >>> grid.level_shape(4)
+    (2, 2)
     """
 
     s: int
@@ -279,6 +349,13 @@ def auto_levels(cube_shape, initial, grid: WorkingGrid) -> int:
 
     Counted on the grid at the cube's resolution (``grid.cube_step``), the
     coarser of the two grids the estimates run on; at least 1.
+
+    Examples
+    --------
+    >>> initial = np.array([[0.2, 0, -30], [0, 0.2, -35], [0, 0, 1.0]])
+    >>> grid = working_grid((600, 700), (60, 70), initial)
+    >>> grid.cube_step, auto_levels((60, 70), initial, grid)
+    (4, 4)
     """
     sides = footprint_sides(cube_shape, initial)
     across = min(min(sides) / grid.s, *grid.shape) / grid.cube_step
@@ -293,6 +370,15 @@ def degeneracy(relative, max_scale: float) -> str:
     ``relative`` is the refined matrix relative to the start (``inv(start) @
     refined``). Not finite, a flip or collapse, or a change of scale beyond
     ``max_scale`` along any axis.
+
+    Examples
+    --------
+    >>> degeneracy(np.eye(3), 1.5)
+    ''
+    >>> degeneracy(np.diag([-1.0, 1.0, 1.0]), 1.5)
+    'it flips or collapses the image'
+    >>> degeneracy(np.diag([2.0, 1.0, 1.0]), 1.5)
+    'it scales by 1 to 2, beyond a factor 1.5'
     """
     relative = np.asarray(relative, dtype=np.float64)
     if not np.isfinite(relative).all():

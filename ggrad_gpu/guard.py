@@ -51,6 +51,18 @@ class Verdict:
         ``mse_before``, ``mse_after``, ``ncc_before``, ``ncc_after``, and where
         given ``fit_before``, ``fit_after`` (and, with ``refine(check=True)``,
         ``spread_px``).
+
+    Examples
+    --------
+    >>> quality = {"mse_before": 0.2, "mse_after": 0.05, "ncc_before": 0.3, "ncc_after": 0.9,
+    ...            "fit_before": 0.25, "fit_after": 0.95}
+    >>> Verdict(True, "", quality).figures
+    'gradient MSE 0.2 -> 0.05, NCC 0.300 -> 0.900, fit 0.250 -> 0.950'
+    >>> import scipy.ndimage as ndi
+    >>> grad_x = ndi.gaussian_filter(np.random.default_rng(0).random((64, 64)), 2)
+    >>> verdict = judge(grad_x, grad_x, np.eye(3))  # nothing moved: nothing improved
+    >>> isinstance(verdict, Verdict), verdict.improved, bool(verdict.reason)
+    (True, False, True)
     """
 
     improved: bool

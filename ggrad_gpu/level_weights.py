@@ -30,6 +30,15 @@ def level_weights_matrix(guide_levels, cube_levels, weights=None) -> np.ndarray:
         Upsampled per-level gradients of the guide and of the cube.
     weights : array, shape (rows, cols), optional
         Pixel weights (0 drops a pixel); N is then their sum.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> guide_levels, cube_levels = rng.random((2, 4, 4)), rng.random((2, 4, 4))
+    >>> m = np.concatenate([guide_levels.reshape(2, -1), -cube_levels.reshape(2, -1)]).T
+    >>> bool(np.allclose(level_weights_matrix(guide_levels, cube_levels), m.T @ m / 16))
+    True
     """
     xp = array_module(guide_levels=guide_levels, cube_levels=cube_levels, weights=weights)
     k = guide_levels.shape[0]
@@ -85,6 +94,16 @@ def solve_level_weights(q, *, max_iter: int | None = None) -> tuple[np.ndarray, 
     solution leaves the simplex, and free the bound with the most negative
     multiplier when it does not. It ends when the KKT conditions hold, which
     for a convex QP certifies the global minimum.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> guide_levels = rng.random((2, 8, 8))
+    >>> cube_levels = np.stack([rng.random((8, 8)), guide_levels[0]])  # cube level 1 = guide level 0
+    >>> alpha, beta = solve_level_weights(level_weights_matrix(guide_levels, cube_levels))
+    >>> np.round(alpha, 9) + 0.0, np.round(beta, 9) + 0.0
+    (array([1., 0.]), array([0., 1.]))
     """
     q = np.asarray(q, dtype=np.float64)
     if q.ndim != 2 or q.shape[0] != q.shape[1] or q.shape[0] % 2 or q.shape[0] == 0:
@@ -159,6 +178,18 @@ def level_weights_kkt(q, alpha, beta) -> dict:
         ``dual`` (largest ``lambda_g - grad_j`` where ``z_j == 0``: negative
         multipliers), ``objective``. The multiplier of each sum is the mean
         gradient over that group's positive entries.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> guide_levels = rng.random((2, 8, 8))
+    >>> q = level_weights_matrix(guide_levels, np.stack([rng.random((8, 8)), guide_levels[0]]))
+    >>> kkt = level_weights_kkt(q, *solve_level_weights(q))
+    >>> sorted(kkt), kkt["primal"] < 1e-12, kkt["objective"] < 1e-12
+    (['dual', 'objective', 'primal', 'stationarity'], True, True)
+    >>> level_weights_kkt(q, [0.5, 0.5], [0.5, 0.5])["objective"] > 0.01  # uniform weights do worse
+    True
     """
     q = np.asarray(q, dtype=np.float64)
     z = np.concatenate([np.asarray(alpha, float), np.asarray(beta, float)])
@@ -188,6 +219,15 @@ def manual_level_weights(weights, levels: int) -> tuple[np.ndarray, np.ndarray]:
     ValueError
         Naming ``weights`` when the pair is malformed, of the wrong length,
         negative, not finite or all zero.
+
+    Examples
+    --------
+    >>> manual_level_weights(([1, 1, 2], [0, 0, 3]), 3)
+    (array([0.25, 0.25, 0.5 ]), array([0., 0., 1.]))
+    >>> manual_level_weights(([1, 1], [1, 1]), 3)
+    Traceback (most recent call last):
+        ...
+    ValueError: weights: alpha must have 3 entries (one per level); got 2
     """
     try:
         alpha, beta = weights

@@ -44,7 +44,21 @@ OME_ZARR = "mosaic.ome.zarr"  # with --ome-zarr
 
 
 class TileFile:
-    """A tile on disk: its shape now, its values when a task reads it (``numpy.asarray``)."""
+    """A tile on disk: its shape now, its values when a task reads it (``numpy.asarray``).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = tempfile.TemporaryDirectory(); root = Path(folder.name)
+    >>> cube = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    >>> np.save(root / "tile.npy", cube)
+    >>> tile = TileFile(root / "tile.npy")
+    >>> tile.shape, bool(np.array_equal(np.asarray(tile), cube))  # the shape now, the values when read
+    ((2, 3, 4), True)
+    >>> tile.stamp()["dataset"] is None, tile.stamp() == TileFile(root / "tile.npy").stamp()
+    (True, True)
+    >>> folder.cleanup()
+    """
 
     def __init__(self, path, dataset=None):
         from .io import read_cube
@@ -87,7 +101,22 @@ def initial_from_stage(x_um, y_um, tile_pixel_um, guide_pixel_um, guide_origin_u
 
 
 def read_manifest(path, *, tile_pixel_um=None, guide_pixel_um=None, guide_origin_um=(0.0, 0.0)) -> list[dict]:
-    """The tiles of a JSON or CSV manifest: ``[{"name", "cube", "dataset", "initial"}]``, paths resolved."""
+    """The tiles of a JSON or CSV manifest: ``[{"name", "cube", "dataset", "initial"}]``, paths resolved.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = tempfile.TemporaryDirectory(); root = Path(folder.name)
+    >>> _ = (root / "tiles.json").write_text(json.dumps({"tiles": [{"cube": "a.npy", "initial": np.eye(3).tolist()}]}))
+    >>> tiles = read_manifest(root / "tiles.json")
+    >>> tiles[0]["name"], tiles[0]["cube"] == root / "a.npy", tiles[0]["initial"].shape  # paths beside the manifest
+    ('a', True, (3, 3))
+    >>> _ = (root / "stage.csv").write_text("cube,x_um,y_um\\na.npy,100,50\\n")
+    >>> tiles = read_manifest(root / "stage.csv", tile_pixel_um=4.0, guide_pixel_um=1.0)
+    >>> bool(np.allclose(tiles[0]["initial"], initial_from_stage(100.0, 50.0, 4.0, 1.0)))
+    True
+    >>> folder.cleanup()
+    """
     from .io import read_transform
 
     path = Path(path)
@@ -131,7 +160,17 @@ def read_manifest(path, *, tile_pixel_um=None, guide_pixel_um=None, guide_origin
 
 
 def add_parser(commands, common_options) -> None:
-    """Register ``ggrad mosaic`` on the ``ggrad`` parser's subcommands."""
+    """Register ``ggrad mosaic`` on the ``ggrad`` parser's subcommands.
+
+    Examples
+    --------
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser(prog="ggrad")
+    >>> add_parser(parser.add_subparsers(dest="command"), lambda subparser: None)
+    >>> args = parser.parse_args(["mosaic", "guide.png", "tiles.json", "-o", "out", "--chunk", "64"])
+    >>> args.command, str(args.manifest), args.chunk, args.run is mosaic_command
+    ('mosaic', 'tiles.json', 64, True)
+    """
     mosaic = commands.add_parser("mosaic", help="refine every tile of a mosaic on one guide and fuse the mosaic",
                                  description=__doc__.split("\n\n")[0])
     mosaic.add_argument("guide", type=Path, help="guide image of the whole mosaic")
@@ -155,6 +194,31 @@ def add_parser(commands, common_options) -> None:
 
 
 def mosaic_command(args) -> int:
+    """``ggrad mosaic``: refine the manifest's tiles, fit the stage model, fuse ``mosaic.zarr``; the exit code.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from ggrad_gpu import synthetic
+    >>> from ggrad_gpu.cli import build_parser
+    >>> folder = tempfile.TemporaryDirectory(); root = Path(folder.name)
+    >>> mosaic = synthetic.make_mosaic(grid=(1, 2), tile_shape=(16, 16), bands=4, slipped=None, featureless=None,
+    ...                                signatures="mixed")
+    >>> np.save(root / "guide.npy", mosaic.guide)
+    >>> for i, tile in enumerate(mosaic.tiles):
+    ...     np.save(root / f"tile{i}.npy", tile)
+    >>> manifest = {"tiles": [{"cube": f"tile{i}.npy", "initial": m.tolist()} for i, m in enumerate(mosaic.initials)]}
+    >>> _ = (root / "tiles.json").write_text(json.dumps(manifest))
+    >>> args = build_parser().parse_args(["mosaic", str(root / "guide.npy"), str(root / "tiles.json"),
+    ...                                   "-o", str(root / "out"), "-q", "--backend", "numpy"])
+    >>> mosaic_command(args)  # doctest: +ELLIPSIS
+    2 tiles: 2 refined
+    wrote tiles.json, mosaic.zarr, report.png to ...
+    0
+    >>> [tile["status"] for tile in json.loads((root / "out" / "tiles.json").read_text())["tiles"]]
+    ['refined', 'refined']
+    >>> folder.cleanup()
+    """
     from . import io
     from .cluster import dask_client
     from .fusion import mosaic_grid
@@ -204,6 +268,18 @@ def mosaic_demo(args) -> int:
     :func:`ggrad_gpu.synthetic.make_mosaic` (``signatures="mixed"``, tiles of
     32 x 32 x ``--bands`` at 4 guide pixels per tile pixel, a slipped tile and
     a featureless one); the outputs of ``ggrad mosaic`` go to OUTDIR.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from ggrad_gpu.cli import build_parser
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> args = build_parser().parse_args(["demo", "--mosaic", "--bands", "4", "-o", folder.name + "/demo"])
+    >>> # twelve tile refinements, about 10 s: tests/test_mosaic_cli.py runs it instead
+    >>> mosaic_demo(args)  # doctest: +SKIP
+    phantom mosaic: guide 394 x 503, 12 tiles of 32 x 32 x 4 (3 x 4, overlapping), a shared stage error, ...
+    0
+    >>> folder.cleanup()
     """
     import tempfile
 

@@ -28,6 +28,14 @@ def spurious_blas_flags_ignored():
     Some OpenBLAS kernels leave the floating-point invalid flag set on finite
     input (numpy/numpy#24067), which NumPy reports as a RuntimeWarning. The
     callers check their input for NaN and inf first, so the flag is noise.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> with spurious_blas_flags_ignored():
+    ...     inside = np.geterr()["invalid"]
+    >>> inside, np.geterr()["invalid"] == "ignore"  # restored on the way out
+    ('ignore', False)
     """
     return np.errstate(invalid="ignore")
 
@@ -47,6 +55,19 @@ class GramAccumulator:
         rate, and with short chunks summed in float64 the Gram's relative error
         stays near 1e-7, far below what moves the NNLS optimum (the tests check
         the objective against a float64 reference).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> a, b = rng.random((6, 3)), rng.random(6)
+    >>> acc = GramAccumulator(3)
+    >>> acc.add(a[:4], b[:4]); acc.add(a[4:], b[4:])  # two chunks of rows
+    >>> bool(np.allclose(acc.gram, a.T @ a)), bool(np.allclose(acc.rhs, a.T @ b))
+    (True, True)
+    >>> acc = GramAccumulator(3); acc.add(a, b, weights=np.array([1.0, 1, 1, 1, 0, 0]))  # a mask
+    >>> bool(np.allclose(acc.gram, a[:4].T @ a[:4]))
+    True
     """
 
     def __init__(self, bands: int, xp=np, product_dtype=np.float64):
@@ -289,6 +310,18 @@ def nnls_kkt_residual(gram, rhs, x) -> dict:
         ``negative_x`` (most negative entry of x, 0 if none), ``dual`` (largest
         positive ``w`` on the active set), ``stationarity`` (largest ``|w|`` on
         the passive set), ``complementarity`` (largest ``|x * w|``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scipy.optimize import nnls
+    >>> rng = np.random.default_rng(0)
+    >>> a, b = rng.random((20, 3)), rng.random(20)
+    >>> x = nnls(a, b)[0]  # SciPy's optimum satisfies the KKT conditions
+    >>> max(nnls_kkt_residual(a.T @ a, a.T @ b, x).values()) < 1e-8
+    True
+    >>> nnls_kkt_residual(a.T @ a, a.T @ b, np.zeros(3))["dual"] > 0.1  # x = 0 is no optimum here
+    True
     """
     gram = to_host(gram).astype(np.float64)
     rhs = to_host(rhs).astype(np.float64)

@@ -25,7 +25,18 @@ OUTPUT_GRIDS = ("working", "guide", "cube")
 
 @dataclass(frozen=True)
 class RefineOptions:
-    """The choices of :func:`ggrad_gpu.refine` that shape the computation (see its docstring)."""
+    """The choices of :func:`ggrad_gpu.refine` that shape the computation (see its docstring).
+
+    Examples
+    --------
+    >>> options = RefineOptions(levels=3, order=3, memory_limit="1GiB")
+    >>> options.levels, options.memory_limit, options.auto_weights
+    (3, 1073741824, True)
+    >>> RefineOptions(order=2)
+    Traceback (most recent call last):
+        ...
+    ValueError: order must be 1 or 3; got 2
+    """
 
     levels: object = "auto"
     weights: object = "auto"
@@ -108,7 +119,18 @@ def _first_length(weights) -> int:
 
 
 def check_inputs(guide, cube, band_axis):
-    """Check ``guide`` and ``cube`` (before ``band_axis`` moves), naming them; the cube, bands last (a view)."""
+    """Check ``guide`` and ``cube`` (before ``band_axis`` moves), naming them; the cube, bands last (a view).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_inputs(np.zeros((20, 30)), np.zeros((5, 10, 15)), band_axis=0).shape  # bands moved last
+    (10, 15, 5)
+    >>> check_inputs(np.zeros((20, 30)), np.zeros((10, 15)), band_axis=2)
+    Traceback (most recent call last):
+        ...
+    ValueError: cube must be 3-D (rows, cols, bands); got shape (10, 15) (a single band? pass cube[..., None])
+    """
     check_array(guide, "guide", (2, 3), GRAY_LAYOUT)
     if guide.ndim == 3 and guide.shape[2] > 4:
         raise ValueError(
@@ -138,6 +160,15 @@ def check_placement(guide_shape, cube, initial, mask, working_shape, memory_limi
 
     For a dask cube with a ``memory_limit``, the working grid is coarsened
     (where it must be) so that its 2-D steps fit the limit.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> initial, mask, grid = check_placement((600, 700), np.zeros((60, 70, 4)), None, None, None)
+    >>> bool(np.allclose(initial, fov_matrix((600, 700), (60, 70)))), mask is None
+    (True, True)
+    >>> grid.s  # ceil(10 guide pixels per cube pixel / 6)
+    2
     """
     if mask is not None:
         mask = check_mask(mask, "mask", cube.shape[:2])
@@ -156,6 +187,20 @@ def resolve_levels(options: RefineOptions, guide_shape, cube_shape, initial, gri
     the cube's footprint (at least one level: a footprint too small for that
     is an outcome of the refinement, not an error). An explicit number must
     fit the grids themselves; the error says how many fit.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> initial = fov_matrix((600, 700), (60, 70))
+    >>> grid = working_grid((600, 700), (60, 70), initial)
+    >>> resolve_levels(RefineOptions(), (600, 700), (60, 70), initial, grid)
+    4
+    >>> resolve_levels(RefineOptions(levels=2), (600, 700), (60, 70), initial, grid)
+    2
+    >>> resolve_levels(RefineOptions(levels=9), (600, 700), (60, 70), initial, grid)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+        ...
+    ValueError: levels=9 is too many for a guide of 600 x 700 and a cube of 60 x 70 pixels: ...
     """
     estimate_grid = grid.level_shape(grid.cube_step)
     if max_levels(grid.shape) == 0:
@@ -191,6 +236,13 @@ def bands_first_hint(cube_shape, guide_shape, initial=None) -> str:
     83) for a 350 x 415 guide show up as a grid of the wrong shape: the hint
     comes where axes 1 and 2 fit within 15 % and axes 0 and 1 miss by more
     than 25 %.
+
+    Examples
+    --------
+    >>> bands_first_hint((70, 83, 200), (350, 415))
+    ''
+    >>> bands_first_hint((200, 70, 83), (350, 415))
+    '; the bands look like they are first; pass band_axis=0'
     """
     if initial is None:
         expected = guide_shape[0] / guide_shape[1]

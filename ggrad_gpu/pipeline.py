@@ -114,6 +114,16 @@ class Refinement:
         Pixel of ``registered`` to guide coordinate: ``working_to_guide``,
         the identity (``output_grid="guide"``), or the grid at about the
         cube's pixel size (``output_grid="cube"``).
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> phantom = synthetic.make_phantom(shape=(64, 80), bands=8, seed=1)
+    >>> result = refine(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> isinstance(result, Refinement), result.backend, result.registered.shape, result.valid.shape
+    (True, 'numpy', (64, 80, 8), (64, 80))
+    >>> result.improved, bool(np.allclose(result.output_to_guide, result.working_to_guide))
+    (True, True)
     """
 
     matrix: np.ndarray
@@ -134,7 +144,18 @@ class Refinement:
 
 @dataclass(frozen=True)
 class Problem:
-    """Everything the passes share: the prepared inputs on the working grid and the options."""
+    """Everything the passes share: the prepared inputs on the working grid and the options.
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=8, seed=1)
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> isinstance(problem, Problem), problem.xp is np, problem.guide.image.shape == problem.grid.shape
+    (True, True, True)
+    >>> problem.cube.values is phantom.cube, problem.guide_shape  # nothing missing: the cube itself
+    (True, (96, 112))
+    """
 
     guide: PreparedGuide
     cube: PreparedCube
@@ -152,7 +173,17 @@ class Problem:
 
 @dataclass(frozen=True)
 class Estimate:
-    """An estimate on the working grid and the coverage of its images there."""
+    """An estimate on the working grid and the coverage of its images there.
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=8, seed=1)
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> estimate = estimate_pass(problem, np.eye(3), problem.grid.cube_step)
+    >>> isinstance(estimate, Estimate), estimate.fixed_valid is None  # no guide pixel is missing
+    (True, True)
+    """
 
     gradient: GlobalGradient
     coverage: Coverage
@@ -431,6 +462,17 @@ def estimate_pass(problem: Problem, placement, step: int, bands=None, levels=Non
         Only these bands (the others get weight 0).
     levels : int, optional
         Pyramid levels (default ``problem.levels``).
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=8, seed=1)
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> problem.grid.cube_step  # 5 guide pixels per cube pixel: the first estimate runs on every 2nd pixel
+    2
+    >>> estimate = estimate_pass(problem, np.eye(3), problem.grid.cube_step)
+    >>> estimate.gradient.grad_y.shape == problem.grid.shape, estimate.gradient.channel_weights.shape
+    (True, (3, 8))
     """
     xp, grid, options, cube = problem.xp, problem.grid, problem.options, problem.cube
     levels = problem.levels if levels is None else levels
@@ -485,6 +527,21 @@ def register_pass(problem: Problem, estimate: Estimate, placement, *, coarse_sea
     the footprint as the moving mask. Too little overlap keeps the placement
     (the guard says why). ``start`` (working grid to working grid, relative
     to ``placement``; default the identity) is where the registration begins.
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> from ggrad_gpu.metrics import target_registration_error
+    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=8, seed=1)
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> estimate = estimate_pass(problem, np.eye(3), problem.grid.cube_step)
+    >>> registration, placement = register_pass(problem, estimate, np.eye(3), coarse_search=True)
+    >>> to_guide = problem.grid.to_guide
+    >>> refined = problem.initial @ to_guide @ placement @ np.linalg.inv(to_guide)  # guide to cube
+    >>> before = target_registration_error(phantom.initial, phantom.matrix, (96, 112)).mean
+    >>> after = target_registration_error(refined, phantom.matrix, (96, 112)).mean
+    >>> bool(after < before / 3)
+    True
     """
     problem.report("register" + (" (with coarse search)" if coarse_search else ""))
     clock = time.perf_counter()
@@ -499,7 +556,18 @@ def register_pass(problem: Problem, estimate: Estimate, placement, *, coarse_sea
 
 
 def registration_images(problem: Problem, estimate: Estimate):
-    """``grad_x`` and ``grad_y`` with NaN at missing samples, and the footprint; three Nones if too few overlap."""
+    """``grad_x`` and ``grad_y`` with NaN at missing samples, and the footprint; three Nones if too few overlap.
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=8, seed=1)
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> estimate = estimate_pass(problem, np.eye(3), problem.grid.cube_step)
+    >>> fixed, moving, footprint = registration_images(problem, estimate)
+    >>> fixed is estimate.gradient.grad_x, moving.shape, footprint is None  # nothing missing, the cube spans the grid
+    (True, (96, 112), True)
+    """
     xp = problem.xp
     gradient, coverage = estimate.gradient, estimate.coverage
     overlap = estimate.moving_valid
@@ -518,6 +586,18 @@ def resample(problem: Problem, matrix, guide_shape):
 
     Returns ``(registered, valid, output_to_guide)``: the resampled cube, its
     pixels with data, and the output grid's pixel-to-guide matrix.
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=8, seed=1)
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> registered, valid, to_guide = resample(problem, phantom.matrix, (96, 112))
+    >>> registered.shape, bool(np.array_equal(to_guide, problem.grid.to_guide))
+    ((96, 112, 8), True)
+    >>> expected = warp_cube(phantom.cube, phantom.matrix @ to_guide, problem.grid.shape)
+    >>> bool(np.allclose(registered, expected, equal_nan=True)), bool(valid.any())
+    (True, True)
     """
     problem.report("resample the cube")
     start = time.perf_counter()
@@ -543,6 +623,18 @@ def screened_bands(problem: Problem, placement):
 
     The working grid's Gram matrices then cost ``(kept / bands)**2`` of the
     full ones (``screen_bands``).
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=8, seed=1)
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> bands = screened_bands(problem, np.eye(3))
+    >>> aligned = estimate_pass(problem, np.eye(3), problem.grid.cube_step)  # what it screens by
+    >>> bool(np.array_equal(bands, np.flatnonzero((aligned.gradient.channel_weights > 0).any(axis=0))))
+    True
+    >>> screened_bands(replace(problem, options=replace(problem.options, screen_bands=False)), np.eye(3)) is None
+    True
     """
     options = problem.options
     step = cube_resolution_step(problem.initial @ problem.grid.to_guide @ placement)

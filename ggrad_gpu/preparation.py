@@ -51,6 +51,16 @@ class PreparedGuide:
         Working pixels whose guide values were missing (None: none were).
     flat : bool
         Whether the image is constant to rounding (no edges at all).
+
+    Examples
+    --------
+    >>> guide = np.full((8, 8), 100.0); guide[:, 4:] = 50.0; guide[0, 0] = np.nan
+    >>> grid = WorkingGrid(s=2, origin=(0, 0), shape=(4, 4), to_guide=np.eye(3), cube_step=1)
+    >>> prepared = prepare_guide(guide, grid, np, absorbance=False)
+    >>> isinstance(prepared, PreparedGuide), prepared.image.shape, bool(prepared.flat)
+    (True, (4, 4), False)
+    >>> prepared.missing.astype(int)[0], float(prepared.image[0, 0])  # the NaN block, filled from its neighbour
+    (array([1, 0, 0, 0]), 100.0)
     """
 
     image: object
@@ -72,6 +82,13 @@ class PreparedCube:
     dead_bands : numpy.ndarray of int or None
         Bands without any finite value (None: there are none); the estimates
         read them as 0, ``registered`` keeps them NaN.
+
+    Examples
+    --------
+    >>> cube = np.ones((3, 3, 2)); cube[..., 1] = np.nan  # band 1 holds no value at all
+    >>> prepared = prepare_cube(cube, None, np)
+    >>> isinstance(prepared, PreparedCube), prepared.dead_bands.tolist(), prepared.with_data is None
+    (True, [1], True)
     """
 
     values: object
@@ -85,6 +102,13 @@ def prepare_guide(guide, grid: WorkingGrid, xp, *, absorbance: bool) -> Prepared
     Only the region is moved to the device. Missing pixels (NaN, inf) are
     filled from their nearest neighbour with data; with ``absorbance`` the
     image becomes its optical density (:func:`optical_density`).
+
+    Examples
+    --------
+    >>> guide = np.full((8, 8), 100.0); guide[:, 4:] = 50.0
+    >>> grid = WorkingGrid(s=2, origin=(0, 0), shape=(4, 4), to_guide=np.eye(3), cube_step=1)
+    >>> np.round(prepare_guide(guide, grid, np, absorbance=True).image[0], 3) + 0.0  # half the light: log(2)
+    array([0.   , 0.   , 0.693, 0.693])
     """
     rows, cols = grid.guide_region()
     region = to_device(guide[rows, cols], xp)
@@ -109,6 +133,21 @@ def prepare_cube(cube, mask, xp) -> PreparedCube:
 
     Raises ValueError, naming ``cube``, when no pixel has data. A dask cube
     stays lazy (:func:`ggrad_gpu.chunked.prepare_lazy_cube`).
+
+    Examples
+    --------
+    >>> cube = np.ones((3, 3, 2))
+    >>> prepare_cube(cube, None, np).values is cube  # nothing missing: the cube itself
+    True
+    >>> cube[0, 0, 0] = np.nan
+    >>> mask = np.ones((3, 3), bool); mask[2, 2] = False
+    >>> prepared = prepare_cube(cube, mask, np)
+    >>> prepared.with_data.astype(int)
+    array([[0, 1, 1],
+           [1, 1, 1],
+           [1, 1, 0]])
+    >>> bool(np.isnan(prepared.values[2, 2]).all()), bool(np.isfinite(cube[2, 2]).all())  # a copy: cube unchanged
+    (True, True)
     """
     if is_dask_array(cube):
         return PreparedCube(*prepare_lazy_cube(cube, mask, xp))
@@ -170,7 +209,16 @@ def _by_rows(run, shape, xp, *, stage: str = "missing cube values") -> None:
 
 
 def block_average(image, s: int):
-    """Mean of ``s x s`` blocks over the first ``s * (rows // s)`` rows and columns."""
+    """Mean of ``s x s`` blocks over the first ``s * (rows // s)`` rows and columns.
+
+    Examples
+    --------
+    >>> block_average(np.arange(16.0).reshape(4, 4), 2)
+    array([[ 2.5,  4.5],
+           [10.5, 12.5]])
+    >>> block_average(np.ones((5, 7)), 2).shape  # the partial last blocks are left out
+    (2, 3)
+    """
     if s == 1:
         return image
     rows, cols = image.shape[0] // s, image.shape[1] // s
@@ -178,7 +226,14 @@ def block_average(image, s: int):
 
 
 def optical_density(image):
-    """``-log(I / I_max)`` with ``I_max`` a high percentile, clipped away from log(0)."""
+    """``-log(I / I_max)`` with ``I_max`` a high percentile, clipped away from log(0).
+
+    Examples
+    --------
+    >>> image = np.full((10, 100), 100.0); image[0, :2] = [50.0, 10.0]  # I_max = 100
+    >>> np.round(optical_density(image)[0, :3], 3) + 0.0  # log(2), log(10), 0
+    array([0.693, 2.303, 0.   ])
+    """
     xp = array_module(image=image)
     top = float(xp.percentile(image, 99.9))
     if not top > 0:
@@ -199,6 +254,18 @@ def matched_guide(image, missing, to_cube, psf_sigma):
     Returns the guide and, where ``missing`` marks filled-in pixels, the
     pixels whose blurred value draws more than a quarter of its weight from
     them (else None). With ``psf_sigma`` None, the guide as it is.
+
+    Examples
+    --------
+    >>> import scipy.ndimage as ndi
+    >>> image = np.zeros((16, 16)); image[:, 8:] = 1.0
+    >>> to_cube = np.diag([0.5, 0.5, 1.0])  # 2 working pixels per cube pixel
+    >>> blurred, missing = matched_guide(image, None, to_cube, 0.5)
+    >>> sigma = np.sqrt(0.5**2 + 1 / 6) * 2
+    >>> bool(np.allclose(blurred, ndi.gaussian_filter(image, sigma, mode="nearest"))), missing is None
+    (True, True)
+    >>> matched_guide(image, None, to_cube, None)[0] is image
+    True
     """
     if psf_sigma is None:
         return image, missing
@@ -215,6 +282,13 @@ def missing_share(with_data, matrix, shape):
     """The share of each grid pixel's bilinear weight that falls on native pixels without data.
 
     NaN outside the cube's footprint.
+
+    Examples
+    --------
+    >>> with_data = np.ones((4, 4), bool); with_data[1, 1] = False
+    >>> half_a_row = np.array([[1.0, 0, 0.5], [0, 1, 0], [0, 0, 1]])  # grid row r samples cube row r + 0.5
+    >>> missing_share(with_data, half_a_row, (5, 4))[:, 1].tolist()  # row 4 lies beyond the footprint
+    [0.5, 0.5, 0.0, 0.0, nan]
     """
     xp = array_module(with_data=with_data)
     missing = (~with_data).astype(xp.float32)[:, :, None]
@@ -222,7 +296,15 @@ def missing_share(with_data, matrix, shape):
 
 
 def has_data(registered):
-    """Pixels of a resampled cube with a value (not NaN) in at least one band (by blocks of rows, retried smaller)."""
+    """Pixels of a resampled cube with a value (not NaN) in at least one band (by blocks of rows, retried smaller).
+
+    Examples
+    --------
+    >>> registered = np.full((2, 3, 2), np.nan); registered[0, 0, 1] = 1.0; registered[1, 2] = 2.0
+    >>> has_data(registered)
+    array([[ True, False, False],
+           [False, False,  True]])
+    """
     if is_dask_array(registered):
         return ~registered.map_blocks(_all_nan, drop_axis=2, dtype=bool)
     xp = array_module(registered=registered)

@@ -57,6 +57,17 @@ class StageModel:
     tolerance : float
         The displacement beyond which a tile disagrees with the model, guide
         pixels.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> correction = np.array([[1.0, 0, 2.0], [0, 1.0, -1.0], [0, 0, 1]])
+    >>> initials = np.stack([np.array([[0.25, 0, -10.0 * i], [0, 0.25, 0], [0, 0, 1]]) for i in range(4)])
+    >>> model = fit_stage_model(initials, initials @ correction, [(32, 32)] * 4, [True] * 4)
+    >>> isinstance(model, StageModel), bool(np.allclose(model.placement(initials[1]), initials[1] @ correction))
+    (True, True)
+    >>> model.residuals.shape, bool(np.nanmax(model.distances) < model.tolerance)
+    ((4, 2), True)
     """
 
     matrix: np.ndarray | None
@@ -73,7 +84,15 @@ class StageModel:
 
 
 def tile_points(tile_shape) -> np.ndarray:
-    """A tile's four outer corners and its centre, homogeneous tile coordinates, shape (3, 5)."""
+    """A tile's four outer corners and its centre, homogeneous tile coordinates, shape (3, 5).
+
+    Examples
+    --------
+    >>> tile_points((3, 5))  # corners (-0.5 .. size - 0.5) and the centre
+    array([[-0.5, -0.5,  2.5,  2.5,  1. ],
+           [-0.5,  4.5, -0.5,  4.5,  2. ],
+           [ 1. ,  1. ,  1. ,  1. ,  1. ]])
+    """
     h, w = tile_shape[0] - 0.5, tile_shape[1] - 0.5
     return np.array([[-0.5, -0.5, h, h, (h - 0.5) / 2], [-0.5, w, -0.5, w, (w - 0.5) / 2], [1, 1, 1, 1, 1.0]])
 

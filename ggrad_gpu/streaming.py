@@ -46,7 +46,14 @@ WRITE_CHUNK_COST = 3
 
 
 def default_memory_limit() -> int:
-    """A quarter of the machine's physical memory, in bytes (4 GiB where the platform does not say)."""
+    """A quarter of the machine's physical memory, in bytes (4 GiB where the platform does not say).
+
+    Examples
+    --------
+    >>> limit = default_memory_limit()
+    >>> limit == (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4 if hasattr(os, "sysconf") else 4 << 30)
+    True
+    """
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // MEMORY_SHARE
     except (AttributeError, ValueError, OSError):
@@ -84,6 +91,28 @@ def stream_refine(args, guide, cube_data, *, guide_path, initial_path, initial, 
     (str, bool)
         The refinement's message and whether it improved on the initial
         transform.
+
+    Examples
+    --------
+    >>> import tempfile, zarr
+    >>> from ggrad_gpu import io, refine
+    >>> from ggrad_gpu.cli import build_parser
+    >>> from ggrad_gpu.synthetic import make_phantom
+    >>> folder = tempfile.TemporaryDirectory(); root = Path(folder.name)
+    >>> phantom = make_phantom(shape=(64, 80), bands=8, seed=0)
+    >>> np.save(root / "guide.npy", phantom.guide); cube_path = io.write_cube(root / "cube.zarr", phantom.cube)
+    >>> args = build_parser().parse_args(["refine", str(root / "guide.npy"), str(root / "cube.zarr"), "-o",
+    ...                                   str(root / "out"), "-q"])
+    >>> cube_data = io.read_cube(root / "cube.zarr", lazy=True)  # a dask array, never read whole
+    >>> message, improved = stream_refine(args, phantom.guide, cube_data, guide_path=root / "guide.npy",
+    ...                                   initial_path=None, initial=phantom.initial, weights="auto",
+    ...                                   memory_limit=1 << 20, run_refine=refine, say=lambda line: None)
+    >>> improved, sorted(path.name for path in (root / "out").iterdir())
+    (True, ['registered.zarr', 'report.png', 'transform.json', 'weights.json'])
+    >>> store = zarr.open_array(str(root / "out" / "registered.zarr"), mode="r")
+    >>> store.shape, store.attrs["complete"]  # output_grid "cube": about the cube's own 12 x 14 pixels
+    ((12, 14, 8), True)
+    >>> folder.cleanup()
     """
     from .io import ResumableArray, file_signature, fingerprint, read_transform
 

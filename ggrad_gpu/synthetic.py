@@ -83,6 +83,16 @@ class Phantom:
     abundances : numpy.ndarray, shape (components, rows, cols)
         True component fractions on the guide grid (the same rows as
         ``spectra``).
+
+    Examples
+    --------
+    >>> phantom = make_phantom(shape=(60, 80), bands=8, seed=3)
+    >>> isinstance(phantom, Phantom), bool(np.allclose(phantom.matrix, phantom.initial @ phantom.misregistration))
+    (True, True)
+    >>> phantom.cube_on_guide.shape, bool(np.isfinite(phantom.cube_on_guide).all())
+    ((60, 80, 8), True)
+    >>> bool(np.allclose(phantom.abundances.sum(axis=0), 1, atol=1e-5))  # fractions of each guide pixel
+    True
     """
 
     guide: np.ndarray
@@ -741,6 +751,16 @@ class MosaicPhantom:
         Index of the tile with a large error of its own (on strong
         structure), and of the tile over a sample without structure.
     wavenumbers : numpy.ndarray, shape (bands,)
+
+    Examples
+    --------
+    >>> from ggrad_gpu.geometry import footprint_box
+    >>> mosaic = make_mosaic(grid=(2, 2), tile_shape=(16, 16), slipped=None, featureless=None)
+    >>> isinstance(mosaic, MosaicPhantom), len(mosaic.tiles), mosaic.tiles[0].shape, mosaic.footprints[0]
+    (True, 4, (16, 16, 8), (24, 24, 64, 64))
+    >>> low, high = footprint_box((16, 16), mosaic.matrices[0])  # 16 tile pixels of 4 guide pixels each
+    >>> np.round(low, 6).tolist(), np.round(high, 6).tolist()
+    ([23.5, 23.5], [87.5, 87.5])
     """
 
     guide: np.ndarray

@@ -16,7 +16,18 @@ __all__ = ["default_in_flight", "run_tasks"]
 
 
 def default_in_flight(client=None) -> int:
-    """Tasks in flight by default: the cluster's worker threads, or this machine's cores."""
+    """Tasks in flight by default: the cluster's worker threads, or this machine's cores.
+
+    Examples
+    --------
+    >>> class Cluster:  # stands in for a distributed.Client: two workers
+    ...     def nthreads(self):
+    ...         return {"tcp://a": 2, "tcp://b": 4}
+    >>> default_in_flight(Cluster())
+    6
+    >>> default_in_flight() == (os.cpu_count() or 1)
+    True
+    """
     if client is not None:
         threads = sum(client.nthreads().values())
         return max(1, int(threads))

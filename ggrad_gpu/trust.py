@@ -52,7 +52,15 @@ NEAR_PX = 0.5
 
 @dataclass(frozen=True)
 class Alternative:
-    """One independent refinement: what it was, its distance from the result, its fair fit, whether it counts."""
+    """One independent refinement: what it was, its distance from the result, its fair fit, whether it counts.
+
+    Examples
+    --------
+    >>> back = Alternative("far start", distance_px=0.2, fit=0.91, counts=True)  # came back to the result
+    >>> away = Alternative("far start", distance_px=44.5, fit=0.35, counts=False)  # another basin, fits worse
+    >>> max(a.distance_px for a in (back, away) if a.counts) < NEAR_PX  # what the spread would count
+    True
+    """
 
     kind: str
     distance_px: float
@@ -62,7 +70,20 @@ class Alternative:
 
 @dataclass(frozen=True)
 class Spread:
-    """The uncertainty estimate: ``spread_px`` (largest counted distance), the result's fit, every alternative."""
+    """The uncertainty estimate: ``spread_px`` (largest counted distance), the result's fit, every alternative.
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> from ggrad_gpu.pipeline import build_problem
+    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=16, seed=1, signatures="mixed", shift=(4, -3))
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> result = assess(problem, np.linalg.inv(phantom.initial) @ phantom.matrix)  # at the true placement
+    >>> isinstance(result, Spread), sorted({a.kind for a in result.alternatives})
+    (True, ['band half', 'far start'])
+    >>> result.spread_px == max(a.distance_px for a in result.alternatives if a.counts), bool(result.fit > 0.9)
+    (True, True)
+    """
 
     spread_px: float
     fit: float
@@ -70,7 +91,18 @@ class Spread:
 
 
 def spread(problem, placement, *, candidates=()) -> float:
-    """``spread_px`` of a refined ``placement`` (see :func:`assess`)."""
+    """``spread_px`` of a refined ``placement`` (see :func:`assess`).
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> from ggrad_gpu.pipeline import build_problem
+    >>> phantom = synthetic.make_phantom(shape=(120, 140), bands=16, seed=1, signatures="mixed", shift=(4, -3))
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> truth = np.linalg.inv(phantom.initial) @ phantom.matrix  # s = 1, no crop: S is the identity
+    >>> bool(spread(problem, truth) < 1)  # independent refinements agree to within a pixel
+    True
+    """
     return assess(problem, placement, candidates=candidates).spread_px
 
 
@@ -147,6 +179,18 @@ def alternative_distance(problem, placement, other) -> float:
     Both are working-grid placements of ``problem``; the distance is the TRE
     of ``other``'s guide-to-cube matrix against ``placement``'s, on a grid of
     about 10 x 10 points over the footprint's bounding box.
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> from ggrad_gpu.pipeline import build_problem
+    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=8, seed=1)
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> problem.grid.s  # working pixels are guide pixels
+    1
+    >>> two_down = np.array([[1.0, 0, 2], [0, 1, 0], [0, 0, 1]])
+    >>> [round(alternative_distance(problem, np.eye(3), other), 9) for other in (np.eye(3), two_down)]
+    [0.0, 2.0]
     """
     if not np.isfinite(other).all():
         return math.inf

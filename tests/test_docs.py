@@ -1,32 +1,69 @@
-"""Every public function of the user-facing namespaces has an example that runs as a doctest.
+"""Every public function and class of every module has an example that runs as a doctest.
 
 The examples themselves run with the suite (``--doctest-modules``); this test
-keeps a new public function from arriving without one.
+keeps a new public function or class from arriving without one. Public: a
+name without a leading underscore, defined in the module it is found in (not
+imported there), in every module of the package, the private modules
+(``_backend``, ``_validation``...) included.
 """
 
+import doctest
+import functools
+import importlib
 import inspect
+import pkgutil
 
 import pytest
 
 import ggrad_gpu
-from ggrad_gpu import baselines, io, metrics, synthetic
 
-NAMESPACES = [ggrad_gpu, io, metrics, synthetic, baselines]
-
-
-def _public_functions():
-    for namespace in NAMESPACES:
-        for name in getattr(namespace, "__all__", []):
-            obj = getattr(namespace, name)
-            if inspect.isfunction(obj):
-                yield pytest.param(obj, id=f"{namespace.__name__}.{name}")
+# Importing ``ggrad_gpu.__main__`` runs the command line: it holds no definitions.
+NOT_IMPORTED = {"ggrad_gpu.__main__"}
 
 
-@pytest.mark.parametrize("function", list(_public_functions()))
-def test_public_function_has_a_numpy_style_docstring_with_an_example(function):
-    doc = inspect.getdoc(function) or ""
+def _modules():
+    names = [ggrad_gpu.__name__] + [info.name for info in pkgutil.walk_packages(ggrad_gpu.__path__, "ggrad_gpu.")]
+    return [importlib.import_module(name) for name in names if name not in NOT_IMPORTED]
+
+
+def _defined_here(module, obj) -> bool:
+    """A function (decorated ones too: ``functools.cache``, ``contextmanager``) or class of ``module``'s own."""
+    kind = inspect.isclass(obj) or inspect.isfunction(inspect.unwrap(obj))
+    return kind and getattr(obj, "__module__", None) == module.__name__
+
+
+def _public_definitions():
+    for module in _modules():
+        for name, obj in vars(module).items():
+            if not name.startswith("_") and _defined_here(module, obj):
+                yield pytest.param(module, name, id=f"{module.__name__}.{name}")
+
+
+def test_the_walk_finds_the_package():
+    found = {(module.__name__, name) for module, name in (param.values for param in _public_definitions())}
+    # One of each kind: a function, a class, a decorated function, one in a private module, one in io.
+    for expected in [("ggrad_gpu.pipeline", "refine"), ("ggrad_gpu.estimate", "GlobalGradient"),
+                     ("ggrad_gpu.bench", "machine"), ("ggrad_gpu._validation", "check_array"),
+                     ("ggrad_gpu.io.cubes", "read_cube")]:
+        assert expected in found
+    assert ("ggrad_gpu.pipeline", "estimate_global_gradient") not in found  # imported there, not defined
+
+
+@functools.cache
+def _doctests(module) -> dict:
+    return {test.name: test for test in doctest.DocTestFinder().find(module)}
+
+
+@pytest.mark.parametrize("module, name", list(_public_definitions()))
+def test_public_definition_has_a_numpy_style_docstring_with_an_example_that_runs(module, name):
+    obj = getattr(module, name)
+    doc = inspect.getdoc(obj) or ""
     assert doc.strip(), "no docstring"
     assert "Examples\n--------" in doc and ">>>" in doc, "no Examples section with a doctest"
+    # The examples are collected as a doctest of this module (so the suite runs them), and at
+    # least one of them is not skipped.
+    examples = _doctests(module)[f"{module.__name__}.{name}"].examples
+    assert any(not example.options.get(doctest.SKIP) for example in examples), "every example is skipped"
 
 
 def _readme_commands():

@@ -95,6 +95,19 @@ class CubeData:
         One of :data:`CUBE_FORMATS`.
     dataset : str or None
         The array's name inside an npz, HDF5 or Zarr container.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> cube = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    >>> path = write_cube(Path(folder.name) / "cube.zarr", cube, band_centres=[500, 900, 1300, 1700], band_unit="cm-1")
+    >>> data = read_cube(path)
+    >>> isinstance(data, CubeData), data.shape, data.format, data.band_unit, data.band_centres.tolist()
+    (True, (2, 3, 4), 'zarr', 'cm-1', [500.0, 900.0, 1300.0, 1700.0])
+    >>> bool(np.array_equal(np.asarray(data.data), cube))
+    True
+    >>> folder.cleanup()
     """
 
     data: np.ndarray

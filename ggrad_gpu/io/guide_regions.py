@@ -62,6 +62,21 @@ def open_guide_regions(path):
     or rows x cols x samples, through ``tifffile``'s Zarr store) and ``.npy``
     (memory-mapped) are read by region; other images whole with
     :func:`ggrad_gpu.io.read_guide`.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> guide = np.arange(48, dtype=np.float32).reshape(6, 8)
+    >>> np.save(Path(folder.name) / "guide.npy", guide)
+    >>> regions = open_guide_regions(Path(folder.name) / "guide.npy")  # memory-mapped: read by region
+    >>> isinstance(regions, GuideRegions), regions.shape, bool(np.array_equal(regions[2:4, 1:5], guide[2:4, 1:5]))
+    (True, (6, 8), True)
+    >>> del regions; folder.cleanup()
+    >>> open_guide_regions(Path(folder.name) / "guide.npy")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+        ...
+    FileNotFoundError: guide image .../guide.npy does not exist
     """
     path = Path(path)
     if not path.exists():

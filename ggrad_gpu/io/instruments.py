@@ -43,7 +43,14 @@ INSTRUMENT_SUFFIXES = {".wdf": "renishaw", ".dmt": "agilent"}
 
 @dataclass(frozen=True, eq=False)
 class BandAxis:
-    """The spectral axis of a cube: one value per band, its unit and name (e.g. ``"Wavelength"``, ``"nm"``)."""
+    """The spectral axis of a cube: one value per band, its unit and name (e.g. ``"Wavelength"``, ``"nm"``).
+
+    Examples
+    --------
+    >>> axis = BandAxis(values=np.linspace(500.0, 1800.0, 5), units="cm-1", name="Raman shift")
+    >>> axis.values.size, np.diff(axis.values).tolist()  # one value per band, evenly spaced here
+    (5, [325.0, 325.0, 325.0, 325.0])
+    """
 
     values: np.ndarray
     units: str | None
@@ -64,6 +71,13 @@ class PlacedImage:
         This image's grid to the cube's native grid, from the stage metadata.
     source : str
         Where the image was read from (the file, or an image beside it).
+
+    Examples
+    --------
+    >>> to_cube = stage_matrix((0.0, 0.0), (1.0, 1.0), (2.0, 4.0), (5.0, 5.0))  # 1 um image pixels, 5 um map steps
+    >>> placed = PlacedImage("white-light image", np.zeros((40, 60), np.float32), to_cube, "sample.wdf")
+    >>> np.round(placed.to_cube @ [2.0, 4.0, 1.0], 9)[:2]  # image pixel (2, 4): stage (2.5, 4.5) um, map point 0.1
+    array([0.1, 0.1])
     """
 
     name: str
@@ -94,6 +108,21 @@ class InstrumentFile:
         Every image the file places on the cube, the guide first.
     metadata : dict
         The geometry in micrometres and what the file says of the acquisition (JSON-ready).
+
+    Examples
+    --------
+    >>> from ggrad_gpu.geometry import footprint_box
+    >>> initial = stage_matrix((0.0, 0.0), (1.0, 1.0), (2.0, 4.0), (5.0, 5.0))
+    >>> guide = np.zeros((40, 60), np.float32)
+    >>> sample = InstrumentFile(Path("sample.wdf"), "renishaw", np.zeros((4, 4, 3), np.float32),
+    ...                         BandAxis(np.array([500.0, 1000.0, 1500.0]), "cm-1", "Raman shift"), guide, initial,
+    ...                         "renishaw-wdf stage metadata",
+    ...                         (PlacedImage("white-light image", guide, initial, "sample.wdf"),))
+    >>> low, high = footprint_box(sample.cube.shape, sample.initial)  # where the map lies on the guide
+    >>> np.round(low, 9).tolist(), np.round(high, 9).tolist()
+    ([-1.0, 1.0], [19.0, 21.0])
+    >>> sample.images[0].to_cube is sample.initial  # the guide is the first image
+    True
     """
 
     path: Path

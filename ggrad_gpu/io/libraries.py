@@ -43,6 +43,15 @@ def require(module: str, package: str, what: str, *, extra: str = "io"):
     ------
     ImportError
         If it is missing; the message says what to install.
+
+    Examples
+    --------
+    >>> require("json", "json", "reading a manifest").dumps([1, 2])
+    '[1, 2]'
+    >>> require("no_such_module", "no-such-package", "reading a test file")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+        ...
+    ImportError: reading a test file needs the optional package 'no-such-package': pip install no-such-package ...
     """
     try:
         return importlib.import_module(module)
@@ -78,6 +87,19 @@ def reading(path: Path, what: str):
     what : str
         What the file should be, e.g. ``"TIFF file"``: the error says
         ``"<path>: not a readable TIFF file ..."``.
+
+    Examples
+    --------
+    >>> with reading(Path("broken.tif"), "TIFF file"):
+    ...     raise KeyError("IFD 0")  # what a library might raise for a truncated file
+    Traceback (most recent call last):
+        ...
+    ValueError: broken.tif: not a readable TIFF file (corrupt or truncated?): KeyError: 'IFD 0'
+    >>> with reading(Path("cube.npy"), "npy file"):
+    ...     raise ValueError("cube.npy: cube must be 3-D")  # already names the file: passed on unchanged
+    Traceback (most recent call last):
+        ...
+    ValueError: cube.npy: cube must be 3-D
     """
     records = []
 
