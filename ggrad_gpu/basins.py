@@ -33,7 +33,8 @@ from .guard import MAX_SCALE_CHANGE
 from .metrics import ncc
 from .register import AffineRegistration, coarse_shifts
 
-__all__ = ["BASIN_PIXELS", "CANDIDATES", "Candidate", "basin_level", "fit_at", "first_registration"]
+__all__ = ["BASIN_PIXELS", "CANDIDATES", "Candidate", "basin_level", "first_estimate", "first_level", "fit_at",
+           "first_registration"]
 
 # Coarse peaks tried besides the device placement. Each costs one
 # registration of the first estimate's images and one estimate at the cube's
@@ -137,6 +138,35 @@ def basin_level(problem) -> tuple[int, int]:
     return step, levels
 
 
+def first_level(problem) -> tuple[int, int]:
+    """Pixel step and pyramid levels of the first estimate, from the device placement.
+
+    :func:`basin_level` when a re-estimate on the working grid follows (it
+    sets the accuracy; the first estimate only starts the search), else the
+    cube's resolution with every level.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> from ggrad_gpu.geometry import working_grid
+    >>> import numpy as np
+    >>> grid = working_grid((2048, 2048), (1024, 1024), np.diag([0.5, 0.5, 1.0]))
+    >>> first_level(SimpleNamespace(grid=grid, levels=5, options=SimpleNamespace(auto_weights=True, reestimate=True)))
+    (4, 3)
+    >>> first_level(SimpleNamespace(grid=grid, levels=5, options=SimpleNamespace(auto_weights=True, reestimate=False)))
+    (1, 5)
+    """
+    if problem.options.reestimate:
+        return basin_level(problem)
+    return problem.grid.cube_step, problem.levels
+
+
+def first_estimate(problem):
+    """The first estimate, from the device placement, at :func:`first_level`."""
+    step, levels = first_level(problem)
+    return pipeline.estimate_pass(problem, np.eye(3), step, levels=levels)
+
+
 def _fit(estimate, step: int) -> float:
     """The fair fit of an estimate at the cube's resolution (pixel step ``step``); see :func:`fit_at`."""
     gradient = estimate.gradient
@@ -164,8 +194,7 @@ def first_registration(problem, first):
     ----------
     problem : ggrad_gpu.pipeline.Problem
     first : ggrad_gpu.pipeline.Estimate
-        The first estimate (from the device placement, at the cube's resolution: the
-        estimate :func:`fit_at` makes there, whose fit is kept).
+        The first estimate (:func:`first_estimate`).
 
     Returns
     -------
@@ -192,7 +221,7 @@ def first_registration(problem, first):
     True
     """
     step, levels = basin_level(problem)
-    if (step, levels) == (problem.grid.cube_step, problem.levels):  # the estimate fit_at makes there
+    if first_level(problem) == (step, levels):  # the estimate fit_at makes there
         problem.fits.setdefault(_placement_key(np.eye(3)), _fit(first, step))
     # The plain way: the best coarse peak of the first estimate's images, then Gauss-Newton on them.
     tries = [(first, np.eye(3), True)]

@@ -7,8 +7,9 @@
    the cube's footprint plus a capture margin, block-averaged by ``s``;
 2. the guide and the cube prepared (:mod:`ggrad_gpu.preparation`): optical
    density, missing values;
-3. :func:`estimate_pass` at the cube's resolution from the initial placement,
-   the first registration from several coarse-search peaks, the one where the
+3. :func:`estimate_pass` at the cube's resolution from the initial placement
+   (from a coarser pyramid level on a large footprint:
+   :func:`ggrad_gpu.basins.first_level`), the first registration from several coarse-search peaks, the one where the
    cube explains the guide best kept (:mod:`ggrad_gpu.basins`); then again on
    the working grid from the aligned placement (``reestimate``), from the
    bands that matter (``screen_bands``);
@@ -375,7 +376,7 @@ def refine(
     timings["prepare"] = time.perf_counter() - clock
 
     with checkpoints(problem.options.memory_limit):  # where a lazy cube's intermediate steps are kept
-        first = estimate_pass(problem, np.eye(3), grid.cube_step)
+        first = basins.first_estimate(problem)
         # The first registration from several coarse peaks, the best fit kept (basins).
         registration, placement, candidates = basins.first_registration(problem, first)
         last = first
