@@ -76,6 +76,24 @@ def test_blur_decimate_equals_the_in_memory_step_and_scipy(cube, chunks):
 
 
 @pytest.mark.parametrize("chunks", CHUNKINGS)
+def test_blur_decimate_of_a_checkpoint_on_disk_reads_windows_from_its_store(cube, chunks, monkeypatch):
+    """A level kept on disk is decimated block by block from windows of its store, as in memory."""
+    from ggrad_gpu import chunked
+
+    read = []
+    original = chunked.read_window
+    monkeypatch.setattr(chunked, "read_window", lambda *a: read.append(a) or original(*a))
+    expected = ndimage.gaussian_filter(cube.astype(np.float64), 1.0, axes=(0, 1), mode="reflect")[::2, ::2]
+    with checkpoints(memory_limit=1):  # every checkpoint to disk
+        stored = checkpoint(_lazy(cube, chunks))
+        result = blur_decimate(stored).compute()
+    if min(cube.shape[:2]) >= 8:
+        assert read  # the store's windows, not dask's neighbour chunks
+    np.testing.assert_allclose(result, blur_decimate(cube), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(result, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunks", CHUNKINGS)
 def test_fill_gaps_equals_the_in_memory_fill(cube, chunks):
     gaps = np.zeros(cube.shape[:2], dtype=bool)
     gaps[:6] = True
