@@ -26,19 +26,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import array_module, to_host
+from ._backend import array_module, to_device, to_host
+from .chunked import is_dask_array
 
 __all__ = ["BULK_LIMIT", "MIN_SIDE", "RANK_MARGIN", "SAMPLE_PIXELS", "Subspace", "band_noise", "signal_subspace"]
 
 # A component counts as signal above this multiple of the noise edge.
 RANK_MARGIN = 1.5
-# Pixels with data and bands with noise both at least this many, or the cube is left as it is:
+# Sampled pixels with data and bands with noise both at least this many, or the cube is left as it is:
 # the median eigenvalue must lie in the noise's bulk.
 MIN_SIDE = 16
 # The noise-scaled median eigenvalue above which the bulk is not noise (the spatial estimate
 # says unit variance; it reads about 1.5 on white noise): the cube is left as it is.
 BULK_LIMIT = 4.0
-# The subspace is estimated from at most this many pixels (an even stride over those with data).
+# The noise and the subspace are estimated on a regular subgrid of at most about this many pixels
+# (every k-th row and column; in memory and lazily the same pixels, so the same numbers).
 SAMPLE_PIXELS = 16384
 
 
@@ -54,17 +56,20 @@ class Subspace:
     rank: int | None
 
 
-def band_noise(cube):
+def band_noise(cube, *, stride: int = 1):
     """Each band's noise standard deviation, from the residual against its four neighbours.
 
     Parameters
     ----------
     cube : array, shape (rows, cols, bands)
-        At least 3 x 3 pixels; NaN values are left out.
+        At least 3 x 3 pixels; NaN values are left out. A dask cube reads
+        only the sampled pixels and their neighbours.
+    stride : int, default 1
+        The residual at every ``stride``-th interior row and column.
 
     Returns
     -------
-    array, shape (bands,)
+    numpy.ndarray or cupy.ndarray, shape (bands,)
         ``1.4826 * MAD / sqrt(1.25)`` of ``x - mean(4 neighbours)`` per band
         (the residual of white noise has variance ``1.25 sigma**2``); NaN
         for a band without a finite residual.
@@ -77,31 +82,31 @@ def band_noise(cube):
     >>> np.round(band_noise(noise), 1)
     array([0.5, 2. ])
     """
-    xp = array_module(cube=cube)
-    values = cube.astype(xp.float64)
-    residual = values[1:-1, 1:-1] - 0.25 * (values[:-2, 1:-1] + values[2:, 1:-1] + values[1:-1, :-2]
-                                            + values[1:-1, 2:])
-    residual = residual.reshape(-1, cube.shape[2])
-    centre = xp.nanmedian(residual, axis=0)
-    return 1.4826 * xp.nanmedian(xp.abs(residual - centre), axis=0) / math.sqrt(1.25)
+    rows, cols = cube.shape[:2]
+    centre, up, down, left, right = (
+        _read(cube[r0 : rows - 2 + r0 : stride, c0 : cols - 2 + c0 : stride]).astype(np.float64)
+        for r0, c0 in ((1, 1), (0, 1), (2, 1), (1, 0), (1, 2))
+    )
+    xp = array_module(cube=centre)
+    residual = (centre - 0.25 * (up + down + left + right)).reshape(-1, cube.shape[2])
+    middle = xp.nanmedian(residual, axis=0)
+    return 1.4826 * xp.nanmedian(xp.abs(residual - middle), axis=0) / math.sqrt(1.25)
 
 
-def signal_subspace(cube, *, with_data=None) -> Subspace:
+def signal_subspace(cube) -> Subspace:
     """The cube projected on the principal components that stand clear of its noise.
 
     Parameters
     ----------
     cube : array, shape (rows, cols, bands)
-        NumPy or CuPy; NaN at missing values.
-    with_data : array of bool, shape (rows, cols), optional
-        Pixels finite in every band with data (None: all). Only these enter
-        the estimate and are projected; the others keep their values.
+        NumPy, CuPy or a dask array; NaN at missing values.
 
     Returns
     -------
     Subspace
-        ``values`` in the cube's array kind and dtype; bands without noise
-        (constant, or without data) keep their values.
+        ``values`` in the cube's array kind and dtype (lazy for a dask
+        cube). Pixels with a missing value in a band with noise, and bands
+        without noise (constant, or without data), keep their values.
 
     Examples
     --------
@@ -116,34 +121,50 @@ def signal_subspace(cube, *, with_data=None) -> Subspace:
     >>> result.rank, bool((result.values - clean).std() < 0.5 * (noisy - clean).std())
     (2, True)
     """
-    xp = array_module(cube=cube)
     rows, cols, bands = cube.shape
     if rows < 3 or cols < 3:
         return Subspace(cube, None)
-    sigma = band_noise(cube)
-    noisy = to_host(xp.isfinite(sigma) & (sigma > 0))
-    pixels = cube.reshape(-1, bands)
-    chosen = None if with_data is None else xp.flatnonzero(with_data.reshape(-1))
-    count = pixels.shape[0] if chosen is None else int(chosen.size)
-    live = np.flatnonzero(noisy)
-    if min(count, live.size) < MIN_SIDE:
+    stride = max(1, math.ceil(math.sqrt(rows * cols / SAMPLE_PIXELS)))
+    sigma = band_noise(cube, stride=stride)
+    xp = array_module(sigma=sigma)
+    live = np.flatnonzero(to_host(xp.isfinite(sigma) & (sigma > 0)))
+    if live.size < MIN_SIDE:
         return Subspace(cube, None)
-    live_device = xp.asarray(live)
-    scale = sigma[live_device]
-    data = pixels if chosen is None else pixels[chosen]
-    data = data[:, live_device].astype(xp.float64)
-    mean = data.mean(axis=0)
-    scaled = (data - mean) / scale
-    basis = _components(scaled[:: max(1, -(-count // SAMPLE_PIXELS))])
+    scale = sigma[xp.asarray(live)]
+    sample = _read(cube[::stride, ::stride]).reshape(-1, bands)[:, xp.asarray(live)].astype(xp.float64)
+    sample = sample[xp.isfinite(sample).all(axis=1)]
+    if sample.shape[0] < MIN_SIDE:
+        return Subspace(cube, None)
+    mean = sample.mean(axis=0)
+    basis = _components((sample - mean) / scale)
     if basis is None:
         return Subspace(cube, None)
-    projected = (scaled @ basis) @ basis.T * scale + mean
-    values = pixels.copy()
-    if chosen is None:
-        values[:, live_device] = projected.astype(values.dtype)
+    fit = (live, mean, scale, basis)
+    if is_dask_array(cube):
+        values = cube.rechunk({2: -1}).map_blocks(_project, *fit, dtype=cube.dtype)
     else:
-        values[xp.ix_(chosen, live_device)] = projected.astype(values.dtype)
-    return Subspace(values.reshape(cube.shape), int(basis.shape[1]))
+        values = _project(cube, *fit)
+    return Subspace(values, int(basis.shape[1]))
+
+
+def _read(part):
+    """A slice of the cube in memory (a dask one computed; on the device its chunks are)."""
+    return part.compute() if is_dask_array(part) else part
+
+
+def _project(block, live, mean, scale, basis):
+    """``block`` with its ``live`` bands projected on ``basis`` (noise-scaled), where all of them are finite."""
+    xp = array_module(block=block)
+    shape = block.shape
+    pixels = block.reshape(-1, shape[2])
+    chosen = pixels[:, to_device(live, xp)].astype(xp.float64)
+    scaled = (chosen - to_device(mean, xp)) / to_device(scale, xp)
+    basis = to_device(basis, xp)
+    projected = (scaled @ basis) @ basis.T * to_device(scale, xp) + to_device(mean, xp)
+    projected = xp.where(xp.isfinite(projected).all(axis=1, keepdims=True), projected, chosen)
+    out = pixels.copy()
+    out[:, to_device(live, xp)] = projected.astype(out.dtype)
+    return out.reshape(shape)
 
 
 def _components(scaled):

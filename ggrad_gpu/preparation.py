@@ -119,16 +119,17 @@ def prepare_cube(cube, mask, xp, *, denoise: bool = False) -> PreparedCube:
     """The native cube on ``xp`` with NaN at missing values, and its pixels with data.
 
     With ``denoise``, also the cube projected on its signal subspace for the
-    estimates (:func:`ggrad_gpu.denoise.signal_subspace`; not for a dask
-    cube, which stays lazy: :func:`ggrad_gpu.chunked.prepare_lazy_cube`).
-    Raises ValueError, naming ``cube``, when no pixel has data.
+    estimates (:func:`ggrad_gpu.denoise.signal_subspace`). Raises ValueError,
+    naming ``cube``, when no pixel has data. A dask cube stays lazy
+    (:func:`ggrad_gpu.chunked.prepare_lazy_cube`), its projection too.
     """
     if is_dask_array(cube):
-        return PreparedCube(*prepare_lazy_cube(cube, mask, xp))
-    prepared = _prepared_in_memory(cube, mask, xp)
+        prepared = PreparedCube(*prepare_lazy_cube(cube, mask, xp))
+    else:
+        prepared = _prepared_in_memory(cube, mask, xp)
     if not denoise:
         return prepared
-    subspace = signal_subspace(prepared.values, with_data=prepared.with_data)
+    subspace = signal_subspace(prepared.values)
     return prepared if subspace.rank is None else replace(prepared, denoised=subspace.values)
 
 
