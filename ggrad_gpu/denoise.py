@@ -22,6 +22,7 @@ projected cube; ``registered`` is resampled from the cube as given.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,8 +90,10 @@ def band_noise(cube, *, stride: int = 1):
     )
     xp = array_module(cube=centre)
     residual = (centre - 0.25 * (up + down + left + right)).reshape(-1, cube.shape[2])
-    middle = xp.nanmedian(residual, axis=0)
-    return 1.4826 * xp.nanmedian(xp.abs(residual - middle), axis=0) / math.sqrt(1.25)
+    with warnings.catch_warnings():  # a band without data has no median: NaN, as documented
+        warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
+        middle = xp.nanmedian(residual, axis=0)
+        return 1.4826 * xp.nanmedian(xp.abs(residual - middle), axis=0) / math.sqrt(1.25)
 
 
 def signal_subspace(cube) -> Subspace:
