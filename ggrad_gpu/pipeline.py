@@ -306,8 +306,8 @@ def refine(
         magnitude turns noise into a floor that biases the registration where
         the spatial information is spread over many weak bands (default
         phantom, 60 bands: max TRE 2.59 px without, 0.94 px with). A cube with
-        no noise bulk, a small one, a dask cube and the baseline methods are
-        left as they are. ``registered`` always comes from the cube as given.
+        no noise bulk, a map of fewer than 1024 pixels, and the baseline
+        methods are left as they are. ``registered`` always comes from the cube as given.
 
     Returns
     -------

@@ -6,6 +6,7 @@ the noise are known), NumPy's SVD for the subspace, the dask path against the
 in-memory one, and the phantoms' known transforms.
 """
 
+import json
 import warnings
 
 import numpy as np
@@ -16,6 +17,7 @@ from helpers import has_module
 
 from ggrad_gpu import refine
 from ggrad_gpu.bench import draw_cases
+from ggrad_gpu.cli import main
 from ggrad_gpu.denoise import band_noise, signal_subspace
 from ggrad_gpu.metrics import target_registration_error
 from ggrad_gpu.synthetic import make_phantom
@@ -59,6 +61,8 @@ def test_signal_subspace_leaves_noise_small_cubes_and_few_bands_alone():
     assert signal_subspace(noise).rank is None
     _, small = _low_rank(2, shape=(2, 40))
     assert signal_subspace(small).rank is None
+    _, small_map = _low_rank(2, shape=(30, 30))  # fewer pixels than MIN_PIXELS
+    assert signal_subspace(small_map).values is small_map
     _, few = _low_rank(2, bands=8)
     assert signal_subspace(few).values is few
     flat = np.ones((20, 20, 30))
@@ -114,3 +118,20 @@ def test_without_denoising_the_default_phantom_misses_by_more_than_a_pixel():
 def test_denoise_must_be_a_bool(small_phantom):
     with pytest.raises(TypeError, match="denoise"):
         refine(small_phantom.guide, small_phantom.cube, backend="numpy", denoise="yes")
+
+
+def test_cli_no_denoise_refines_from_the_cube_as_it_is(tmp_path):
+    phantom = make_phantom(shape=(180, 200), bands=24, seed=3, shift=(4.0, -3.0))  # 36 x 40 cube pixels
+    np.save(tmp_path / "guide.npy", phantom.guide)
+    np.save(tmp_path / "cube.npy", phantom.cube)
+    np.savetxt(tmp_path / "initial.txt", phantom.initial)
+    matrices = {}
+    for flags in ([], ["--no-denoise"]):
+        out = tmp_path / ("raw" if flags else "denoised")
+        assert main(["refine", str(tmp_path / "guide.npy"), str(tmp_path / "cube.npy"), "-o", str(out), "-q",
+                     "--initial", str(tmp_path / "initial.txt"), "--backend", "numpy", *flags]) == 0
+        matrices[bool(flags)] = np.array(json.loads((out / "transform.json").read_text())["matrix"])
+    assert np.abs(matrices[True] - matrices[False]).max() > 1e-6  # the flag reaches refine
+    for denoise in (True, False):
+        expected = refine(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy", denoise=denoise)
+        np.testing.assert_allclose(matrices[not denoise], expected.matrix, rtol=0, atol=1e-9)
