@@ -14,9 +14,9 @@ its first four principal components.
 band scaled by its noise, estimated from the spatial residual against its
 four neighbours) whose variance stands clear of the noise's: above
 ``RANK_MARGIN`` times the Marchenko-Pastur edge ``sigma**2 (1 + sqrt(m/n))**2``,
-with ``sigma**2`` the mean of the eigenvalues below the ``COMPONENTS``
-largest (most components of a cube with far fewer chemical components than
-bands are noise). Only the estimates read the
+with ``sigma**2`` the median eigenvalue, or, over many bands, the mean of
+the eigenvalues below the ``COMPONENTS`` largest (most components of a cube
+with far fewer chemical components than bands are noise). Only the estimates read the
 projected cube; ``registered`` is resampled from the cube as given.
 """
 
@@ -32,8 +32,8 @@ from ._backend import array_module, to_device, to_host
 from ._validation import all_finite, float_dtype
 from .chunked import is_dask_array
 
-__all__ = ["BULK_LIMIT", "COMPONENTS", "ITERATIONS", "MIN_PIXELS", "MIN_SIDE", "NOISE_PIXELS", "RANK_MARGIN",
-           "SAMPLE_PIXELS", "Subspace", "band_noise", "signal_subspace"]
+__all__ = ["BULK_LIMIT", "COMPONENTS", "FULL_EIGEN", "ITERATIONS", "MIN_PIXELS", "MIN_SIDE", "NOISE_PIXELS",
+           "RANK_MARGIN", "SAMPLE_PIXELS", "Subspace", "band_noise", "signal_subspace"]
 
 # A component counts as signal above this multiple of the noise edge.
 RANK_MARGIN = 1.5
@@ -49,11 +49,13 @@ MIN_PIXELS = 1024
 BULK_LIMIT = 4.0
 # The noise and the subspace are estimated on regular subgrids of at most about this many pixels
 # (every k-th row and column; in memory and lazily the same pixels, so the same numbers).
-NOISE_PIXELS = 4096
+NOISE_PIXELS = 8192
 SAMPLE_PIXELS = 8192
 # At most this many components are kept (and computed); the noise level is the mean of the rest.
 COMPONENTS = 32
-# Subspace iterations for the largest components when the bands are many.
+# Up to this many bands (or sampled pixels, the smaller), the Gram matrix is decomposed whole;
+# beyond, its largest components come from this many subspace iterations.
+FULL_EIGEN = 256
 ITERATIONS = 4
 
 
@@ -190,10 +192,12 @@ def _project(block, live, mean, scale, basis):
 def _components(scaled):
     """The band-space basis (bands x k) of the components above the noise edge; None if none or no bulk.
 
-    The noise level is the mean eigenvalue once the ``COMPONENTS`` largest
-    are set aside (the mean of the Marchenko-Pastur bulk is ``sigma**2``);
-    only those largest are computed (subspace iteration on the Gram matrix
-    of the smaller side), so many bands cost a product, not an eigensolver.
+    The noise level ``sigma**2`` is the median eigenvalue where the Gram
+    matrix of the smaller side is small enough to decompose whole
+    (``FULL_EIGEN``); else only the ``COMPONENTS`` largest are computed
+    (subspace iteration) and it is the mean of the others (the mean of the
+    Marchenko-Pastur bulk is ``sigma**2``), so many bands cost products,
+    not an eigensolver.
     """
     xp = array_module(scaled=scaled)
     count, bands = scaled.shape
@@ -202,9 +206,15 @@ def _components(scaled):
     # where the data are: the threshold needs no more.
     sample = scaled.astype(xp.float32)
     gram = (sample.T @ sample if bands <= count else sample @ sample.T).astype(xp.float64) / large
-    top = max(1, min(COMPONENTS, small // 8))
-    eigenvalues, vectors = _largest(gram, top)
-    bulk = (float(xp.trace(gram)) - float(eigenvalues.sum())) / (small - top)
+    if small <= FULL_EIGEN:
+        values, vectors = xp.linalg.eigh(gram)
+        order = xp.arange(small - 1, max(small - 1 - COMPONENTS, -1), -1)
+        bulk = float(np.median(to_host(values)))
+        eigenvalues, vectors = to_host(values[order]), vectors[:, order]
+    else:
+        top = min(COMPONENTS, small // 8)
+        eigenvalues, vectors = _largest(gram, top)
+        bulk = (float(xp.trace(gram)) - float(eigenvalues.sum())) / (small - top)
     if not 0 < bulk <= BULK_LIMIT:
         return None
     keep = np.flatnonzero(eigenvalues > RANK_MARGIN * bulk * (1 + math.sqrt(small / large)) ** 2)
@@ -218,15 +228,13 @@ def _components(scaled):
 
 
 def _largest(gram, count):
-    """The ``count`` largest eigenvalues (host, descending) and their vectors of a symmetric ``gram``."""
+    """The ``count`` largest eigenvalues (host, descending) of a symmetric ``gram`` and their vectors.
+
+    Subspace iteration with a few spare vectors, then Rayleigh-Ritz; the
+    start is seeded, so the result is the same run to run.
+    """
     xp = array_module(gram=gram)
-    size = gram.shape[0]
-    if size <= 4 * (count + 8):
-        values, vectors = xp.linalg.eigh(gram)
-        order = xp.arange(size - 1, size - 1 - count, -1)
-        return to_host(values[order]), vectors[:, order]
-    # Subspace iteration with a few spare vectors, then Rayleigh-Ritz; seeded, so deterministic.
-    start = np.random.default_rng(0).standard_normal((size, count + 8))
+    start = np.random.default_rng(0).standard_normal((gram.shape[0], count + 8))
     basis, _ = xp.linalg.qr(gram @ to_device(start, xp))
     for _ in range(ITERATIONS):
         basis, _ = xp.linalg.qr(gram @ basis)
