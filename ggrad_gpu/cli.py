@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-absorbance", action="store_false", dest="absorbance",
                      help="compare the cube with the guide's intensity, not its optical density "
                           "(for guides that are not transmitted light)")
+    run.add_argument("--no-denoise", action="store_false", dest="denoise",
+                     help="estimate from the cube as it is, not from its projection on the components above "
+                          "its noise")
     run.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
     run.add_argument("--strict", action="store_true", help="exit with 1 when the initial transform is kept")
     run.add_argument("--check", action="store_true",
@@ -598,6 +601,7 @@ def _run_refine(args, guide, cube, **options):
         return refine(guide, cube, levels=args.levels, backend=args.backend, progress=progress,
                       working_shape=getattr(args, "working_shape", None),
                       absorbance=getattr(args, "absorbance", True), check=getattr(args, "check", False),
+                      denoise=getattr(args, "denoise", True),
                       **{"output_grid": getattr(args, "output_grid", None) or "working", **options})
 
 

@@ -48,9 +48,12 @@ class RefineOptions:
     psf_sigma: float | None = 0.5
     absorbance: bool = True
     memory_limit: object = None
+    denoise: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "memory_limit", parse_bytes(self.memory_limit, "memory_limit"))
+        if not isinstance(self.denoise, bool):
+            raise TypeError(f"denoise must be True or False; got {self.denoise!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {self.method!r}")
         if self.output_grid not in OUTPUT_GRIDS:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from ._memory import block_rows, retry_smaller
 from ._validation import all_finite, float_dtype, to_gray
 from .chunked import is_dask_array, prepare_lazy_cube
 from .coverage import fill_gaps
+from .denoise import signal_subspace
 from .geometry import WorkingGrid, pixels_per_cube_pixel
 from .warp import warp_cube
 
@@ -82,6 +83,10 @@ class PreparedCube:
     dead_bands : numpy.ndarray of int or None
         Bands without any finite value (None: there are none); the estimates
         read them as 0, ``registered`` keeps them NaN.
+    denoised : array or None
+        ``values`` projected on their signal subspace
+        (:func:`ggrad_gpu.denoise.signal_subspace`), which the estimates read
+        instead; None: they read ``values``.
 
     Examples
     --------
@@ -94,6 +99,12 @@ class PreparedCube:
     values: object
     with_data: object = None
     dead_bands: np.ndarray | None = None
+    denoised: object = None
+
+    @property
+    def for_estimates(self):
+        """What the estimates read: ``denoised`` where there is one, else ``values``."""
+        return self.values if self.denoised is None else self.denoised
 
 
 def prepare_guide(guide, grid: WorkingGrid, xp, *, absorbance: bool) -> PreparedGuide:
@@ -128,11 +139,13 @@ def prepare_guide(guide, grid: WorkingGrid, xp, *, absorbance: bool) -> Prepared
     return PreparedGuide(image, missing, flat)
 
 
-def prepare_cube(cube, mask, xp) -> PreparedCube:
+def prepare_cube(cube, mask, xp, *, denoise: bool = False) -> PreparedCube:
     """The native cube on ``xp`` with NaN at missing values, and its pixels with data.
 
-    Raises ValueError, naming ``cube``, when no pixel has data. A dask cube
-    stays lazy (:func:`ggrad_gpu.chunked.prepare_lazy_cube`).
+    With ``denoise``, also the cube projected on its signal subspace for the
+    estimates (:func:`ggrad_gpu.denoise.signal_subspace`). Raises ValueError,
+    naming ``cube``, when no pixel has data. A dask cube stays lazy
+    (:func:`ggrad_gpu.chunked.prepare_lazy_cube`), its projection too.
 
     Examples
     --------
@@ -150,7 +163,16 @@ def prepare_cube(cube, mask, xp) -> PreparedCube:
     (True, True)
     """
     if is_dask_array(cube):
-        return PreparedCube(*prepare_lazy_cube(cube, mask, xp))
+        prepared = PreparedCube(*prepare_lazy_cube(cube, mask, xp))
+    else:
+        prepared = _prepared_in_memory(cube, mask, xp)
+    if not denoise:
+        return prepared
+    subspace = signal_subspace(prepared.values)
+    return prepared if subspace.rank is None else replace(prepared, denoised=subspace.values)
+
+
+def _prepared_in_memory(cube, mask, xp) -> PreparedCube:
     cube = to_device(cube, xp)
     if cube.shape[2] > 1 and cube.strides[2] != cube.itemsize:
         # A bands-first cube (band_axis=0 moves the axis as a view): made

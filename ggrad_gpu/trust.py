@@ -19,7 +19,17 @@ pixels (the TRE's distance with the result in place of the truth):
   wrong, and its distance counts;
 - **the other coarse-search peaks** of the first registration
   (:mod:`ggrad_gpu.basins`) that fit about as well as the kept one, finished
-  on the result's images from where they were, counted the same way.
+  on the result's images from where they were, counted the same way;
+- **the blocks of the result's own fit**: the final registration's images,
+  estimated at the result, cut into blocks (about ``BLOCKS_ACROSS`` across the
+  footprint), and the affine fit's covariance from how the blocks' pulls vary
+  (:func:`ggrad_gpu.register.displacement_spread`, a block bootstrap of the
+  last Gauss-Newton step in closed form), propagated to the footprint's
+  corners: ``FIT_SIGMAS`` standard deviations of the worst corner count as a
+  distance. This is the part that ranks right results: the others measure
+  what differs between refinements that share the bias of the images; the
+  blocks measure how much the parts of the images disagree, which is where
+  that bias comes from.
 
 "Explains as well" is the fair fit (:func:`ggrad_gpu.basins.fit_at`) within
 ``FIT_TOLERANCE`` of the result's. ``spread_px`` is the largest distance that
@@ -36,8 +46,10 @@ import numpy as np
 
 from . import basins, pipeline
 from .metrics import footprint_region, target_registration_error
+from .register import displacement_spread
 
-__all__ = ["FIT_TOLERANCE", "Alternative", "Spread", "alternative_distance", "assess", "spread"]
+__all__ = ["BLOCKS_ACROSS", "FIT_SIGMAS", "FIT_TOLERANCE", "Alternative", "Spread", "alternative_distance", "assess",
+           "fit_spread", "spread"]
 
 # An alternative counts when its fair fit is at least the result's less this
 # share of what the result leaves unexplained (1 - fit), and at least less 0.01.
@@ -48,6 +60,10 @@ FAR_START = 1 / 6
 HALF_START = 0.5
 # An alternative that ends this close (guide px) is back at the result: its fit is not estimated again.
 NEAR_PX = 0.5
+# The result's own fit: blocks about this many across the footprint's smaller side, at least 8 working px.
+BLOCKS_ACROSS = 8
+# ... and this many standard deviations of the worst footprint corner count as a distance.
+FIT_SIGMAS = 3.0
 
 
 @dataclass(frozen=True)
@@ -158,6 +174,7 @@ def assess(problem, placement, *, candidates=()) -> Spread:
     # The result's own images, estimated where it placed the cube (the
     # alternatives' registrations are relative to where their images were made).
     estimate = pipeline.estimate_pass(problem, placement, step, bands)
+    alternatives.append(Alternative("fit blocks", FIT_SIGMAS * fit_spread(problem, placement, estimate), fit, True))
     reach = FAR_START * _footprint_side(problem, placement)
     starts = [("far start", np.array([[1.0, 0, dr], [0, 1, dc], [0, 0, 1]]))
               for dr, dc in ((reach, 0), (-reach, 0), (0, reach), (0, -reach))]
@@ -200,6 +217,29 @@ def alternative_distance(problem, placement, other) -> float:
         region = (0, 0) + tuple(problem.guide_shape)
     spacing = max(1, min(region[2:]) // 10)
     return target_registration_error(alt, main, problem.guide_shape, spacing=spacing, region=region).max
+
+
+def fit_spread(problem, placement, estimate) -> float:
+    """One standard deviation of the result's own fit at the footprint's worst corner, in guide pixels.
+
+    ``estimate`` is made at ``placement`` (its registration images are
+    judged at the identity); :func:`ggrad_gpu.register.displacement_spread`
+    over blocks of about a ``BLOCKS_ACROSS``-th of the footprint's smaller
+    side. NaN where the images have too little overlap.
+    """
+    fixed, moving, mask = pipeline.registration_images(problem, estimate)
+    if fixed is None:
+        return math.nan
+    region = footprint_region(problem.cube.values.shape[:2], _guide_matrix(problem, placement), problem.guide_shape)
+    if min(region[2:]) < 1:
+        region = (0, 0) + tuple(problem.guide_shape)
+    row0, col0, rows, cols = region
+    corners = np.array([[row0, col0, 1], [row0, col0 + cols - 1, 1], [row0 + rows - 1, col0, 1],
+                        [row0 + rows - 1, col0 + cols - 1, 1]], dtype=np.float64)
+    working = np.linalg.solve(problem.grid.to_guide, corners.T)[:2].T
+    block = max(8, round(_footprint_side(problem, placement) / BLOCKS_ACROSS))
+    spread = displacement_spread(fixed, moving, np.eye(3), working, moving_mask=mask, block=block)
+    return float(spread.max()) * problem.grid.s
 
 
 def _guide_matrix(problem, placement):
