@@ -168,16 +168,29 @@ def test_a_weak_disagreeing_match_is_placed_by_the_model(mosaic, refined):
 
 
 @pytest.mark.slow
-def test_the_same_matrices_on_a_local_cluster(mosaic, refined):
+def test_the_same_matrices_and_mosaic_on_a_cluster_of_processes(mosaic, refined, tmp_path):
     distributed = pytest.importorskip("distributed")
     result, _ = refined
-    # Two thread workers in this process (process workers take seconds each to start here).
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) \
+    tiles, matrices = mosaic.tiles, result.matrices[:12]
+    grid = mosaic_grid([t.shape for t in tiles], matrices, mosaic.guide.shape)
+    on_threads = fuse_mosaic(tmp_path / "threads.zarr", tiles, matrices, grid, chunk=32)
+    # Two worker processes, one thread each: the tiles and the chunks are pickled to them and back.
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") \
             as cluster, distributed.Client(cluster) as client:
-        on_cluster = refine_mosaic(mosaic.guide, mosaic.tiles, initials=mosaic.initials, backend="numpy",
-                                   client=client, max_in_flight=3)
-    np.testing.assert_allclose(on_cluster.matrices, result.matrices[:12], rtol=0, atol=1e-12)
+        on_cluster = refine_mosaic(mosaic.guide, tiles, initials=mosaic.initials, backend="numpy", client=client,
+                                   max_in_flight=3)
+        fused = fuse_mosaic(tmp_path / "cluster.zarr", tiles, matrices, grid, chunk=32, client=client)
     assert on_cluster.status == result.status[:12]
+    # The same matrices, to well under a millionth of a guide pixel anywhere on each tile's footprint.
+    moved = [target_registration_error(on_cluster.matrices[i], matrices[i], mosaic.guide.shape, spacing=4,
+                                       region=footprint_region(tiles[i].shape, matrices[i], mosaic.guide.shape)).max
+             for i in range(12)]
+    print(f"largest difference, threads against processes: {max(moved):.3g} guide px")
+    assert max(moved) < 1e-6
+    # The fusion through the cluster writes the same bytes as on threads.
+    threads_store, cluster_store = zarr.open_array(str(on_threads)), zarr.open_array(str(fused))
+    assert cluster_store.attrs["complete"] is True
+    assert cluster_store[:].tobytes() == threads_store[:].tobytes()
 
 
 def test_refine_mosaic_names_bad_arguments(mosaic):
