@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -143,7 +144,7 @@ def _subprocess(code: str) -> str:
     """Run ``code`` in a fresh Python with this repository first on the path; its stdout."""
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).resolve().parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"the benchmark's subprocess failed ({done.returncode}): {done.stderr[-3000:]}")
     return done.stdout
@@ -161,22 +162,26 @@ def main(argv=None) -> int:
     print("| tiles | workers | seconds | tiles / s | peak RSS GiB, refine (all processes) | peak RSS GiB, fusion | "
           "fusion MB/s | raw Zarr write MB/s | raw Zarr read MB/s | load average before / after |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    for grid in (int(n) for n in args.grids.split(",")):
-        folder = root / f"grid{grid}"
-        folder.mkdir(parents=True, exist_ok=True)
-        _subprocess(f"from benchmarks.mosaic_memory import write_mosaic; "
-                    f"write_mosaic({str(folder)!r}, {grid}, {args.tile}, {args.bands})")
-        for workers in (int(n) for n in args.workers.split(",")):
-            before = os.getloadavg()[0]
-            figures = json.loads(_subprocess(f"import json; from benchmarks.mosaic_memory import run; "
-                                             f"print(json.dumps(run({str(folder)!r}, {workers})))"))
-            after = os.getloadavg()[0]
-            print(f"| {grid} x {grid} of {' x '.join(map(str, figures['tile_shape']))} | {workers} | "
-                  f"{figures['refine_seconds']:.1f} | {figures['tiles_per_s']:.3f} | {figures['refine_peak_gib']:.2f} | "
-                  f"{figures['fusion_peak_gib']:.2f} | {figures['fusion_mb_per_s']:.1f} | "
-                  f"{figures['raw_write_mb_per_s']:.1f} | {figures['raw_read_mb_per_s']:.1f} | "
-                  f"{before:.1f} / {after:.1f} |", flush=True)
-            print(json.dumps(figures), file=sys.stderr, flush=True)
+    try:
+        for grid in (int(n) for n in args.grids.split(",")):
+            folder = root / f"grid{grid}"
+            folder.mkdir(parents=True, exist_ok=True)
+            _subprocess(f"from benchmarks.mosaic_memory import write_mosaic; "
+                        f"write_mosaic({str(folder)!r}, {grid}, {args.tile}, {args.bands})")
+            for workers in (int(n) for n in args.workers.split(",")):
+                before = os.getloadavg()[0]
+                figures = json.loads(_subprocess(f"import json; from benchmarks.mosaic_memory import run; "
+                                                 f"print(json.dumps(run({str(folder)!r}, {workers})))"))
+                after = os.getloadavg()[0]
+                print(f"| {grid} x {grid} of {' x '.join(map(str, figures['tile_shape']))} | {workers} | "
+                      f"{figures['refine_seconds']:.1f} | {figures['tiles_per_s']:.3f} | "
+                      f"{figures['refine_peak_gib']:.2f} | {figures['fusion_peak_gib']:.2f} | "
+                      f"{figures['fusion_mb_per_s']:.1f} | {figures['raw_write_mb_per_s']:.1f} | "
+                      f"{figures['raw_read_mb_per_s']:.1f} | {before:.1f} / {after:.1f} |", flush=True)
+                print(json.dumps(figures), file=sys.stderr, flush=True)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
