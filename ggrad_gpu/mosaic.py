@@ -11,7 +11,12 @@ each tile gets a status:
 
 - ``"refined"``: its own result passed refine's guard and agrees with the
   model, or disagrees with it on a strong match (``ncc_after`` of at least
-  ``strong_ncc``: a genuine slip);
+  ``strong_ncc``: a genuine slip). It keeps its own position (where its
+  own result puts its centre) with the model's shared rotation, scale and
+  shear (:meth:`StageModel.anchored`): fitted over all the tiles, those are
+  far better known than one small tile's own, whose errors grow towards its
+  corners; a tile whose own fit differs from them by more than the
+  model's tolerance (more than a slip) keeps its own result whole;
 - ``"model"``: its own refinement failed the guard, or disagreed with the
   model on a weaker match; placed by the model, ``initial_i @ C``;
 - ``"initial"``: it did not refine and no model could be fitted; its stage
@@ -30,7 +35,7 @@ import numpy as np
 
 from .geometry import working_grid
 from .pipeline import refine
-from .stage_model import StageModel, fit_stage_model
+from .stage_model import StageModel, fit_stage_model, largest_displacement
 from .tasks import run_tasks
 
 __all__ = ["STATUSES", "STRONG_NCC", "MosaicRefinement", "TileOutcome", "quiet_kept_transforms", "refine_mosaic",
@@ -92,7 +97,10 @@ class MosaicRefinement:
     Attributes
     ----------
     matrices : numpy.ndarray, shape (tiles, 3, 3)
-        Guide-to-tile matrices after the status rules (the module's docstring).
+        Guide-to-tile matrices after the status rules (the module's docstring):
+        a refined tile is placed by the model's linear part at its own
+        position, unless its own result differs from that by more than the
+        model's tolerance.
     status : tuple of str
         Per tile, one of ``STATUSES``.
     quality : tuple of dict
@@ -307,6 +315,11 @@ def _decide(outcomes, initials, strong_ncc, tolerance, timings, clock) -> Mosaic
         elif improved[i] and (model.distances[i] <= model.tolerance
                               or outcome.quality.get("ncc_after", 0.0) >= strong_ncc):
             state = "refined"
+            # Its own position with the model's rotation and scale, unless its own
+            # fit differs from those by more than the tolerance (not a mere slip).
+            anchored = model.anchored(initials[i], own[i], shapes[i])
+            if largest_displacement(anchored, own[i], shapes[i]) <= model.tolerance:
+                matrices[i] = anchored
         else:
             state = "model"
             matrices[i] = model.placement(initials[i])

@@ -23,7 +23,7 @@ import numpy as np
 
 from .geometry import pixels_per_cube_pixel
 
-__all__ = ["MIN_MODEL_TILES", "StageModel", "fit_stage_model", "tile_points"]
+__all__ = ["MIN_MODEL_TILES", "StageModel", "fit_stage_model", "largest_displacement", "tile_points"]
 
 # A shared affine from fewer tiles would only repeat one tile's own result.
 MIN_MODEL_TILES = 2
@@ -82,6 +82,43 @@ class StageModel:
             raise ValueError("the stage model has no matrix (too few tiles refined)")
         return np.asarray(initial, dtype=np.float64) @ self.matrix
 
+    def anchored(self, initial, own, tile_shape) -> np.ndarray:
+        """The model's placement moved so that the tile's centre lands where its own result puts it.
+
+        The shared linear part (rotation, scale, shear), fitted over all the
+        inliers, with the tile's own position: a small tile's own fit pins
+        its position far better than its rotation and scale, whose errors
+        grow towards its corners.
+
+        Parameters
+        ----------
+        initial, own : array_like, shape (3, 3)
+            The tile's stage placement and its own refined result (guide to tile).
+        tile_shape : (rows, cols, ...)
+
+        Returns
+        -------
+        numpy.ndarray, shape (3, 3)
+            Guide to tile: ``shift @ initial @ C``, the shift in tile pixels.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from ggrad_gpu.stage_model import StageModel
+        >>> model = StageModel(np.eye(3), np.zeros((1, 2)), np.zeros(1), np.ones(1, bool), 1.0)
+        >>> own = np.array([[1.01, 0, 2.0], [0, 1, -1.0], [0, 0, 1]])  # scale off by 1%, moved
+        >>> anchored = model.anchored(np.eye(3), own, (10, 10))
+        >>> centre = np.array([4.5, 4.5, 1.0])
+        >>> bool(np.allclose(np.linalg.solve(anchored, centre), np.linalg.solve(own, centre))), float(anchored[0, 0])
+        (True, 1.0)
+        """
+        placement = self.placement(initial)
+        centre = tile_points(tile_shape)[:, 4]
+        anchor = np.linalg.solve(np.asarray(own, dtype=np.float64), centre)  # the centre on the guide
+        shift = np.eye(3)
+        shift[:2, 2] = (centre - placement @ anchor)[:2]
+        return shift @ placement
+
 
 def tile_points(tile_shape) -> np.ndarray:
     """A tile's four outer corners and its centre, homogeneous tile coordinates, shape (3, 5).
@@ -95,6 +132,22 @@ def tile_points(tile_shape) -> np.ndarray:
     """
     h, w = tile_shape[0] - 0.5, tile_shape[1] - 0.5
     return np.array([[-0.5, -0.5, h, h, (h - 0.5) / 2], [-0.5, w, -0.5, w, (w - 0.5) / 2], [1, 1, 1, 1, 1.0]])
+
+
+def largest_displacement(matrix, other, tile_shape) -> float:
+    """The largest guide distance between where two guide-to-tile matrices put a tile's corners and centre.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from ggrad_gpu.stage_model import largest_displacement
+    >>> largest_displacement(np.eye(3), np.array([[1.0, 0, 3], [0, 1, 4], [0, 0, 1]]), (8, 8))
+    5.0
+    """
+    points = tile_points(tile_shape)
+    moved = np.linalg.solve(np.asarray(matrix, dtype=np.float64), points) - np.linalg.solve(
+        np.asarray(other, dtype=np.float64), points)
+    return float(np.hypot(*moved[:2]).max())
 
 
 def fit_stage_model(initials, matrices, tile_shapes, refined, *, floor=None) -> StageModel:
