@@ -162,7 +162,20 @@ def first_level(problem) -> tuple[int, int]:
 
 
 def first_estimate(problem):
-    """The first estimate, from the device placement, at :func:`first_level`."""
+    """The first estimate, from the device placement, at :func:`first_level`.
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> from ggrad_gpu.pipeline import build_problem
+    >>> phantom = synthetic.make_phantom(shape=(120, 140), bands=16, seed=1)
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> estimate = first_estimate(problem)  # a small footprint: the cube's resolution, every level
+    >>> first_level(problem) == (problem.grid.cube_step, problem.levels), len(estimate.gradient.alpha)
+    (True, 2)
+    >>> estimate.gradient.grad_y.shape == problem.grid.shape
+    True
+    """
     step, levels = first_level(problem)
     return pipeline.estimate_pass(problem, np.eye(3), step, levels=levels)
 

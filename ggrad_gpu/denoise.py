@@ -65,6 +65,14 @@ class Subspace:
 
     ``rank`` is None where the cube was left as it is (too small, no noise
     bulk, or no component above the noise); ``values`` is then the input.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> small = np.ones((8, 8, 20))  # under MIN_PIXELS: left as it is
+    >>> kept = signal_subspace(small)
+    >>> isinstance(kept, Subspace), kept.rank, kept.values is small
+    (True, None, True)
     """
 
     values: object

@@ -96,7 +96,7 @@ class Spread:
     >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
     >>> result = assess(problem, np.linalg.inv(phantom.initial) @ phantom.matrix)  # at the true placement
     >>> isinstance(result, Spread), sorted({a.kind for a in result.alternatives})
-    (True, ['band half', 'far start'])
+    (True, ['band half', 'far start', 'fit blocks'])
     >>> result.spread_px == max(a.distance_px for a in result.alternatives if a.counts), bool(result.fit > 0.9)
     (True, True)
     """
@@ -226,6 +226,19 @@ def fit_spread(problem, placement, estimate) -> float:
     judged at the identity); :func:`ggrad_gpu.register.displacement_spread`
     over blocks of about a ``BLOCKS_ACROSS``-th of the footprint's smaller
     side. NaN where the images have too little overlap.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> from ggrad_gpu import refine, synthetic
+    >>> from ggrad_gpu.pipeline import build_problem, estimate_pass
+    >>> from ggrad_gpu.metrics import target_registration_error
+    >>> phantom = synthetic.make_phantom(shape=(120, 140), bands=16, seed=1, signatures="mixed")
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> truth = np.linalg.inv(phantom.initial) @ phantom.matrix  # s = 1, no crop: working = guide grid
+    >>> spread = fit_spread(problem, truth, estimate_pass(problem, truth, 1))
+    >>> bool(0 < spread < 1)  # at the truth, the fit's own uncertainty is a fraction of a pixel
+    True
     """
     fixed, moving, mask = pipeline.registration_images(problem, estimate)
     if fixed is None:
