@@ -127,8 +127,12 @@ class MosaicRefinement:
     >>> mosaic = synthetic.make_mosaic(grid=(1, 2), tile_shape=(16, 16), bands=4, slipped=None, featureless=None,
     ...                                signatures="mixed")
     >>> result = refine_mosaic(mosaic.guide, mosaic.tiles, initials=mosaic.initials, backend="numpy")
-    >>> isinstance(result, MosaicRefinement), result.status, bool(np.array_equal(result.matrices, result.own))
-    (True, ('refined', 'refined'), True)
+    >>> isinstance(result, MosaicRefinement), result.status
+    (True, ('refined', 'refined'))
+    >>> centre = np.array([7.5, 7.5, 1.0])  # a refined tile's centre stays where its own fit puts it
+    >>> [bool(np.allclose(np.linalg.solve(result.matrices[i], centre), np.linalg.solve(result.own[i], centre)))
+    ...  for i in range(2)]
+    [True, True]
     >>> [bool(target_registration_error(result.matrices[i], mosaic.matrices[i], mosaic.guide.shape).mean
     ...       < target_registration_error(mosaic.initials[i], mosaic.matrices[i], mosaic.guide.shape).mean / 3)
     ...  for i in range(2)]
