@@ -33,7 +33,7 @@ from ._validation import all_finite, float_dtype
 from .chunked import is_dask_array
 
 __all__ = ["BULK_LIMIT", "COMPONENTS", "FULL_EIGEN", "ITERATIONS", "MIN_PIXELS", "MIN_SIDE", "NOISE_PIXELS",
-           "RANK_MARGIN", "SAMPLE_PIXELS", "Subspace", "band_noise", "signal_subspace"]
+           "PROJECT_BYTES", "RANK_MARGIN", "SAMPLE_PIXELS", "Subspace", "band_noise", "signal_subspace"]
 
 # A component counts as signal above this multiple of the noise edge.
 RANK_MARGIN = 1.5
@@ -57,6 +57,9 @@ COMPONENTS = 32
 # beyond, its largest components come from this many subspace iterations.
 FULL_EIGEN = 256
 ITERATIONS = 4
+# Bytes of pixels projected at once (each pixel's product is its own row: the
+# same values in any run length).
+PROJECT_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -188,12 +191,17 @@ def _project(block, live, mean, scale, basis):
     shape = block.shape
     pixels = block.reshape(-1, shape[2])
     dtype = float_dtype(block.dtype)  # float32 stays float32
-    chosen = pixels[:, to_device(live, xp)].astype(dtype)
+    live = to_device(live, xp)
     mean, scale, basis = (to_device(a, xp).astype(dtype) for a in (mean, scale, basis))
-    projected = (((chosen - mean) / scale) @ basis) @ basis.T * scale + mean
-    projected = xp.where(xp.isfinite(projected).all(axis=1, keepdims=True), projected, chosen)
     out = pixels.copy()
-    out[:, to_device(live, xp)] = projected.astype(out.dtype)
+    # In runs of pixels: the product's temporaries stay near PROJECT_BYTES, not
+    # several copies of the block (a 64 MiB chunk of a streamed cube held ~6).
+    step = max(1, PROJECT_BYTES // (shape[2] * np.dtype(dtype).itemsize))
+    for start in range(0, pixels.shape[0], step):
+        chosen = pixels[start:start + step, live].astype(dtype)
+        projected = (((chosen - mean) / scale) @ basis) @ basis.T * scale + mean
+        projected = xp.where(xp.isfinite(projected).all(axis=1, keepdims=True), projected, chosen)
+        out[start:start + step, live] = projected.astype(out.dtype)
     return out.reshape(shape)
 
 
