@@ -34,48 +34,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-
-class PeakMemory:
-    """The largest resident memory summed over this process and its children while the block runs."""
-
-    def __init__(self, interval=0.05):
-        self.interval, self.peak = interval, 0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def total() -> int:
-        import psutil
-
-        process = psutil.Process()
-        total = process.memory_info().rss
-        for child in process.children(recursive=True):
-            try:
-                total += child.memory_info().rss
-            except psutil.Error:  # a process that just ended
-                pass
-        return total
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.total())
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self.peak = self.total()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.total())
+from benchmarks.memory import PeakMemory
 
 
 def write_mosaic(folder, grid: int, side: int, bands: int) -> None:

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.memory import PeakMemory
+
 
 def write_phantom(folder: Path, guide_side: int, factor: int, bands: int, seed: int = 0):
     """Guide, Zarr cube and the true and initial matrices of a large phantom; returns the truth."""
@@ -88,19 +90,12 @@ def run_refine(folder: Path, out: Path, limit: str, workers: int | None) -> dict
                "numpy"] + ([] if workers is None else ["--workers", str(workers)])
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    parent, peak = psutil.Process(process.pid), 0
-    while process.poll() is None:
-        try:
-            tree = [parent] + parent.children(recursive=True)
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.1)
-    stdout, stderr = process.communicate()
+    with PeakMemory(psutil.Process(process.pid), interval=0.1) as memory:
+        stdout, stderr = process.communicate()
     seconds = time.perf_counter() - start
     if process.returncode not in (0, 1):
         raise RuntimeError(f"ggrad refine failed ({process.returncode}): {stderr[-2000:]}")
-    return {"peak": peak, "stdout": stdout, "seconds": seconds}
+    return {"peak": memory.peak, "stdout": stdout, "seconds": seconds}
 
 
 def row(label, run, out: Path, truth, guide_shape, read_seconds, nbytes) -> str:

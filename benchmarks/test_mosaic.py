@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 
 import numpy as np
@@ -40,6 +39,7 @@ distributed = pytest.importorskip("distributed")
 zarr = pytest.importorskip("zarr")
 psutil = pytest.importorskip("psutil")
 
+from benchmarks.memory import PeakMemory  # noqa: E402
 from ggrad_gpu.fusion import fuse_mosaic, mosaic_grid  # noqa: E402
 from ggrad_gpu.io.guide_regions import open_guide_regions  # noqa: E402
 from ggrad_gpu.mosaic import refine_mosaic  # noqa: E402
@@ -49,40 +49,6 @@ from ggrad_gpu.synthetic import make_mosaic  # noqa: E402
 GRID = int(os.environ.get("GGRAD_BENCH_MOSAIC_GRID", "4"))
 SIDE = int(os.environ.get("GGRAD_BENCH_MOSAIC_TILE", "128"))  # smaller for a quick check of the suite
 TILE, BANDS, FACTOR = (SIDE, SIDE), int(os.environ.get("GGRAD_BENCH_MOSAIC_BANDS", "256")), 4
-
-
-class PeakMemory:
-    """The largest resident memory summed over this process and its children while the block runs."""
-
-    def __init__(self, interval=0.05):
-        self.interval, self.peak = interval, 0
-        self._stop = threading.Event()
-
-    def _total(self):
-        process = psutil.Process()
-        total = process.memory_info().rss
-        for child in process.children(recursive=True):
-            try:
-                total += child.memory_info().rss
-            except psutil.Error:  # a process that just ended
-                pass
-        return total
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._total())
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self.peak = self._total()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._total())
 
 
 @pytest.fixture(scope="module")
