@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import pipeline
+from .coverage import NoDataError
 from .geometry import degeneracy
 from .guard import MAX_SCALE_CHANGE
 from .metrics import ncc
@@ -104,7 +105,10 @@ def fit_at(problem, placement) -> float:
     key = _placement_key(placement)
     if key not in problem.fits:  # each fit costs an estimate: a pass over the cube
         step, levels = basin_level(problem)
-        problem.fits[key] = _fit(pipeline.estimate_pass(problem, placement, step, levels=levels), step)
+        try:
+            problem.fits[key] = _fit(pipeline.estimate_pass(problem, placement, step, levels=levels), step)
+        except NoDataError:  # every pixel there draws on missing data: it fits nothing
+            problem.fits[key] = 0.0
     return problem.fits[key]
 
 
@@ -251,7 +255,10 @@ def first_registration(problem, first):
     candidates = []
     for estimate, start, search in tries:
         if estimate is None:
-            estimate = pipeline.estimate_pass(problem, start, step, levels=levels)
+            try:
+                estimate = pipeline.estimate_pass(problem, start, step, levels=levels)
+            except NoDataError:  # a peak that moves the cube off every pixel with data
+                continue
         registration, placement = pipeline.register_pass(problem, estimate, start, coarse_search=search)
         if any(np.allclose(placement, c.placement, atol=0.5) for c in candidates):
             continue  # the same basin again

@@ -27,7 +27,27 @@ from ._backend import array_module, ndimage_module
 from .chunked import fill_gaps_chunked, is_dask_array
 from .pyramid import gaussian_pyramid
 
-__all__ = ["Coverage", "excluded_levels", "fill_gaps", "level_on_grid", "valid_pixels"]
+__all__ = ["Coverage", "NoDataError", "excluded_levels", "fill_gaps", "level_on_grid", "valid_pixels"]
+
+
+class NoDataError(ValueError):
+    """A coverage that leaves no pixel with data: there is nothing to estimate from.
+
+    A ``ValueError``, so callers that validate input see one; the stages that
+    try placements (the basins' fits) catch this class alone and score such a
+    placement as fitting nothing.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from ggrad_gpu import estimate_global_gradient
+    >>> nowhere = Coverage(footprint=np.zeros((16, 16), dtype=bool))
+    >>> try:
+    ...     estimate_global_gradient(np.ones((16, 16)), np.ones((16, 16, 2)), levels=1, coverage=nowhere)
+    ... except NoDataError as error:
+    ...     print(error)
+    coverage leaves no pixel with data
+    """
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import numpy as np
 import scipy.linalg
 
 from ._backend import array_module, to_host
-from ._memory import block_rows
+from ._memory import block_rows, default_block_bytes
 
 __all__ = ["GramAccumulator", "gram_products", "nnls_gram", "nnls_kkt_residual"]
 
@@ -38,6 +38,11 @@ def spurious_blas_flags_ignored():
     ('ignore', False)
     """
     return np.errstate(invalid="ignore")
+
+
+# Rows are promoted to the product precision in blocks of this share of the block budget
+# (2 MiB of float64 on the CPU): the copy stays small beside the gradients it comes from.
+PROMOTE_SHARE = 4
 
 
 class GramAccumulator:
@@ -80,19 +85,32 @@ class GramAccumulator:
         """Add a chunk: ``columns`` (..., bands) and ``target`` (...), same leading shape.
 
         ``weights`` (same shape as ``target``, optional) multiplies each pixel's
-        row and target; a weight of 0 drops the pixel (masks).
+        row and target; a weight of 0 drops the pixel (masks). The rows are
+        promoted to ``product_dtype`` a block at a time (the block budget of
+        :func:`ggrad_gpu._memory.block_rows`), so a float32 chunk costs at most
+        one block of float64 beside it.
         """
         bands = self.gram.shape[0]
-        a = columns.reshape(-1, bands).astype(self.product_dtype, copy=False)
-        b = target.reshape(-1).astype(self.product_dtype, copy=False)
-        if weights is not None:
-            w = weights.reshape(-1).astype(self.product_dtype)
-            a = a * w[:, None]
-            b = b * w
-        # ``a.T @ a`` on one buffer is a SYRK in NumPy: half the flops of a GEMM.
-        with spurious_blas_flags_ignored():
-            gram = a.T @ a
-            rhs = a.T @ b
+        a = columns.reshape(-1, bands)
+        b = target.reshape(-1)
+        w = None if weights is None else weights.reshape(-1)
+        step = block_rows(a.shape, self.product_dtype.itemsize, self.xp,
+                          target_bytes=default_block_bytes(self.xp) // PROMOTE_SHARE)
+        gram = self.xp.zeros_like(self.gram)
+        rhs = self.xp.zeros_like(self.rhs)
+        for start in range(0, a.shape[0], step):
+            rows = slice(start, start + step)
+            # A copy where weights follow (scaled in place, never the caller's rows).
+            part = a[rows].astype(self.product_dtype, copy=w is not None)
+            values = b[rows].astype(self.product_dtype, copy=w is not None)
+            if w is not None:
+                scale = w[rows].astype(self.product_dtype)
+                part *= scale[:, None]
+                values *= scale
+            # ``part.T @ part`` on one buffer is a SYRK in NumPy: half the flops of a GEMM.
+            with spurious_blas_flags_ignored():
+                gram += part.T @ part
+                rhs += part.T @ values
         # Products first, sums last: a chunk that runs out of memory (and is
         # retried smaller) has added nothing.
         self.gram += gram

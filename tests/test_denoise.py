@@ -91,6 +91,24 @@ def test_signal_subspace_of_a_lazy_cube_equals_the_in_memory_one():
     np.testing.assert_allclose(lazy.values.compute(), expected.values, rtol=0, atol=1e-6)
 
 
+def test_signal_subspace_reads_each_chunk_of_a_store_once(tmp_path, monkeypatch):
+    """The noise's five neighbour slices and the subspace's sample come from one pass over a store."""
+    import dask.array as da
+
+    zarr = pytest.importorskip("zarr")
+    _, noisy = _low_rank(3, shape=(150, 170))
+    store = zarr.open_array(str(tmp_path / "cube.zarr"), mode="w", shape=noisy.shape, chunks=(50, 60, 40),
+                            dtype="f4")
+    store[:] = noisy
+    lazy = da.from_zarr(str(tmp_path / "cube.zarr"))
+    reads = []
+    original = type(store).__getitem__
+    monkeypatch.setattr(type(store), "__getitem__", lambda self, key: reads.append(key) or original(self, key))
+    result = signal_subspace(lazy)
+    assert result.rank == 3
+    assert len(reads) == lazy.npartitions == 9  # one read per chunk (six strided slices touch them all)
+
+
 def _default_phantom(index):
     case = draw_cases(index + 1, seed=3030)[index]  # the trust sweep's draws: 27-45 px off
     return make_phantom(bands=60, signatures="separate", **{**case.phantom_kwargs(), "seed": 500 + case.seed})
