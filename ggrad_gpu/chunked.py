@@ -41,6 +41,7 @@ __all__ = [
     "combine_bands_chunked",
     "fill_gaps_chunked",
     "is_dask_array",
+    "keep_source",
     "level_gram_chunked",
     "prepare_lazy_cube",
     "read_window",
@@ -116,7 +117,7 @@ def checkpoints(memory_limit: int | None = None):
     (132, True)
     """
     stores = []  # the temporary folder, made when the first array goes to disk
-    token = _SCRATCH.set((stores, memory_limit, {}))
+    token = _SCRATCH.set((stores, memory_limit, {}, {}))
     try:
         yield
     finally:
@@ -149,22 +150,67 @@ def checkpoint(x):
     scratch = _SCRATCH.get()
     if scratch is None:
         return _persisted(x)
-    stores, limit, done = scratch
+    stores, limit, done, _ = scratch
     if x.name in done:
         return x
-    if limit is None or x.nbytes <= limit // 4:
-        kept = _persisted(x)
-    else:
-        import dask.array as da
-
-        if not stores:
-            stores.append(tempfile.mkdtemp(prefix="ggrad-chunks-"))
-        stores.append(f"{stores[0]}/step-{len(stores)}.zarr")
-        x.to_zarr(stores[-1], compressors=None)  # scratch, read back at once: compression only costs time
-        kept = da.from_zarr(stores[-1])
-        _STORED[kept.name] = stores[-1]
+    kept = _persisted(x) if limit is None or x.nbytes <= limit // 4 else _stored(x, stores)
     done[kept.name] = kept  # held (until release_checkpoints): on a cluster, its data stay while later steps read them
     return kept
+
+
+def _stored(x, stores):
+    """``x`` written to a new store in the block's temporary folder and read back lazily from it."""
+    import dask.array as da
+
+    if not stores:
+        stores.append(tempfile.mkdtemp(prefix="ggrad-chunks-"))
+    stores.append(f"{stores[0]}/step-{len(stores)}.zarr")
+    x.to_zarr(stores[-1], compressors=None)  # scratch, read back at once: compression only costs time
+    kept = da.from_zarr(stores[-1])
+    _STORED[kept.name] = stores[-1]
+    return kept
+
+
+# The chunks of a source kept on disk (keep_source): a warp block reads its window from the store, and
+# whatever chunks the window touches are read whole.
+SOURCE_CHUNK_BYTES = 8 << 20
+
+
+def keep_source(x):
+    """The cube as the estimates read it, kept on disk for the whole :func:`checkpoints` block if it is large.
+
+    Every estimate warps the cube to a new placement. Through dask, each
+    warp block loads the source chunks its window touches whole, with what
+    they are computed from (the store's chunks, decompressed, and the
+    denoising projection), and the scheduler holds rows of them: a 4 GiB
+    cube in 64 MiB chunks took 2.4 GiB to warp. A dask ``x`` larger than a
+    quarter of the block's memory limit is written once to a temporary store
+    in chunks of ``SOURCE_CHUNK_BYTES`` (bands whole), which
+    :func:`warp_cube_chunked` reads window by window;
+    :func:`release_checkpoints` leaves it. Anything else is returned as it is.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> x = da.ones((64, 64, 4), chunks=(32, 32, 4))  # 128 KiB
+    >>> with checkpoints(memory_limit=1 << 16):
+    ...     kept = keep_source(x)
+    ...     release_checkpoints()
+    ...     again = keep_source(x)  # the same store: written once in the block
+    ...     on_disk = stored_path(kept) is not None
+    >>> again is kept, on_disk, keep_source(x) is x  # outside a block: as it is
+    (True, True, True)
+    """
+    scratch = _SCRATCH.get()
+    if not is_dask_array(x) or scratch is None:
+        return x
+    stores, limit, _, sources = scratch
+    if limit is None or x.nbytes <= limit // 4:
+        return x
+    if x.name not in sources:
+        rows, cols = spatial_chunks(x.shape, x.dtype.itemsize, chunk_bytes=SOURCE_CHUNK_BYTES)
+        sources[x.name] = _stored(x.rechunk({0: rows, 1: cols, 2: -1}), stores)
+    return sources[x.name]
 
 
 # The Zarr store behind each checkpoint kept on disk, by dask name: a stage
@@ -327,6 +373,7 @@ def warp_cube_chunked(cube, matrix, output_shape, *, order: int, chunks=None):
     if chunks is None:
         chunks = spatial_chunks(tuple(output_shape) + (bands,), dtype.itemsize)
     meta = cube._meta
+    path = stored_path(cube)  # kept on disk: each block reads its window from the store, not dask's chunks
     rows = []
     for r0 in range(0, output_shape[0], chunks[0]):
         r1 = min(r0 + chunks[0], output_shape[0])
@@ -339,10 +386,21 @@ def warp_cube_chunked(cube, matrix, output_shape, *, order: int, chunks=None):
                 continue
             (w0, w1), (v0, v1) = window
             shifted = _translation(-w0, -v0) @ matrix @ _translation(r0, c0)
-            task = dask.delayed(warp_cube, pure=True)(cube[w0:w1, v0:v1], shifted, (r1 - r0, c1 - c0), order=order)
+            if path is None:
+                task = dask.delayed(warp_cube, pure=True)(cube[w0:w1, v0:v1], shifted, (r1 - r0, c1 - c0),
+                                                          order=order)
+            else:
+                task = dask.delayed(_warp_window, pure=True)(path, (w0, w1), (v0, v1), meta, shifted,
+                                                             (r1 - r0, c1 - c0), order)
             row.append(da.from_delayed(task, (r1 - r0, c1 - c0, bands), dtype=dtype, meta=meta))
         rows.append(row)
     return _stitched(rows)
+
+
+def _warp_window(path, rows, cols, meta, matrix, shape, order):
+    from .warp import warp_cube
+
+    return warp_cube(_like(meta, read_window(path, rows, cols)), matrix, shape, order=order)
 
 
 def _stitched(rows):

@@ -36,7 +36,7 @@ from ._backend import array_module, is_cupy_array, ndimage_module, resolve_backe
 from .coverage import Coverage, fill_gaps, level_on_grid, valid_pixels
 from .estimate import GlobalGradient, estimate_global_gradient
 from .filters import sobel_magnitude
-from .chunked import checkpoints, is_dask_array
+from .chunked import checkpoints, is_dask_array, keep_source
 from .geometry import WorkingGrid, cube_output_grid, cube_resolution_step, footprint_mask
 from .guard import MIN_OVERLAP, judge
 from .options import RefineOptions, bands_first_hint, check_inputs, check_placement, resolve_levels
@@ -495,7 +495,7 @@ def estimate_pass(problem: Problem, placement, step: int, bands=None, levels=Non
     to_cube = problem.initial @ grid.to_guide @ placement
     shape = grid.level_shape(step)
     to_level = to_cube @ np.diag([step, step, 1.0])  # level pixel i sits at working coordinate step * i
-    values = cube.for_estimates
+    values = keep_source(cube.for_estimates)  # a large lazy cube: written once, read by windows
     source = values if bands is None else values[:, :, xp.asarray(bands)]
     on_grid = warp_cube(source, to_level, shape, order=1)
     if cube.dead_bands is not None:

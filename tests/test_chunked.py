@@ -138,6 +138,27 @@ def test_checkpoint_goes_to_a_temporary_store_beyond_the_limit_and_is_removed(cu
     np.testing.assert_array_equal(checkpoint(cube), cube)  # in-memory arrays pass through
 
 
+def test_a_large_lazy_cube_is_kept_on_disk_once_and_warped_by_windows(monkeypatch):
+    """Every estimate warps the cube: beyond the limit it is written once and read window by window."""
+    from ggrad_gpu import chunked, pipeline
+
+    sample = make_phantom(shape=(160, 192), bands=16, seed=2, signatures="mixed")
+    stored, windows, passes = [], [], []
+    for module, name, log in ((chunked, "_stored", stored), (chunked, "read_window", windows),
+                              (pipeline, "estimate_pass", passes)):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _log=log, **k: _log.append(a) or _f(*a, **k))
+    lazy = _lazy(sample.cube, (10, 12))
+    # The working grid given: under this limit it would be coarsened, and the cube with it.
+    result = _refine(sample.guide, lazy, sample.initial, memory_limit=2 * sample.cube.nbytes, output_grid="cube",
+                     working_shape=sample.guide.shape)
+    sources = [a for a in stored if a[0].shape == sample.cube.shape]
+    assert len(passes) >= 3 and len(sources) == 1  # several estimates, one copy of the cube
+    assert windows  # the warps read the store's windows
+    whole = _refine(sample.guide, sample.cube, sample.initial, output_grid="cube", working_shape=sample.guide.shape)
+    assert target_registration_error(result.matrix, whole.matrix, sample.guide.shape).max < 1e-3
+
+
 def _refine(guide, cube, initial, **options):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -187,7 +208,7 @@ def test_chunked_and_in_memory_refine_agree_where_eq5_is_nearly_singular():
     sample = make_phantom(shape=(320, 384), bands=64, seed=3, signatures="mixed")
     chunked = _refine(sample.guide, _lazy(sample.cube, (16, 16)), sample.initial, memory_limit="64MB",
                       output_grid="cube")
-    whole = _refine(sample.guide, sample.cube, sample.initial, output_grid="cube")
+    whole = _refine(sample.guide, sample.cube, sample.initial, output_grid="cube", working_shape=sample.guide.shape)
     from ggrad_gpu.denoise import signal_subspace
 
     assert signal_subspace(sample.cube).rank is not None  # both paths estimate on the projected cube
