@@ -159,6 +159,19 @@ def test_a_large_lazy_cube_is_kept_on_disk_once_and_warped_by_windows(monkeypatc
     assert target_registration_error(result.matrix, whole.matrix, sample.guide.shape).max < 1e-3
 
 
+def test_a_kept_source_is_stored_in_pieces_of_the_cube_s_own_chunks(monkeypatch):
+    """Each stored chunk comes from one of the cube's chunks: no new chunk draws on several."""
+    from ggrad_gpu import chunked
+
+    values = np.random.default_rng(3).random((96, 80, 64)).astype(np.float32)
+    monkeypatch.setattr(chunked, "SOURCE_CHUNK_BYTES", 9 * 9 * 64 * 4)  # a 9 x 9 side at most
+    with checkpoints(memory_limit=100_000):
+        kept = chunked.keep_source(_lazy(values, (48, 40)))
+        assert chunked.stored_path(kept) is not None
+        assert set(kept.chunks[0]) == {8} and set(kept.chunks[1]) == {8}  # 48 and 40 split in eighths and fifths
+        np.testing.assert_array_equal(kept.compute(), values)
+
+
 def _refine(guide, cube, initial, **options):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
