@@ -1,5 +1,8 @@
 """Tiled mosaics: the phantom, the stage model, refine_mosaic on Dask, and the fused mosaic in Zarr."""
 
+import threading
+import weakref
+
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
@@ -247,6 +250,57 @@ def test_the_same_matrices_and_mosaic_on_a_cluster_of_processes(mosaic, refined,
     threads_store, cluster_store = zarr.open_array(str(on_threads)), zarr.open_array(str(fused))
     assert cluster_store.attrs["complete"] is True
     assert cluster_store[:].tobytes() == threads_store[:].tobytes()
+
+
+class RecordingGuide:
+    """A guide read by region (as a Zarr or TIFF guide is) that records each read.
+
+    Per read: the thread that made it and how many regions it has handed out
+    are still alive (each region is a fresh copy, tracked until it is freed).
+    """
+
+    def __init__(self, array):
+        self.array, self.shape = array, array.shape
+        self.lock, self.events, self.alive = threading.Lock(), [], 0
+
+    def __getitem__(self, key):
+        region = np.array(self.array[key])
+        with self.lock:
+            self.alive += 1
+            self.events.append(("read", threading.get_ident(), self.alive))
+        weakref.finalize(region, self._freed)
+        return region
+
+    def _freed(self):
+        with self.lock:
+            self.alive -= 1
+
+    def done(self, index, outcome):
+        with self.lock:
+            self.events.append(("done", index, self.alive))
+
+
+@pytest.mark.parametrize("cap", [1, 2])
+def test_each_task_reads_its_own_guide_region_when_it_starts(cap):
+    mosaic = make_mosaic(grid=(2, 3), tile_shape=(16, 16), bands=4, signatures="mixed", slipped=None,
+                         featureless=None)
+    guide = RecordingGuide(mosaic.guide)
+    result = refine_mosaic(guide, mosaic.tiles, initials=mosaic.initials, backend="numpy", max_in_flight=cap,
+                           progress=guide.done)
+    reads = [event for event in guide.events if event[0] == "read"]
+    assert len(reads) == 6 and all(status == "refined" for status in result.status)
+    # Read inside the tasks (Dask's worker threads), not by the caller before it makes them ...
+    assert threading.get_ident() not in {thread for _, thread, _ in reads}
+    # ... so a region is read only once a slot is free: never more reads than tiles finished plus the cap,
+    # never more regions alive than the cap (a tile's region is freed when its task ends).
+    started = finished = 0
+    for kind, _, alive in guide.events:
+        started, finished = started + (kind == "read"), finished + (kind == "done")
+        assert started - finished <= cap and alive <= cap
+    assert guide.alive == 0
+    # The same placements as from the guide in memory.
+    direct = refine_mosaic(mosaic.guide, mosaic.tiles, initials=mosaic.initials, backend="numpy", max_in_flight=cap)
+    np.testing.assert_array_equal(result.matrices, direct.matrices)
 
 
 def test_refine_mosaic_names_bad_arguments(mosaic):
