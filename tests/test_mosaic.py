@@ -374,6 +374,33 @@ def test_fused_mosaic_equals_an_independent_reference(small, tmp_path):
     np.testing.assert_array_equal(mosaic_array(tiles, matrices, grid, chunk=16).compute(), fused)
 
 
+@pytest.mark.parametrize("with_gaps", [False, True])
+def test_fused_chunk_has_the_bits_of_per_band_float32_weights(small, with_gaps):
+    """The chunk against the plain float32 formulation: every band weighted where it has a value, in tile order."""
+    from ggrad_gpu.fusion import feather_weights, fuse_chunk
+
+    tiles, matrices, guide_shape = small
+    if not with_gaps:
+        tiles = [np.nan_to_num(t, nan=0.5) for t in tiles]
+    grid = mosaic_grid([t.shape for t in tiles], matrices, guide_shape)
+    rows, cols = (2, grid.shape[0] - 1), (3, grid.shape[1] - 2)  # across every overlap
+    window = grid.to_guide @ _shift(rows[0], cols[0])
+    shape = (rows[1] - rows[0], cols[1] - cols[0])
+    total = np.zeros(shape + (5,), np.float32)
+    weight = np.zeros_like(total)
+    for tile, m in zip(tiles, matrices):
+        values = warp_cube(tile, m @ window, shape)
+        feather = feather_weights(m @ window, tile.shape, shape).astype(np.float32)[:, :, None]
+        present = ~np.isnan(values)
+        total += np.where(present, values * feather, np.float32(0))
+        weight += present * feather
+    with np.errstate(invalid="ignore"):
+        expected = total / weight
+    fused = fuse_chunk(tiles, matrices, grid, rows, cols)
+    assert bool((weight[:, :, 2] != weight[:, :, 0]).any()) == with_gaps  # band 2's gaps weigh in
+    assert fused.tobytes() == expected.tobytes()
+
+
 def test_no_tile_reaches_is_nan(small, tmp_path):
     tiles, matrices, guide_shape = small
     # Tile 0 alone, on the grid of all six: everything beyond its footprint is NaN.
