@@ -60,9 +60,11 @@ def write_mosaic(folder, grid: int, side: int, bands: int) -> None:
 
 def run(folder, workers: int) -> dict:
     """refine_mosaic and fuse_mosaic on a local cluster, then raw Zarr I/O; the figures as a dict."""
+    import dask
     import distributed
     import zarr
 
+    from ggrad_gpu.cluster import WORKER_CONFIG
     from ggrad_gpu.fusion import fuse_mosaic, mosaic_grid
     from ggrad_gpu.io.guide_regions import open_guide_regions
     from ggrad_gpu.mosaic import refine_mosaic
@@ -73,7 +75,9 @@ def run(folder, workers: int) -> dict:
     tiles = [TileFile(folder / f"tile{i}.npy") for i in range(len(initials))]
     guide = open_guide_regions(folder / "guide.npy")
     out = Path(tempfile.mkdtemp(prefix="run-", dir=folder))
-    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, \
+    # The workers as ggrad mosaic --workers starts them (cluster.WORKER_CONFIG).
+    with dask.config.set(WORKER_CONFIG), \
+            distributed.LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
         client.run(lambda: __import__("ggrad_gpu.mosaic"))  # imports off the clock
         with PeakMemory() as refine_memory:
