@@ -14,15 +14,18 @@ for sizes and options). For each mosaic size (``--grids``, n x n tiles) it
    at the refined placement through the same cluster, then the raw Zarr
    write and read of the fused values (same shape, chunks and codecs) in the
    same process;
-3. prints one Markdown row per run: tiles per second, the peak resident
-   memory summed over the run's process and all its children (nannies and
-   workers, sampled every 50 ms; shared pages count once per process, so an
-   upper bound), the fusion and the raw Zarr write and read in MB/s, and
-   the load average of the machine before and after the run (the machine
-   may be shared: the seconds are then upper bounds).
+3. prints one Markdown row per run: tiles per second, the CPU seconds per
+   tile summed over the run's process and all its children (what a tile
+   costs whatever else runs on the machine), the peak resident memory
+   summed over the same processes (nannies and workers, sampled every 50
+   ms; shared pages count once per process, so an upper bound), the fusion
+   and the raw Zarr write and read in MB/s, and the load average of the
+   machine before and after the run (the machine may be shared: the
+   seconds are then upper bounds).
 
 The tiles in flight are capped at the worker threads (``refine_mosaic``'s
-default), so the peak memory should not grow with the number of tiles.
+default) and each task reads its tile and its guide region when it starts,
+so the peak memory should not grow with the number of tiles.
 """
 
 from __future__ import annotations
@@ -57,9 +60,11 @@ def write_mosaic(folder, grid: int, side: int, bands: int) -> None:
 
 def run(folder, workers: int) -> dict:
     """refine_mosaic and fuse_mosaic on a local cluster, then raw Zarr I/O; the figures as a dict."""
+    import dask
     import distributed
     import zarr
 
+    from ggrad_gpu.cluster import WORKER_CONFIG
     from ggrad_gpu.fusion import fuse_mosaic, mosaic_grid
     from ggrad_gpu.io.guide_regions import open_guide_regions
     from ggrad_gpu.mosaic import refine_mosaic
@@ -70,7 +75,9 @@ def run(folder, workers: int) -> dict:
     tiles = [TileFile(folder / f"tile{i}.npy") for i in range(len(initials))]
     guide = open_guide_regions(folder / "guide.npy")
     out = Path(tempfile.mkdtemp(prefix="run-", dir=folder))
-    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, \
+    # The workers as ggrad mosaic --workers starts them (cluster.WORKER_CONFIG).
+    with dask.config.set(WORKER_CONFIG), \
+            distributed.LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
         client.run(lambda: __import__("ggrad_gpu.mosaic"))  # imports off the clock
         with PeakMemory() as refine_memory:
@@ -98,6 +105,7 @@ def run(folder, workers: int) -> dict:
     megabytes = values.nbytes / 1e6
     return {"tiles": len(tiles), "workers": workers, "tile_shape": list(tiles[0].shape),
             "refine_seconds": refine_seconds, "tiles_per_s": len(tiles) / refine_seconds,
+            "cpu_s_per_tile": refine_memory.cpu_seconds / len(tiles),
             "refine_peak_gib": refine_memory.peak / 2**30, "fusion_peak_gib": fusion_memory.peak / 2**30,
             "status": {s: result.status.count(s) for s in set(result.status)}, "mosaic_shape": list(fused.shape),
             "fusion_mb_per_s": megabytes / fusion_seconds, "raw_write_mb_per_s": megabytes / write_seconds,
@@ -123,9 +131,9 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", type=Path, help="keep the data in this folder (default: a temporary one)")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="ggrad-mosaic-")) if args.keep is None else args.keep
-    print("| tiles | workers | seconds | tiles / s | peak RSS GiB, refine (all processes) | peak RSS GiB, fusion | "
-          "fusion MB/s | raw Zarr write MB/s | raw Zarr read MB/s | load average before / after |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| tiles | workers | seconds | tiles / s | CPU s / tile (all processes) | peak RSS GiB, refine (all processes) | "
+          "peak RSS GiB, fusion | fusion MB/s | raw Zarr write MB/s | raw Zarr read MB/s | load average before / after |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     try:
         for grid in (int(n) for n in args.grids.split(",")):
             folder = root / f"grid{grid}"
@@ -138,7 +146,7 @@ def main(argv=None) -> int:
                                                  f"print(json.dumps(run({str(folder)!r}, {workers})))"))
                 after = os.getloadavg()[0]
                 print(f"| {grid} x {grid} of {' x '.join(map(str, figures['tile_shape']))} | {workers} | "
-                      f"{figures['refine_seconds']:.1f} | {figures['tiles_per_s']:.3f} | "
+                      f"{figures['refine_seconds']:.1f} | {figures['tiles_per_s']:.3f} | {figures['cpu_s_per_tile']:.2f} | "
                       f"{figures['refine_peak_gib']:.2f} | {figures['fusion_peak_gib']:.2f} | "
                       f"{figures['fusion_mb_per_s']:.1f} | {figures['raw_write_mb_per_s']:.1f} | "
                       f"{figures['raw_read_mb_per_s']:.1f} | {before:.1f} / {after:.1f} |", flush=True)

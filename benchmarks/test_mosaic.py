@@ -39,7 +39,10 @@ distributed = pytest.importorskip("distributed")
 zarr = pytest.importorskip("zarr")
 psutil = pytest.importorskip("psutil")
 
+import dask  # noqa: E402
+
 from benchmarks.memory import PeakMemory  # noqa: E402
+from ggrad_gpu.cluster import WORKER_CONFIG  # noqa: E402
 from ggrad_gpu.fusion import fuse_mosaic, mosaic_grid  # noqa: E402
 from ggrad_gpu.io.guide_regions import open_guide_regions  # noqa: E402
 from ggrad_gpu.mosaic import refine_mosaic  # noqa: E402
@@ -72,7 +75,9 @@ def _seconds(benchmark, fallback):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_refine_tiles(workers, on_disk, benchmark):
     _, guide, tiles, _, initials = on_disk
-    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, \
+    # The workers as ggrad mosaic --workers starts them (cluster.WORKER_CONFIG).
+    with dask.config.set(WORKER_CONFIG), \
+            distributed.LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
         client.run(lambda: __import__("ggrad_gpu.mosaic"))  # imports off the clock
         with PeakMemory() as memory:

@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import contextlib
 
-__all__ = ["dask_client"]
+__all__ = ["WORKER_CONFIG", "dask_client"]
+
+# Dask's nanny starts its workers with MALLOC_TRIM_THRESHOLD_=65536 (to hand
+# freed memory back to the system sooner). Setting it fixes glibc's malloc
+# thresholds, so every array over 128 KiB is mapped afresh and faulted in page
+# by page: a 128 x 128 x 256 mosaic tile took 7.3 s of CPU with it against
+# 3.9 s without (benchmarks/RESULTS.md, issue 13). The local cluster's
+# workers keep glibc's adaptive thresholds (a None unsets the variable; one
+# set in this process's environment still reaches them).
+WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
 
 @contextlib.contextmanager
@@ -20,7 +29,9 @@ def dask_client(*, workers: int | None = None, scheduler: str | None = None, mem
     Parameters
     ----------
     workers : int, optional
-        Start a ``distributed.LocalCluster`` with this many worker processes.
+        Start a ``distributed.LocalCluster`` with this many worker processes
+        (single-threaded, no memory limit, Dask's settings but
+        :data:`WORKER_CONFIG`).
     scheduler : str, optional
         Connect to the scheduler at this address instead.
     memory_limit : int, optional
@@ -62,6 +73,9 @@ def dask_client(*, workers: int | None = None, scheduler: str | None = None, mem
         raise ValueError(f"workers must be a positive integer; got {workers!r}")
     # No per-worker limit: the chunks bound what a task holds, and a worker
     # over distributed's limit would pause (at 80 %) and stall the run.
-    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=0,
-                                  dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
+    import dask
+
+    with dask.config.set(WORKER_CONFIG), \
+            distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=0,
+                                     dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
         yield client

@@ -201,20 +201,31 @@ def fuse_chunk(tiles, matrices, grid: MosaicGrid, rows, cols) -> np.ndarray:
             continue
         part = to_tile @ np.array([[1.0, 0, r0], [0, 1, c0], [0, 0, 1]])
         values = warp_cube(cube, part, (r1 - r0, c1 - c0))
-        feather = feather_weights(part, cube.shape, (r1 - r0, c1 - c0)).astype(np.float32)[:, :, None]
-        present = ~np.isnan(values)
+        feather = feather_weights(part, cube.shape, (r1 - r0, c1 - c0)).astype(np.float32)
         if total is None:
             total = np.zeros(shape + (cube.shape[2],), dtype=np.float32)
-            weight = np.zeros_like(total)
-        np.multiply(values, feather, out=values)
-        values[~present] = 0
+            weight = np.zeros(shape, dtype=np.float32)
+        # A tile without NaN is NaN only beyond its footprint, where its weight
+        # is 0: its weight is one per pixel, the same in every band. A tile
+        # with gaps weighs each band where it has a value, so from then on
+        # the weights are per band (summed in the same order: the same bits).
+        gaps = bool(np.isnan(cube.min()))
+        if gaps and weight.ndim == 2:
+            weight = np.repeat(weight[:, :, None], cube.shape[2], axis=2)
+        np.multiply(values, feather[:, :, None], out=values)
+        if gaps:
+            present = ~np.isnan(values)
+            values[~present] = 0
+            weight[r0:r1, c0:c1] += present * feather[:, :, None]
+        else:
+            values[feather == 0] = 0  # NaN beyond the footprint, times 0
+            weight[r0:r1, c0:c1] += feather if weight.ndim == 2 else feather[:, :, None]
         total[r0:r1, c0:c1] += values
-        weight[r0:r1, c0:c1] += present * feather
     if total is None:
         bands = np.asarray(tiles[0]).shape[2] if len(tiles) else 0
         return np.full(shape + (bands,), np.nan, dtype=np.float32)
     with np.errstate(invalid="ignore"):  # 0 / 0 where no tile has a value: NaN
-        return np.divide(total, weight, out=total)
+        return np.divide(total, weight if weight.ndim == 3 else weight[:, :, None], out=total)
 
 
 def mosaic_array(tiles, matrices, grid: MosaicGrid, *, chunk: int = CHUNK):

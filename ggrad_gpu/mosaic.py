@@ -2,10 +2,12 @@
 
 Each tile is refined by :func:`ggrad_gpu.refine` on the guide's region around
 it (the working grid's region, :func:`ggrad_gpu.geometry.working_grid`: its
-footprint under the stage's placement plus the capture margin), cut from the
-guide before the task is made, so a task carries its region and its tile and
-never the whole guide (a Zarr or TIFF guide is read by region). The tasks run
-on Dask (:mod:`ggrad_gpu.tasks`). Then the stage model
+footprint under the stage's placement plus the capture margin). A task
+carries where its region lies (:class:`GuideWindow`) and its tile, and reads
+both when it starts, never the whole guide (a Zarr or TIFF guide is read by
+region): the regions and tiles held at once are those of the tasks in
+flight, however many tiles the mosaic has. The tasks run on Dask
+(:mod:`ggrad_gpu.tasks`). Then the stage model
 (:mod:`ggrad_gpu.stage_model`) is fitted over the tiles that refined, and
 each tile gets a status:
 
@@ -33,13 +35,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._backend import is_cupy_array
 from .geometry import working_grid
 from .pipeline import refine
 from .stage_model import StageModel, fit_stage_model, largest_displacement
 from .tasks import run_tasks
 
-__all__ = ["STATUSES", "STRONG_NCC", "MosaicRefinement", "TileOutcome", "quiet_kept_transforms", "refine_mosaic",
-           "refine_tile"]
+__all__ = ["STATUSES", "STRONG_NCC", "GuideWindow", "MosaicRefinement", "TileOutcome", "guide_window",
+           "quiet_kept_transforms", "refine_mosaic", "refine_tile"]
 
 STATUSES = ("refined", "model", "initial", "failed")
 # A tile that disagrees with the stage model keeps its own result only on a
@@ -155,8 +158,10 @@ def refine_tile(guide_region, tile, initial, origin=(0, 0), options=None) -> Til
 
     Parameters
     ----------
-    guide_region : array, shape (rows, cols)
-        The guide's window that starts at guide pixel ``origin``.
+    guide_region : array-like, shape (rows, cols)
+        The guide's window that starts at guide pixel ``origin``: an array,
+        or anything :func:`numpy.asarray` reads (a :class:`GuideWindow` is
+        read here, in the task).
     tile : array-like, shape (tile_rows, tile_cols, bands)
         Anything :func:`numpy.asarray` reads (a lazy reader is read here, in
         the task).
@@ -195,7 +200,9 @@ def refine_tile(guide_region, tile, initial, origin=(0, 0), options=None) -> Til
     try:
         cube = np.asarray(tile)
         shape = tuple(cube.shape)
-        result = refine(guide_region, cube, initial=initial @ to_guide, **(options or {}))
+        # An array stays where it is (NumPy or CuPy); a window is read now, in the task.
+        region = guide_region if hasattr(guide_region, "__array_namespace__") else np.asarray(guide_region)
+        result = refine(region, cube, initial=initial @ to_guide, **(options or {}))
     except Exception as exc:  # noqa: BLE001 - the tile's failure is its status, not the mosaic's
         return TileOutcome(initial, False, {}, f"{type(exc).__name__}: {exc}", True, shape,
                            time.perf_counter() - start)
@@ -262,8 +269,8 @@ def refine_mosaic(guide, tiles, *, initials, levels="auto", backend: str = "auto
     options["output_grid"] = "cube"
     tasks, outcomes = [], [None] * len(tiles)
     for i, (tile, initial) in enumerate(zip(tiles, initials)):
-        try:
-            region, origin = _guide_region(guide, tuple(tile.shape), initial)
+        try:  # where each region lies; the task reads it
+            region, origin = guide_window(guide, tuple(tile.shape), initial)
         except Exception as exc:  # noqa: BLE001 - no shape, or placed off the guide: the tile failed
             outcomes[i] = TileOutcome(initial, False, {}, f"{type(exc).__name__}: {exc}", True)
             continue
@@ -334,12 +341,66 @@ def _decide(outcomes, initials, strong_ncc, tolerance, timings, clock) -> Mosaic
                             initials, own, tuple(o.message for o in outcomes), shapes)
 
 
-def _guide_region(guide, tile_shape, initial):
-    """The guide's window that refine works on for this tile, read as an array, and where it starts."""
+class GuideWindow:
+    """A window of a guide, read when a task reads it (:func:`numpy.asarray`), not before.
+
+    Pickled (to a worker process) as the guide's handle and two slices: a
+    guide opened by :func:`ggrad_gpu.io.guide_regions.open_guide_regions`
+    travels as its path.
+
+    Attributes
+    ----------
+    guide : array-like
+        Anything sliced by ``guide[rows, cols]``.
+    rows, cols : slice
+    shape : (int, int)
+
+    Examples
+    --------
+    >>> guide = np.arange(30.0).reshape(5, 6)
+    >>> window = GuideWindow(guide, slice(1, 3), slice(2, 5))
+    >>> window.shape, np.asarray(window).tolist()
+    ((2, 3), [[8.0, 9.0, 10.0], [14.0, 15.0, 16.0]])
+    """
+
+    def __init__(self, guide, rows: slice, cols: slice):
+        self.guide, self.rows, self.cols = guide, rows, cols
+        self.shape = (rows.stop - rows.start, cols.stop - cols.start)
+
+    def __array__(self, dtype=None, copy=None):
+        region = np.asarray(self.guide[self.rows, self.cols])
+        return region if dtype is None else region.astype(dtype)
+
+
+def guide_window(guide, tile_shape, initial):
+    """The guide's window that refine works on for a tile, unread, and the guide pixel where it starts.
+
+    An in-memory guide (NumPy, CuPy) gives a view; any other (a Zarr array,
+    :class:`ggrad_gpu.io.guide_regions.GuideRegions`) a :class:`GuideWindow`,
+    read only by the task.
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> mosaic = synthetic.make_mosaic(grid=(1, 2), tile_shape=(16, 16), bands=4, slipped=None, featureless=None)
+    >>> view, origin = guide_window(mosaic.guide, mosaic.tiles[1].shape, mosaic.initials[1])
+    >>> bool(np.shares_memory(view, mosaic.guide)), view.shape[0] > 4 * 16  # the footprint and a margin
+    (True, True)
+    >>> class Lazy:  # stands in for a guide read by region (Zarr, TIFF)
+    ...     shape = mosaic.guide.shape
+    ...     def __getitem__(self, key):
+    ...         return mosaic.guide[key]
+    >>> window, same = guide_window(Lazy(), mosaic.tiles[1].shape, mosaic.initials[1])
+    >>> isinstance(window, GuideWindow), same == origin, bool(np.array_equal(np.asarray(window), view))
+    (True, True, True)
+    """
     if len(tile_shape) != 3:
         raise ValueError(f"tile must be 3-D (rows, cols, bands); got shape {tile_shape}")
     rows, cols = working_grid(tuple(guide.shape[:2]), tile_shape[:2], initial).guide_region()
-    return np.asarray(guide[rows, cols]), (rows.start, cols.start)
+    origin = (rows.start, cols.start)
+    if isinstance(guide, np.ndarray) or is_cupy_array(guide):
+        return guide[rows, cols], origin  # a view: nothing is read or copied
+    return GuideWindow(guide, rows, cols), origin
 
 
 def _check_initials(initials, count) -> np.ndarray:

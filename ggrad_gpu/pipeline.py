@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -170,6 +171,10 @@ class Problem:
     guide_shape: tuple = ()
     # Fair fits (basins.fit_at) by placement: each costs an estimate, a pass over the cube.
     fits: dict = field(default_factory=dict)
+    # The last estimate, by its arguments: the band screening asks for the one
+    # that the fit at the kept placement has just made (a pass saved). Only
+    # this Problem reads it back (a dataclasses.replace copy shares the dict).
+    last_estimate: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -487,9 +492,26 @@ def estimate_pass(problem: Problem, placement, step: int, bands=None, levels=Non
     >>> estimate = estimate_pass(problem, np.eye(3), problem.grid.cube_step)
     >>> estimate.gradient.grad_y.shape == problem.grid.shape, estimate.gradient.channel_weights.shape
     (True, (3, 8))
+    >>> estimate_pass(problem, np.eye(3), problem.grid.cube_step) is estimate  # the same pass again: remembered
+    True
+    >>> estimate_pass(replace(problem), np.eye(3), problem.grid.cube_step) is estimate  # a copy makes its own
+    False
     """
     xp, grid, options, cube = problem.xp, problem.grid, problem.options, problem.cube
     levels = problem.levels if levels is None else levels
+    key = (np.asarray(placement, dtype=np.float64).tobytes(), int(step), int(levels),
+           None if bands is None else np.asarray(bands).tobytes())
+    owner, last_key, last = problem.last_estimate.get("last", (None, None, None))
+    if owner is not None and owner() is problem and last_key == key:
+        return last
+    estimate = _estimate(problem, placement, step, bands, levels)
+    problem.last_estimate["last"] = (weakref.ref(problem), key, estimate)
+    return estimate
+
+
+def _estimate(problem: Problem, placement, step: int, bands, levels: int) -> Estimate:
+    """:func:`estimate_pass`'s work, without its memory of the last estimate."""
+    xp, grid, options, cube = problem.xp, problem.grid, problem.options, problem.cube
     problem.report(f"estimate ({'all' if bands is None else len(bands)} bands, grid step {step})")
     start = time.perf_counter()
     to_cube = problem.initial @ grid.to_guide @ placement

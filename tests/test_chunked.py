@@ -93,6 +93,20 @@ def test_blur_decimate_of_a_checkpoint_on_disk_reads_windows_from_its_store(cube
     np.testing.assert_allclose(result, expected, rtol=0, atol=1e-6)
 
 
+def test_fill_gaps_takes_a_nearest_pixel_with_data_by_brute_force():
+    rng = np.random.default_rng(3)
+    values = rng.random((15, 17, 4))
+    gaps = rng.random((15, 17)) < 0.4
+    gaps[:4, :5] = True
+    filled = fill_gaps(np.where(gaps[..., None], np.nan, values), gaps)
+    np.testing.assert_array_equal(filled[~gaps], values[~gaps])  # pixels with data kept as they are
+    data = np.argwhere(~gaps)
+    for r, c in np.argwhere(gaps):
+        distance = np.hypot(*(data - (r, c)).T)
+        nearest = data[distance == distance.min()]  # any of the nearest (ties)
+        assert any(np.array_equal(filled[r, c], values[i, j]) for i, j in nearest)
+
+
 @pytest.mark.parametrize("chunks", CHUNKINGS)
 def test_fill_gaps_equals_the_in_memory_fill(cube, chunks):
     gaps = np.zeros(cube.shape[:2], dtype=bool)

@@ -1,5 +1,8 @@
 """Tiled mosaics: the phantom, the stage model, refine_mosaic on Dask, and the fused mosaic in Zarr."""
 
+import threading
+import weakref
+
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
@@ -249,6 +252,57 @@ def test_the_same_matrices_and_mosaic_on_a_cluster_of_processes(mosaic, refined,
     assert cluster_store[:].tobytes() == threads_store[:].tobytes()
 
 
+class RecordingGuide:
+    """A guide read by region (as a Zarr or TIFF guide is) that records each read.
+
+    Per read: the thread that made it and how many regions it has handed out
+    are still alive (each region is a fresh copy, tracked until it is freed).
+    """
+
+    def __init__(self, array):
+        self.array, self.shape = array, array.shape
+        self.lock, self.events, self.alive = threading.Lock(), [], 0
+
+    def __getitem__(self, key):
+        region = np.array(self.array[key])
+        with self.lock:
+            self.alive += 1
+            self.events.append(("read", threading.get_ident(), self.alive))
+        weakref.finalize(region, self._freed)
+        return region
+
+    def _freed(self):
+        with self.lock:
+            self.alive -= 1
+
+    def done(self, index, outcome):
+        with self.lock:
+            self.events.append(("done", index, self.alive))
+
+
+@pytest.mark.parametrize("cap", [1, 2])
+def test_each_task_reads_its_own_guide_region_when_it_starts(cap):
+    mosaic = make_mosaic(grid=(2, 3), tile_shape=(16, 16), bands=4, signatures="mixed", slipped=None,
+                         featureless=None)
+    guide = RecordingGuide(mosaic.guide)
+    result = refine_mosaic(guide, mosaic.tiles, initials=mosaic.initials, backend="numpy", max_in_flight=cap,
+                           progress=guide.done)
+    reads = [event for event in guide.events if event[0] == "read"]
+    assert len(reads) == 6 and all(status == "refined" for status in result.status)
+    # Read inside the tasks (Dask's worker threads), not by the caller before it makes them ...
+    assert threading.get_ident() not in {thread for _, thread, _ in reads}
+    # ... so a region is read only once a slot is free: never more reads than tiles finished plus the cap,
+    # never more regions alive than the cap (a tile's region is freed when its task ends).
+    started = finished = 0
+    for kind, _, alive in guide.events:
+        started, finished = started + (kind == "read"), finished + (kind == "done")
+        assert started - finished <= cap and alive <= cap
+    assert guide.alive == 0
+    # The same placements as from the guide in memory.
+    direct = refine_mosaic(mosaic.guide, mosaic.tiles, initials=mosaic.initials, backend="numpy", max_in_flight=cap)
+    np.testing.assert_array_equal(result.matrices, direct.matrices)
+
+
 def test_refine_mosaic_names_bad_arguments(mosaic):
     with pytest.raises(ValueError, match="initials"):
         refine_mosaic(mosaic.guide, mosaic.tiles[:2], initials=mosaic.initials[:3])
@@ -318,6 +372,33 @@ def test_fused_mosaic_equals_an_independent_reference(small, tmp_path):
     np.testing.assert_allclose(fused, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
     # The lazy dask.array view holds the same values.
     np.testing.assert_array_equal(mosaic_array(tiles, matrices, grid, chunk=16).compute(), fused)
+
+
+@pytest.mark.parametrize("with_gaps", [False, True])
+def test_fused_chunk_has_the_bits_of_per_band_float32_weights(small, with_gaps):
+    """The chunk against the plain float32 formulation: every band weighted where it has a value, in tile order."""
+    from ggrad_gpu.fusion import feather_weights, fuse_chunk
+
+    tiles, matrices, guide_shape = small
+    if not with_gaps:
+        tiles = [np.nan_to_num(t, nan=0.5) for t in tiles]
+    grid = mosaic_grid([t.shape for t in tiles], matrices, guide_shape)
+    rows, cols = (2, grid.shape[0] - 1), (3, grid.shape[1] - 2)  # across every overlap
+    window = grid.to_guide @ _shift(rows[0], cols[0])
+    shape = (rows[1] - rows[0], cols[1] - cols[0])
+    total = np.zeros(shape + (5,), np.float32)
+    weight = np.zeros_like(total)
+    for tile, m in zip(tiles, matrices):
+        values = warp_cube(tile, m @ window, shape)
+        feather = feather_weights(m @ window, tile.shape, shape).astype(np.float32)[:, :, None]
+        present = ~np.isnan(values)
+        total += np.where(present, values * feather, np.float32(0))
+        weight += present * feather
+    with np.errstate(invalid="ignore"):
+        expected = total / weight
+    fused = fuse_chunk(tiles, matrices, grid, rows, cols)
+    assert bool((weight[:, :, 2] != weight[:, :, 0]).any()) == with_gaps  # band 2's gaps weigh in
+    assert fused.tobytes() == expected.tobytes()
 
 
 def test_no_tile_reaches_is_nan(small, tmp_path):

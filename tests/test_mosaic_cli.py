@@ -164,6 +164,13 @@ def test_a_guide_is_read_by_region_where_its_format_allows(tmp_path, suffix):
     assert tuple(guide.shape[:2]) == (70, 90)
     np.testing.assert_array_equal(guide[10:40, 25:80], whole[10:40, 25:80])
     np.testing.assert_array_equal(np.asarray(guide), whole)
+    if suffix != ".png":
+        # To a worker process as its path (the pixels stay in the file), read there by region.
+        import pickle
+
+        sent = pickle.dumps(guide)
+        assert len(sent) < rgb.nbytes / 10
+        np.testing.assert_array_equal(pickle.loads(sent)[10:40, 25:80], whole[10:40, 25:80])
 
 
 @pytest.mark.slow

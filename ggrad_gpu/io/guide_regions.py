@@ -1,8 +1,9 @@
 """A large guide read by region: Zarr arrays, TIFF through ``tifffile``'s Zarr view, memory-mapped npy.
 
-``ggrad mosaic`` cuts each tile's region from the guide before making its
-task; with :func:`open_guide_regions` only those regions are read, never the
-whole slide-wide image. Formats without random access (PNG, JPEG) are read
+``ggrad mosaic`` has each tile's task read the tile's region of the guide
+when it starts; with :func:`open_guide_regions` only those regions are read,
+never the whole slide-wide image, and a guide read from a file travels to a
+worker process as its path (pickled), not as its pixels. Formats without random access (PNG, JPEG) are read
 whole, as :func:`ggrad_gpu.io.read_guide` does.
 """
 
@@ -35,6 +36,13 @@ class GuideRegions:
     >>> guide.shape, guide[1:3, 2:4].tolist()
     ((4, 6), [[8.0, 9.0], [14.0, 15.0]])
     """
+
+    def __reduce__(self):
+        # A file-backed guide (memory-mapped npy, Zarr, TIFF) is opened again
+        # where it is unpickled: pickling a memmap would copy every pixel.
+        if isinstance(self.array, np.ndarray) and not isinstance(self.array, np.memmap):
+            return GuideRegions, (self.array, self.path)
+        return open_guide_regions, (self.path,)
 
     def __init__(self, array, path):
         self.array, self.path = array, Path(path)
@@ -72,6 +80,11 @@ def open_guide_regions(path):
     >>> regions = open_guide_regions(Path(folder.name) / "guide.npy")  # memory-mapped: read by region
     >>> isinstance(regions, GuideRegions), regions.shape, bool(np.array_equal(regions[2:4, 1:5], guide[2:4, 1:5]))
     (True, (6, 8), True)
+    >>> import pickle
+    >>> len(pickle.dumps(regions)) < guide.nbytes  # to a worker process as its path, not its pixels
+    True
+    >>> bool(np.array_equal(pickle.loads(pickle.dumps(regions))[2:4, 1:5], guide[2:4, 1:5]))
+    True
     >>> del regions; folder.cleanup()
     >>> open_guide_regions(Path(folder.name) / "guide.npy")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
