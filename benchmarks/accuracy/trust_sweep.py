@@ -101,21 +101,54 @@ def _fit_covariance(phantom, result):
     return trust.fit_covariance(problem, placement, estimate)
 
 
+def _covariances(rows):
+    covariances = [np.array(r["fit_covariance"]) for r in rows if r.get("fit_covariance") is not None]
+    return [c for c in covariances if np.isfinite(c).all()]
+
+
+def _max_corner_errors(roots, rng):
+    """One simulated sweep: each case's max corner error drawn from N(0, its covariance)."""
+    return np.array([np.linalg.norm((root @ rng.standard_normal(8)).reshape(4, 2), axis=1).max() for root in roots])
+
+
 def spearman_bound(rows, draws: int = BOUND_DRAWS, seed: int = 0):
     """Median and 5-95 % of Spearman(sigma, simulated max corner error) if errors were N(0, fit covariance)."""
-    covariances = [np.array(r["fit_covariance"]) for r in rows if r.get("fit_covariance") is not None]
-    covariances = [c for c in covariances if np.isfinite(c).all()]
+    covariances = _covariances(rows)
     if len(covariances) < 3:
         return None
     sigmas = [np.sqrt(np.max(np.diag(c)[0::2] + np.diag(c)[1::2])) for c in covariances]
     roots = [np.linalg.cholesky(c + 1e-12 * np.eye(8)) for c in covariances]
     rng = np.random.default_rng(seed)
-    rhos = []
-    for _ in range(draws):
-        errors = [np.linalg.norm((root @ rng.standard_normal(8)).reshape(4, 2), axis=1).max() for root in roots]
-        rhos.append(spearmanr(sigmas, errors)[0])
+    rhos = [spearmanr(sigmas, _max_corner_errors(roots, rng))[0] for _ in range(draws)]
     low, median, high = np.percentile(rhos, [5, 50, 95])
     return {"median": float(median), "p5": float(low), "p95": float(high)}
+
+
+def equal_difficulty(rows, draws: int = BOUND_DRAWS, seed: int = 1):
+    """How much the max TRE varies over the cases (coefficient of variation, p90 / p10), against chance alone.
+
+    ``simulated_*``: the same figures (medians over ``draws`` simulated
+    sweeps) if every case erred by a draw from one covariance, the median
+    case's: cases of equal difficulty. An observed spread no wider than that
+    leaves nothing for any uncertainty estimate to rank.
+    """
+    covariances = _covariances(rows)
+    if len(covariances) < 3:
+        return None
+    traces = [np.trace(c) for c in covariances]
+    typical = covariances[int(np.argsort(traces)[len(traces) // 2])]
+    root = np.linalg.cholesky(typical + 1e-12 * np.eye(8))
+    rng = np.random.default_rng(seed)
+    tre = np.array([r["tre_max"] for r in rows if r.get("fit_covariance") is not None])
+    sims = [_max_corner_errors([root] * len(covariances), rng) for _ in range(draws)]
+
+    def figures(x):
+        return x.std() / x.mean(), np.percentile(x, 90) / np.percentile(x, 10)
+
+    simulated = np.median([figures(x) for x in sims], axis=0)
+    observed = figures(tre)
+    return {"tre_cv": float(observed[0]), "tre_p90_p10": float(observed[1]), "simulated_cv": float(simulated[0]),
+            "simulated_p90_p10": float(simulated[1])}
 
 
 def sweep(kind: str, count: int, bands: int, signatures: str = "mixed", seed: int = SWEEP_SEED) -> list[dict]:
@@ -196,6 +229,7 @@ def summary(rows: list[dict]) -> dict:
         out["spearman_spread_vs_max_tre"] = float(spearmanr(spreads, [r["tre_max"] for r in scored])[0])
         out["spearman_spread_vs_mean_tre"] = float(spearmanr(spreads, [r["tre_mean"] for r in scored])[0])
         out["spearman_bound"] = spearman_bound(scored)
+        out["equal_difficulty"] = equal_difficulty(scored)
     return out
 
 
@@ -205,11 +239,11 @@ def tables(paths) -> str:
     runs = {run["kind"]: run for run in loaded}
     lines = ["| sweep | cases | mean TRE (px) | worst case mean | worst max | max > 1 px | accepted > 1 px | kept initial "
              "| median spread (px) | spread > 1 px | Spearman spread vs max TRE (vs mean) | bound: median (5-95 %) "
-             "| max TRE <= spread | refine (s) | check (s) |",
-             "|---" + "|---:" * 14 + "|"]
+             "| max TRE <= spread | refine (s) | check (s) | max TRE: CV, p90 / p10 (equal difficulty) |",
+             "|---" + "|---:" * 15 + "|"]
     for run in loaded:
         if run["kind"] in ("phantom", "tissue"):
-            s = run["summary"]
+            s = summary(run["rows"])
             lines.append(f"| {run['kind']}, seed {run.get('sweep_seed', SWEEP_SEED)} | {s['cases']} | "
                          f"{s['mean_tre']:.3f} | {s['worst_mean_tre']:.3f} | "
                          f"{s['worst_max_tre']:.3f} | {s['cases_max_over_1px']} | {s['accepted_over_1px']} | "
@@ -217,7 +251,7 @@ def tables(paths) -> str:
                          f"{s.get('spearman_spread_vs_max_tre', float('nan')):.2f} "
                          f"({s.get('spearman_spread_vs_mean_tre', float('nan')):.2f}) | {_bound(s)} | "
                          f"{100 * (s.get('calibrated_k1') or 0):.0f} % | {s['seconds_refine']:.1f} | "
-                         f"{s['seconds_check']:.1f} |")
+                         f"{s['seconds_check']:.1f} | {_difficulty(s)} |")
     if "locks" in runs:
         rows = runs["locks"]["rows"]
         lines += ["", "| induced wrong lock | TRE mean / max (px) | spread (px) | check (s) | perfect lattice one step "
@@ -228,6 +262,12 @@ def tables(paths) -> str:
             lines.append(f"| {r['case']} | {r['tre_mean']:.1f} / {r['tre_max']:.1f} | {r['spread_px']:.1f} | "
                          f"{r['seconds_check']:.1f} | {q['tre_max']:.1f} | {q['improved']} | {spread} |")
     return "\n".join(lines)
+
+
+def _difficulty(summary) -> str:
+    d = summary.get("equal_difficulty")
+    return "-" if not d else (f"{d['tre_cv']:.2f}, {d['tre_p90_p10']:.2f} ({d['simulated_cv']:.2f}, "
+                              f"{d['simulated_p90_p10']:.2f})")
 
 
 def _bound(summary) -> str:
