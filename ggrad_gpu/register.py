@@ -363,7 +363,12 @@ def displacement_spread(fixed, moving, matrix, points, *, fixed_mask=None, movin
     """How far the MSE fit at ``matrix`` could move ``points``: a block bootstrap of its last step, in closed form.
 
     The root of the trace of each point's 2 x 2 block of
-    :func:`displacement_covariance` (same parameters).
+    :func:`displacement_covariance`.
+
+    Parameters
+    ----------
+    fixed, moving, matrix, points, fixed_mask, moving_mask, block
+        As in :func:`displacement_covariance`.
 
     Returns
     -------
