@@ -331,12 +331,11 @@ def refine(
     check : bool, default False
         Also estimate the refinement's own uncertainty without ground truth,
         ``quality["spread_px"]`` in guide pixels (:mod:`ggrad_gpu.trust`):
-        how far alternative refinements on independent evidence (disjoint
-        halves of the bands, starts far enough apart to leave a wrong basin,
-        the other coarse-search peaks where they fit as well) land from the
-        result, over the cube's footprint, and how far the result's own fit
-        could move the footprint's corners, judged from blocks of its images
-        (three standard deviations). A spread over 1 px says the result
+        how far the result's own fit could move the footprint's corners,
+        judged from blocks of its images (three standard deviations), and
+        how far alternative refinements that fit as well land from the result
+        over the cube's footprint (starts far enough apart to leave a wrong
+        basin, the other coarse-search peaks). A spread over 1 px says the result
         cannot be trusted to a pixel. NaN when the initial transform was kept.
         Costs a few more estimates and registrations (about as much again as
         ``refine``).

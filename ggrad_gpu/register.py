@@ -44,7 +44,8 @@ from .geometry import degeneracy, map_points
 from .metrics import ncc
 from .pyramid import blur_decimate
 
-__all__ = ["AffineRegistration", "affine_mse", "affine_ncc", "coarse_shifts", "displacement_spread", "register_affine"]
+__all__ = ["AffineRegistration", "affine_mse", "affine_ncc", "coarse_shifts", "displacement_covariance",
+           "displacement_spread", "register_affine"]
 
 # A result that scales by more than this along an axis (relative to the
 # initial matrix), or flips, is degenerate: the optimiser shrank the overlap
@@ -361,25 +362,13 @@ def affine_ncc(fixed, moving, matrix, *, fixed_mask=None, moving_mask=None) -> f
 def displacement_spread(fixed, moving, matrix, points, *, fixed_mask=None, moving_mask=None, block: int = 32):
     """How far the MSE fit at ``matrix`` could move ``points``: a block bootstrap of its last step, in closed form.
 
-    The cluster-robust (sandwich) covariance of the six affine parameters,
-    ``H^-1 (sum_b g_b g_b^T) H^-1``, with ``H = J^T J`` over the overlap and
-    ``g_b = J_b^T r_b`` the MSE gradient of block ``b`` of ``block`` x
-    ``block`` fixed pixels, centred over the blocks: how much the
-    Gauss-Newton step would change if the blocks were drawn again with
-    replacement. Where every part of the images pulls the same way it is
-    small; where parts of them disagree (edges the guide and the cube do not
-    share), it grows. Bias that all parts share is not in it.
+    The root of the trace of each point's 2 x 2 block of
+    :func:`displacement_covariance`.
 
     Parameters
     ----------
-    fixed, moving : array, shape (rows, cols)
-        As in :func:`register_affine` (NaN: missing samples).
-    matrix : array_like, shape (3, 3)
-        Fixed grid to moving grid, where the fit is judged.
-    points : array_like, shape (n, 2)
-        Fixed-grid (row, col) points.
-    fixed_mask, moving_mask : array of bool, optional
-    block : int, default 32
+    fixed, moving, matrix, points, fixed_mask, moving_mask, block
+        As in :func:`displacement_covariance`.
 
     Returns
     -------
@@ -400,6 +389,57 @@ def displacement_spread(fixed, moving, matrix, points, *, fixed_mask=None, movin
     >>> spread = displacement_spread(fixed, fixed, np.eye(3), corners)
     >>> bool(spread.max() < 1e-6), bool(displacement_spread(fixed, noisy, np.eye(3), corners).max() > 1e-3)
     (True, True)
+    """
+    covariance = displacement_covariance(fixed, moving, matrix, points, fixed_mask=fixed_mask,
+                                         moving_mask=moving_mask, block=block)
+    per_point = _point_variances(covariance)
+    return np.sqrt(np.maximum(per_point, 0.0))
+
+
+def displacement_covariance(fixed, moving, matrix, points, *, fixed_mask=None, moving_mask=None, block: int = 32):
+    """The joint covariance of where the MSE fit at ``matrix`` puts ``points``: a block bootstrap, in closed form.
+
+    The cluster-robust (sandwich) covariance of the six affine parameters,
+    ``H^-1 (sum_b g_b g_b^T) H^-1``, with ``H = J^T J`` over the overlap and
+    ``g_b = J_b^T r_b`` the MSE gradient of block ``b`` of ``block`` x
+    ``block`` fixed pixels, centred over the blocks: how much the
+    Gauss-Newton step would change if the blocks were drawn again with
+    replacement. The residual ``r`` holds both the noise and every way the
+    two images differ (edges they do not share); treated as a random field
+    whose correlations do not reach past a block, its effect on the fit is
+    what this estimates. Where every part of the images pulls the same way it
+    is small; where parts of them disagree, it grows. What every block
+    shares is not in it.
+
+    Parameters
+    ----------
+    fixed, moving : array, shape (rows, cols)
+        As in :func:`register_affine` (NaN: missing samples).
+    matrix : array_like, shape (3, 3)
+        Fixed grid to moving grid, where the fit is judged.
+    points : array_like, shape (n, 2)
+        Fixed-grid (row, col) points.
+    fixed_mask, moving_mask : array of bool, optional
+    block : int, default 32
+
+    Returns
+    -------
+    numpy.ndarray, shape (2 n, 2 n)
+        The covariance of the points' places on the moving grid, in moving
+        pixels squared, ordered (row_0, col_0, row_1, col_1, ...); inf
+        where fewer than 8 blocks hold data.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import scipy.ndimage as ndi
+    >>> from ggrad_gpu.register import displacement_covariance
+    >>> rng = np.random.default_rng(0)
+    >>> fixed = ndi.gaussian_filter(rng.random((128, 128)), 2)
+    >>> noisy = fixed + 0.02 * ndi.gaussian_filter(rng.standard_normal((128, 128)), 2)
+    >>> covariance = displacement_covariance(fixed, noisy, np.eye(3), [(0, 0), (127, 127)])
+    >>> covariance.shape, bool(np.allclose(covariance, covariance.T)), bool(np.linalg.eigvalsh(covariance).min() > -1e-12)
+    ((4, 4), True, True)
     """
     if isinstance(block, bool) or not isinstance(block, numbers.Integral) or block < 1:
         raise ValueError(f"block must be a positive integer; got {block!r}")
@@ -422,17 +462,20 @@ def displacement_spread(fixed, moving, matrix, points, *, fixed_mask=None, movin
     pulls = to_host(pulls[to_host(xp.bincount(labels, weights=weight.reshape(-1), minlength=count)) > 0])
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     if pulls.shape[0] < 8:
-        return np.full(points.shape[0], np.inf)
+        return np.full((2 * points.shape[0],) * 2, np.inf)
     pulls = pulls - pulls.mean(axis=0)
     meat = pulls.T @ pulls * pulls.shape[0] / (pulls.shape[0] - 1)
     bread = np.linalg.pinv(to_host(jacobian.T @ jacobian))
-    covariance = bread @ meat @ bread
-    spreads = []
-    for row, col in points - np.array(level.mid):
-        # q moves by dA (p - mid) + d: parameters (dA00, dA01, dA10, dA11, d0, d1).
-        design = np.array([[row, col, 0, 0, 1, 0], [0, 0, row, col, 0, 1]])
-        spreads.append(math.sqrt(max(float(np.trace(design @ covariance @ design.T)), 0.0)))
-    return np.array(spreads)
+    # q moves by dA (p - mid) + d: parameters (dA00, dA01, dA10, dA11, d0, d1).
+    design = np.concatenate([np.array([[row, col, 0, 0, 1, 0], [0, 0, row, col, 0, 1]])
+                             for row, col in points - np.array(level.mid)])
+    return design @ bread @ meat @ bread @ design.T
+
+
+def _point_variances(covariance):
+    """The trace of each point's 2 x 2 diagonal block of a (2 n, 2 n) covariance."""
+    diagonal = np.diag(covariance)
+    return diagonal[0::2] + diagonal[1::2]
 
 
 def _single_level(fixed, moving, fixed_mask, moving_mask):
