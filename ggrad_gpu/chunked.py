@@ -277,7 +277,8 @@ def read_window(path: str, rows, cols):
     n, m = array.shape[:2]
     a0, a1, b0, b1 = max(r0, 0), min(r1, n), max(c0, 0), min(c1, m)
     pad = ((a0 - r0, r1 - a1), (b0 - c0, c1 - b1)) + ((0, 0),) * (array.ndim - 2)
-    return np.pad(array[a0:a1, b0:b1], pad, mode="symmetric")
+    window = array[a0:a1, b0:b1]
+    return np.pad(window, pad, mode="symmetric") if any(any(p) for p in pad) else window
 
 
 def release_checkpoints() -> None:
@@ -391,6 +392,12 @@ def warp_cube_chunked(cube, matrix, output_shape, *, order: int, chunks=None):
     dtype = np.dtype(np.float64 if cube.dtype == np.float64 else np.float32)
     if chunks is None:
         chunks = spatial_chunks(tuple(output_shape) + (bands,), dtype.itemsize)
+        # Each block reads the source window it maps into: where the matrix shrinks the cube (a
+        # coarse level), that window is larger than the block by the scale; keep it to the budget.
+        # (A 2048 x 2048 x 256 cube warped to 512 x 512: 512 MiB windows for 32 MiB blocks.)
+        shrink = math.sqrt(abs(float(np.linalg.det(np.asarray(matrix, dtype=np.float64)[:2, :2]))))
+        if shrink > 1:
+            chunks = tuple(max(1, int(side / shrink)) for side in chunks)
     meta = cube._meta
     path = stored_path(cube)  # kept on disk: each block reads its window from the store, not dask's chunks
     rows = []

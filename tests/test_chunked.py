@@ -67,6 +67,18 @@ def test_warp_equals_the_in_memory_warp(cube, chunks, order):
         np.testing.assert_allclose(result, expected, rtol=0, atol=0 if order == 1 else 1e-6)
 
 
+def test_a_shrinking_warp_keeps_each_block_s_source_window_to_the_budget():
+    """A coarse level reads 4 x 4 source pixels per output pixel: the blocks are 4 x smaller a side."""
+    from ggrad_gpu import chunked
+
+    values = np.random.default_rng(4).random((96, 96, 8)).astype(np.float32)
+    matrix = np.diag([4.0, 4.0, 1.0])  # output pixel i reads source pixel 4 i
+    lazy = chunked.warp_cube_chunked(_lazy(values, (32, 32)), matrix, (24, 24), order=1)
+    side = chunked.spatial_chunks((24, 24, 8), 4)[0]  # the block where nothing shrinks: all 24 rows
+    assert max(lazy.chunks[0]) == max(lazy.chunks[1]) == side // 4
+    np.testing.assert_array_equal(lazy.compute(), warp_cube(values, matrix, (24, 24), order=1))
+
+
 @pytest.mark.parametrize("chunks", CHUNKINGS)
 def test_blur_decimate_equals_the_in_memory_step_and_scipy(cube, chunks):
     expected = ndimage.gaussian_filter(cube.astype(np.float64), 1.0, axes=(0, 1), mode="reflect")[::2, ::2]
