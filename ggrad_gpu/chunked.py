@@ -27,11 +27,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import shutil
 import sys
-import tempfile
 
 import numpy as np
+
+from .scratch import make_folder, release_folder
 
 __all__ = [
     "CHUNK_BYTES",
@@ -96,6 +96,7 @@ def spatial_chunks(shape, itemsize: int, *, chunk_bytes: int = CHUNK_BYTES, mult
 # --------------------------------------------------------------------------- materialising once
 
 _SCRATCH = contextvars.ContextVar("ggrad_gpu_chunked_scratch", default=None)
+_LOCKS: dict = {}  # each block's temporary folder: its held lock (scratch.make_folder)
 
 
 @contextlib.contextmanager
@@ -125,7 +126,7 @@ def checkpoints(memory_limit: int | None = None):
         for name in [name for name, path in _STORED.items() if stores and path.startswith(stores[0])]:
             del _STORED[name]
         for folder in stores[:1]:
-            shutil.rmtree(folder, ignore_errors=True)
+            release_folder(folder, _LOCKS.pop(folder, None))
 
 
 def checkpoint(x):
@@ -162,8 +163,9 @@ def _stored(x, stores):
     """``x`` written to a new store in the block's temporary folder and read back lazily from it."""
     import dask.array as da
 
-    if not stores:
-        stores.append(tempfile.mkdtemp(prefix="ggrad-chunks-"))
+    if not stores:  # locked while the block runs: a later run removes it if this one is killed
+        folder, _LOCKS[folder] = make_folder()
+        stores.append(folder)
     stores.append(f"{stores[0]}/step-{len(stores)}.zarr")
     x.to_zarr(stores[-1], compressors=None)  # scratch, read back at once: compression only costs time
     kept = da.from_zarr(stores[-1])
