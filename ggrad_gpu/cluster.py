@@ -16,27 +16,32 @@ __all__ = ["WORKER_CONFIG", "dask_client"]
 # freed memory back to the system sooner). Setting it fixes glibc's malloc
 # thresholds, so every array over 128 KiB is mapped afresh and faulted in page
 # by page: a 128 x 128 x 256 mosaic tile took 7.3 s of CPU with it against
-# 3.9 s without (benchmarks/RESULTS.md, issue 13). The local cluster's
-# workers keep glibc's adaptive thresholds (a None unsets the variable; one
-# set in this process's environment still reaches them).
+# 3.9 s without (benchmarks/RESULTS.md, issue 13). `ggrad mosaic`'s local
+# cluster passes this (a None unsets the variable; one set in this process's
+# environment still reaches the workers). A streamed refine keeps Dask's
+# setting: its workers hold cube chunks of tens of MiB, and without the trim
+# the 4 GiB cube on 2 workers peaked at 2.56 GiB against 1.55, in the same time.
 WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
 
 @contextlib.contextmanager
-def dask_client(*, workers: int | None = None, scheduler: str | None = None, memory_limit: int | None = None):
+def dask_client(*, workers: int | None = None, scheduler: str | None = None, memory_limit: int | None = None,
+                config: dict | None = None):
     """A ``distributed.Client`` for the block (the default scheduler while it runs), or nothing.
 
     Parameters
     ----------
     workers : int, optional
         Start a ``distributed.LocalCluster`` with this many worker processes
-        (single-threaded, no memory limit, Dask's settings but
-        :data:`WORKER_CONFIG`).
+        (single-threaded, no memory limit, Dask's settings but ``config``).
     scheduler : str, optional
         Connect to the scheduler at this address instead.
     memory_limit : int, optional
         Not imposed on the workers (what bounds their memory is the chunk
         size the run chose from it); kept for the caller's record.
+    config : dict, optional
+        Dask settings while the local cluster starts (e.g.
+        :data:`WORKER_CONFIG`, for many small tasks).
 
     Yields
     ------
@@ -75,7 +80,7 @@ def dask_client(*, workers: int | None = None, scheduler: str | None = None, mem
     # over distributed's limit would pause (at 80 %) and stall the run.
     import dask
 
-    with dask.config.set(WORKER_CONFIG), \
+    with dask.config.set(config or {}), \
             distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=0,
                                      dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
         yield client

@@ -220,7 +220,7 @@ def mosaic_command(args) -> int:
     >>> folder.cleanup()
     """
     from . import io
-    from .cluster import dask_client
+    from .cluster import WORKER_CONFIG, dask_client
     from .fusion import mosaic_grid
     from .io.guide_regions import open_guide_regions
     from .io.resumable import file_signature, fingerprint
@@ -236,7 +236,7 @@ def mosaic_command(args) -> int:
     record_path = args.output / "tiles.json"
     record = _reusable_record(record_path, stamp, args.force)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
-    with dask_client(workers=args.workers, scheduler=args.scheduler) as client:
+    with dask_client(workers=args.workers, scheduler=args.scheduler, config=WORKER_CONFIG) as client:
         if record is None:
             if args.output.exists() and args.force:
                 _remove_outputs(args.output)

@@ -4,19 +4,24 @@ import os
 
 import pytest
 
-from ggrad_gpu.cluster import dask_client
+from ggrad_gpu.cluster import WORKER_CONFIG, dask_client
 
 
 @pytest.mark.slow
-def test_local_workers_keep_glibcs_adaptive_malloc_thresholds(monkeypatch):
+@pytest.mark.parametrize("config, trim", [(WORKER_CONFIG, None), (None, "65536")], ids=["mosaic", "refine"])
+def test_local_workers_malloc_thresholds(monkeypatch, config, trim):
+    """``ggrad mosaic`` passes WORKER_CONFIG (glibc's adaptive thresholds); a streamed refine keeps Dask's trim."""
     pytest.importorskip("distributed")
     # Dask's nanny writes its settings into the starting process's environment too: start clean.
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
-    with dask_client(workers=1) as client:
-        trim = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+    with dask_client(workers=1, config=config) as client:
+        seen = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
         blas = client.run(lambda: os.environ.get("OPENBLAS_NUM_THREADS"))
         threads = client.nthreads()
-    assert list(trim.values()) == [None]  # unset: every large array is not mapped and faulted in afresh
+    # Unset for the mosaic: every large array is not mapped and faulted in afresh. Dask's own
+    # value for the refine: its workers' freed cube chunks go back to the system.
+    assert list(seen.values()) == [trim]
     assert list(blas.values()) == ["1"]  # Dask's other settings stay
     assert list(threads.values()) == [1]
-    assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
+    if trim is None:  # Dask's nanny also sets its value in this process's environment; unset, it does not
+        assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
