@@ -102,7 +102,7 @@ def fit_at(problem, placement) -> float:
     """
     if not np.isfinite(placement).all():
         return 0.0
-    key = _placement_key(placement)
+    key = pipeline.placement_key(placement)
     if key not in problem.fits:  # each fit costs an estimate: a pass over the cube
         step, levels = basin_level(problem)
         try:
@@ -200,10 +200,6 @@ def _fit(estimate, step: int) -> float:
     return float(np.sign(correlation) * np.sqrt(max(1 - unexplained, 0.0)))
 
 
-def _placement_key(placement) -> bytes:
-    return np.asarray(placement, dtype=np.float64).tobytes()
-
-
 def first_registration(problem, first):
     """The first registration: from the device placement and the best coarse peaks, the best fit kept.
 
@@ -239,7 +235,7 @@ def first_registration(problem, first):
     """
     step, levels = basin_level(problem)
     if first_level(problem) == (step, levels):  # the estimate fit_at makes there
-        problem.fits.setdefault(_placement_key(np.eye(3)), _fit(first, step))
+        problem.fits.setdefault(pipeline.placement_key(np.eye(3)), _fit(first, step))
     # The plain way: the best coarse peak of the first estimate's images, then Gauss-Newton on them.
     tries = [(first, np.eye(3), True)]
     fixed, moving, mask = pipeline.registration_images(problem, first)

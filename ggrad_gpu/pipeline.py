@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import time
 import warnings
-import weakref
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -54,7 +53,7 @@ from .pyramid import upsample_level
 from .register import AffineRegistration, register_affine
 from .warp import warp_cube
 
-__all__ = ["Problem", "Refinement", "build_problem", "estimate_pass", "refine", "register_pass",
+__all__ = ["Problem", "Refinement", "build_problem", "estimate_pass", "placement_key", "refine", "register_pass",
            "registration_images", "resample", "screened_bands"]
 
 
@@ -169,12 +168,13 @@ class Problem:
     timings: dict
     report: object
     guide_shape: tuple = ()
+    # Memory of this Problem's own passes (not init fields: a dataclasses.replace
+    # copy, which may hold other inputs, starts with empty ones).
     # Fair fits (basins.fit_at) by placement: each costs an estimate, a pass over the cube.
-    fits: dict = field(default_factory=dict)
+    fits: dict = field(default_factory=dict, init=False, repr=False)
     # The last estimate, by its arguments: the band screening asks for the one
-    # that the fit at the kept placement has just made (a pass saved). Only
-    # this Problem reads it back (a dataclasses.replace copy shares the dict).
-    last_estimate: dict = field(default_factory=dict)
+    # that the fit at the kept placement has just made (a pass saved).
+    last_estimate: dict = field(default_factory=dict, init=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -498,14 +498,24 @@ def estimate_pass(problem: Problem, placement, step: int, bands=None, levels=Non
     """
     xp, grid, options, cube = problem.xp, problem.grid, problem.options, problem.cube
     levels = problem.levels if levels is None else levels
-    key = (np.asarray(placement, dtype=np.float64).tobytes(), int(step), int(levels),
-           None if bands is None else np.asarray(bands).tobytes())
-    owner, last_key, last = problem.last_estimate.get("last", (None, None, None))
-    if owner is not None and owner() is problem and last_key == key:
+    key = (placement_key(placement), int(step), int(levels), None if bands is None else np.asarray(bands).tobytes())
+    last_key, last = problem.last_estimate.get("last", (None, None))
+    if last_key == key:
         return last
     estimate = _estimate(problem, placement, step, bands, levels)
-    problem.last_estimate["last"] = (weakref.ref(problem), key, estimate)
+    problem.last_estimate["last"] = (key, estimate)
     return estimate
+
+
+def placement_key(placement) -> bytes:
+    """A placement as a key of the passes' memory (:attr:`Problem.fits`, the last estimate).
+
+    Examples
+    --------
+    >>> placement_key(np.eye(3)) == placement_key(np.eye(3, dtype=np.float32)), len(placement_key(np.eye(3)))
+    (True, 72)
+    """
+    return np.asarray(placement, dtype=np.float64).tobytes()
 
 
 def _estimate(problem: Problem, placement, step: int, bands, levels: int) -> Estimate:
