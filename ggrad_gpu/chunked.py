@@ -154,9 +154,14 @@ def checkpoint(x):
     stores, limit, done, _ = scratch
     if x.name in done:
         return x
-    kept = _persisted(x) if limit is None or x.nbytes <= limit // 4 else _stored(x, stores)
+    kept = _persisted(x) if _fits_memory(x, limit) else _stored(x, stores)
     done[kept.name] = kept  # held (until release_checkpoints): on a cluster, its data stay while later steps read them
     return kept
+
+
+def _fits_memory(x, limit) -> bool:
+    """Whether the block keeps ``x`` in memory: no limit, or at most a quarter of it."""
+    return limit is None or x.nbytes <= limit // 4
 
 
 def _stored(x, stores):
@@ -207,7 +212,7 @@ def keep_source(x):
     if not is_dask_array(x) or scratch is None:
         return x
     stores, limit, _, sources = scratch
-    if limit is None or x.nbytes <= limit // 4:
+    if _fits_memory(x, limit):
         return x
     if x.name not in sources:
         rows, cols = spatial_chunks(x.shape, x.dtype.itemsize, chunk_bytes=SOURCE_CHUNK_BYTES)
