@@ -45,7 +45,7 @@ from .metrics import ncc
 from .pyramid import blur_decimate
 
 __all__ = ["AffineRegistration", "affine_mse", "affine_ncc", "coarse_shifts", "displacement_covariance",
-           "displacement_spread", "register_affine"]
+           "displacement_spread", "point_variances", "register_affine"]
 
 # A result that scales by more than this along an axis (relative to the
 # initial matrix), or flips, is degenerate: the optimiser shrank the overlap
@@ -392,7 +392,7 @@ def displacement_spread(fixed, moving, matrix, points, *, fixed_mask=None, movin
     """
     covariance = displacement_covariance(fixed, moving, matrix, points, fixed_mask=fixed_mask,
                                          moving_mask=moving_mask, block=block)
-    per_point = _point_variances(covariance)
+    per_point = point_variances(covariance)
     return np.sqrt(np.maximum(per_point, 0.0))
 
 
@@ -472,8 +472,14 @@ def displacement_covariance(fixed, moving, matrix, points, *, fixed_mask=None, m
     return design @ bread @ meat @ bread @ design.T
 
 
-def _point_variances(covariance):
-    """The trace of each point's 2 x 2 diagonal block of a (2 n, 2 n) covariance."""
+def point_variances(covariance):
+    """The trace of each point's 2 x 2 diagonal block of a (2 n, 2 n) covariance (ordered row, col per point).
+
+    Examples
+    --------
+    >>> point_variances(np.diag([1.0, 2.0, 3.0, 4.0]))
+    array([3., 7.])
+    """
     diagonal = np.diag(covariance)
     return diagonal[0::2] + diagonal[1::2]
 

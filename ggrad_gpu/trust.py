@@ -49,7 +49,7 @@ import numpy as np
 
 from . import basins, pipeline
 from .metrics import footprint_region, target_registration_error
-from .register import displacement_covariance
+from .register import displacement_covariance, point_variances
 
 __all__ = ["BLOCKS_ACROSS", "FIT_SIGMAS", "FIT_TOLERANCE", "Alternative", "Spread", "alternative_distance", "assess",
            "fit_covariance", "fit_spread", "spread"]
@@ -227,9 +227,7 @@ def fit_spread(problem, placement, estimate) -> float:
     >>> bool(0 < spread < 1)  # at the truth, the fit's own uncertainty is a fraction of a pixel
     True
     """
-    covariance = fit_covariance(problem, placement, estimate)
-    diagonal = np.diag(covariance)
-    return float(np.sqrt(np.max(diagonal[0::2] + diagonal[1::2])))
+    return float(np.sqrt(np.max(point_variances(fit_covariance(problem, placement, estimate)))))
 
 
 def fit_covariance(problem, placement, estimate) -> np.ndarray:
