@@ -2,7 +2,14 @@
 
 Every backend-following test takes ``xp``; its CuPy parameter carries the
 ``gpu`` marker and is skipped where CuPy sees no device.
+
+``GGRAD_REQUIRE_GPU=1`` (for a run on a GPU machine) turns every skip of a
+``gpu`` test into a failure that gives the skip's reason: a CuPy that does
+not import, sees no device or cannot compute on it then fails the run
+instead of skipping its tests silently.
 """
+
+import os
 
 import numpy as np
 import pytest
@@ -18,6 +25,20 @@ def _cupy_param():
 
         return pytest.param(cupy, id="cupy", marks=pytest.mark.gpu)
     return pytest.param(None, id="cupy", marks=[pytest.mark.gpu, pytest.mark.skip(reason=reason)])
+
+
+REQUIRE_GPU = os.environ.get("GGRAD_REQUIRE_GPU", "").strip() not in ("", "0")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under ``GGRAD_REQUIRE_GPU=1``, a skipped ``gpu`` test is reported as failed, with the skip's reason."""
+    report = yield
+    if REQUIRE_GPU and report.skipped and item.get_closest_marker("gpu") is not None:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"GGRAD_REQUIRE_GPU=1 but this gpu test was skipped: {reason}"
+    return report
 
 
 @pytest.fixture(params=[pytest.param(np, id="numpy"), _cupy_param()])

@@ -143,3 +143,28 @@ def test_numpy_refine_never_imports_cupy():
 def test_default_block_budget():
     assert _memory.default_block_bytes(np) == 8 << 20
     assert block_rows((1000, 100, 100), 4, np) == (8 << 20) // (100 * 100 * 4)
+
+
+REQUIRED_GPU_TESTS = ["tests/test_parity.py::test_sobel_magnitude",  # skipped by a module-level skipif
+                      "tests/test_backend.py::test_transfers_round_trip[cupy]"]  # conftest's xp parameter
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_require_gpu_turns_skipped_gpu_tests_into_failures(required):
+    # A CuPy that does not import (sys.modules["cupy"] = None), in a pytest
+    # of its own: without GGRAD_REQUIRE_GPU the gpu tests skip; with it, each
+    # fails and says why, so a broken CUDA install cannot pass a GPU run.
+    import os
+    from pathlib import Path
+
+    code = ("import sys; sys.modules['cupy'] = None; import pytest; "
+            f"sys.exit(pytest.main(['-p', 'no:cacheprovider', '-q', '-rA', *{REQUIRED_GPU_TESTS!r}]))")
+    env = {**os.environ, "GGRAD_REQUIRE_GPU": "1" if required else "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[1])
+    if required:
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert out.stdout.count("GGRAD_REQUIRE_GPU=1 but this gpu test was skipped: ") >= 2, out.stdout
+        assert "CuPy does not import" in out.stdout
+    else:
+        assert out.returncode == 0 and "2 skipped" in out.stdout, out.stdout + out.stderr
