@@ -14,6 +14,9 @@ import scipy.ndimage as ndi
 
 from ggrad_gpu import bench, resolve_backend
 from ggrad_gpu.cli import main
+from ggrad_gpu.metrics import target_registration_error
+
+import counting_namespace
 
 TINY = bench.SIZES["tiny"][0]
 NUMERIC = [name for name in bench.STAGES if bench.build(name, bench.Data(TINY)).compare is not None]
@@ -147,6 +150,49 @@ def test_cupy_where_there_is_none(capsys):
     assert "cupy" in capsys.readouterr().err
 
 
+def _backend_differences(stages):
+    """Each stage run on NumPy and on CuPy (``bench.measure``) and the difference of the two outputs.
+
+    Returns ``{stage: (difference, tolerance)}``: the stage's own comparison
+    (relative difference, or the NNLS objective's excess) against its
+    tolerance, and for the registrations the max TRE between the two
+    matrices in guide pixels against 0.1 px.
+    """
+    data = bench.Data(TINY)
+    found = {}
+    for name in stages:
+        case = bench.build(name, data)
+        _, expected = bench.measure(case, "numpy", repeat=1, warmup=False)
+        row, got = bench.measure(case, "cupy", repeat=1, warmup=False)
+        assert "error" not in row and row["h2d_s"] > 0, row
+        if name in ("register", "refine"):
+            shape = (data.refine_phantom.guide if name == "refine" else data.gradients[0]).shape
+            found[name] = (target_registration_error(bench._matrix(got), bench._matrix(expected), shape).max, 0.1)
+        elif name == "estimate":  # its compare() reads the plain way's dict
+            found[name] = (max(bench._relative(got.grad_x, expected.grad_x),
+                               bench._relative(got.grad_y, expected.grad_y)), case.tolerance)
+        else:
+            found[name] = (abs(float(case.compare(got, expected))), case.tolerance)
+    return found
+
+
+def test_cupy_stand_in_stages_agree_with_numpy(monkeypatch):
+    # The CuPy path of every stage, through the strict CPU stand-in for CuPy
+    # (tests/counting_namespace.py): no implicit host conversion, no name
+    # CuPy lacks, and the same outputs as NumPy's.
+    from ggrad_gpu._backend import cupy_usable
+
+    counting_namespace.install(monkeypatch)
+    cupy_usable.cache_clear()
+    try:
+        differences = _backend_differences(list(bench.STAGES))
+    finally:
+        cupy_usable.cache_clear()
+    assert set(differences) == set(bench.STAGES)
+    for name, (difference, tolerance) in differences.items():
+        assert difference <= tolerance, (name, difference, tolerance)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cupy_usable(), reason="CuPy sees no device")
 def test_cupy_stages_agree_with_numpy():
@@ -154,6 +200,9 @@ def test_cupy_stages_agree_with_numpy():
     rows = _rows(results, "cupy")
     assert all("error" not in row and row["h2d_s"] > 0 for row in rows.values()), rows
     assert "GPU" in results["machines"]["cupy"]["device"]
+    # The outputs themselves (run() with plain=False computes no difference).
+    for name, (difference, tolerance) in _backend_differences(list(bench.STAGES)).items():
+        assert difference <= tolerance, (name, difference, tolerance)
 
 
 def test_simpleitk_matrices_round_trip():

@@ -102,6 +102,32 @@ def test_upsampling_launches_do_not_grow_with_the_rows(device):
     assert counts[0] == counts[1], counts
 
 
+def test_the_stand_in_refuses_what_cupy_refuses(device):
+    # What makes the stand-in worth running the CuPy paths through: code that
+    # would raise on CuPy raises here too.
+    on_device = to_stand_in(np.arange(6.0))
+    with pytest.raises(TypeError, match="Implicit conversion"):
+        np.asarray(on_device)  # CuPy's __array__ raises; .get() is the explicit way
+    with pytest.raises(TypeError, match="Implicit conversion"):
+        np.array([on_device, on_device])
+    with pytest.raises(TypeError, match="Unsupported type"):
+        on_device * np.ones(6)  # a host array in a kernel
+    with pytest.raises(TypeError, match="Unsupported type"):
+        device.concatenate([on_device, np.ones(2)])
+    with pytest.raises(AttributeError, match="nanpercentile"):
+        device.nanpercentile  # NumPy has it, CuPy does not
+    with pytest.raises(TypeError, match="nanpercentile"):
+        np.nanpercentile(on_device, 50)  # __array_function__ finds no CuPy twin
+    import cupyx.scipy.ndimage
+
+    with pytest.raises(AttributeError, match="watershed_ift"):
+        cupyx.scipy.ndimage.watershed_ift  # SciPy has it, cupyx does not
+    assert isinstance(np.linalg.norm(on_device), device.ndarray)  # dispatched to the stand-in's linalg
+    assert isinstance(on_device * np.float32(2), device.ndarray)  # NumPy scalars are fine, as on CuPy
+    device.clear()
+    assert on_device.get().tolist() == list(range(6)) and [e.name for e in device.reads()] == ["get"]
+
+
 # --- dtypes --------------------------------------------------------------------------------------
 
 
@@ -310,6 +336,9 @@ STAND_IN_CASES = {
     "order 3": {"order": 3},
     "bands first": {"band_axis": 0},
     "band_std": {"method": "band_std"},
+    "pca": {"method": "pca"},
+    "guide grid, checked": {"output_grid": "guide", "check": True},
+    "cube grid, no denoising": {"output_grid": "cube", "denoise": False},
 }
 
 
