@@ -69,7 +69,7 @@ def _evaluation_products(device):
 def test_gauss_newton_reads_from_the_device_once_per_evaluation(device):
     fixed, moving, shift = shifted_pair()
     result = register_affine(to_stand_in(fixed), to_stand_in(moving), levels=1, coarse_search=False)
-    np.testing.assert_allclose(result.matrix[:2, 2], shift[:2, 2], atol=0.05)  # it did register
+    assert target_registration_error(result.matrix, shift, fixed.shape).max < 0.03  # it did register (0.0094 px)
     products = _evaluation_products(device)
     assert len(products) >= 3, "the loop evaluated too few steps to show anything"
     for first, second in zip(products, products[1:]):
