@@ -52,3 +52,26 @@ def traced(call):
         return result, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+# ``python -c SLOW_CHUNKS ARGS`` runs ``python -m ggrad_gpu ARGS`` with every resumable chunk from
+# the second on taking a second longer to write: an interruption test that waits for two chunks
+# finds the run still going, so its signal lands mid-run on any machine (the chunks are the same).
+SLOW_CHUNKS = """
+import runpy, sys, threading, time
+from ggrad_gpu.io.resumable import ResumableArray
+
+real, lock, written = ResumableArray.write, threading.Lock(), []
+
+def write(self, index, block):
+    real(self, index, block)
+    with lock:
+        written.append(index)
+        slow = len(written) >= 2
+    if slow:
+        time.sleep(1.0)
+
+ResumableArray.write = write
+sys.argv[0] = "ggrad"
+runpy.run_module("ggrad_gpu", run_name="__main__", alter_sys=True)
+"""

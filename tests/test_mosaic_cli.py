@@ -15,6 +15,7 @@ pytest.importorskip("dask")
 
 from ggrad_gpu.cli import main  # noqa: E402
 from ggrad_gpu.mosaic_cli import initial_from_stage, read_manifest  # noqa: E402
+from helpers import SLOW_CHUNKS  # noqa: E402
 from ggrad_gpu.synthetic import make_mosaic  # noqa: E402
 
 
@@ -106,18 +107,19 @@ def test_a_terminated_run_resumes_to_the_same_mosaic(mosaic_files, tmp_path):
                "--backend", "numpy", "--chunk", "4", "--max-in-flight", "1", "-q", "-o"]
     subprocess.run(command + [str(tmp_path / "whole")], env=env, check=True, capture_output=True, timeout=300)
     out = tmp_path / "out"
-    process = subprocess.Popen(command + [str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Chunks from the second on take a second longer to write, so the run is still going when signalled.
+    process = subprocess.Popen([sys.executable, "-c", SLOW_CHUNKS, *command[3:], str(out)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        chunks = out / "mosaic.zarr" / "c"
-        if chunks.exists() and sum(1 for p in chunks.rglob("*") if p.is_file()) >= 3:
-            process.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.005)
+    marks = out / "mosaic.zarr" / ".done"
+    while not (marks.is_dir() and len(os.listdir(marks)) >= 2):  # until some chunks are written
+        assert process.poll() is None, b"the run ended before two chunks were written: " + process.stderr.read()
+        assert time.monotonic() < deadline, "the run never wrote two chunks"
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before the signal"
+    process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
-    if process.returncode == 0:
-        pytest.skip("the run finished before it could be terminated")
-    assert process.returncode == 143, err.decode()
+    assert process.returncode == 143, err.decode()  # the signal landed mid-run: terminated, not finished
     assert b"run the same command again" in err
     store = zarr.open_array(str(out / "mosaic.zarr"), mode="r")
     assert store.attrs["complete"] is False

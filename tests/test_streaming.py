@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import has_module
+from helpers import SLOW_CHUNKS, has_module
 
 pytestmark = pytest.mark.skipif(not (has_module("dask") and has_module("zarr")), reason="needs dask and zarr")
 
@@ -121,20 +121,23 @@ def test_sigterm_mid_stream_then_rerun_completes(files, tmp_path):
     """A real SIGTERM to a running ``ggrad refine``, then the same command again."""
     folder, phantom = files
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "ggrad_gpu", "refine", str(folder / "guide.npy"), str(folder / "cube.zarr"),
-               "-o", str(out), "-q", "--initial", str(folder / "initial.txt"), "--memory-limit", "20KB",
-               "--working-shape", "240", "280"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    arguments = ["refine", str(folder / "guide.npy"), str(folder / "cube.zarr"), "-o", str(out), "-q",
+                 "--initial", str(folder / "initial.txt"), "--memory-limit", "20KB", "--working-shape", "240", "280"]
+    command = [sys.executable, "-m", "ggrad_gpu", *arguments]
+    # Chunks from the second on take a second longer to write, so the run is still going when signalled.
+    process = subprocess.Popen([sys.executable, "-c", SLOW_CHUNKS, *arguments], stderr=subprocess.PIPE, text=True)
     marks = out / "registered.zarr" / ".done"
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:  # until some chunks are written
-        if marks.is_dir() and len(os.listdir(marks)) >= 2:
-            break
+    while not (marks.is_dir() and len(os.listdir(marks)) >= 2):  # until some chunks are written
+        assert process.poll() is None, "the run ended before two chunks were written: " + process.stderr.read()
+        assert time.monotonic() < deadline, "the run never wrote two chunks"
         time.sleep(0.05)
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=120)
-    assert process.returncode in (0, 143)
+    assert process.poll() is None, "the run ended before the signal"
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err  # the signal landed mid-run: terminated, not finished
+    assert "run the same command again" in err and "Traceback" not in err, err
+    assert _registered(out).attrs["complete"] is False
     saved = (out / "transform.json").read_text()
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
