@@ -16,8 +16,7 @@ CASES = MISREGISTRATIONS
 def refinements():
     out = []
     for seed, case in enumerate(CASES):
-        # The phantom before issue 18 (signatures="mixed"), on which the thresholds were set.
-        phantom = make_phantom(bands=60, seed=seed, signatures="mixed", **case)
+        phantom = make_phantom(bands=60, seed=seed, **case)  # the default phantom (signatures="separate")
         result = refine(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
         out.append((phantom, result))
     return out
@@ -28,10 +27,13 @@ def test_recovers_known_transforms(refinements):
     errors = [target_registration_error(r.matrix, p.matrix, p.guide.shape) for p, r in refinements]
     before = [target_registration_error(p.initial, p.matrix, p.guide.shape) for p, _ in refinements]
     assert max(t.max for t in before) > 50  # the cases do start far off
-    assert np.mean([t.mean for t in errors]) <= 0.3, errors
-    assert max(t.max for t in errors) <= 1.0, errors
-    # Where the initial placement was already right, keeping it is a fine outcome.
-    assert all(r.improved for (p, r), t in zip(refinements, before) if t.mean > 1)
+    # Every start off by more than a pixel (7 of 8, 11-50 px mean) is refined. The right start (case 3)
+    # was refined too (0.12 / 0.23 px); kept (0 px) would pass the bounds as well.
+    assert all(r.improved for (p, r), t in zip(refinements, before) if t.mean > 1), [r.message for _, r in refinements]
+    # Measured on the default phantom: mean TRE 0.050-0.163 px per case (0.105 on average), max 0.340 px.
+    assert all(t.mean <= 0.35 for t in errors), errors
+    assert np.mean([t.mean for t in errors]) <= 0.25, errors
+    assert max(t.max for t in errors) <= 0.8, errors
 
 
 def test_result_fields():
@@ -56,20 +58,21 @@ def test_band_screening_matches_the_full_reestimate():
     # The screened re-estimate solves eq. 5 over the bands the aligned
     # cube-resolution estimate keeps; the full one over all bands. Both must
     # land on the known transform, and the screened weights live on that support.
-    # The phantom before issue 18 (signatures="mixed"), on which the thresholds were set.
-    phantom = make_phantom(bands=80, seed=5, rotation_deg=-2.0, scale=0.98, shift=(-20.0, 25.0),
-                           signatures="mixed")
+    phantom = make_phantom(bands=80, seed=5, rotation_deg=-2.0, scale=0.98, shift=(-20.0, 25.0))
     screened = refine(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
     full = refine(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy", screen_bands=False)
     weights = screened.gradient.channel_weights
     assert weights.shape == full.gradient.channel_weights.shape == (4, 80)
     kept = (weights > 0).any(axis=0)
     assert 0 < kept.sum() < 80  # something was screened out
+    # Both refined; measured on the default phantom: 0.098 / 0.282 px (screened, 4 bands kept) and
+    # 0.117 / 0.334 px (full), 0.068 px apart at most.
     for result in (screened, full):
+        assert result.improved, result.message
         tre = target_registration_error(result.matrix, phantom.matrix, phantom.guide.shape)
-        assert tre.mean <= 0.3 and tre.max <= 1.0, tre
+        assert tre.mean <= 0.3 and tre.max <= 0.8, tre
     gap = target_registration_error(screened.matrix, full.matrix, phantom.guide.shape)
-    assert gap.max < 0.3, gap
+    assert gap.max < 0.2, gap
 
 
 def test_working_grid_composition_at_s_greater_than_one():

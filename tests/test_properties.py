@@ -565,7 +565,9 @@ def test_estimate_global_gradient(rows, cols, bands, dtype, scale, pattern, leve
 @functools.cache
 def phantom(index):
     shape, bands, seed = [((96, 112), 12, 11), ((120, 140), 16, 1)][index]
-    # The phantom before issue 18 (signatures="mixed"), on which the thresholds were set.
+    # The phantom before issue 18 (signatures="mixed"): these tests are about inputs, and at 12 and
+    # 16 bands the default phantom's spatial information, spread over a few bands each, leaves less
+    # to refine on (0.32-0.95 px mean TRE at one to four levels, against 0.12-0.32 here).
     return make_phantom(shape=shape, bands=bands, seed=seed, rotation_deg=1.0, shift=(3.0, -4.0), signatures="mixed")
 
 
@@ -607,6 +609,18 @@ def refine_inputs(draw):
     return index, guide, cube, options
 
 
+def _missing_fraction(cube, band_axis, mask):
+    """The fraction of the cube's pixels missing: NaN or inf in a band that holds data, or masked out."""
+    cube = np.moveaxis(cube, band_axis, 2)
+    missing = np.zeros(cube.shape[:2], bool)
+    if cube.dtype.kind == "f":
+        finite = np.isfinite(cube)
+        missing = ~finite[..., finite.any(axis=(0, 1))].all(axis=2)  # an all-NaN band is left out
+    if mask is not None:
+        missing |= ~mask
+    return float(missing.mean())
+
+
 def check_refine(inputs, input_cases):
     """One drawn input of ``refine``: refused if unusable, else a documented result."""
     index, guide, cube, options = inputs
@@ -632,9 +646,25 @@ def check_refine(inputs, input_cases):
     assert np.isnan(result.registered[~result.valid]).all()
     assert (~np.isnan(result.registered[result.valid])).any(axis=-1).all()
     assert np.isfinite(result.gradient.grad_x).all() and np.isfinite(result.gradient.grad_y).all()
-    if result.improved:
-        tre = target_registration_error(result.matrix, p.matrix, p.guide.shape)
-        assert tre.mean < 3.0, tre  # a refinement that claims success is not far off
+    # The outcome, by how much of the data is missing (measured over 207 usable draws: dtypes, 1e30,
+    # colour, levels 1-4 and band axes change little; the bounds are about 2x the worst draw):
+    # - complete cube and guide: refined, worst 0.33 / 0.86 px (mean / max TRE, 84 draws);
+    # - up to 12 % of the cube's pixels missing (10 % NaN, 5 % inf or a 10 % mask) or holes in the
+    #   guide: refined, worst 1.34 / 3.65 px (a 19 x 22 native cube loses much of its signal);
+    # - more (a mask and scattered NaN together, about 19 %): refined as closely, or (1 of 8 draws)
+    #   kept because the cube explains the guide no better at the refined placement.
+    tre = target_registration_error(result.matrix, p.matrix, p.guide.shape)
+    missing = _missing_fraction(cube, options["band_axis"], options["mask"])
+    guide_complete = guide.dtype.kind != "f" or np.isfinite(guide).all()
+    if missing > 0.12 and not result.improved:
+        assert "the cube explains the guide no better" in result.message, result.message
+        np.testing.assert_array_equal(result.matrix, p.initial)
+    else:
+        assert result.improved and result.message.startswith("refined"), (missing, result.message)
+        if missing == 0 and guide_complete:
+            assert tre.mean < 0.75 and tre.max < 2.0, tre
+        else:
+            assert tre.mean < 2.5 and tre.max < 7.0, (missing, tre)
     plain = cube.dtype == np.float32 and options["mask"] is None and np.isfinite(cube).all() \
         and guide.ndim == 2 and np.isfinite(guide).all()
     input_cases["converted" if plain else "missing data"] += 1

@@ -278,9 +278,8 @@ def _missing_bilinear(missing, matrix, shape):
 @pytest.mark.parametrize("case", [0, *(pytest.param(case, marks=pytest.mark.slow) for case in (2, 6))])
 def test_refine_recovers_the_transform_with_missing_data(case, input_cases):
     # 5 % of the cube's pixels NaN in every band, 20 single band values NaN, a
-    # few inf values, and a NaN blob (radius 25 px) in the guide.
-    # The phantom before issue 18 (signatures="mixed"), on which the thresholds were set.
-    phantom = make_phantom(bands=60, seed=case, signatures="mixed", **MISREGISTRATIONS[case])
+    # few inf values, and a NaN blob (radius 25 px) in the guide. The default phantom.
+    phantom = make_phantom(bands=60, seed=case, **MISREGISTRATIONS[case])
     rng = np.random.default_rng(100 + case)
     cube, guide = phantom.cube.copy(), phantom.guide.copy()
     missing = rng.random(cube.shape[:2]) < 0.05
@@ -296,9 +295,10 @@ def test_refine_recovers_the_transform_with_missing_data(case, input_cases):
         warnings.simplefilter("error")  # no warning at all: refined, not kept
         result = refine(guide, cube, initial=phantom.initial, backend="numpy")
 
-    assert np.isfinite(result.matrix).all() and result.improved
+    assert np.isfinite(result.matrix).all() and result.improved, result.message
+    # Measured: 0.109 / 0.308, 0.167 / 0.367 and 0.153 / 0.434 px (cases 0, 2, 6; mean / max).
     tre = target_registration_error(result.matrix, phantom.matrix, phantom.guide.shape)
-    assert tre.mean <= 0.3 and tre.max <= 1.0, tre
+    assert tre.mean <= 0.35 and tre.max <= 0.9, tre
     for image in (result.gradient.grad_x, result.gradient.grad_y):
         assert np.isfinite(image).all()
     # NaN exactly where expected, band by band: a band is NaN where all its
