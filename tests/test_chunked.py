@@ -206,8 +206,7 @@ def _refine(guide, cube, initial, **options):
 
 @pytest.fixture(scope="module")
 def phantom():
-    return make_phantom(shape=(240, 280), bands=24, seed=5, signatures="mixed", rotation_deg=1.0,
-                        shift=(5.0, -7.0))
+    return make_phantom(shape=(240, 280), bands=24, seed=5, rotation_deg=1.0, shift=(5.0, -7.0))  # the default phantom
 
 
 @pytest.mark.parametrize("chunks, limit", [((13, 17), None), ((7, 5), 20_000), ((48, 56), "1GB")])
@@ -222,10 +221,11 @@ def test_refine_on_a_lazy_cube_equals_the_in_memory_refine(phantom, chunks, limi
     expected = _refine(phantom.guide, cube, phantom.initial, mask=mask, order=3, **grid)
     lazy = _refine(phantom.guide, _lazy(cube, chunks), phantom.initial, mask=mask, order=3, memory_limit=limit,
                    **grid)
-    assert is_dask_array(lazy.registered) and lazy.improved == expected.improved
+    assert is_dask_array(lazy.registered) and lazy.improved and expected.improved, (lazy.message, expected.message)
     shape = phantom.guide.shape
     assert target_registration_error(lazy.matrix, expected.matrix, shape).max < 0.01
-    assert target_registration_error(lazy.matrix, phantom.matrix, shape).mean < 0.3
+    tre = target_registration_error(lazy.matrix, phantom.matrix, shape)
+    assert tre.mean < 0.35 and tre.max < 0.9, tre  # in memory: 0.158 / 0.439 px measured
     # The last estimate ran from placements 1e-5 px apart: its images agree, to that.
     assert ncc(lazy.gradient.grad_y, expected.gradient.grad_y) > 0.9999
     # registered: the in-memory warp through the lazy run's matrix, to float32 rounding.
@@ -261,7 +261,9 @@ def test_the_working_grid_of_a_lazy_cube_is_coarsened_to_the_memory_limit(phanto
     assert full.working_to_guide[0, 0] == 1
     rows, cols = small.gradient.grad_x.shape
     assert small.working_to_guide[0, 0] == 2 and rows * cols * 200 <= 5e6
-    assert target_registration_error(small.matrix, phantom.matrix, phantom.guide.shape).mean < 0.5
+    assert small.improved, small.message
+    tre = target_registration_error(small.matrix, phantom.matrix, phantom.guide.shape)
+    assert tre.mean < 0.35 and tre.max < 0.9, tre  # 0.156 / 0.439 px measured
 
 
 def test_the_lazy_cube_is_never_read_whole(phantom, tmp_path):

@@ -123,13 +123,17 @@ def test_default_phantom_accepted_results_are_within_a_pixel(index):
         result = refine(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
     tre = target_registration_error(result.matrix, phantom.matrix, phantom.guide.shape)
     print(f"default phantom, draw {index}: TRE {tre.mean:.3f} / {tre.max:.3f} px")
-    assert result.improved and tre.max < 1.0
+    # Refined; measured 0.330 / 0.939, 0.144 / 0.398 and 0.141 / 0.334 px (draws 0-2): the 1 px promise holds.
+    assert result.improved, result.message
+    assert tre.mean < 0.7 and tre.max < 1.0, tre
 
 
 @pytest.mark.slow
 def test_without_denoising_the_default_phantom_misses_by_more_than_a_pixel():
     phantom = _default_phantom(0)
     result = refine(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy", denoise=False)
+    # Refined all the same (0.898 / 2.589 px measured, against 0.330 / 0.939 denoised).
+    assert result.improved, result.message
     assert target_registration_error(result.matrix, phantom.matrix, phantom.guide.shape).max > 1.5
 
 

@@ -26,6 +26,8 @@ B_SHAPE = (34, 40)  # 8 guide pixels per point
 
 def _two_modalities(seed):
     """guide, [cube A, cube B], [initial A, initial B], [true A, true B]."""
+    # The mixed phantom: cube B takes every other band, which on the default phantom drops whole
+    # components' peaks (each holds its own bands): B then reaches 0.17-0.74 px mean, 1.65 px max.
     phantom = make_phantom(shape=GUIDE_SHAPE, bands=40, native_factor=5, seed=seed, rotation_deg=2.0, scale=1.02,
                            shift=(8.0, -6.0), signatures="mixed")
     to_window = np.array([[1.0, 0, -WINDOW[0]], [0, 1, -WINDOW[1]], [0, 0, 1]])
@@ -63,8 +65,9 @@ def _check(matrices, cubes, truths):
                                 cubes[0].shape)
     print(f"TRE over each footprint (mean / max, guide px): A {tres[0].mean:.3f} / {tres[0].max:.3f}, "
           f"B {tres[1].mean:.3f} / {tres[1].max:.3f}; A->B within {error:.3f} B px")
-    assert all(t.mean <= 0.3 for t in tres), tres
-    assert error <= 0.5, error
+    # Measured over seeds 1-4: A 0.038-0.096 / 0.254 px (mean / max), B 0.128-0.196 / 0.426 px, A->B 0.065 B px.
+    assert all(t.mean <= 0.4 and t.max <= 0.9 for t in tres), tres
+    assert error <= 0.15, error
 
 
 @pytest.mark.parametrize("seed", [

@@ -84,8 +84,9 @@ def test_working_grid_composition_at_s_greater_than_one():
     s = 4
     np.testing.assert_allclose(result.working_to_guide, [[s, 0, 1.5], [0, s, 1.5], [0, 0, 1]])
     assert result.registered.shape == (240, 240, 30)
+    assert result.improved, result.message
     tre = target_registration_error(result.matrix, phantom.matrix, phantom.guide.shape)
-    assert tre.mean < 0.3 * s and tre.max < s, tre
+    assert tre.mean < 0.3 * s and tre.max < 3.0, tre  # 0.615 / 1.334 px measured (a working pixel is 4 guide px)
 
 
 def test_output_on_the_guide_grid():
@@ -143,8 +144,9 @@ def test_large_guide_stays_cheap():
         tracemalloc.stop()
     assert result.registered.shape == (341, 341, 500)
     assert peak < 2**30, f"peak {peak / 2**20:.0f} MiB"
+    assert result.improved, result.message
     tre = target_registration_error(result.matrix, phantom.matrix, phantom.guide.shape)
-    assert tre.mean < 0.5 * 6, tre
+    assert tre.mean < 1.0 and tre.max < 2.5, tre  # 0.397 / 0.986 px measured (a working pixel is 6 guide px)
 
 
 def test_a_cupy_cube_computed_on_numpy_comes_back_as_cupy(monkeypatch):
@@ -214,5 +216,7 @@ def test_basins_estimate_a_large_footprint_on_a_coarser_level(monkeypatch):
     # the first estimate starts there too; the re-estimate runs on the working grid with every level
     assert steps[0][0] > steps[0][3]
     assert any(step == 1 and levels == full for step, levels, full, _ in steps)
-    assert result.improved
-    assert target_registration_error(result.matrix, phantom.matrix, (120, 140)).mean < 0.5
+    # Refined, 0.169 / 0.427 px measured (the mixed phantom: at 16 bands the default one reaches 0.65 / 1.30).
+    assert result.improved, result.message
+    tre = target_registration_error(result.matrix, phantom.matrix, (120, 140))
+    assert tre.mean < 0.4 and tre.max < 0.9, tre

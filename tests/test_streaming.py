@@ -30,7 +30,7 @@ LIMIT = "200KB"  # the phantom cube below is about 0.5 MB
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("inputs")
-    phantom = make_phantom(shape=(240, 280), bands=40, seed=6, signatures="mixed", shift=(6.0, -5.0))
+    phantom = make_phantom(shape=(240, 280), bands=40, seed=6, shift=(6.0, -5.0))  # the default phantom
     np.save(folder / "guide.npy", phantom.guide)
     io.write_cube(folder / "cube.zarr", phantom.cube, band_centres=np.linspace(500, 1800, 40), band_unit="cm-1")
     np.savetxt(folder / "initial.txt", phantom.initial)
@@ -60,7 +60,9 @@ def test_a_cube_over_the_limit_is_streamed_and_matches_the_in_memory_run(files, 
     in_memory = json.loads((tmp_path / "memory" / "transform.json").read_text())
     shape = phantom.guide.shape
     assert target_registration_error(np.array(streamed["matrix"]), np.array(in_memory["matrix"]), shape).max < 0.01
-    assert target_registration_error(np.array(streamed["matrix"]), phantom.matrix, shape).mean < 0.3
+    assert streamed["improved"] and in_memory["improved"], (streamed["message"], in_memory["message"])
+    tre = target_registration_error(np.array(streamed["matrix"]), phantom.matrix, shape)
+    assert tre.mean < 0.35 and tre.max < 0.9, tre  # in memory: 0.146 / 0.380 px measured
     store = _registered(tmp_path / "streamed")
     assert store.attrs["complete"] is True and store.attrs["output_grid"] == "cube"
     assert store.chunks[:2] != store.shape[:2]  # really written in chunks
