@@ -298,3 +298,29 @@ def test_swir_envi_header_round_trip(tmp_path, capsys):
     weights = json.loads((out / "weights.json").read_text())
     np.testing.assert_allclose(weights["band_centres"], wavelengths, rtol=1e-6)
     assert os.path.getsize(tmp_path / "image.img") == cube.size * 2  # the input is untouched
+
+
+def test_an_unexpected_error_is_exit_3_and_debug_shows_it(tmp_path, phantom, centres, monkeypatch, capsys):
+    # A bug deep inside refine (not bad input): exit code 3 and one line on stderr, nothing left
+    # behind; --debug lets the exception and its traceback through instead.
+    from ggrad_gpu.refinement import basins
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("simulated: a bug deep in refine")
+
+    monkeypatch.setattr(basins, "first_registration", broken)
+    guide, cube = _inputs(tmp_path, phantom, centres, "npy")
+    out = tmp_path / "out"
+    command = ["refine", str(guide), str(cube), "-o", str(out), "-q", "--backend", "numpy"]
+    assert main(command) == 3
+    err = capsys.readouterr().err
+    assert err == "ggrad: internal error (ZeroDivisionError): simulated: a bug deep in refine (--debug shows more)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cube.npy", "guide.npy"]  # no OUTDIR, no partial one
+    with pytest.raises(ZeroDivisionError, match="simulated"):
+        main(command + ["--debug"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cube.npy", "guide.npy"]
+    # Bad input stays exit 2 without --debug, and is raised with it.
+    missing = ["refine", str(guide), str(tmp_path / "none.npy"), "-o", str(out), "-q"]
+    assert main(missing) == 2 and "none.npy" in capsys.readouterr().err
+    with pytest.raises(OSError):
+        main(missing + ["--debug"])

@@ -149,3 +149,26 @@ def test_sigterm_mid_stream_then_rerun_completes(files, tmp_path):
     reference = warp_cube(phantom.cube, np.array(record["matrix"]) @ np.array(store.attrs["output_to_guide"]),
                           store.shape[:2])
     np.testing.assert_array_equal(store[...], reference)
+
+
+@pytest.mark.slow
+def test_strict_when_streaming_exits_1_where_the_initial_transform_is_kept(files, tmp_path, capsys):
+    # A cube of noise (nothing in it matches the guide) over the memory limit: the streamed run keeps
+    # the initial transform, writes its outputs and exits 0, or 1 under --strict; so does its rerun,
+    # which reuses the saved transform. A refined streamed run exits 0 under --strict.
+    folder, phantom = files
+    noise = np.random.default_rng(0).random(phantom.cube.shape).astype(np.float32)
+    io.write_cube(tmp_path / "noise.zarr", noise)
+    command = ["refine", str(folder / "guide.npy"), str(tmp_path / "noise.zarr"), "-q", "--initial",
+               str(folder / "initial.txt"), "--working-shape", "240", "280", "--memory-limit", LIMIT, "-o"]
+    assert main(command + [str(tmp_path / "plain")]) == 0
+    assert main(command + [str(tmp_path / "strict"), "--strict"]) == 1
+    out, err = capsys.readouterr()
+    assert "streaming it chunk by chunk" in err
+    assert out.count("kept the initial transform: the refinement did not improve the match") == 2, out
+    record = json.loads((tmp_path / "strict" / "transform.json").read_text())
+    assert record["improved"] is False and record["message"].startswith("kept the initial transform")
+    np.testing.assert_array_equal(record["matrix"], phantom.initial)
+    assert _registered(tmp_path / "strict").attrs["complete"] is True  # kept, but written whole
+    assert main(command + [str(tmp_path / "strict"), "--strict"]) == 1  # the rerun reuses the kept transform
+    assert _refine(files, tmp_path / "refined", "--memory-limit", LIMIT, "--strict") == 0
