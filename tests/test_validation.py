@@ -185,7 +185,7 @@ def test_refine_integer_inputs_compute_in_float32(phantom, input_cases):
     result = refine(guide, cube, initial=phantom.initial, levels=3, backend="numpy")
     assert result.improved and result.registered.dtype == np.float32
     tre = target_registration_error(result.matrix, phantom.matrix, phantom.guide.shape)
-    assert tre.mean < 0.5, tre
+    assert tre.mean < 0.35 and tre.max < 0.8, tre  # 0.155 / 0.343 px measured
     input_cases["converted"] += 1
 
 
