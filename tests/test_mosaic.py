@@ -172,8 +172,9 @@ def test_every_tile_within_a_third_of_a_guide_pixel(signatures, seed):
     print(f"{signatures} seed {seed}, per-tile TRE (guide px, mean / max):",
           {i: f"{before[i].mean:.2f} -> {e.mean:.3f} / {e.max:.3f} ({result.status[i]})" for i, e in errors.items()})
     assert all(result.status[i] == "refined" for i in structured)
-    assert max(errors[i].mean for i in structured) <= 0.3  # each tile's mean, not the average over tiles
-    assert max(errors[i].max for i in structured) < 1.0
+    # Each tile's, not the average over tiles; measured over the four mosaics: 0.187 / 0.407 px at worst.
+    assert max(errors[i].mean for i in structured) <= 0.3
+    assert max(errors[i].max for i in structured) < 0.8
     # The featureless tile: placed by the model, within its own jitter of the truth.
     i = mosaic.featureless
     assert result.status[i] == "model"
