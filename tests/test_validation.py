@@ -358,10 +358,13 @@ def _degenerate_cases(phantom):
         "constant guide": (np.full_like(guide, 0.7), cube, {}, "no edges"),
         "constant guide, intensities": (np.full_like(guide, 5.0), cube, {"absorbance": False}, "no edges"),
         "all-zero guide, intensities": (np.zeros_like(guide), cube, {"absorbance": False}, "no edges"),
-        "white noise cube": (guide, np.random.default_rng(0).random(cube.shape).astype(np.float32), {}, ""),
+        # Nothing to match (the negative control) and 90 % of the spectra missing: the guard rejects the
+        # result (measured: implausible, scaling by 0.78-0.92); "no better" would be as right.
+        "white noise cube": (guide, np.random.default_rng(0).random(cube.shape).astype(np.float32), {},
+                             ("implausible", "no better")),
         "tiny cube": (guide, cube[:2, :2], {}, "too few valid pixels"),
         "mostly missing": (guide, np.where(np.random.default_rng(1).random(cube.shape[:2] + (1,)) < 0.9,
-                                           np.nan, cube), {}, ""),
+                                           np.nan, cube), {}, ("implausible", "no better")),
     }
 
 
@@ -379,11 +382,11 @@ def test_refine_degenerate_data_give_a_defined_result(phantom, name, input_cases
     assert np.isfinite(result.matrix).all()
     assert np.isfinite(result.registration.matrix).all()
     assert not np.isnan(result.registered).all()
-    if reason:
-        assert not result.improved and reason in result.message
-        np.testing.assert_array_equal(result.matrix, phantom.initial)
-    if not result.improved:
-        assert any("kept the initial transform" in str(w.message) for w in caught)
+    # Every case is kept, for its reason (one of two where either is right).
+    reasons = (reason,) if isinstance(reason, str) else reason
+    assert not result.improved and any(r in result.message for r in reasons), result.message
+    np.testing.assert_array_equal(result.matrix, phantom.initial)
+    assert any("kept the initial transform" in str(w.message) for w in caught)
     input_cases["degenerate"] += 1
 
 
