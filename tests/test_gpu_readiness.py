@@ -4,9 +4,10 @@ What a GPU pays for that a CPU hardly notices, made countable without one:
 
 - **Launches and syncs.** A stand-in ``cupy`` (``counting_namespace.py``: NumPy
   underneath, its arrays a NumPy subclass that the backend layer takes for
-  CuPy's) logs every operation and every read to the host. The Gauss-Newton
-  loop reads once per evaluation; the pyramid's operations do not grow with
-  the image's rows.
+  CuPy's) logs every operation and every read to the host, and refuses what
+  CuPy refuses (an implicit host conversion, a host array in a kernel, a name
+  CuPy lacks). The Gauss-Newton loop reads once per evaluation; the pyramid's
+  operations do not grow with the image's rows.
 - **dtypes.** float32 inputs stay float32 through estimation, the
   registration's sampling and the warp: no float64 array of the data's size
   is made except where the design says (the registration's float64 sums, the
