@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ from ..io import CUBE_FORMATS, INSTRUMENT_SUFFIXES, is_instrument_file, read_ins
 from ..refinement.apply import APPLY_GRIDS, apply_transform
 from ..refinement.driver import refine
 from ..refinement.multimodal import cube_to_cube
-from ..refinement.options import OUTPUT_GRIDS, parse_bytes
+from ..refinement.options import OUTPUT_GRIDS, RefineOptions, parse_bytes
 from ..registration.metrics import ncc, target_registration_error
 from .mosaic import add_parser as add_mosaic_parser, mosaic_demo
 from .multi_outputs import unique_names, write_many_outputs
@@ -419,7 +420,8 @@ def _refine_one(args, guide, guide_source, job, weights):
     cube_data, cube_path = job["cube"], job["path"]
     try:
         with np.errstate(over="raise"):  # values so large that they overflow: an input error, said once
-            return _run_refine(args, guide, cube_data.data, initial=job["initial"], weights=weights)
+            return _run_refine(args, guide, cube_data.data, initial=job["initial"],
+                               **refine_options(args, weights=weights).keywords())
     except FloatingPointError as exc:
         largest = ", ".join(f"{_largest_magnitude(data):.3g} in {path}"
                             for data, path in ((cube_data.data, cube_path), (guide, guide_source)))
@@ -533,10 +535,12 @@ def _stream_command(args, guide_path, cube_data, limit, weights) -> int:
           f"on the {args.output_grid or 'cube'} grid", file=sys.stderr)
     try:
         with dask_client(workers=args.workers, scheduler=args.scheduler, memory_limit=limit):
+            options = refine_options(args, weights=weights, memory_limit=limit,
+                                     output_grid=args.output_grid or "cube")
             message, improved = stream_refine(
-                args, guide, cube_data, guide_path=guide_path, initial_path=initial_path, initial=initial,
-                weights=weights, memory_limit=limit, say=say,
-                run_refine=lambda guide, cube, **options: _run_refine(args, guide, cube, **options))
+                guide, cube_data, args.output, options=options, guide_path=guide_path, initial_path=initial_path,
+                initial=initial, band_axis=args.band_axis, force=args.force, quiet=args.quiet, say=say,
+                run_refine=lambda guide, cube, **keywords: _run_refine(args, guide, cube, **keywords))
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, Terminated)
         print(f"ggrad: {'terminated (SIGTERM)' if terminated else 'interrupted'}; {args.output} is incomplete "
@@ -579,7 +583,28 @@ def _manual_weights(args):
     return (args.alpha, args.beta)
 
 
-def _run_refine(args, guide, cube, **options):
+def refine_options(args, **given) -> RefineOptions:
+    """``refine``'s options from ``ggrad``'s arguments: each field whose flag the command has, else its default.
+
+    The flags are those the fields of :class:`~ggrad_gpu.refinement.options.RefineOptions`
+    name (the argparse ``dest`` is the field's name; ``weights`` come from
+    ``--alpha`` and ``--beta``); a flag left unset (None) keeps the default;
+    ``given`` sets fields the command decides itself.
+
+    Examples
+    --------
+    >>> args = build_parser().parse_args(["refine", "g.png", "c.npy", "-o", "out", "--no-denoise", "--levels", "2"])
+    >>> options = refine_options(args, weights="auto")
+    >>> options.denoise, options.levels, options.output_grid
+    (False, 2, 'working')
+    """
+    parsed = vars(args)
+    chosen = {option.name: parsed[option.name] for option in fields(RefineOptions)
+              if option.metadata["flag"] is not None and parsed.get(option.name) is not None}
+    return RefineOptions(**{**chosen, **given})
+
+
+def _run_refine(args, guide, cube, **keywords):
     """``refine`` with a progress bar on stderr (quiet when not a terminal or with --quiet)."""
     from tqdm.auto import tqdm
 
@@ -591,11 +616,7 @@ def _run_refine(args, guide, cube, **options):
             bar.set_description_str(stage)
             bar.update()
 
-        return refine(guide, cube, levels=args.levels, backend=args.backend, progress=progress,
-                      working_shape=getattr(args, "working_shape", None),
-                      absorbance=getattr(args, "absorbance", True), check=getattr(args, "check", False),
-                      denoise=getattr(args, "denoise", True),
-                      **{"output_grid": getattr(args, "output_grid", None) or "working", **options})
+        return refine(guide, cube, progress=progress, **keywords)
 
 
 def _printer(args):
@@ -659,7 +680,7 @@ def _demo_command(args) -> int:
     for _, method, _ in DEMO_METHODS:
         if method is not None:
             refined[method] = _run_refine(args, guide, to_device(phantom.cube, xp), initial=phantom.initial,
-                                          method=method)
+                                          **refine_options(args, method=method).keywords())
             errors[method] = target_registration_error(refined[method].matrix, phantom.matrix,
                                                        phantom.guide.shape)
     print("each image of the cube: NCC of its gradient with grad_x (true placement), and the target registration")

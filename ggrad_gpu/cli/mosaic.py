@@ -224,13 +224,17 @@ def mosaic_command(args) -> int:
     from ..scaleout.fusion import mosaic_grid
     from ..io.guide_regions import open_guide_regions
     from ..io.resumable import file_signature, fingerprint
+    from ..refinement.options import RefineOptions, resume_settings
 
     tiles = read_manifest(args.manifest, tile_pixel_um=args.tile_pixel_size, guide_pixel_um=args.guide_pixel_size,
                           guide_origin_um=tuple(args.guide_origin))
     _check_outdir(args.output, [args.guide, args.manifest] + [t["cube"] for t in tiles])
     guide = open_guide_regions(args.guide)  # by region where the format allows
     sources, stamps = _open_tiles(tiles)
-    settings = {"levels": args.levels, "chunk": args.chunk}
+    # refine's choices for the tiles (those ggrad mosaic sets; the others at their defaults), as a streamed
+    # refine's fingerprint holds them: a rerun that changes one refines again.
+    options = RefineOptions(levels=args.levels, backend=args.backend)
+    settings = {**resume_settings(options), "chunk": args.chunk}
     stamp = fingerprint(guide=file_signature(args.guide), tiles=[[t["name"], t["initial"].tolist()] for t in tiles],
                         files=stamps, settings=settings)
     record_path = args.output / "tiles.json"
