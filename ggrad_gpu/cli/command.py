@@ -50,6 +50,7 @@ from .._version import __version__
 from ..core.estimate import estimate_global_gradient
 from ..core.filters import sobel_magnitude
 from ..io import CUBE_FORMATS, INSTRUMENT_SUFFIXES, is_instrument_file, read_instrument, read_transform
+from ..io.folders import check_outside
 from ..refinement.apply import APPLY_GRIDS, apply_transform
 from ..refinement.driver import refine
 from ..refinement.multimodal import cube_to_cube
@@ -310,7 +311,7 @@ def _one_line(exc) -> str:
 
 def _refine_command(args) -> int:
     guide_path, cube_paths = _refine_positionals(args)
-    _check_outside(args.output, [guide_path, *cube_paths, *(args.initial or [])])
+    check_outside(args.output, [guide_path, *cube_paths, *(args.initial or [])])
     weights = _manual_weights(args)
     streamed = _lazy_cube_over_limit(args, guide_path, cube_paths)
     if streamed is not None:
@@ -468,7 +469,7 @@ def _apply_command(args) -> int:
     from .. import io
 
     check_new_directory(args.output, force=args.force)
-    _check_outside(args.output, [args.transform, args.cube])
+    check_outside(args.output, [args.transform, args.cube])
     if not args.transform.is_file():
         raise FileNotFoundError(f"transform file not found: {args.transform}")
     try:
@@ -557,22 +558,6 @@ def _largest_magnitude(data) -> float:
         magnitudes = np.abs(np.asarray(data, dtype=np.float64))
     finite = magnitudes[np.isfinite(magnitudes)]
     return float(finite.max()) if finite.size else 0.0
-
-
-def _check_outside(output: Path, inputs) -> None:
-    """Refuse an OUTDIR that is, or holds, one of the inputs (``--force`` would replace them)."""
-    if not output.exists():
-        return
-    from ..io import split_dataset_path
-
-    folder = output.resolve()
-    for given in inputs:
-        if given is None:
-            continue
-        path = split_dataset_path(given)[0].resolve()  # "scan.h5:/cube" is the file scan.h5
-        if path == folder or folder in path.parents:
-            raise ValueError(f"output folder {output} holds the input {given}; it is never replaced: "
-                             f"choose another OUTDIR")
 
 
 def _manual_weights(args):

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -224,6 +222,7 @@ def mosaic_command(args) -> int:
     from ..scaleout.fusion import mosaic_grid
     from ..io.guide_regions import open_guide_regions
     from ..io.resumable import file_signature, fingerprint
+    from ..io.folders import remove_outputs, reusable_record
     from ..refinement.options import RefineOptions, resume_settings
 
     tiles = read_manifest(args.manifest, tile_pixel_um=args.tile_pixel_size, guide_pixel_um=args.guide_pixel_size,
@@ -238,12 +237,12 @@ def mosaic_command(args) -> int:
     stamp = fingerprint(guide=file_signature(args.guide), tiles=[[t["name"], t["initial"].tolist()] for t in tiles],
                         files=stamps, settings=settings)
     record_path = args.output / "tiles.json"
-    record = _reusable_record(record_path, stamp, args.force)
+    record = reusable_record(record_path, stamp, force=args.force, outputs=OUTPUTS)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     with dask_client(workers=args.workers, scheduler=args.scheduler, config=WORKER_CONFIG) as client:
         if record is None:
             if args.output.exists() and args.force:
-                _remove_outputs(args.output)
+                remove_outputs(args.output, OUTPUTS + (OME_ZARR,))
             args.output.mkdir(exist_ok=True)
             result = _refine_tiles(args, guide, tiles, sources, client)
             placed = [i for i, s in enumerate(result.status) if s != "failed"]
@@ -416,43 +415,10 @@ def _open_tiles(tiles):
     return sources, stamps
 
 
-def _reusable_record(path: Path, stamp: str, force: bool):
-    """``tiles.json`` if it is from the same inputs and settings; None to compute it (refuses others without force)."""
-    folder = path.parent
-    if not folder.exists():
-        return None
-    if not folder.is_dir():
-        raise FileExistsError(f"output {folder} exists and is not a folder; it is never replaced")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        record = None
-    if record is not None and record.get("fingerprint") == stamp:
-        return record
-    if not force and any(folder.iterdir()):
-        raise FileExistsError(f"output folder {folder} holds results from other inputs or settings (or other "
-                              f"files); choose another or pass --force to replace its {', '.join(OUTPUTS)}")
-    return None
-
-
 def _check_outdir(output: Path, inputs) -> None:
-    """Refuse an OUTDIR that is, or holds, one of the inputs (``--force`` would replace them)."""
-    if not output.exists():
-        if not output.parent.exists():
-            raise FileNotFoundError(f"the folder to hold {output} does not exist: {output.parent}")
-        return
-    folder = output.resolve()
-    for given in inputs:
-        path = Path(given).resolve()
-        if path == folder or folder in path.parents:
-            raise ValueError(f"output folder {output} holds the input {given}; choose another OUTDIR")
+    """Refuse an OUTDIR that holds one of the inputs, or whose folder does not exist."""
+    from ..io.folders import check_outside
 
-
-def _remove_outputs(folder: Path) -> None:
-    """Remove this command's outputs from ``folder`` (and nothing else)."""
-    for name in OUTPUTS + (OME_ZARR,):
-        target = folder / name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif os.path.lexists(target):
-            target.unlink()
+    if not output.exists() and not output.parent.exists():
+        raise FileNotFoundError(f"the folder to hold {output} does not exist: {output.parent}")
+    check_outside(output, inputs)

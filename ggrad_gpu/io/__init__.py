@@ -15,6 +15,8 @@ Modules, one job each:
 - :mod:`~ggrad_gpu.io.instruments`: instrument files read whole (Renishaw
   ``.wdf``, Agilent ``.dmt``): cube, band axis, white-light image and the
   initial transform from the stage metadata.
+- :mod:`~ggrad_gpu.io.folders`: output folders of resumable commands: inputs kept
+  out, another run's record found, outputs removed.
 - :mod:`~ggrad_gpu.io.libraries`: the boundary with the optional format
   libraries (imported on demand; one error per unreadable file).
 

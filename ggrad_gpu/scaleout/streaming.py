@@ -22,7 +22,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -167,31 +166,16 @@ def stream_refine(guide, cube_data, output, *, options, guide_path, initial_path
 def _resumable_record(out: Path, signature: str, *, force: bool):
     """The ``transform.json`` of an interrupted run with this fingerprint, or None; the folder made ready.
 
-    Raises FileExistsError when ``out`` holds anything else and ``force`` is False.
+    Raises FileExistsError when ``out`` holds anything else and ``force`` is
+    False; ``force`` redoes the run (even one with this fingerprint).
     """
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output {out} exists and is not a folder; it is never replaced")
-    if not out.parent.exists():
-        raise FileNotFoundError(f"the folder to hold {out} does not exist: {out.parent}")
-    record = None
-    if out.is_dir() and not force:
-        try:
-            record = json.loads((out / "transform.json").read_text())
-        except (OSError, ValueError):
-            record = None
-        if record is None or record.get("fingerprint") != signature:
-            if any(out.iterdir()):
-                raise FileExistsError(
-                    f"output folder {out} exists and holds no interrupted run of this command (other inputs or "
-                    f"settings); choose another or pass --force to replace it")
-            record = None
-    if force and out.is_dir():
-        for name in OUTPUTS:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+    from ..io.folders import remove_outputs, reusable_record
+
+    record = reusable_record(out / "transform.json", signature, force=force, outputs=OUTPUTS)
+    if force:
+        record = None
+        if out.is_dir():
+            remove_outputs(out, OUTPUTS)
     out.mkdir(exist_ok=True)
     return record
 
