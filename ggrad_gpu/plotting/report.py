@@ -32,9 +32,10 @@ import numpy as np
 from .._backend import array_module, to_host
 from .._validation import check_array, float_dtype
 from ..core.filters import sobel_magnitude
+from ..core.geometry import block_mean
 from ..core.warp import warp_cube
 
-__all__ = ["DISPLAY_SIDE", "PANELS", "block_mean", "display_step", "report_figure", "save_report"]
+__all__ = ["DISPLAY_SIDE", "PANELS", "display_step", "report_figure", "save_report"]
 
 PANELS = ("before", "after", "level weights", "grad_x", "grad_y", "band weights")
 FIGSIZE = (12.0, 8.0)  # inches
@@ -152,7 +153,7 @@ def report_figure(refinement, guide, cube, *, band_centres=None, band_unit=None,
         on_grid = warp_cube(native_image[:, :, None], np.asarray(matrix) @ scale, shape, order=1)[:, :, 0]
         edges = _host_float(sobel_magnitude(on_grid))
         ax = axes[label]
-        ax.imshow(_overlay(block_mean(grad_x, step), block_mean(edges, step)), interpolation="nearest")
+        ax.imshow(_overlay(_block_mean(grad_x, step), _block_mean(edges, step)), interpolation="nearest")
         ax.set_title(f"{label.capitalize()}: {name} transform\nguide magenta, cube green, both white")
         _image_axes(ax)
 
@@ -160,7 +161,7 @@ def report_figure(refinement, guide, cube, *, band_centres=None, band_unit=None,
         ("grad_x", grad_x, None, "guide"),
         ("grad_y", grad_y, valid, "cube"),
     ):
-        shown = block_mean(image if mask is None else np.where(mask, image, np.nan), step)
+        shown = _block_mean(image if mask is None else np.where(mask, image, np.nan), step)
         low, high = _display_range(shown)
         ax = axes[label]
         picture = ax.imshow(shown, cmap="gray", vmin=low, vmax=high, interpolation="nearest")
@@ -354,30 +355,9 @@ def display_step(shape, side: int | None = None) -> int:
     return max(1, math.ceil(max(shape) / (DISPLAY_SIDE if side is None else side)))
 
 
-def block_mean(image, step: int) -> np.ndarray:
-    """``image`` averaged over ``step x step`` blocks, NaN left out (NaN where a block has no value).
-
-    The last blocks along each axis take what is left. ``step`` 1 returns
-    ``image`` itself.
-
-    Examples
-    --------
-    >>> image = np.arange(20.0).reshape(4, 5)
-    >>> image[0, 0] = np.nan
-    >>> block_mean(image, 2)
-    array([[ 4. ,  5. ,  6.5],
-           [13. , 15. , 16.5]])
-    """
-    if step == 1:
-        return image
-    rows, cols = image.shape
-    padded = np.full((-(-rows // step) * step, -(-cols // step) * step), np.nan)
-    padded[:rows, :cols] = image
-    blocks = padded.reshape(padded.shape[0] // step, step, padded.shape[1] // step, step)
-    finite = np.isfinite(blocks)
-    count = finite.sum(axis=(1, 3))
-    total = np.where(finite, blocks, 0.0).sum(axis=(1, 3))
-    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+def _block_mean(image, step: int) -> np.ndarray:
+    """``image`` averaged over ``step x step`` blocks, NaN left out, the last blocks taking what is left."""
+    return block_mean(image, step, partial=True, skip_nan=True)
 
 
 def _host_float(image) -> np.ndarray:
