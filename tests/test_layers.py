@@ -210,3 +210,15 @@ def test_each_subpackage_lists_its_public_api(group):
 def test_every_module_belongs_to_a_layer():
     names = read_package(PACKAGE)
     assert [name for name in names if not any(group_of(name) in layer for layer in LAYERS)] == []
+
+
+def test_the_package_imports_no_benchmark_reference():
+    """SimpleITK and the plain way are benchmark references: they live in benchmarks/, not in the package."""
+    found = []
+    for name, (source, _) in read_package(PACKAGE).items():
+        for node in ast.walk(ast.parse(source)):
+            imported = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{name}: {module}" for module in imported
+                      if module.split(".")[0] in ("SimpleITK", "benchmarks")]
+    assert found == []
