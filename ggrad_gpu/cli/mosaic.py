@@ -38,6 +38,9 @@ import numpy as np
 __all__ = ["TileFile", "add_parser", "initial_from_stage", "mosaic_command", "mosaic_demo", "read_manifest"]
 
 OUTPUTS = ("tiles.json", "mosaic.zarr", "report.png")
+# What a mosaic needs beyond a bare install: Dask runs the tiles, Zarr holds the fused mosaic.
+NEEDS = {"dask": "dask", "zarr": "zarr"}
+NEEDS_EXTRAS = "io,dask"
 OME_ZARR = "mosaic.ome.zarr"  # with --ome-zarr
 
 
@@ -217,6 +220,9 @@ def mosaic_command(args) -> int:
     ['refined', 'refined']
     >>> folder.cleanup()
     """
+    from ..io.libraries import require_all
+
+    require_all(NEEDS, "ggrad mosaic", extras=NEEDS_EXTRAS)  # before any work
     from .. import io
     from ..scaleout.cluster import WORKER_CONFIG, dask_client
     from ..scaleout.fusion import mosaic_grid
@@ -286,6 +292,9 @@ def mosaic_demo(args) -> int:
     """
     import tempfile
 
+    from ..io.libraries import require_all
+
+    require_all(NEEDS, "ggrad demo --mosaic", extras=NEEDS_EXTRAS)  # before any work
     from .. import synthetic
     from ..scaleout.fusion import fuse_mosaic, mosaic_grid
     from .outputs import check_new_directory
