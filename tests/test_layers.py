@@ -222,3 +222,11 @@ def test_the_package_imports_no_benchmark_reference():
             found += [f"{name}: {module}" for module in imported
                       if module.split(".")[0] in ("SimpleITK", "benchmarks")]
     assert found == []
+
+
+def test_plotting_draws_and_io_writes():
+    """plotting returns figures and writes nothing (no import of io); io draws nothing (no import of plotting)."""
+    plotting = {name: targets for name, targets in PACKAGE_EDGES.items() if group_of(name) == "plotting"}
+    io = {name: targets for name, targets in PACKAGE_EDGES.items() if group_of(name) == "io"}
+    assert [(n, t) for n, targets in plotting.items() for t in targets if group_of(t) == "io"] == []
+    assert [(n, t) for n, targets in io.items() for t in targets if group_of(t) == "plotting"] == []

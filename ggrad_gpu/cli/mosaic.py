@@ -405,9 +405,9 @@ def _tiles_record(tiles, result, grid, stamp) -> dict:
 
 def _write_report(path, guide, result, names) -> None:
     from ..plotting.mosaic import mosaic_figure
-    from ..plotting.report import save_report
+    from ..io.atomic import write_figure
 
-    save_report(mosaic_figure(guide, result, names), path, overwrite=True)
+    write_figure(mosaic_figure(guide, result, names), path, overwrite=True)
 
 
 def _open_tiles(tiles):

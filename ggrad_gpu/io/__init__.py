@@ -26,7 +26,7 @@ library until a file needs it.
 """
 
 from .._validation import LUMA_WEIGHTS
-from .atomic import atomic_folder, atomic_write, atomic_write_all, write_json
+from .atomic import atomic_folder, atomic_write, atomic_write_all, write_figure, write_json
 from .cubes import CUBE_FORMATS, CUBE_SUFFIXES, CubeData, cube_suffix, read_cube, split_dataset_path, write_cube
 from .guides import GUIDE_SUFFIXES, read_guide
 from .instruments import (
@@ -70,5 +70,6 @@ __all__ = [
     "versions",
     "weights_record",
     "write_cube",
+    "write_figure",
     "write_json",
 ]

@@ -2,7 +2,7 @@
 
 :func:`report_figure` builds a :class:`matplotlib.figure.Figure` directly
 (no ``pyplot``, no global state, no display: it renders with the Agg canvas)
-and :func:`save_report` writes it as a PNG, atomically. Every panel is an
+for the caller to write (:func:`ggrad_gpu.io.write_figure`: a PNG, atomically). Every panel is an
 Axes with a stable label (``Axes.get_label()``) so that callers and tests can
 find it:
 
@@ -23,9 +23,7 @@ The figure's suptitle is the verdict: improved or not, and by how much.
 from __future__ import annotations
 
 import math
-import os
 import textwrap
-from pathlib import Path
 
 import numpy as np
 
@@ -35,7 +33,7 @@ from ..core.filters import sobel_magnitude
 from ..core.geometry import block_mean
 from ..core.warp import warp_cube
 
-__all__ = ["DISPLAY_SIDE", "PANELS", "display_step", "report_figure", "save_report"]
+__all__ = ["DISPLAY_SIDE", "PANELS", "display_step", "report_figure"]
 
 PANELS = ("before", "after", "level weights", "grad_x", "grad_y", "band weights")
 FIGSIZE = (12.0, 8.0)  # inches
@@ -108,7 +106,7 @@ def report_figure(refinement, guide, cube, *, band_centres=None, band_unit=None,
     Examples
     --------
     >>> from ggrad_gpu import refine, synthetic
-    >>> from ggrad_gpu.plotting.report import report_figure, save_report
+    >>> from ggrad_gpu.plotting.report import report_figure
     >>> phantom = synthetic.make_phantom(shape=(60, 70), bands=20, seed=0)
     >>> result = refine(phantom.guide, phantom.cube, initial=phantom.initial, levels=3, backend="numpy")
     >>> figure = report_figure(result, phantom.guide, phantom.cube,
@@ -117,8 +115,6 @@ def report_figure(refinement, guide, cube, *, band_centres=None, band_unit=None,
     ['after', 'before']
     >>> figure.get_suptitle().startswith("Improved")
     True
-    >>> save_report(figure, "report.png")  # doctest: +SKIP
-    PosixPath('report.png')
     """
     from matplotlib.figure import Figure
 
@@ -177,51 +173,6 @@ def report_figure(refinement, guide, cube, *, band_centres=None, band_unit=None,
     lines = ([title] if title else []) + [verdict] + ([change] if change else [])
     figure.suptitle("\n".join(textwrap.fill(line, _TITLE_WIDTH) for line in lines), fontsize="large")
     return figure
-
-
-def save_report(figure, path, *, overwrite: bool = False) -> Path:
-    """Write ``figure`` as a PNG at ``path``, atomically.
-
-    The image is written to a temporary file in the same folder and renamed
-    onto ``path`` (``os.replace``) only once it is complete, so ``path`` is
-    either absent, the old file, or the whole new image; the temporary file
-    is removed if anything fails.
-
-    Parameters
-    ----------
-    figure : matplotlib.figure.Figure
-        E.g. from :func:`report_figure`.
-    path : path-like
-        Where to write; the format is PNG whatever the suffix.
-    overwrite : bool, default False
-        Replace an existing file. Without it an existing ``path`` is an error.
-
-    Returns
-    -------
-    pathlib.Path
-        ``path``.
-
-    Raises
-    ------
-    FileExistsError
-        If ``path`` exists and ``overwrite`` is False (checked before writing
-        and again just before the rename).
-    FileNotFoundError
-        If the folder that should hold ``path`` does not exist.
-
-    Examples
-    --------
-    >>> from matplotlib.figure import Figure
-    >>> from ggrad_gpu.plotting.report import save_report
-    >>> save_report(Figure(), "report.png")  # doctest: +SKIP
-    PosixPath('report.png')
-    """
-    from ..io import atomic_write
-
-    path = Path(os.fspath(path))
-    with atomic_write(path, overwrite=overwrite) as temporary:
-        figure.savefig(temporary, format="png", dpi=figure.dpi)
-    return path
 
 
 def verdict_line(refinement) -> str:

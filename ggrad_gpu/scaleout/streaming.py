@@ -183,13 +183,13 @@ def _resumable_record(out: Path, signature: str, *, force: bool):
 def _write_small_outputs(out: Path, refinement, guide, cube_data, guide_path, signature, initial_source) -> dict:
     """``transform.json`` (with the fingerprint), ``weights.json`` and ``report.png``, each atomic."""
     from ..io import transform_record, weights_record, write_json
-    from ..io.atomic import atomic_write
-    from ..plotting.report import report_figure, save_report
+    from ..io.atomic import atomic_write, write_figure
+    from ..plotting.report import report_figure
 
     centres, unit = cube_data.band_centres, cube_data.band_unit
     figure = report_figure(refinement, guide, cube_data.data, band_centres=centres, band_unit=unit)
     with atomic_write(out / "report.png", overwrite=True) as temp:
-        save_report(figure, temp)
+        write_figure(figure, temp)
     write_json(out / "weights.json", weights_record(refinement.gradient, band_centres=centres, band_unit=unit),
                overwrite=True)
     record = transform_record(
