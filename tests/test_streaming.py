@@ -172,3 +172,28 @@ def test_strict_when_streaming_exits_1_where_the_initial_transform_is_kept(files
     assert _registered(tmp_path / "strict").attrs["complete"] is True  # kept, but written whole
     assert main(command + [str(tmp_path / "strict"), "--strict"]) == 1  # the rerun reuses the kept transform
     assert _refine(files, tmp_path / "refined", "--memory-limit", LIMIT, "--strict") == 0
+
+
+@pytest.mark.parametrize("changed", [["--no-denoise"], ["--check"]], ids=lambda flags: flags[0])
+def test_an_interrupted_run_is_not_resumed_under_other_refine_options(changed, tmp_path, monkeypatch, capsys):
+    """A streamed run cut short, then run again with another option of ``refine``: not resumed from the old transform.
+
+    The fingerprint once omitted ``denoise`` and ``check``: the rerun with
+    ``--no-denoise`` continued from the transform the denoised run had made.
+    """
+    phantom = make_phantom(shape=(64, 80), bands=8, seed=0)
+    np.save(tmp_path / "guide.npy", phantom.guide)
+    io.write_cube(tmp_path / "cube.zarr", phantom.cube)
+    command = ["refine", str(tmp_path / "guide.npy"), str(tmp_path / "cube.zarr"), "-o", str(tmp_path / "out"),
+               "-q", "--memory-limit", "1KB", "--working-shape", "64", "80"]  # the cube: 12 x 14 x 8
+
+    def stop(self, index, block):
+        raise KeyboardInterrupt  # Ctrl-C before the first chunk
+
+    with monkeypatch.context() as patch:
+        patch.setattr(io.ResumableArray, "write", stop)
+        assert main(command) == 130
+    assert (tmp_path / "out" / "transform.json").exists()
+    capsys.readouterr()
+    assert main(command + changed) == 2  # the folder holds another run's transform
+    assert "pass --force" in capsys.readouterr().err

@@ -32,6 +32,7 @@ import sys
 
 import numpy as np
 
+from .._affine import translation
 from .scratch import make_folder, release_folder
 
 __all__ = [
@@ -420,7 +421,7 @@ def warp_cube_chunked(cube, matrix, output_shape, *, order: int, kernel, chunks=
                 row.append(da.full((r1 - r0, c1 - c0, bands), np.nan, dtype=dtype, chunks=(r1 - r0, c1 - c0, bands)))
                 continue
             (w0, w1), (v0, v1) = window
-            shifted = _translation(-w0, -v0) @ matrix @ _translation(r0, c0)
+            shifted = translation(-w0, -v0) @ matrix @ translation(r0, c0)
             if path is None:
                 task = dask.delayed(kernel, pure=True)(cube[w0:w1, v0:v1], shifted, (r1 - r0, c1 - c0),
                                                           order=order)
@@ -441,10 +442,6 @@ def _stitched(rows):
     import dask.array as da
 
     return da.block([[[block] for block in row] for row in rows])
-
-
-def _translation(rows: float, cols: float) -> np.ndarray:
-    return np.array([[1.0, 0, rows], [0, 1.0, cols], [0, 0, 1.0]])
 
 
 def _source_window(matrix, block, cube_shape, pad: int):

@@ -122,11 +122,12 @@ class Estimate:
         return None if missing is None else ~missing
 
 
-def build_problem(guide, cube, *, initial=None, levels="auto", weights="auto", backend="auto", working_shape=None,
-                  output_grid="working", method="gradient", reestimate=True, screen_bands=True, order=1,
-                  psf_sigma=0.5, absorbance=True, progress=None, band_axis=-1, mask=None,
-                  memory_limit=None, denoise=True) -> Problem:
-    """The inputs checked and prepared on the working grid, as :func:`refine` starts (same parameters).
+def build_problem(guide, cube, *, initial=None, progress=None, mask=None, options: RefineOptions | None = None,
+                  **choices) -> Problem:
+    """The inputs checked and prepared on the working grid, as :func:`refine` starts.
+
+    ``options`` (a :class:`~ggrad_gpu.refinement.options.RefineOptions`), or
+    ``choices``: its fields as keywords, as :func:`refine` takes them.
 
     Examples
     --------
@@ -137,21 +138,25 @@ def build_problem(guide, cube, *, initial=None, levels="auto", weights="auto", b
     >>> problem.grid.shape, problem.levels
     ((120, 140), 2)
     """
-    options = RefineOptions(levels, weights, output_grid, method, reestimate, screen_bands, order, psf_sigma,
-                            absorbance, memory_limit, denoise)
+    if options is None:
+        options = RefineOptions(**choices)
+    elif choices:
+        raise TypeError(f"build_problem takes options or choices, not both; got options and {sorted(choices)}")
+    band_axis = options.band_axis
     cube = check_inputs(guide, cube, band_axis)
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be callable or None; got {type(progress).__name__}")
-    xp = resolve_backend(backend)
+    xp = resolve_backend(options.backend)
     guide_shape = tuple(guide.shape[:2])
     initial_given = initial is not None
-    initial, mask, grid = check_placement(guide_shape, cube, initial, mask, working_shape, options.memory_limit)
+    initial, mask, grid = check_placement(guide_shape, cube, initial, mask, options.working_shape,
+                                          options.memory_limit)
     hint = bands_first_hint(cube.shape, guide_shape, initial if initial_given else None) if band_axis % 3 == 2 else ""
     levels = resolve_levels(options, guide_shape, cube.shape, initial, grid, hint)
     if hint:
         warnings.warn(f"cube of shape {tuple(cube.shape)} does not fit the guide's {guide_shape[0]} x "
                       f"{guide_shape[1]} pixels as (rows, cols, bands){hint}", UserWarning, stacklevel=3)
-    return Problem(prepare_guide(guide, grid, xp, absorbance=absorbance),
+    return Problem(prepare_guide(guide, grid, xp, absorbance=options.absorbance),
                    prepare_cube(cube, mask, xp, denoise=options.denoise and options.method == "gradient"), initial,
                    grid, levels, options, xp, {}, progress or (lambda stage: None), guide_shape)
 
