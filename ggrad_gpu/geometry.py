@@ -41,7 +41,7 @@ WORKING_PER_CUBE = 6
 # The coarsest pyramid level keeps at least this many pixels across the footprint: with
 # fewer, its gradients are mostly the stand-ins beyond the footprint, and eq. 9, which
 # favours a blurred level that matches anything, puts its weight there.
-MIN_LEVEL_PIXELS = 8
+MIN_LEVEL_PIXELS = 24
 
 
 def fov_matrix(guide_shape, cube_shape) -> np.ndarray:

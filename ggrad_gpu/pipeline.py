@@ -401,16 +401,26 @@ def refine(
             # it), and no coarse search, which could only jump away.
             last = estimate_pass(problem, placement, 1, screened_bands(problem, placement))
             registration, placement = register_pass(problem, last, placement, coarse_search=False)
+            last_relative = registration.matrix  # the last images were made one registration before the result
+        else:
+            last_relative = placement
 
         start = time.perf_counter()
         fits = (basins.fit_at(problem, np.eye(3)), basins.fit_at(problem, placement))
         verdict = judge(first.gradient.grad_x, first.gradient.grad_y, placement, fixed_valid=first.fixed_valid,
                         moving_valid=first.moving_valid, guide_flat=problem.guide.flat, fits=fits)
+        if not verdict.improved:
+            verdict = replace(verdict, quality={**verdict.quality, "spread_px": math.nan})
+        elif not check:
+            # The default verdict weighs the result's own fit, at no estimate of its own (the last
+            # pass's images, judged at the last registration).
+            fit = trust.fit_spread(problem, placement, last, last_relative)
+            verdict = trust.verdict_with_spread(verdict, trust.FIT_SIGMAS * fit)
         timings["guard"] = time.perf_counter() - start
-        if check:
+        if check and verdict.improved:
+            # ... with ``check``, also the alternatives (far starts, other coarse peaks).
             start = time.perf_counter()
-            spread = trust.spread(problem, placement, candidates=candidates) if verdict.improved else math.nan
-            verdict = replace(verdict, quality={**verdict.quality, "spread_px": spread})
+            verdict = trust.verdict_with_spread(verdict, trust.spread(problem, placement, candidates=candidates))
             timings["check"] = time.perf_counter() - start
     if verdict.improved:
         matrix, message = initial @ grid.to_guide @ placement @ np.linalg.inv(grid.to_guide), "refined: "

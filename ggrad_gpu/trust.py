@@ -51,8 +51,8 @@ from . import basins, pipeline
 from .metrics import footprint_region, target_registration_error
 from .register import displacement_covariance, point_variances
 
-__all__ = ["BLOCKS_ACROSS", "FIT_SIGMAS", "FIT_TOLERANCE", "Alternative", "Spread", "alternative_distance", "assess",
-           "fit_covariance", "fit_spread", "spread"]
+__all__ = ["BLOCKS_ACROSS", "FIT_SIGMAS", "FIT_TOLERANCE", "MAX_SPREAD_PX", "Alternative", "Spread",
+           "alternative_distance", "assess", "fit_covariance", "fit_spread", "spread", "verdict_with_spread"]
 
 # An alternative counts when its fair fit is at least the result's less this
 # share of what the result leaves unexplained (1 - fit), and at least less 0.01.
@@ -65,6 +65,11 @@ NEAR_PX = 0.5
 BLOCKS_ACROSS = 8
 # ... and this many standard deviations of the worst footprint corner count as a distance.
 FIT_SIGMAS = 3.0
+# A result whose spread exceeds this many guide pixels is not returned as refined: it could lie
+# that far elsewhere. Right results on the real SEM-EDS pair (P45, 75 x 100 x 92, mean TRE
+# 0.35-0.40 px) have a spread of 1.2 px, those accepted worse than their start before this
+# verdict 4.6 px or more.
+MAX_SPREAD_PX = 2.0
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,33 @@ def assess(problem, placement, *, candidates=()) -> Spread:
     return Spread(max(counted, default=0.0), fit, tuple(alternatives))
 
 
+def verdict_with_spread(verdict, spread_px: float):
+    """The guard's ``verdict`` with ``spread_px`` recorded, and refused where the spread is too wide.
+
+    A refined result that could lie more than :data:`MAX_SPREAD_PX` guide
+    pixels elsewhere (or whose spread cannot be estimated) is not refined:
+    the initial transform is kept, and the reason gives the spread.
+
+    Examples
+    --------
+    >>> from ggrad_gpu.guard import Verdict
+    >>> quality = {"mse_before": 0.2, "mse_after": 0.05, "ncc_before": 0.3, "ncc_after": 0.9}
+    >>> verdict_with_spread(Verdict(True, "", quality), 0.4).improved
+    True
+    >>> refused = verdict_with_spread(Verdict(True, "", quality), 6.5)
+    >>> refused.improved, refused.reason, refused.quality["spread_px"]
+    (False, 'the result is uncertain: it could lie 6.5 px elsewhere (more than 2 px)', 6.5)
+    """
+    from dataclasses import replace
+
+    quality = {**verdict.quality, "spread_px": float(spread_px)}
+    if verdict.improved and not spread_px <= MAX_SPREAD_PX:
+        where = f"{spread_px:.2g} px" if math.isfinite(spread_px) else "an unknown distance"
+        reason = f"the result is uncertain: it could lie {where} elsewhere (more than {MAX_SPREAD_PX:g} px)"
+        return replace(verdict, improved=False, reason=reason, quality=quality)
+    return replace(verdict, quality=quality)
+
+
 def alternative_distance(problem, placement, other) -> float:
     """Max over the footprint under ``placement`` of how far ``other`` moves a guide point, in guide pixels.
 
@@ -210,7 +242,7 @@ def alternative_distance(problem, placement, other) -> float:
     return target_registration_error(alt, main, problem.guide_shape, spacing=spacing, region=region).max
 
 
-def fit_spread(problem, placement, estimate) -> float:
+def fit_spread(problem, placement, estimate, relative=None) -> float:
     """One standard deviation of the result's own fit at the footprint's worst corner, in guide pixels.
 
     The root of the largest per-corner trace of :func:`fit_covariance`. NaN
@@ -227,14 +259,17 @@ def fit_spread(problem, placement, estimate) -> float:
     >>> bool(0 < spread < 1)  # at the truth, the fit's own uncertainty is a fraction of a pixel
     True
     """
-    return float(np.sqrt(np.max(point_variances(fit_covariance(problem, placement, estimate)))))
+    return float(np.sqrt(np.max(point_variances(fit_covariance(problem, placement, estimate, relative)))))
 
 
-def fit_covariance(problem, placement, estimate) -> np.ndarray:
+def fit_covariance(problem, placement, estimate, relative=None) -> np.ndarray:
     """The joint covariance of the footprint's four corners under the result's own fit, in guide pixels squared.
 
     ``estimate`` is made at ``placement`` (its registration images are
-    judged at the identity); :func:`ggrad_gpu.register.displacement_covariance`
+    judged at the identity), or at ``placement @ inv(relative)`` (they are
+    judged at ``relative``: ``refine`` passes its last estimate and
+    registration, so the default verdict costs no estimate of its own);
+    :func:`ggrad_gpu.register.displacement_covariance`
     over blocks of about a ``BLOCKS_ACROSS``-th of the footprint's smaller
     side (at least 8 working px), at the corners of the footprint's bounding
     box (where an affine error is largest), scaled to guide pixels. Shape
@@ -262,8 +297,9 @@ def fit_covariance(problem, placement, estimate) -> np.ndarray:
     corners = np.array([[row0, col0, 1], [row0, col0 + cols - 1, 1], [row0 + rows - 1, col0, 1],
                         [row0 + rows - 1, col0 + cols - 1, 1]], dtype=np.float64)
     working = np.linalg.solve(problem.grid.to_guide, corners.T)[:2].T
+    relative = np.eye(3) if relative is None else np.asarray(relative, dtype=np.float64)
     block = max(8, round(_footprint_side(problem, placement) / BLOCKS_ACROSS))
-    covariance = displacement_covariance(fixed, moving, np.eye(3), working, moving_mask=mask, block=block)
+    covariance = displacement_covariance(fixed, moving, relative, working, moving_mask=mask, block=block)
     return covariance * problem.grid.s**2
 
 
