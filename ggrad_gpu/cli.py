@@ -149,9 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the chunked work on the Dask cluster at ADDRESS")
     run.add_argument("--format", choices=CUBE_FORMATS, default="npy", dest="cube_format",
                      help="file format of the registered cube (default: npy)")
-    run.add_argument("--no-absorbance", action="store_false", dest="absorbance",
+    run.add_argument("--no-absorbance", action="store_false", dest="absorbance", default=None,
                      help="compare the cube with the guide's intensity, not its optical density "
-                          "(for guides that are not transmitted light)")
+                          "(for guides that are not transmitted light; the default where an instrument "
+                          "file says its guide is an electron image)")
     run.add_argument("--no-denoise", action="store_false", dest="denoise",
                      help="estimate from the cube as it is, not from its projection on the components above "
                           "its noise")
@@ -324,6 +325,11 @@ def _refine_command(args) -> int:
     check_new_directory(args.output, force=args.force)
     guide, guide_instrument, jobs = _refine_inputs(args, guide_path, cube_paths)
     say = _printer(args)
+    if args.absorbance is None:  # not given: what the instrument file says its guide is
+        kind = None if guide_instrument is None else guide_instrument.guide_kind
+        args.absorbance = kind != "electron"
+        if kind is not None:
+            say(f"guide: {kind} image ({'optical density' if args.absorbance else 'compared as it is'})")
     say(f"guide {guide.shape[0]} x {guide.shape[1]}; " + "; ".join(
         f"cube {' x '.join(map(str, job['cube'].data.shape))} ({job['cube'].format})" for job in jobs))
     guide_source = guide_path if guide_path is not None else guide_instrument.path
@@ -600,7 +606,7 @@ def _run_refine(args, guide, cube, **options):
 
         return refine(guide, cube, levels=args.levels, backend=args.backend, progress=progress,
                       working_shape=getattr(args, "working_shape", None),
-                      absorbance=getattr(args, "absorbance", True), check=getattr(args, "check", False),
+                      absorbance=getattr(args, "absorbance", None) is not False, check=getattr(args, "check", False),
                       denoise=getattr(args, "denoise", True),
                       **{"output_grid": getattr(args, "output_grid", None) or "working", **options})
 
