@@ -119,7 +119,7 @@ class Refinement:
     Examples
     --------
     >>> from ggrad_gpu import synthetic
-    >>> phantom = synthetic.make_phantom(shape=(64, 80), bands=8, seed=1)
+    >>> phantom = synthetic.make_phantom(shape=(64, 80), bands=8, seed=1, signatures="mixed")
     >>> result = refine(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
     >>> isinstance(result, Refinement), result.backend, result.registered.shape, result.valid.shape
     (True, 'numpy', (64, 80, 8), (64, 80))
@@ -255,7 +255,7 @@ def refine(
         and invertible. Default: the cube spans the guide's field of view.
     levels : int or "auto", default "auto"
         Pyramid levels of the estimation. ``"auto"``: the most (up to 4) that
-        keep 8 pixels across the cube's footprint at the coarsest level of the
+        keep 24 pixels across the cube's footprint at the coarsest level of the
         grid at the cube's resolution (fewer for small maps). An explicit
         number must fit the grids (at least 3 x 3 pixels at the coarsest
         level); the error for too many says how many fit.
@@ -415,12 +415,13 @@ def refine(
             # The default verdict weighs the result's own fit, at no estimate of its own (the last
             # pass's images, judged at the last registration).
             fit = trust.fit_spread(problem, placement, last, last_relative)
-            verdict = trust.verdict_with_spread(verdict, trust.FIT_SIGMAS * fit)
+            verdict = trust.verdict_with_spread(verdict, trust.FIT_SIGMAS * fit, trust.spread_limit(problem))
         timings["guard"] = time.perf_counter() - start
         if check and verdict.improved:
             # ... with ``check``, also the alternatives (far starts, other coarse peaks).
             start = time.perf_counter()
-            verdict = trust.verdict_with_spread(verdict, trust.spread(problem, placement, candidates=candidates))
+            verdict = trust.verdict_with_spread(verdict, trust.spread(problem, placement, candidates=candidates),
+                                                trust.spread_limit(problem))
             timings["check"] = time.perf_counter() - start
     if verdict.improved:
         matrix, message = initial @ grid.to_guide @ placement @ np.linalg.inv(grid.to_guide), "refined: "
@@ -452,8 +453,8 @@ def build_problem(guide, cube, *, initial=None, levels="auto", weights="auto", b
     >>> from ggrad_gpu.pipeline import build_problem
     >>> phantom = synthetic.make_phantom(shape=(120, 140), bands=16, seed=1)
     >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
-    >>> problem.grid.shape, problem.levels
-    ((120, 140), 2)
+    >>> problem.grid.shape, problem.levels  # a 24 x 28 map: one level (geometry.MIN_LEVEL_PIXELS)
+    ((120, 140), 1)
     """
     options = RefineOptions(levels, weights, output_grid, method, reestimate, screen_bands, order, psf_sigma,
                             absorbance, memory_limit, denoise)
@@ -500,7 +501,7 @@ def estimate_pass(problem: Problem, placement, step: int, bands=None, levels=Non
     2
     >>> estimate = estimate_pass(problem, np.eye(3), problem.grid.cube_step)
     >>> estimate.gradient.grad_y.shape == problem.grid.shape, estimate.gradient.channel_weights.shape
-    (True, (3, 8))
+    (True, (2, 8))
     >>> estimate_pass(problem, np.eye(3), problem.grid.cube_step) is estimate  # the same pass again: remembered
     True
     >>> estimate_pass(replace(problem), np.eye(3), problem.grid.cube_step) is estimate  # a copy makes its own
