@@ -227,7 +227,9 @@ def test_real_renishaw_maps_refine_at_default_options(name):
     assert result.valid.any()
     if name == "renishaw_test_map2.wdf":  # 20 x 20 points on about 25 x 25 of 480 x 752 pixels
         assert region[2] * region[3] < 30 * 30 and result.levels >= 1
-    if not result.improved:
-        np.testing.assert_array_equal(result.matrix, initial)
-    else:  # a real refinement stays near the stage's placement (a few of the map's points)
-        assert target_registration_error(result.matrix, initial, guide.shape[:2], region=region).max < 3 / initial[0, 0]
+    # Neither file has a known truth; each gets the outcome the guard gives it (measured): the 20 x 20
+    # map's best fit does not beat the stage placement, the 3 x 3 map's scales it by up to 1.8.
+    assert not result.improved, result.message
+    reason = {"renishaw_test_map2.wdf": "did not improve the match", "renishaw_test_map.wdf": "implausible"}[name]
+    assert reason in result.message
+    np.testing.assert_array_equal(result.matrix, initial)
