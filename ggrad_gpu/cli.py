@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     >>> import tempfile
     >>> from ggrad_gpu.synthetic import make_phantom
     >>> folder = tempfile.TemporaryDirectory(); root = Path(folder.name)
-    >>> phantom = make_phantom(shape=(64, 80), bands=8, seed=0)
+    >>> phantom = make_phantom(shape=(64, 80), bands=8, seed=0, signatures="mixed")
     >>> np.save(root / "guide.npy", phantom.guide); np.save(root / "cube.npy", phantom.cube)
     >>> np.savetxt(root / "initial.txt", phantom.initial)
     >>> command = ["refine", str(root / "guide.npy"), str(root / "cube.npy"), "--initial", str(root / "initial.txt"),
