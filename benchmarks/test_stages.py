@@ -1,4 +1,4 @@
-"""Each stage of ``ggrad_gpu.bench`` on NumPy, CuPy and the plain way, through pytest-benchmark.
+"""Each stage of ``ggrad_gpu.cli.bench`` on NumPy, CuPy and the plain way, through pytest-benchmark.
 
 One test per (size, stage, backend), ``test_stage[<size>-<stage>-<backend>]``,
 in group ``<stage>-<size>``; the plain way runs first, so each ggrad_gpu row
@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks import reference
 from benchmarks.conftest import backends
-from ggrad_gpu import bench
+from ggrad_gpu.cli import bench
 
 
 def pytest_generate_tests(metafunc):
@@ -49,7 +50,7 @@ def data_for():
 def test_stage(item, data_for, timed, request):
     shape, stage, backend = item
     data = data_for(shape)
-    case = bench.build(stage, data)
+    case = reference.build(stage, data)
     if backend == "plain" and case.plain is None:
         pytest.skip(case.no_plain)
     row, out = timed(case, backend, repeat=request.config.getoption("bench_repeat"))
