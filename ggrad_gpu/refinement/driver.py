@@ -329,7 +329,9 @@ def refine(
             fit = trust.fit_spread(problem, placement, last, last_relative)
             verdict = trust.verdict_with_spread(verdict, trust.FIT_SIGMAS * fit, trust.spread_limit(problem))
         timings["guard"] = time.perf_counter() - start
-        if check and verdict.improved:
+        # A fit can be tight in a wrong basin; a far move is where one is met: confirm it as check does.
+        far = verdict.improved and not check and trust.is_far_move(problem, placement)
+        if (check or far) and verdict.improved:
             # ... with ``check``, also the alternatives (far starts, other coarse peaks).
             start = time.perf_counter()
             verdict = trust.verdict_with_spread(verdict, trust.spread(problem, placement, candidates=candidates),

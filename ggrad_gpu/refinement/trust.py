@@ -52,8 +52,8 @@ from ..registration.register import displacement_covariance, point_variances
 from . import basins, passes
 
 __all__ = ["BLOCKS_ACROSS", "FIT_SIGMAS", "FIT_TOLERANCE", "MAX_SPREAD_PX", "Alternative", "Spread",
-           "MAX_SPREAD_CUBE_PX", "alternative_distance", "assess", "fit_covariance", "fit_spread", "spread",
-           "spread_limit", "verdict_with_spread"]
+           "FAR_MOVE_CUBE_PX", "MAX_SPREAD_CUBE_PX", "alternative_distance", "assess", "fit_covariance",
+           "fit_spread", "is_far_move", "spread", "spread_limit", "verdict_with_spread"]
 
 # An alternative counts when its fair fit is at least the result's less this
 # share of what the result leaves unexplained (1 - fit), and at least less 0.01.
@@ -73,6 +73,11 @@ FIT_SIGMAS = 3.0
 # and the negative control's, 3.8 px or more.
 MAX_SPREAD_PX = 2.0
 MAX_SPREAD_CUBE_PX = 0.5
+# A refinement that moves the footprint further than this many cube pixels is confirmed by the
+# alternatives (:func:`assess`) even without ``check``: a tight fit in a wrong basin has a small
+# fit spread, and stage placements are rarely this far off (a real 20 x 20 Raman map moved
+# 55 guide px from its stage placement, called refined; its alternatives spread 49 px).
+FAR_MOVE_CUBE_PX = 4.0
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,22 @@ def spread_limit(problem) -> float:
     """
     guide_per_cube = 1 / math.sqrt(abs(np.linalg.det(problem.initial[:2, :2])))
     return max(MAX_SPREAD_PX, MAX_SPREAD_CUBE_PX * guide_per_cube)
+
+
+def is_far_move(problem, placement) -> bool:
+    """Whether ``placement`` moves the footprint more than :data:`FAR_MOVE_CUBE_PX` cube pixels anywhere.
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> from ggrad_gpu.refinement.passes import build_problem
+    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=8, seed=1)  # about 5 guide px per cube px
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial)
+    >>> [is_far_move(problem, np.array([[1.0, 0, shift], [0, 1, 0], [0, 0, 1]])) for shift in (10, 30)]
+    [False, True]
+    """
+    guide_per_cube = 1 / math.sqrt(abs(np.linalg.det(problem.initial[:2, :2])))
+    return alternative_distance(problem, np.eye(3), placement) > FAR_MOVE_CUBE_PX * guide_per_cube
 
 
 def verdict_with_spread(verdict, spread_px: float, limit: float = MAX_SPREAD_PX):
