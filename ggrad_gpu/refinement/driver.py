@@ -351,8 +351,10 @@ def refine(
         # Arrays come back in the input cube's kind, wherever they were computed.
         registered, valid, gradient = (_like(cube, a) for a in (registered, valid, gradient))
     timings["total"] = time.perf_counter() - clock
-    return Refinement(matrix, initial, grid.to_guide, registered, valid, gradient, registration, verdict.improved,
-                      message, xp.__name__, timings, verdict.quality, problem.levels, output_to_guide)
+    return Refinement(matrix=matrix, initial=initial, working_to_guide=grid.to_guide, registered=registered,
+                      valid=valid, gradient=gradient, registration=registration, improved=verdict.improved,
+                      message=message, backend=xp.__name__, timings=timings, quality=verdict.quality,
+                      levels=problem.levels, output_to_guide=output_to_guide)
 
 
 def _like(cube, value):

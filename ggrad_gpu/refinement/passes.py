@@ -81,7 +81,7 @@ class Problem:
     options: RefineOptions
     xp: object
     timings: dict
-    report: object
+    progress: object  # called with each stage's description as it starts
     guide_shape: tuple = ()
     # Memory of this Problem's own passes (not init fields: a dataclasses.replace
     # copy, which may hold other inputs, starts with empty ones).
@@ -156,9 +156,10 @@ def build_problem(guide, cube, *, initial=None, progress=None, mask=None, option
     if hint:
         warnings.warn(f"cube of shape {tuple(cube.shape)} does not fit the guide's {guide_shape[0]} x "
                       f"{guide_shape[1]} pixels as (rows, cols, bands){hint}", UserWarning, stacklevel=3)
-    return Problem(prepare_guide(guide, grid, xp, absorbance=options.absorbance),
-                   prepare_cube(cube, mask, xp, denoise=options.denoise and options.method == "gradient"), initial,
-                   grid, levels, options, xp, {}, progress or (lambda stage: None), guide_shape)
+    return Problem(guide=prepare_guide(guide, grid, xp, absorbance=options.absorbance),
+                   cube=prepare_cube(cube, mask, xp, denoise=options.denoise and options.method == "gradient"),
+                   initial=initial, grid=grid, levels=levels, options=options, xp=xp, timings={},
+                   progress=progress or (lambda stage: None), guide_shape=guide_shape)
 
 
 def estimate_pass(problem: Problem, placement, step: int, bands=None, levels=None) -> Estimate:
@@ -218,7 +219,7 @@ def placement_key(placement) -> bytes:
 def _estimate(problem: Problem, placement, step: int, bands, levels: int) -> Estimate:
     """:func:`estimate_pass`'s work, without its memory of the last estimate."""
     xp, grid, options, cube = problem.xp, problem.grid, problem.options, problem.cube
-    problem.report(f"estimate ({'all' if bands is None else len(bands)} bands, grid step {step})")
+    problem.progress(f"estimate ({'all' if bands is None else len(bands)} bands, grid step {step})")
     start = time.perf_counter()
     to_cube = problem.initial @ grid.to_guide @ placement
     shape = grid.level_shape(step)
@@ -286,7 +287,7 @@ def register_pass(problem: Problem, estimate: Estimate, placement, *, coarse_sea
     >>> bool(after < before / 3)
     True
     """
-    problem.report("register" + (" (with coarse search)" if coarse_search else ""))
+    problem.progress("register" + (" (with coarse search)" if coarse_search else ""))
     clock = time.perf_counter()
     fixed, moving, mask = registration_images(problem, estimate)
     if fixed is None:
@@ -342,7 +343,7 @@ def resample(problem: Problem, matrix, guide_shape):
     >>> bool(np.allclose(registered, expected, equal_nan=True)), bool(valid.any())
     (True, True)
     """
-    problem.report("resample the cube")
+    problem.progress("resample the cube")
     start = time.perf_counter()
     grid = problem.options.output_grid
     if grid == "working":
