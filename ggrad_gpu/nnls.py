@@ -339,7 +339,9 @@ def _lawson_hanson(g, r, max_iter):
             leaving = np.union1d(leaving, idx[x[idx] <= 0])
             x[leaving] = 0
             passive[leaving] = False
-        w = r - g @ x
+        # x is zero off the passive set: only its columns of g enter (p of n, p mostly a few dozen).
+        support = np.flatnonzero(x)
+        w = r - g[:, support] @ x[support]
     return x
 
 
