@@ -2,7 +2,7 @@
 
 The JSON files are those the suites write with ``--benchmark-json`` (see
 ``benchmarks/conftest.py``); the table, the per-case ratios and the notes are
-``ggrad_gpu.bench``'s, as ``ggrad bench`` prints them.
+``ggrad_gpu.cli.bench``'s, as ``ggrad bench`` prints them.
 """
 
 import argparse
@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from ggrad_gpu import bench
+from ggrad_gpu.cli import bench
 
 
 def main(argv=None) -> int:

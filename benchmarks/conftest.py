@@ -1,4 +1,4 @@
-"""Options and fixtures of the pytest-benchmark suites; the cases are ``ggrad_gpu.bench``'s.
+"""Options and fixtures of the pytest-benchmark suites; the cases are ``ggrad_gpu.cli.bench``'s.
 
 Run from the repository root (``python -m pytest`` alone collects ``tests`` and
 the package only)::
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import pytest
 
-from ggrad_gpu import bench, resolve_backend
+from ggrad_gpu import resolve_backend
+from ggrad_gpu.cli import bench
 
 collect_ignore = ["__main__.py", "accuracy"]  # the runner and the accuracy scripts are not tests
 
@@ -65,7 +66,7 @@ def machines():
 
 @pytest.fixture
 def timed(benchmark, machines):
-    """``timed(case, backend, **options)``: :func:`ggrad_gpu.bench.measure` through pytest-benchmark.
+    """``timed(case, backend, **options)``: :func:`ggrad_gpu.cli.bench.measure` through pytest-benchmark.
 
     The group is ``<stage>-<size>``, so a stage's backends sit side by side;
     ``extra_info`` holds the row (warm-up, transfer, bytes or flops) and the

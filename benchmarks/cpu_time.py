@@ -14,7 +14,7 @@ import json
 import time
 import warnings
 
-from ggrad_gpu import bench
+from ggrad_gpu.cli import bench
 
 
 def cpu_timer(call, sync, rounds):

@@ -64,11 +64,11 @@ def run(folder, workers: int) -> dict:
     import distributed
     import zarr
 
-    from ggrad_gpu.cluster import WORKER_CONFIG
-    from ggrad_gpu.fusion import fuse_mosaic, mosaic_grid
+    from ggrad_gpu.scaleout.cluster import WORKER_CONFIG
+    from ggrad_gpu.scaleout.fusion import fuse_mosaic, mosaic_grid
     from ggrad_gpu.io.guide_regions import open_guide_regions
-    from ggrad_gpu.mosaic import refine_mosaic
-    from ggrad_gpu.mosaic_cli import TileFile
+    from ggrad_gpu.scaleout.mosaic import refine_mosaic
+    from ggrad_gpu.cli.mosaic import TileFile
 
     folder = Path(folder)
     initials = np.load(folder / "truth.npz")["initials"]
@@ -79,7 +79,7 @@ def run(folder, workers: int) -> dict:
     with dask.config.set(WORKER_CONFIG), \
             distributed.LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
-        client.run(lambda: __import__("ggrad_gpu.mosaic"))  # imports off the clock
+        client.run(lambda: __import__("ggrad_gpu.scaleout.mosaic"))  # imports off the clock
         with PeakMemory() as refine_memory:
             start = time.perf_counter()
             result = refine_mosaic(guide, tiles, initials=initials, backend="numpy", client=client)

@@ -32,7 +32,7 @@ import numpy as np
 def main(argv=None) -> int:
     from ggrad_gpu import synthetic
     from ggrad_gpu.metrics import footprint_region, target_registration_error
-    from ggrad_gpu.mosaic import guide_window, refine_tile
+    from ggrad_gpu.scaleout.mosaic import guide_window, refine_tile
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tile", type=int, default=128, help="tile side, pixels (default 128)")

@@ -4,7 +4,7 @@ The paper's geometry: a 350 x 415 guide and the native 70 x 83 x 1000 cube of
 ``make_phantom(bands=1000, signatures="mixed", **draw_cases(n)[k].phantom_kwargs())`` for cases
 ``k = 0 .. --bench-cases - 1`` (default 5). ggrad_gpu is
 ``refine(guide, cube, initial=phantom.initial, backend=...)``; the plain way
-is ``ggrad_gpu.bench.plain_refine``: the cube placed on the guide grid with
+is ``ggrad_gpu.cli.bench.plain_refine``: the cube placed on the guide grid with
 the initial transform, the estimate with per-band SciPy loops and
 ``scipy.optimize.nnls`` (``plain_estimate``), SimpleITK's mean-squares affine
 registration of grad_y to grad_x (``register_sitk``, ``SitkSettings()``).
@@ -21,7 +21,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.conftest import backends
-from ggrad_gpu import bench
+from ggrad_gpu.cli import bench
 
 
 def pytest_generate_tests(metafunc):

@@ -42,11 +42,11 @@ psutil = pytest.importorskip("psutil")
 import dask  # noqa: E402
 
 from benchmarks.memory import PeakMemory  # noqa: E402
-from ggrad_gpu.cluster import WORKER_CONFIG  # noqa: E402
-from ggrad_gpu.fusion import fuse_mosaic, mosaic_grid  # noqa: E402
+from ggrad_gpu.cli.mosaic import TileFile  # noqa: E402
 from ggrad_gpu.io.guide_regions import open_guide_regions  # noqa: E402
-from ggrad_gpu.mosaic import refine_mosaic  # noqa: E402
-from ggrad_gpu.mosaic_cli import TileFile  # noqa: E402
+from ggrad_gpu.scaleout.cluster import WORKER_CONFIG  # noqa: E402
+from ggrad_gpu.scaleout.fusion import fuse_mosaic, mosaic_grid  # noqa: E402
+from ggrad_gpu.scaleout.mosaic import refine_mosaic  # noqa: E402
 from ggrad_gpu.synthetic import make_mosaic  # noqa: E402
 
 GRID = int(os.environ.get("GGRAD_BENCH_MOSAIC_GRID", "4"))
@@ -79,7 +79,7 @@ def test_refine_tiles(workers, on_disk, benchmark):
     with dask.config.set(WORKER_CONFIG), \
             distributed.LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
-        client.run(lambda: __import__("ggrad_gpu.mosaic"))  # imports off the clock
+        client.run(lambda: __import__("ggrad_gpu.scaleout.mosaic"))  # imports off the clock
         with PeakMemory() as memory:
             start = time.perf_counter()
             result = benchmark.pedantic(refine_mosaic, args=(guide, tiles), rounds=1, iterations=1,

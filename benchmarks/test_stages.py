@@ -1,4 +1,4 @@
-"""Each stage of ``ggrad_gpu.bench`` on NumPy, CuPy and the plain way, through pytest-benchmark.
+"""Each stage of ``ggrad_gpu.cli.bench`` on NumPy, CuPy and the plain way, through pytest-benchmark.
 
 One test per (size, stage, backend), ``test_stage[<size>-<stage>-<backend>]``,
 in group ``<stage>-<size>``; the plain way runs first, so each ggrad_gpu row
@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.conftest import backends
-from ggrad_gpu import bench
+from ggrad_gpu.cli import bench
 
 
 def pytest_generate_tests(metafunc):

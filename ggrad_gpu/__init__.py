@@ -6,21 +6,29 @@ NumPy. Low-level functions follow their input arrays (NumPy in, NumPy out;
 CuPy in, CuPy out); importing the package never imports CuPy.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+import sys
 
-from . import baselines, metrics, synthetic
+from . import synthetic
 from ._backend import array_module, ndimage_module, resolve_backend, to_device, to_host
-from .estimate import GlobalGradient, estimate_global_gradient
-from .filters import sobel_magnitude
-from .multimodal import cube_to_cube, refine_many
-from .nnls import gram_products, nnls_gram
-from .pipeline import Refinement, refine
-from .pyramid import gaussian_pyramid, upsample_level
-from .register import AffineRegistration, register_affine
-from .warp import warp_cube
+from ._version import __version__
+from .core import baselines
+from .core.estimate import GlobalGradient, estimate_global_gradient
+from .core.filters import sobel_magnitude
+from .core.nnls import gram_products, nnls_gram
+from .core.pyramid import gaussian_pyramid, upsample_level
+from .core.warp import warp_cube
+from .refinement.driver import Refinement, refine
+from .refinement.multimodal import cube_to_cube, refine_many
+from .registration import metrics
+from .registration.register import AffineRegistration, register_affine
+
+# The public modules keep their short names (``import ggrad_gpu.metrics``,
+# ``from ggrad_gpu.baselines import band_sum``): the same module objects.
+sys.modules[f"{__name__}.baselines"] = baselines
+sys.modules[f"{__name__}.metrics"] = metrics
 
 # Loaded on first use, so that ``import ggrad_gpu`` does not import Dask.
-_LAZY = {"refine_mosaic": "mosaic", "MosaicRefinement": "mosaic"}
+_LAZY = {"refine_mosaic": "scaleout.mosaic", "MosaicRefinement": "scaleout.mosaic"}
 
 
 def __getattr__(name):
@@ -30,11 +38,6 @@ def __getattr__(name):
         return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-try:
-    __version__ = version("ggrad_gpu")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "AffineRegistration",

@@ -25,9 +25,9 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from ._validation import LUMA_WEIGHTS
-from .coverage import fill_gaps
-from .geometry import fov_matrix
-from .warp import warp_cube
+from .core.coverage import fill_gaps
+from .core.geometry import fov_matrix
+from .core.warp import warp_cube
 
 __all__ = [
     "HED_FROM_RGB",
@@ -754,7 +754,7 @@ class MosaicPhantom:
 
     Examples
     --------
-    >>> from ggrad_gpu.geometry import footprint_box
+    >>> from ggrad_gpu.core.geometry import footprint_box
     >>> mosaic = make_mosaic(grid=(2, 2), tile_shape=(16, 16), slipped=None, featureless=None)
     >>> isinstance(mosaic, MosaicPhantom), len(mosaic.tiles), mosaic.tiles[0].shape, mosaic.footprints[0]
     (True, 4, (16, 16, 8), (24, 24, 64, 64))

@@ -118,7 +118,7 @@ def warp(order):
 
 
 def sobel_blocks():
-    from ggrad_gpu.filters import iter_sobel_blocks
+    from ggrad_gpu.core.filters import iter_sobel_blocks
 
     cube = random_cube((160, 128, 96), seed=3)
     sizes = []
@@ -137,7 +137,7 @@ def sobel_blocks():
 
 
 def pyramid_step():
-    from ggrad_gpu.pyramid import blur_decimate
+    from ggrad_gpu.core.pyramid import blur_decimate
 
     cube = random_cube((160, 128, 96), seed=7)
     # Fewer rows per product can round a few values differently (BLAS).
@@ -146,7 +146,7 @@ def pyramid_step():
 
 def gram():
     from ggrad_gpu import sobel_magnitude
-    from ggrad_gpu.estimate import level_gram
+    from ggrad_gpu.core.estimate import level_gram
 
     cube = random_cube((160, 128, 96), seed=5)
     target = sobel_magnitude(random_cube((160, 128), seed=6))
@@ -177,7 +177,7 @@ def at_the_minimum(stage):
     """Room for the output and 64 KiB more: the stage's smallest chunk (one band, one row of
     one MiB) does not fit either, and the error names the stage."""
     from ggrad_gpu import sobel_magnitude, warp_cube
-    from ggrad_gpu.estimate import level_gram
+    from ggrad_gpu.core.estimate import level_gram
 
     wide = random_cube((8, 4096, 64), seed=8)  # one row: 1 MiB
     tall = random_cube((512, 512, 4), seed=9)  # one band: 1 MiB

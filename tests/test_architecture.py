@@ -102,5 +102,5 @@ def test_functions_are_short_and_refine_reads_like_the_algorithm():
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lengths[f"{_module_name(path)}.{node.name}"] = _code_lines(source, node)
-    assert lengths["ggrad_gpu.pipeline.refine"] <= 80
+    assert lengths["ggrad_gpu.refinement.driver.refine"] <= 80
     assert {name: n for name, n in lengths.items() if n > 100} == {}

@@ -1,4 +1,4 @@
-"""The benchmark definitions (ggrad_gpu.bench) and ``ggrad bench`` on the tiny size, NumPy.
+"""The benchmark definitions (ggrad_gpu.cli.bench) and ``ggrad bench`` on the tiny size, NumPy.
 
 Each stage runs, its result agrees with the plain way's, the table renders and
 the command exits 0. Plumbing, not figures: the times are not checked.
@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from ggrad_gpu import bench, resolve_backend
-from ggrad_gpu.cli import main
+from ggrad_gpu import resolve_backend
+from ggrad_gpu.cli import bench
+from ggrad_gpu.cli.command import main
 
 TINY = bench.SIZES["tiny"][0]
 NUMERIC = [name for name in bench.STAGES if bench.build(name, bench.Data(TINY)).compare is not None]

@@ -21,11 +21,11 @@ if has_module("dask"):
     import dask.array as da
 
 from ggrad_gpu import refine, sobel_magnitude, warp_cube
-from ggrad_gpu.chunked import checkpoint, checkpoints, is_dask_array
-from ggrad_gpu.coverage import fill_gaps
-from ggrad_gpu.estimate import combine_bands, level_gram
+from ggrad_gpu._lazy.chunked import checkpoint, checkpoints, is_dask_array
+from ggrad_gpu.core.coverage import fill_gaps
+from ggrad_gpu.core.estimate import combine_bands, level_gram
+from ggrad_gpu.core.pyramid import blur_decimate
 from ggrad_gpu.metrics import ncc, target_registration_error
-from ggrad_gpu.pyramid import blur_decimate
 from ggrad_gpu.synthetic import make_phantom
 
 CHUNKINGS = [(13, 11), (7, 5), (3, 2), (64, 64)]  # odd; smaller than the blur's halo; whole
@@ -58,9 +58,10 @@ def test_warp_equals_the_in_memory_warp(cube, chunks, order):
     expected = warp_cube(values, matrix, (61, 52), order=order)
     lazy = warp_cube(_lazy(values, chunks), matrix, (61, 52), order=order)
     assert is_dask_array(lazy)
-    from ggrad_gpu.chunked import warp_cube_chunked
+    from ggrad_gpu._lazy.chunked import warp_cube_chunked
 
-    blocks = warp_cube_chunked(_lazy(values, chunks), matrix, (61, 52), order=order, chunks=(9, 7)).compute()
+    blocks = warp_cube_chunked(_lazy(values, chunks), matrix, (61, 52), order=order, kernel=warp_cube,
+                               chunks=(9, 7)).compute()
     for result in (lazy.compute(), blocks):
         np.testing.assert_array_equal(np.isnan(result), np.isnan(expected))
         # Order 3: each block prefilters its own window (16 px beyond its reach).
@@ -69,11 +70,11 @@ def test_warp_equals_the_in_memory_warp(cube, chunks, order):
 
 def test_a_shrinking_warp_keeps_each_block_s_source_window_to_the_budget():
     """A coarse level reads 4 x 4 source pixels per output pixel: the blocks are 4 x smaller a side."""
-    from ggrad_gpu import chunked
+    from ggrad_gpu._lazy import chunked
 
     values = np.random.default_rng(4).random((96, 96, 8)).astype(np.float32)
     matrix = np.diag([4.0, 4.0, 1.0])  # output pixel i reads source pixel 4 i
-    lazy = chunked.warp_cube_chunked(_lazy(values, (32, 32)), matrix, (24, 24), order=1)
+    lazy = chunked.warp_cube_chunked(_lazy(values, (32, 32)), matrix, (24, 24), order=1, kernel=warp_cube)
     side = chunked.spatial_chunks((24, 24, 8), 4)[0]  # the block where nothing shrinks: all 24 rows
     assert max(lazy.chunks[0]) == max(lazy.chunks[1]) == side // 4
     np.testing.assert_array_equal(lazy.compute(), warp_cube(values, matrix, (24, 24), order=1))
@@ -90,7 +91,7 @@ def test_blur_decimate_equals_the_in_memory_step_and_scipy(cube, chunks):
 @pytest.mark.parametrize("chunks", CHUNKINGS)
 def test_blur_decimate_of_a_checkpoint_on_disk_reads_windows_from_its_store(cube, chunks, monkeypatch):
     """A level kept on disk is decimated block by block from windows of its store, as in memory."""
-    from ggrad_gpu import chunked
+    from ggrad_gpu._lazy import chunked
 
     read = []
     original = chunked.read_window
@@ -167,7 +168,8 @@ def test_checkpoint_goes_to_a_temporary_store_beyond_the_limit_and_is_removed(cu
 
 def test_a_large_lazy_cube_is_kept_on_disk_once_and_warped_by_windows(monkeypatch):
     """Every estimate warps the cube: beyond the limit it is written once and read window by window."""
-    from ggrad_gpu import chunked, pipeline
+    from ggrad_gpu._lazy import chunked
+    from ggrad_gpu.refinement import passes as pipeline
 
     sample = make_phantom(shape=(160, 192), bands=16, seed=2, signatures="mixed")
     stored, windows, passes = [], [], []
@@ -188,7 +190,7 @@ def test_a_large_lazy_cube_is_kept_on_disk_once_and_warped_by_windows(monkeypatc
 
 def test_a_kept_source_is_stored_in_pieces_of_the_cube_s_own_chunks(monkeypatch):
     """Each stored chunk comes from one of the cube's chunks: no new chunk draws on several."""
-    from ggrad_gpu import chunked
+    from ggrad_gpu._lazy import chunked
 
     values = np.random.default_rng(3).random((96, 80, 64)).astype(np.float32)
     monkeypatch.setattr(chunked, "SOURCE_CHUNK_BYTES", 9 * 9 * 64 * 4)  # a 9 x 9 side at most
@@ -249,7 +251,7 @@ def test_chunked_and_in_memory_refine_agree_where_eq5_is_nearly_singular():
     chunked = _refine(sample.guide, _lazy(sample.cube, (16, 16)), sample.initial, memory_limit="64MB",
                       output_grid="cube")
     whole = _refine(sample.guide, sample.cube, sample.initial, output_grid="cube", working_shape=sample.guide.shape)
-    from ggrad_gpu.denoise import signal_subspace
+    from ggrad_gpu.core.denoise import signal_subspace
 
     assert signal_subspace(sample.cube).rank is not None  # both paths estimate on the projected cube
     assert target_registration_error(chunked.matrix, whole.matrix, sample.guide.shape).max < 1e-3

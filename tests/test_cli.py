@@ -12,8 +12,8 @@ import pytest
 
 import ggrad_gpu
 from ggrad_gpu import io
-from ggrad_gpu.cli import main
-from ggrad_gpu.io import outputs
+from ggrad_gpu.cli import outputs
+from ggrad_gpu.cli.command import main
 from ggrad_gpu.metrics import target_registration_error
 from ggrad_gpu.synthetic import make_phantom
 
@@ -151,7 +151,7 @@ def test_failure_while_writing_leaves_no_output(tmp_path, phantom, centres, monk
         return real[os.path.basename(path)](*args, **kwargs)
 
     if writer == "report.png":
-        monkeypatch.setattr("ggrad_gpu.plotting.save_report", full_disk)
+        monkeypatch.setattr("ggrad_gpu.plotting.report.save_report", full_disk)
     else:
         monkeypatch.setattr(outputs, "write_cube" if writer == "registered.npy" else "write_json", full_disk)
     out = tmp_path / "out"

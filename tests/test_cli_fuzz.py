@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 
 from ggrad_gpu import io
-from ggrad_gpu.cli import main
+from ggrad_gpu.cli.command import main
 from ggrad_gpu.synthetic import make_phantom
 
 from helpers import has_module
@@ -271,7 +271,7 @@ def _blank_report(monkeypatch):
     """Draw an empty figure for the report (the real drawing is slow; its file handling stays real)."""
     from matplotlib.figure import Figure
 
-    monkeypatch.setattr("ggrad_gpu.plotting.report_figure", lambda *args, **kwargs: Figure(figsize=(1, 1), dpi=10))
+    monkeypatch.setattr("ggrad_gpu.plotting.report.report_figure", lambda *args, **kwargs: Figure(figsize=(1, 1), dpi=10))
 
 
 def _run_case(folder, kind, fmt, capfd):

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from ggrad_gpu.cluster import WORKER_CONFIG, dask_client
+from ggrad_gpu.scaleout.cluster import WORKER_CONFIG, dask_client
 
 
 @pytest.mark.slow

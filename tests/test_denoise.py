@@ -16,9 +16,9 @@ import scipy.ndimage as ndi
 from helpers import has_module
 
 from ggrad_gpu import refine
-from ggrad_gpu.bench import draw_cases
-from ggrad_gpu.cli import main
-from ggrad_gpu.denoise import band_noise, signal_subspace
+from ggrad_gpu.cli.bench import draw_cases
+from ggrad_gpu.cli.command import main
+from ggrad_gpu.core.denoise import band_noise, signal_subspace
 from ggrad_gpu.metrics import target_registration_error
 from ggrad_gpu.synthetic import make_phantom
 

@@ -4,8 +4,8 @@ import scipy.ndimage as ndi
 import scipy.optimize
 
 from ggrad_gpu import estimate_global_gradient
+from ggrad_gpu.core.level_weights import level_weights_kkt, level_weights_matrix
 from ggrad_gpu.synthetic import make_phantom
-from ggrad_gpu.level_weights import level_weights_kkt, level_weights_matrix
 
 from helpers import assert_backend, host
 

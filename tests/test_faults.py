@@ -26,7 +26,7 @@ import time
 import numpy as np
 import pytest
 
-from ggrad_gpu.cli import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED, main
+from ggrad_gpu.cli.command import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED, main
 from ggrad_gpu.io import cubes
 from ggrad_gpu.synthetic import make_phantom
 
@@ -301,7 +301,7 @@ def test_signal_while_computing(big_inputs, reliability, signum, expected):
 SLOW_WRITER = textwrap.dedent("""
     import sys, time
     import ggrad_gpu.io.cubes as cubes
-    from ggrad_gpu.cli import main
+    from ggrad_gpu.cli.command import main
 
     real = cubes.WRITERS["npy"]
 

@@ -3,7 +3,7 @@ import pytest
 import scipy.ndimage as ndi
 
 from ggrad_gpu import sobel_magnitude
-from ggrad_gpu.filters import iter_sobel_blocks
+from ggrad_gpu.core.filters import iter_sobel_blocks
 
 from helpers import assert_backend, host
 

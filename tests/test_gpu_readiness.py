@@ -32,8 +32,8 @@ import scipy.ndimage as ndi
 from ggrad_gpu import _backend, _memory, estimate_global_gradient, gaussian_pyramid, refine, register_affine
 from ggrad_gpu import warp_cube
 from ggrad_gpu._backend import check_cupy, cupy_usable, resolve_backend
+from ggrad_gpu.core.pyramid import blur_decimate, upsample_level
 from ggrad_gpu.metrics import target_registration_error
-from ggrad_gpu.pyramid import blur_decimate, upsample_level
 from ggrad_gpu.synthetic import make_phantom
 
 import counting_namespace
@@ -171,8 +171,8 @@ def test_refine_peak_with_missing_data_is_a_stated_multiple(shape, bands, multip
     assert peak <= multiple * registered, f"{peak / MiB:.1f} MiB for a {registered / MiB:.1f} MiB registered cube"
 
 
-RETRIED = ("ggrad_gpu.pyramid", "ggrad_gpu.warp", "ggrad_gpu.estimate", "ggrad_gpu.filters",
-           "ggrad_gpu.level_weights", "ggrad_gpu.preparation")
+RETRIED = ("ggrad_gpu.core.pyramid", "ggrad_gpu.core.warp", "ggrad_gpu.core.estimate", "ggrad_gpu.core.filters",
+           "ggrad_gpu.core.level_weights", "ggrad_gpu.refinement.preparation")
 # Every stage whose memory grows with the cube (or the working grid), by its name in errors.
 STAGES = {"Gaussian pyramid", "upsampling", "warp_cube", "Sobel gradients", "Gram matrices (eq. 5)",
           "gradient combination (gradG = A x, eq. 5)", "level weights (eq. 9)", "missing cube values",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.signal import fftconvolve
 
-from ggrad_gpu.cli import main
+from ggrad_gpu.cli.command import main
 from ggrad_gpu.io import read_instrument, stage_matrix
 from ggrad_gpu.io.libraries import require
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from ggrad_gpu.level_weights import (
+from ggrad_gpu.core.level_weights import (
     level_weights_kkt,
     level_weights_matrix,
     manual_level_weights,

@@ -11,10 +11,10 @@ zarr = pytest.importorskip("zarr")
 pytest.importorskip("dask")
 
 from ggrad_gpu import refine_mosaic, warp_cube  # noqa: E402
-from ggrad_gpu.fusion import fuse_mosaic, mosaic_array, mosaic_grid  # noqa: E402
+from ggrad_gpu.core.stage_model import fit_stage_model, largest_displacement  # noqa: E402
 from ggrad_gpu.io.resumable import ResumableArray  # noqa: E402
 from ggrad_gpu.metrics import footprint_region, target_registration_error  # noqa: E402
-from ggrad_gpu.stage_model import fit_stage_model, largest_displacement  # noqa: E402
+from ggrad_gpu.scaleout.fusion import fuse_mosaic, mosaic_array, mosaic_grid  # noqa: E402
 from ggrad_gpu.synthetic import affine_about_center, make_mosaic  # noqa: E402
 
 
@@ -377,7 +377,7 @@ def test_fused_mosaic_equals_an_independent_reference(small, tmp_path):
 @pytest.mark.parametrize("with_gaps", [False, True])
 def test_fused_chunk_has_the_bits_of_per_band_float32_weights(small, with_gaps):
     """The chunk against the plain float32 formulation: every band weighted where it has a value, in tile order."""
-    from ggrad_gpu.fusion import feather_weights, fuse_chunk
+    from ggrad_gpu.scaleout.fusion import feather_weights, fuse_chunk
 
     tiles, matrices, guide_shape = small
     if not with_gaps:
@@ -459,7 +459,7 @@ def test_a_store_from_other_inputs_is_refused_without_force(small, tmp_path):
 
 def test_ome_zarr_holds_the_mosaic_as_c_y_x(small, tmp_path):
     pytest.importorskip("ome_zarr")
-    from ggrad_gpu.fusion import write_ome_zarr
+    from ggrad_gpu.scaleout.fusion import write_ome_zarr
 
     tiles, matrices, guide_shape = small
     grid = mosaic_grid([t.shape for t in tiles], matrices, guide_shape)

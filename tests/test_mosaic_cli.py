@@ -13,8 +13,8 @@ import pytest
 zarr = pytest.importorskip("zarr")
 pytest.importorskip("dask")
 
-from ggrad_gpu.cli import main  # noqa: E402
-from ggrad_gpu.mosaic_cli import initial_from_stage, read_manifest  # noqa: E402
+from ggrad_gpu.cli.command import main  # noqa: E402
+from ggrad_gpu.cli.mosaic import initial_from_stage, read_manifest  # noqa: E402
 from ggrad_gpu.synthetic import make_mosaic  # noqa: E402
 
 

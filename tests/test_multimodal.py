@@ -14,8 +14,8 @@ import pytest
 from scipy import ndimage
 
 from ggrad_gpu import cube_to_cube, refine, refine_many, warp_cube
-from ggrad_gpu.cli import main
-from ggrad_gpu.geometry import fov_matrix
+from ggrad_gpu.cli.command import main
+from ggrad_gpu.core.geometry import fov_matrix
 from ggrad_gpu.metrics import footprint_region, target_registration_error
 from ggrad_gpu.synthetic import affine_about_center, make_phantom
 

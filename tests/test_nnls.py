@@ -3,7 +3,7 @@ import pytest
 import scipy.optimize
 
 from ggrad_gpu import gram_products, nnls_gram
-from ggrad_gpu.nnls import GramAccumulator, nnls_kkt_residual
+from ggrad_gpu.core.nnls import GramAccumulator, nnls_kkt_residual
 
 from helpers import assert_backend, host
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from ggrad_gpu import refine, warp_cube
-from ggrad_gpu.cli import main
-from ggrad_gpu.geometry import cube_output_grid, fov_matrix
+from ggrad_gpu.cli.command import main
+from ggrad_gpu.core.geometry import cube_output_grid, fov_matrix
 from ggrad_gpu.synthetic import make_phantom
 
 

@@ -6,7 +6,7 @@ import pytest
 import ggrad_gpu
 from ggrad_gpu import metrics
 from ggrad_gpu._backend import cupy_usable
-from ggrad_gpu.level_weights import level_weights_matrix
+from ggrad_gpu.core.level_weights import level_weights_matrix
 
 from helpers import assert_backend, host
 

@@ -168,7 +168,7 @@ def test_a_cupy_cube_computed_on_numpy_comes_back_as_cupy(monkeypatch):
 
 def test_each_placement_is_estimated_once(monkeypatch):
     """A fair fit reuses the estimate made at its placement: each is a pass over the cube."""
-    from ggrad_gpu import pipeline
+    from ggrad_gpu.refinement import passes as pipeline
 
     calls = []
     original = pipeline.estimate_pass
@@ -190,7 +190,8 @@ def test_each_placement_is_estimated_once(monkeypatch):
 
 def test_basins_estimate_a_large_footprint_on_a_coarser_level(monkeypatch):
     """Past BASIN_PIXELS, the first estimate, the candidates and the fits run on the pyramid from a coarser level."""
-    from ggrad_gpu import basins, pipeline
+    from ggrad_gpu.refinement import basins
+    from ggrad_gpu.refinement import passes as pipeline
 
     monkeypatch.setattr(basins, "BASIN_PIXELS", 20 * 20)  # the grid at the cube's resolution is 30 x 35
     steps = []

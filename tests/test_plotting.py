@@ -10,7 +10,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ggrad_gpu import refine
-from ggrad_gpu.plotting import PANELS, report_figure, save_report, verdict_line
+from ggrad_gpu.plotting.report import PANELS, report_figure, save_report, verdict_line
 from ggrad_gpu.synthetic import make_phantom
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -258,7 +258,7 @@ def test_failed_save_leaves_nothing(figure, tmp_path, monkeypatch):
 
 def test_large_grids_are_shown_block_averaged(refined, phantom, monkeypatch):
     """Images larger than a panel can show are averaged over blocks (NaN left out), not held whole."""
-    from ggrad_gpu import plotting
+    from ggrad_gpu.plotting import report as plotting
 
     monkeypatch.setattr(plotting, "DISPLAY_SIDE", 40)
     small = report_figure(refined, phantom.guide, phantom.cube)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ggrad_gpu import refine, warp_cube
-from ggrad_gpu.geometry import auto_levels, footprint_mask, fov_matrix, working_grid
+from ggrad_gpu.core.geometry import auto_levels, footprint_mask, fov_matrix, working_grid
 from ggrad_gpu.io import read_instrument
 from ggrad_gpu.metrics import footprint_region, target_registration_error
 from ggrad_gpu.synthetic import make_phantom

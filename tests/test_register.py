@@ -4,7 +4,7 @@ import scipy.ndimage as ndi
 
 from ggrad_gpu import register_affine
 from ggrad_gpu.metrics import target_registration_error
-from ggrad_gpu.register import affine_mse
+from ggrad_gpu.registration.register import affine_mse
 from ggrad_gpu.synthetic import affine_about_center
 
 

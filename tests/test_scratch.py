@@ -12,14 +12,14 @@ import textwrap
 import numpy as np
 import pytest
 
-from ggrad_gpu import scratch
-from ggrad_gpu.chunked import checkpoint, checkpoints, stored_path
+from ggrad_gpu._lazy import scratch
+from ggrad_gpu._lazy.chunked import checkpoint, checkpoints, stored_path
 
 pytestmark = pytest.mark.skipif(scratch.fcntl is None, reason="no advisory file locks on this platform")
 
 CHILD = textwrap.dedent("""
     import os, signal, sys, time
-    from ggrad_gpu.scratch import make_folder
+    from ggrad_gpu._lazy.scratch import make_folder
     folder, handle = make_folder(root=sys.argv[1])
     open(os.path.join(folder, "data.bin"), "wb").write(b"x" * 1000)
     print(folder, flush=True)

@@ -20,7 +20,7 @@ from helpers import has_module
 pytestmark = pytest.mark.skipif(not (has_module("dask") and has_module("zarr")), reason="needs dask and zarr")
 
 from ggrad_gpu import io, warp_cube
-from ggrad_gpu.cli import main
+from ggrad_gpu.cli.command import main
 from ggrad_gpu.metrics import target_registration_error
 from ggrad_gpu.synthetic import make_phantom
 

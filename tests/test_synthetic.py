@@ -3,7 +3,7 @@ import pytest
 import scipy.ndimage as ndi
 
 from ggrad_gpu import synthetic, warp_cube
-from ggrad_gpu.coverage import fill_gaps
+from ggrad_gpu.core.coverage import fill_gaps
 
 
 def test_deterministic_from_seed():
@@ -74,8 +74,8 @@ def test_cube_on_guide_is_finite_and_guide_shaped(small_phantom):
 
 def _single_images(phantom):
     """NCC with grad_x (aligned, guide grid) of the global gradient and of the best single band."""
-    from ggrad_gpu.estimate import estimate_global_gradient
-    from ggrad_gpu.filters import sobel_magnitude
+    from ggrad_gpu.core.estimate import estimate_global_gradient
+    from ggrad_gpu.core.filters import sobel_magnitude
     from ggrad_gpu.metrics import ncc
 
     cube = phantom.cube_on_guide

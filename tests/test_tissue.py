@@ -15,7 +15,7 @@ import pytest
 import scipy.ndimage as ndi
 
 from ggrad_gpu import refine, warp_cube
-from ggrad_gpu.coverage import fill_gaps
+from ggrad_gpu.core.coverage import fill_gaps
 from ggrad_gpu.metrics import target_registration_error
 from ggrad_gpu.synthetic import (
     HED_FROM_RGB,

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from ggrad_gpu import pipeline, refine, trust
-from ggrad_gpu.basins import fit_at
-from ggrad_gpu.cli import main
-from ggrad_gpu.guard import judge
-from ggrad_gpu.bench import draw_cases
+from ggrad_gpu import refine
+from ggrad_gpu.cli.bench import draw_cases
+from ggrad_gpu.cli.command import main
 from ggrad_gpu.metrics import footprint_region, target_registration_error
-from ggrad_gpu.register import coarse_shifts, displacement_covariance, displacement_spread, register_affine
+from ggrad_gpu.refinement import passes, trust
+from ggrad_gpu.refinement.basins import fit_at
+from ggrad_gpu.refinement.guard import judge
+from ggrad_gpu.registration.register import coarse_shifts, displacement_covariance, displacement_spread, register_affine
 from ggrad_gpu.synthetic import make_lattice_phantom, make_phantom
 
 PERIOD = 32
@@ -69,11 +70,11 @@ def test_an_induced_wrong_lock_is_flagged():
     # Repetitive texture, the registration started one lattice step from the
     # truth (no coarse search) and refined there: a wrong lock.
     phantom = make_lattice_phantom(shape=(192, 224), period=PERIOD, bands=16, jitter=0.1, seed=3, shift=(4.0, -3.0))
-    problem = pipeline.build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    problem = passes.build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
     truth = _truth_placement(problem, phantom)
     start = truth @ np.array([[1.0, 0, PERIOD], [0, 1, 0], [0, 0, 1]])
-    estimate = pipeline.estimate_pass(problem, start, problem.grid.cube_step)
-    _, wrong = pipeline.register_pass(problem, estimate, start, coarse_search=False)
+    estimate = passes.estimate_pass(problem, start, problem.grid.cube_step)
+    _, wrong = passes.register_pass(problem, estimate, start, coarse_search=False)
     wrong_tre = trust.alternative_distance(problem, truth, wrong)
     assessed = trust.assess(problem, wrong)
     right = trust.assess(problem, truth)
@@ -180,7 +181,7 @@ def test_displacement_covariance_rejects_a_bad_block():
 
 
 def test_fair_fit_prefers_the_truth(phantom):
-    problem = pipeline.build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    problem = passes.build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
     truth = _truth_placement(problem, phantom)
     off = truth @ np.array([[1.0, 0, 6], [0, 1, -5], [0, 0, 1]])
     assert fit_at(problem, truth) > fit_at(problem, off) + 0.05

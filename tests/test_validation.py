@@ -29,10 +29,10 @@ from ggrad_gpu import (
     sobel_magnitude,
     warp_cube,
 )
-from ggrad_gpu.geometry import degeneracy
 from ggrad_gpu._validation import LUMA_WEIGHTS, check_levels, float_dtype, max_levels, to_gray
+from ggrad_gpu.core.geometry import degeneracy
 from ggrad_gpu.metrics import mse, ncc, target_registration_error
-from ggrad_gpu.register import MAX_SCALE
+from ggrad_gpu.registration.register import MAX_SCALE
 from ggrad_gpu.synthetic import make_phantom
 
 from helpers import MISREGISTRATIONS

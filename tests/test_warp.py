@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-import ggrad_gpu.warp as warp_module
+import ggrad_gpu.core.warp as warp_module
 from ggrad_gpu import warp_cube
 from ggrad_gpu.synthetic import affine_about_center
 

@@ -1,10 +1,10 @@
 """The accuracy sweep shared by ``phantom_sweep.py`` and ``tissue_sweep.py``: refine against SimpleITK peers.
 
-Methods, each on the same cases (``ggrad_gpu.bench.draw_cases``: rotation +-5
+Methods, each on the same cases (``ggrad_gpu.cli.bench.draw_cases``: rotation +-5
 deg, scale +-5 %, shear +-0.02, shift up to 45 guide px, seed 2024):
 
 - ``ggrad``: ``refine(guide, cube, initial=phantom.initial, backend="numpy")``;
-- ``plain``: the paper's method without this package, ``ggrad_gpu.bench.plain_refine``
+- ``plain``: the paper's method without this package, ``ggrad_gpu.cli.bench.plain_refine``
   (SciPy estimate on the cube placed by the initial transform, SimpleITK
   mean-squares affine registration of grad_y to grad_x);
 - ``mattes_pca``: SimpleITK Mattes mutual information between the guide and
@@ -30,7 +30,7 @@ import scipy.ndimage as ndi
 
 from ggrad_gpu import refine, warp_cube
 from ggrad_gpu.baselines import first_principal_component
-from ggrad_gpu.bench import (
+from ggrad_gpu.cli.bench import (
     CASE_SEED,
     PlainRefinement,
     SitkSettings,

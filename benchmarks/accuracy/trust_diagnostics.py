@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
-from ggrad_gpu import basins, pipeline, trust
-from ggrad_gpu.bench import draw_cases
+from ggrad_gpu.cli.bench import draw_cases
 from ggrad_gpu.metrics import footprint_region, target_registration_error
-from ggrad_gpu.register import displacement_spread
+from ggrad_gpu.refinement import basins, passes, trust
+from ggrad_gpu.registration.register import displacement_spread
 from ggrad_gpu.synthetic import make_phantom, make_tissue_phantom
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -54,11 +54,11 @@ def build(kind, case, *, rgb=None, noise=True):
 
 def refined(guide, cube, initial):
     """refine's own steps (no check): the problem, the working placement, the first registration's candidates."""
-    problem = pipeline.build_problem(guide, cube, initial=initial, backend="numpy")
+    problem = passes.build_problem(guide, cube, initial=initial, backend="numpy")
     first = basins.first_estimate(problem)
     _, placement, candidates = basins.first_registration(problem, first)
-    last = pipeline.estimate_pass(problem, placement, 1, pipeline.screened_bands(problem, placement))
-    _, placement = pipeline.register_pass(problem, last, placement, coarse_search=False)
+    last = passes.estimate_pass(problem, placement, 1, passes.screened_bands(problem, placement))
+    _, placement = passes.register_pass(problem, last, placement, coarse_search=False)
     return problem, placement, candidates
 
 
@@ -83,15 +83,15 @@ def tre(matrix, phantom, region):
 
 
 def footprint_figures(problem, placement):
-    estimate = pipeline.estimate_pass(problem, placement, 1, pipeline.screened_bands(problem, placement))
-    fixed, moving, mask = pipeline.registration_images(problem, estimate)
+    estimate = passes.estimate_pass(problem, placement, 1, passes.screened_bands(problem, placement))
+    fixed, moving, mask = passes.registration_images(problem, estimate)
     fixed, moving = np.asarray(fixed, np.float64), np.asarray(moving, np.float64)
     valid = np.isfinite(fixed) & np.isfinite(moving) & (True if mask is None else np.asarray(mask))
     residual = np.where(valid, moving - fixed, 0)
     out = {"footprint_px": int(valid.sum()), "energy_fixed": float((np.where(valid, fixed, 0) ** 2).mean()),
            "energy_moving": float((np.where(valid, moving, 0) ** 2).mean()),
            "mse_final": float((residual**2).sum() / max(valid.sum(), 1)),
-           "bands_screened": len(pipeline.screened_bands(problem, placement)), "s": int(problem.grid.s)}
+           "bands_screened": len(passes.screened_bands(problem, placement)), "s": int(problem.grid.s)}
     region = footprint_region(problem.cube.values.shape[:2], guide_matrix(problem, placement), problem.guide_shape)
     out.update(block_sigmas(problem, estimate, region, (8, 16, 32, 64)))
     out["fit_covariance"] = trust.fit_covariance(problem, placement, estimate).tolist()
@@ -100,7 +100,7 @@ def footprint_figures(problem, placement):
 
 def block_sigmas(problem, estimate, region, blocks):
     """One standard deviation of the fit at the worst corner of ``region`` (guide px), for each block size."""
-    fixed, moving, mask = pipeline.registration_images(problem, estimate)
+    fixed, moving, mask = passes.registration_images(problem, estimate)
     row0, col0, rows, cols = region
     corners = np.array([[row0, col0, 1], [row0, col0 + cols - 1, 1], [row0 + rows - 1, col0, 1],
                         [row0 + rows - 1, col0 + cols - 1, 1]], dtype=np.float64)

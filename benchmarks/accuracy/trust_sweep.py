@@ -24,7 +24,7 @@ footprint (DESIGN "TRE"; over the whole guide too, ``tre_max_guide``), whether
 the guard accepted (``improved``), ``spread_px``, the seconds of refine's own
 work and of the check (``timings["total"] - timings["check"]`` and
 ``timings["check"]`` of the same call), and the covariance of the footprint's
-corners under the result's own fit (:func:`ggrad_gpu.trust.fit_covariance`,
+corners under the result's own fit (:func:`ggrad_gpu.refinement.trust.fit_covariance`,
 for the bound below; computed after the timed call). Prints the table and
 writes every case to the JSON. Many minutes.
 
@@ -48,9 +48,9 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from ggrad_gpu import refine
-from ggrad_gpu import pipeline, trust
-from ggrad_gpu.bench import draw_cases
+from ggrad_gpu.cli.bench import draw_cases
 from ggrad_gpu.metrics import footprint_region, target_registration_error
+from ggrad_gpu.refinement import passes, trust
 from ggrad_gpu.synthetic import make_lattice_phantom, make_phantom, make_tissue_phantom
 
 SWEEP_SEED = 3030  # draw_cases seed: not CASE_SEED (2024), which the accuracy sweeps use
@@ -94,10 +94,10 @@ def _checked(phantom) -> dict:
 
 def _fit_covariance(phantom, result):
     """The result's corner covariance (guide px^2), rebuilt outside the timed call."""
-    problem = pipeline.build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    problem = passes.build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
     to_guide = problem.grid.to_guide
     placement = np.linalg.inv(to_guide) @ np.linalg.solve(phantom.initial, result.matrix) @ to_guide
-    estimate = pipeline.estimate_pass(problem, placement, 1, pipeline.screened_bands(problem, placement))
+    estimate = passes.estimate_pass(problem, placement, 1, passes.screened_bands(problem, placement))
     return trust.fit_covariance(problem, placement, estimate)
 
 
@@ -174,16 +174,16 @@ def induced_lock(index: int, bands: int) -> dict:
     misplacement = {"rotation_deg": float(rng.uniform(-2, 2)), "scale": float(rng.uniform(0.98, 1.02)),
                     "shift": tuple(float(v) for v in rng.uniform(-10, 10, 2))}
     phantom = make_lattice_phantom(period=PERIOD, jitter=0.1, bands=bands, seed=LOCK_SEED + index, **misplacement)
-    problem = pipeline.build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    problem = passes.build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
     to_guide = problem.grid.to_guide
     truth = np.linalg.inv(to_guide) @ np.linalg.solve(phantom.initial, phantom.matrix) @ to_guide
     step = np.eye(3)
     step[index % 2, 2] = (1 if index % 4 < 2 else -1) * PERIOD / problem.grid.s
     start = truth @ step
-    estimate = pipeline.estimate_pass(problem, start, problem.grid.cube_step)
-    _, placement = pipeline.register_pass(problem, estimate, start, coarse_search=False)
-    estimate = pipeline.estimate_pass(problem, placement, 1, pipeline.screened_bands(problem, placement))
-    _, placement = pipeline.register_pass(problem, estimate, placement, coarse_search=False)
+    estimate = passes.estimate_pass(problem, start, problem.grid.cube_step)
+    _, placement = passes.register_pass(problem, estimate, start, coarse_search=False)
+    estimate = passes.estimate_pass(problem, placement, 1, passes.screened_bands(problem, placement))
+    _, placement = passes.register_pass(problem, estimate, placement, coarse_search=False)
     matrix = phantom.initial @ to_guide @ placement @ np.linalg.inv(to_guide)
     tre = target_registration_error(matrix, phantom.matrix, phantom.guide.shape)
     clock = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Files in and out: cubes, guide images, all-or-nothing writes, records and output folders.
+"""Files in and out: cubes, guides, all-or-nothing writes, records and resumable stores (a leaf: it draws nothing).
 
 Modules, one job each:
 
@@ -10,11 +10,8 @@ Modules, one job each:
   JSON.
 - :mod:`~ggrad_gpu.io.records`: the content of ``transform.json`` and
   ``weights.json``, and reading a saved transform back.
-- :mod:`~ggrad_gpu.io.outputs`: ``ggrad refine``'s output folder.
 - :mod:`~ggrad_gpu.io.resumable`: large stores written in place chunk by
   chunk, resumable, ``complete`` set last.
-- :mod:`~ggrad_gpu.io.multi_outputs`: the output folder of several cubes on
-  one guide (a subfolder per cube, ``cube_to_cube.json``, ``overlay.png``).
 - :mod:`~ggrad_gpu.io.instruments`: instrument files read whole (Renishaw
   ``.wdf``, Agilent ``.dmt``): cube, band axis, white-light image and the
   initial transform from the stage metadata.
@@ -39,8 +36,6 @@ from .instruments import (
     read_instrument,
     stage_matrix,
 )
-from .multi_outputs import unique_names, write_many_outputs
-from .outputs import check_new_directory, write_outputs
 from .records import CONVENTION, read_transform, transform_record, versions, weights_record
 from .resumable import ResumableArray, file_signature, fingerprint
 
@@ -59,7 +54,6 @@ __all__ = [
     "atomic_folder",
     "atomic_write",
     "atomic_write_all",
-    "check_new_directory",
     "cube_suffix",
     "file_signature",
     "fingerprint",
@@ -71,11 +65,8 @@ __all__ = [
     "split_dataset_path",
     "stage_matrix",
     "transform_record",
-    "unique_names",
     "versions",
     "weights_record",
     "write_cube",
     "write_json",
-    "write_many_outputs",
-    "write_outputs",
 ]

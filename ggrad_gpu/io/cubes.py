@@ -490,7 +490,7 @@ class _HDF5Slices:
 
 def _as_dask(data, band_axis: int):
     """``data`` (a memory map, Zarr array or HDF5 slices) as a dask array whose chunks hold every band."""
-    from ..chunked import spatial_chunks
+    from .._lazy.chunked import spatial_chunks
 
     da = require("dask.array", "dask", "reading a cube chunk by chunk")
     axis = band_axis % 3

@@ -111,7 +111,7 @@ class InstrumentFile:
 
     Examples
     --------
-    >>> from ggrad_gpu.geometry import footprint_box
+    >>> from ggrad_gpu.core.geometry import footprint_box
     >>> initial = stage_matrix((0.0, 0.0), (1.0, 1.0), (2.0, 4.0), (5.0, 5.0))
     >>> guide = np.zeros((40, 60), np.float32)
     >>> sample = InstrumentFile(Path("sample.wdf"), "renishaw", np.zeros((4, 4, 3), np.float32),

@@ -46,7 +46,7 @@ def versions() -> dict:
 
     import scipy
 
-    from .. import __version__
+    from .._version import __version__
 
     found = {"python": platform.python_version(), "ggrad_gpu": __version__, "numpy": np.__version__,
              "scipy": scipy.__version__}
@@ -57,7 +57,7 @@ def versions() -> dict:
 
 
 def transform_record(refinement, *, guide=None, cube=None, initial_source: str = "default") -> dict:
-    """The content of ``transform.json`` for a :class:`~ggrad_gpu.pipeline.Refinement`.
+    """The content of ``transform.json`` for a :class:`~ggrad_gpu.refinement.driver.Refinement`.
 
     Parameters
     ----------

@@ -1,0 +1,471 @@
+"""The passes of a refinement over one :class:`Problem`: estimate, register, screen bands, resample.
+
+:func:`build_problem` checks the options and inputs (:mod:`ggrad_gpu.refinement.options`)
+and prepares the guide and the cube on the working grid
+(:mod:`ggrad_gpu.refinement.preparation`); :func:`estimate_pass` estimates the global
+gradient at a pyramid level of the working grid from a placement;
+:func:`register_pass` registers its images; :func:`screened_bands` keeps the bands an
+estimate weights; :func:`resample` brings the native cube onto the output grid. The
+driver (:func:`ggrad_gpu.refinement.driver.refine`), the basins
+(:mod:`ggrad_gpu.refinement.basins`) and the trust estimate
+(:mod:`ggrad_gpu.refinement.trust`) call these; this module calls none of them.
+
+Pixels without data (outside the footprint, missing cube or guide values) are
+one :class:`ggrad_gpu.core.coverage.Coverage` throughout.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .._backend import array_module, ndimage_module, resolve_backend
+from .._lazy.chunked import is_dask_array, keep_source
+from ..core import baselines
+from ..core.coverage import Coverage, fill_gaps, level_on_grid, valid_pixels
+from ..core.estimate import GlobalGradient, estimate_global_gradient
+from ..core.filters import sobel_magnitude
+from ..core.geometry import WorkingGrid, cube_output_grid, cube_resolution_step, footprint_mask
+from ..core.pyramid import upsample_level
+from ..core.warp import warp_cube
+from ..registration.register import AffineRegistration, register_affine
+from .guard import MIN_OVERLAP
+from .options import RefineOptions, bands_first_hint, check_inputs, check_placement, resolve_levels
+from .preparation import (
+    PreparedCube,
+    PreparedGuide,
+    has_data,
+    matched_guide,
+    missing_share,
+    prepare_cube,
+    prepare_guide,
+)
+
+__all__ = ["Estimate", "Problem", "build_problem", "estimate_pass", "placement_key", "register_pass",
+           "registration_images", "resample", "screened_bands"]
+
+
+# The registration trusts grad_y where no level's blur draws more than this
+# share of its weight from beyond the footprint. The fits (eq. 5, eq. 9) take
+# up to half, where most of a blur still sees data; the registration wants
+# images free of the stand-ins, which have no edges and would pull a correct
+# placement by a few tenths of a pixel (partial-field phantoms from the right
+# placement: mean TRE 0.14 px at a half, 0.10 px at a fifth).
+TRUSTED_SHARE = 0.2
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything the passes share: the prepared inputs on the working grid and the options.
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=8, seed=1)
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> isinstance(problem, Problem), problem.xp is np, problem.guide.image.shape == problem.grid.shape
+    (True, True, True)
+    >>> problem.cube.values is phantom.cube, problem.guide_shape  # nothing missing: the cube itself
+    (True, (96, 112))
+    """
+
+    guide: PreparedGuide
+    cube: PreparedCube
+    initial: np.ndarray
+    grid: WorkingGrid
+    levels: int
+    options: RefineOptions
+    xp: object
+    timings: dict
+    report: object
+    guide_shape: tuple = ()
+    # Memory of this Problem's own passes (not init fields: a dataclasses.replace
+    # copy, which may hold other inputs, starts with empty ones).
+    # Fair fits (basins.fit_at) by placement: each costs an estimate, a pass over the cube.
+    fits: dict = field(default_factory=dict, init=False, repr=False)
+    # The last estimate, by its arguments, and every estimate's band weights
+    # ("weights", by the same arguments): the band screening asks for those of
+    # the fit at the kept placement, which need not be the last one made.
+    last_estimate: dict = field(default_factory=dict, init=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """An estimate on the working grid and the coverage of its images there.
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=8, seed=1)
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> estimate = estimate_pass(problem, np.eye(3), problem.grid.cube_step)
+    >>> isinstance(estimate, Estimate), estimate.fixed_valid is None  # no guide pixel is missing
+    (True, True)
+    """
+
+    gradient: GlobalGradient
+    coverage: Coverage
+
+    @property
+    def moving_valid(self):
+        """Pixels where ``grad_y`` holds the cube's data."""
+        cube_gaps = self.coverage.cube_gaps
+        return None if cube_gaps is None else ~cube_gaps
+
+    @property
+    def fixed_valid(self):
+        """Pixels where ``grad_x`` holds the guide's data."""
+        missing = self.coverage.guide_missing
+        return None if missing is None else ~missing
+
+
+def build_problem(guide, cube, *, initial=None, levels="auto", weights="auto", backend="auto", working_shape=None,
+                  output_grid="working", method="gradient", reestimate=True, screen_bands=True, order=1,
+                  psf_sigma=0.5, absorbance=True, progress=None, band_axis=-1, mask=None,
+                  memory_limit=None, denoise=True) -> Problem:
+    """The inputs checked and prepared on the working grid, as :func:`refine` starts (same parameters).
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> from ggrad_gpu.refinement.passes import build_problem
+    >>> phantom = synthetic.make_phantom(shape=(120, 140), bands=16, seed=1)
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> problem.grid.shape, problem.levels
+    ((120, 140), 2)
+    """
+    options = RefineOptions(levels, weights, output_grid, method, reestimate, screen_bands, order, psf_sigma,
+                            absorbance, memory_limit, denoise)
+    cube = check_inputs(guide, cube, band_axis)
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be callable or None; got {type(progress).__name__}")
+    xp = resolve_backend(backend)
+    guide_shape = tuple(guide.shape[:2])
+    initial_given = initial is not None
+    initial, mask, grid = check_placement(guide_shape, cube, initial, mask, working_shape, options.memory_limit)
+    hint = bands_first_hint(cube.shape, guide_shape, initial if initial_given else None) if band_axis % 3 == 2 else ""
+    levels = resolve_levels(options, guide_shape, cube.shape, initial, grid, hint)
+    if hint:
+        warnings.warn(f"cube of shape {tuple(cube.shape)} does not fit the guide's {guide_shape[0]} x "
+                      f"{guide_shape[1]} pixels as (rows, cols, bands){hint}", UserWarning, stacklevel=3)
+    return Problem(prepare_guide(guide, grid, xp, absorbance=absorbance),
+                   prepare_cube(cube, mask, xp, denoise=options.denoise and options.method == "gradient"), initial,
+                   grid, levels, options, xp, {}, progress or (lambda stage: None), guide_shape)
+
+
+def estimate_pass(problem: Problem, placement, step: int, bands=None, levels=None) -> Estimate:
+    """Estimate on the working grid's pyramid level with pixel step ``step``, brought to the working grid.
+
+    Parameters
+    ----------
+    problem : Problem
+    placement : numpy.ndarray, shape (3, 3)
+        Working grid to working grid: where the cube is placed so far
+        (``initial @ S @ placement`` maps working pixels to the cube).
+    step : int
+        ``2**k``: estimate on level ``k`` of the working grid (the cube's
+        resolution for the first estimate, 1 for the re-estimate).
+    bands : numpy.ndarray of int, optional
+        Only these bands (the others get weight 0).
+    levels : int, optional
+        Pyramid levels (default ``problem.levels``).
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=8, seed=1)
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> problem.grid.cube_step  # 5 guide pixels per cube pixel: the first estimate runs on every 2nd pixel
+    2
+    >>> estimate = estimate_pass(problem, np.eye(3), problem.grid.cube_step)
+    >>> estimate.gradient.grad_y.shape == problem.grid.shape, estimate.gradient.channel_weights.shape
+    (True, (3, 8))
+    >>> estimate_pass(problem, np.eye(3), problem.grid.cube_step) is estimate  # the same pass again: remembered
+    True
+    >>> estimate_pass(replace(problem), np.eye(3), problem.grid.cube_step) is estimate  # a copy makes its own
+    False
+    """
+    xp, grid, options, cube = problem.xp, problem.grid, problem.options, problem.cube
+    levels = problem.levels if levels is None else levels
+    key = (placement_key(placement), int(step), int(levels), None if bands is None else np.asarray(bands).tobytes())
+    last_key, last = problem.last_estimate.get("last", (None, None))
+    if last_key == key:
+        return last
+    estimate = _estimate(problem, placement, step, bands, levels)
+    problem.last_estimate["last"] = (key, estimate)
+    problem.last_estimate.setdefault("weights", {})[key] = estimate.gradient.channel_weights
+    return estimate
+
+
+def band_weights(problem: Problem, placement, step: int) -> np.ndarray:
+    """The band weights (levels, bands) of :func:`estimate_pass` with every band and level, remembered.
+
+    Only the weights are kept of each estimate (a small array), so an
+    estimate made earlier for a fit is not made again for its weights.
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=8, seed=1)
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> made = estimate_pass(problem, np.eye(3), problem.grid.cube_step).gradient.channel_weights
+    >>> _ = estimate_pass(problem, np.diag([1.0, 1.0, 1.0]) + np.eye(3, k=2), problem.grid.cube_step)  # another
+    >>> band_weights(problem, np.eye(3), problem.grid.cube_step) is made  # remembered, not estimated again
+    True
+    """
+    key = (placement_key(placement), int(step), int(problem.levels), None)
+    weights = problem.last_estimate.get("weights", {}).get(key)
+    if weights is None:
+        weights = estimate_pass(problem, placement, step).gradient.channel_weights
+    return weights
+
+
+def placement_key(placement) -> bytes:
+    """A placement as a key of the passes' memory (:attr:`Problem.fits`, the last estimate).
+
+    Examples
+    --------
+    >>> placement_key(np.eye(3)) == placement_key(np.eye(3, dtype=np.float32)), len(placement_key(np.eye(3)))
+    (True, 72)
+    """
+    return np.asarray(placement, dtype=np.float64).tobytes()
+
+
+def _estimate(problem: Problem, placement, step: int, bands, levels: int) -> Estimate:
+    """:func:`estimate_pass`'s work, without its memory of the last estimate."""
+    xp, grid, options, cube = problem.xp, problem.grid, problem.options, problem.cube
+    problem.report(f"estimate ({'all' if bands is None else len(bands)} bands, grid step {step})")
+    start = time.perf_counter()
+    to_cube = problem.initial @ grid.to_guide @ placement
+    shape = grid.level_shape(step)
+    to_level = to_cube @ np.diag([step, step, 1.0])  # level pixel i sits at working coordinate step * i
+    values = keep_source(cube.for_estimates)  # a large lazy cube: written once, read by windows
+    source = values if bands is None else values[:, :, xp.asarray(bands)]
+    on_grid = warp_cube(source, to_level, shape, order=1)
+    if cube.dead_bands is not None:
+        dead = cube.dead_bands if bands is None else np.flatnonzero(np.isin(bands, cube.dead_bands))
+        on_grid = _zeroed_bands(on_grid, dead, xp)
+    footprint = footprint_mask(cube.values.shape[:2], to_level, shape, xp)
+    # The Gram matrices leave out every pixel that draws on a missing cube
+    # pixel; the registration metric only those that draw mostly on one.
+    share = None if cube.with_data is None else missing_share(cube.with_data, to_level, shape)
+    cube_missing = None if share is None else (share > 0.01) & footprint
+    reference, guide_missing = matched_guide(problem.guide.image, problem.guide.missing, to_cube,
+                                             options.psf_sigma)
+    reference = reference[::step, ::step]
+    guide_missing = None if guide_missing is None else guide_missing[::step, ::step]
+    problem.timings["resample"] = problem.timings.get("resample", 0.0) + time.perf_counter() - start
+    start = time.perf_counter()
+    coverage = Coverage(None if bool(footprint.all()) else footprint, cube_missing, guide_missing)
+    if options.method == "gradient":
+        gradient = estimate_global_gradient(reference, on_grid, levels=levels,
+                                            weights=options.weights, coverage=coverage)
+    else:
+        gradient = _baseline_gradient(reference, on_grid, coverage, options.method)
+    # What the registration may trust: the footprint's pixels whose blur at no
+    # level draws much on stand-ins, and the cube's pixels that draw mostly on
+    # missing ones.
+    trusted = Coverage(
+        _inner(valid_pixels(_invert(coverage.footprint), levels, shape, share=TRUSTED_SHARE)),
+        None if share is None else (share > 0.5) & footprint,
+        guide_missing,
+    )
+    estimate = _on_working_grid(gradient, trusted, step, grid.shape)
+    if bands is not None:
+        every_band = np.zeros((gradient.channel_weights.shape[0], cube.values.shape[2]))
+        every_band[:, bands] = gradient.channel_weights
+        estimate = replace(estimate, gradient=replace(estimate.gradient, channel_weights=every_band))
+    problem.timings["estimate"] = problem.timings.get("estimate", 0.0) + time.perf_counter() - start
+    return estimate
+
+
+def register_pass(problem: Problem, estimate: Estimate, placement, *, coarse_search: bool, start=None):
+    """Register ``grad_y`` to ``grad_x`` on the working grid; the registration and the new placement.
+
+    Missing samples enter as NaN (the registration's own rule for them);
+    the footprint as the moving mask. Too little overlap keeps the placement
+    (the guard says why). ``start`` (working grid to working grid, relative
+    to ``placement``; default the identity) is where the registration begins.
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> from ggrad_gpu.metrics import target_registration_error
+    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=8, seed=1)
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> estimate = estimate_pass(problem, np.eye(3), problem.grid.cube_step)
+    >>> registration, placement = register_pass(problem, estimate, np.eye(3), coarse_search=True)
+    >>> to_guide = problem.grid.to_guide
+    >>> refined = problem.initial @ to_guide @ placement @ np.linalg.inv(to_guide)  # guide to cube
+    >>> before = target_registration_error(phantom.initial, phantom.matrix, (96, 112)).mean
+    >>> after = target_registration_error(refined, phantom.matrix, (96, 112)).mean
+    >>> bool(after < before / 3)
+    True
+    """
+    problem.report("register" + (" (with coarse search)" if coarse_search else ""))
+    clock = time.perf_counter()
+    fixed, moving, mask = registration_images(problem, estimate)
+    if fixed is None:
+        registration = AffineRegistration(np.eye(3), math.inf, math.inf, 0, False,
+                                          message="too few valid pixels to register")
+    else:
+        registration = register_affine(fixed, moving, initial=start, moving_mask=mask, coarse_search=coarse_search)
+    problem.timings["register"] = problem.timings.get("register", 0.0) + time.perf_counter() - clock
+    return registration, placement @ registration.matrix
+
+
+def registration_images(problem: Problem, estimate: Estimate):
+    """``grad_x`` and ``grad_y`` with NaN at missing samples, and the footprint; three Nones if too few overlap.
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=8, seed=1)
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> estimate = estimate_pass(problem, np.eye(3), problem.grid.cube_step)
+    >>> fixed, moving, footprint = registration_images(problem, estimate)
+    >>> fixed is estimate.gradient.grad_x, moving.shape, footprint is None  # nothing missing, the cube spans the grid
+    (True, (96, 112), True)
+    """
+    xp = problem.xp
+    gradient, coverage = estimate.gradient, estimate.coverage
+    overlap = estimate.moving_valid
+    if overlap is not None and int(overlap.sum()) < MIN_OVERLAP:
+        return None, None, None
+    fixed, moving = gradient.grad_x, gradient.grad_y
+    if coverage.guide_missing is not None:
+        fixed = xp.where(coverage.guide_missing, xp.nan, fixed)
+    if coverage.cube_missing is not None:
+        moving = xp.where(coverage.cube_missing, xp.nan, moving)
+    return fixed, moving, coverage.footprint
+
+
+def resample(problem: Problem, matrix, guide_shape):
+    """The native cube on the output grid through ``matrix`` (guide to cube).
+
+    Returns ``(registered, valid, output_to_guide)``: the resampled cube, its
+    pixels with data, and the output grid's pixel-to-guide matrix.
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=8, seed=1)
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> registered, valid, to_guide = resample(problem, phantom.matrix, (96, 112))
+    >>> registered.shape, bool(np.array_equal(to_guide, problem.grid.to_guide))
+    ((96, 112, 8), True)
+    >>> expected = warp_cube(phantom.cube, phantom.matrix @ to_guide, problem.grid.shape)
+    >>> bool(np.allclose(registered, expected, equal_nan=True)), bool(valid.any())
+    (True, True)
+    """
+    problem.report("resample the cube")
+    start = time.perf_counter()
+    grid = problem.options.output_grid
+    if grid == "working":
+        to_guide, out_shape = problem.grid.to_guide, problem.grid.shape
+    elif grid == "cube":
+        to_guide, out_shape = cube_output_grid(guide_shape, problem.cube.values.shape, matrix)
+    else:
+        to_guide, out_shape = np.eye(3), guide_shape
+    out_matrix = matrix @ to_guide
+    values = problem.cube.values
+    registered = warp_cube(values, out_matrix, out_shape, order=problem.options.order)
+    valid = footprint_mask(values.shape[:2], out_matrix, out_shape, problem.xp)
+    if problem.cube.with_data is not None or problem.cube.dead_bands is not None:
+        valid = valid & has_data(registered)  # missing pixels are not covered
+    problem.timings["warp"] = time.perf_counter() - start
+    return registered, valid, to_guide
+
+
+def screened_bands(problem: Problem, placement):
+    """The bands an exact estimate at the cube's resolution, aligned, weights at any level (None: all).
+
+    The working grid's Gram matrices then cost ``(kept / bands)**2`` of the
+    full ones (``screen_bands``).
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=8, seed=1)
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> bands = screened_bands(problem, np.eye(3))
+    >>> aligned = estimate_pass(problem, np.eye(3), problem.grid.cube_step)  # what it screens by
+    >>> bool(np.array_equal(bands, np.flatnonzero((aligned.gradient.channel_weights > 0).any(axis=0))))
+    True
+    >>> screened_bands(replace(problem, options=replace(problem.options, screen_bands=False)), np.eye(3)) is None
+    True
+    """
+    options = problem.options
+    step = cube_resolution_step(problem.initial @ problem.grid.to_guide @ placement)
+    if not (options.screen_bands and options.method == "gradient" and step > 1):
+        return None
+    support = np.flatnonzero((band_weights(problem, placement, step) > 0).any(axis=0))
+    return support if support.size else None
+
+
+def _on_working_grid(gradient: GlobalGradient, coverage: Coverage, step: int, shape) -> Estimate:
+    """An estimate on the level with pixel step ``step`` and its coverage, on the working grid ``shape``."""
+    if step > 1:
+        level = int(round(math.log2(step)))
+        gradient = replace(gradient, grad_x=upsample_level(gradient.grad_x, level, shape),
+                           grad_y=upsample_level(gradient.grad_y, level, shape))
+        # Each map as the pixels it excludes, carried to the working grid.
+        excluded = (None if m is None else level_on_grid(m, level, shape)
+                    for m in (_invert(coverage.footprint), coverage.cube_missing, coverage.guide_missing))
+        outside, cube_missing, guide_missing = excluded
+        coverage = Coverage(_invert(outside), cube_missing, guide_missing)
+    estimate = Estimate(gradient, coverage)
+    valid = estimate.moving_valid
+    if estimate.fixed_valid is not None:
+        valid = estimate.fixed_valid if valid is None else valid & estimate.fixed_valid
+    return replace(estimate, gradient=replace(gradient, valid=valid))
+
+
+def _zeroed_bands(on_grid, bands, xp):
+    """``on_grid`` with ``bands`` set to 0 (in place for an in-memory array; lazily for a dask one)."""
+    if is_dask_array(on_grid):
+        zero = np.zeros(on_grid.shape[2], dtype=bool)
+        zero[bands] = True
+        return on_grid.map_blocks(_where_zero, zero, dtype=on_grid.dtype)
+    on_grid[:, :, xp.asarray(bands)] = 0
+    return on_grid
+
+
+def _where_zero(block, zero):
+    xp = array_module(block=block)
+    return xp.where(xp.asarray(zero), block.dtype.type(0), block)
+
+
+def _inner(valid):
+    """``valid`` less the pixels next to its edge, whose Sobel reads the stand-ins beyond it."""
+    if valid is None:
+        return None
+    xp = array_module(valid=valid)
+    return ndimage_module(xp).binary_erosion(valid, xp.ones((3, 3), dtype=bool), border_value=1)
+
+
+def _invert(mask):
+    return None if mask is None else ~mask
+
+
+def _baseline_gradient(guide, on_grid, coverage: Coverage, method):
+    """A one-level GlobalGradient whose ``grad_y`` is a baseline image's Sobel magnitude."""
+    xp = array_module(guide=guide, on_grid=on_grid)
+    gaps = coverage.gaps
+    covered = xp.ones(guide.shape, dtype=bool) if gaps is None else ~gaps
+    image = baselines.BASELINES[method](on_grid, mask=covered)
+    image = fill_gaps(xp.nan_to_num(image), ~covered)
+    grad_x = sobel_magnitude(guide)
+    grad_y = sobel_magnitude(image.astype(grad_x.dtype))
+    valid = ndimage_module(xp).minimum_filter(covered.astype(xp.uint8), size=3, mode="nearest").astype(bool)
+    # The MSE needs comparable scales: each gradient image at unit mean over the overlap.
+    count = float(valid.sum())
+    if count > 0:  # means by masked sums: no boolean indexing (an index array and a sync on CuPy)
+        grad_x = grad_x / max(float(xp.where(valid, grad_x, 0).sum()) / count, 1e-30)
+        grad_y = grad_y / max(float(xp.where(valid, grad_y, 0).sum()) / count, 1e-30)
+    one = np.ones(1)
+    return GlobalGradient(grad_x, grad_y, one, one, np.zeros((1, on_grid.shape[2])), grad_x[None], grad_y[None], valid)

@@ -1,0 +1,345 @@
+"""Inputs made ready for ``refine``: the guide on the working grid, the cube with its missing values.
+
+The guide becomes the working grid's image (its region block-averaged by
+``s``), as optical density where it is transmitted light, and, for each
+estimate, blurred to the cube's resolution. The cube keeps its native grid;
+missing values (NaN, inf, outside ``mask``) become NaN, and a map of the
+pixels with data says where the estimates may trust it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .._backend import array_module, ndimage_module, to_device, to_host
+from .._lazy.chunked import is_dask_array, prepare_lazy_cube
+from .._memory import block_rows, retry_smaller
+from .._validation import all_finite, float_dtype, to_gray
+from ..core.coverage import fill_gaps
+from ..core.denoise import signal_subspace
+from ..core.geometry import WorkingGrid, pixels_per_cube_pixel
+from ..core.warp import warp_cube
+
+__all__ = [
+    "PreparedCube",
+    "PreparedGuide",
+    "has_data",
+    "matched_guide",
+    "missing_share",
+    "optical_density",
+    "prepare_cube",
+    "prepare_guide",
+]
+
+# A guide constant to this many units in the last place has no edges to register on.
+FLAT_ULPS = 100
+
+
+@dataclass(frozen=True)
+class PreparedGuide:
+    """The guide on the working grid.
+
+    Attributes
+    ----------
+    image : array, shape grid.shape
+        Block-averaged region of the guide (optical density with
+        ``absorbance``), missing pixels filled in.
+    missing : array of bool or None
+        Working pixels whose guide values were missing (None: none were).
+    flat : bool
+        Whether the image is constant to rounding (no edges at all).
+
+    Examples
+    --------
+    >>> guide = np.full((8, 8), 100.0); guide[:, 4:] = 50.0; guide[0, 0] = np.nan
+    >>> grid = WorkingGrid(s=2, origin=(0, 0), shape=(4, 4), to_guide=np.eye(3), cube_step=1)
+    >>> prepared = prepare_guide(guide, grid, np, absorbance=False)
+    >>> isinstance(prepared, PreparedGuide), prepared.image.shape, bool(prepared.flat)
+    (True, (4, 4), False)
+    >>> prepared.missing.astype(int)[0], float(prepared.image[0, 0])  # the NaN block, filled from its neighbour
+    (array([1, 0, 0, 0]), 100.0)
+    """
+
+    image: object
+    missing: object
+    flat: bool
+
+
+@dataclass(frozen=True)
+class PreparedCube:
+    """The native cube with its missing values.
+
+    Attributes
+    ----------
+    values : array, shape (rows, cols, bands)
+        The cube itself when every value is usable, else a float copy with NaN
+        at every missing value (and at every band of pixels outside ``mask``).
+    with_data : array of bool or None
+        Native pixels finite in every band that has data (None: all are).
+    dead_bands : numpy.ndarray of int or None
+        Bands without any finite value (None: there are none); the estimates
+        read them as 0, ``registered`` keeps them NaN.
+    denoised : array or None
+        ``values`` projected on their signal subspace
+        (:func:`ggrad_gpu.core.denoise.signal_subspace`), which the estimates read
+        instead; None: they read ``values``.
+
+    Examples
+    --------
+    >>> cube = np.ones((3, 3, 2)); cube[..., 1] = np.nan  # band 1 holds no value at all
+    >>> prepared = prepare_cube(cube, None, np)
+    >>> isinstance(prepared, PreparedCube), prepared.dead_bands.tolist(), prepared.with_data is None
+    (True, [1], True)
+    """
+
+    values: object
+    with_data: object = None
+    dead_bands: np.ndarray | None = None
+    denoised: object = None
+
+    @property
+    def for_estimates(self):
+        """What the estimates read: ``denoised`` where there is one, else ``values``."""
+        return self.values if self.denoised is None else self.denoised
+
+
+def prepare_guide(guide, grid: WorkingGrid, xp, *, absorbance: bool) -> PreparedGuide:
+    """The guide's region of ``grid``, block-averaged by ``grid.s``, on module ``xp``.
+
+    Only the region is moved to the device. Missing pixels (NaN, inf) are
+    filled from their nearest neighbour with data; with ``absorbance`` the
+    image becomes its optical density (:func:`optical_density`).
+
+    Examples
+    --------
+    >>> guide = np.full((8, 8), 100.0); guide[:, 4:] = 50.0
+    >>> grid = WorkingGrid(s=2, origin=(0, 0), shape=(4, 4), to_guide=np.eye(3), cube_step=1)
+    >>> np.round(prepare_guide(guide, grid, np, absorbance=True).image[0], 3) + 0.0  # half the light: log(2)
+    array([0.   , 0.   , 0.693, 0.693])
+    """
+    rows, cols = grid.guide_region()
+    region = to_device(guide[rows, cols], xp)
+    if region.ndim == 3:
+        region = to_gray(region, "guide")
+    region = region.astype(float_dtype(region.dtype), copy=False)
+    image = block_average(region, grid.s)
+    missing = None if all_finite(image, xp) else ~xp.isfinite(image)
+    if missing is not None:
+        if bool(missing.all()):
+            raise ValueError("guide has no finite pixel (all NaN or inf) where the cube lies")
+        image = fill_gaps(image, missing)
+    if absorbance:
+        image = optical_density(image)
+    spread = float(image.max() - image.min())
+    flat = spread <= FLAT_ULPS * np.finfo(image.dtype).eps * float(xp.abs(image).max())
+    return PreparedGuide(image, missing, flat)
+
+
+def prepare_cube(cube, mask, xp, *, denoise: bool = False) -> PreparedCube:
+    """The native cube on ``xp`` with NaN at missing values, and its pixels with data.
+
+    With ``denoise``, also the cube projected on its signal subspace for the
+    estimates (:func:`ggrad_gpu.core.denoise.signal_subspace`). Raises ValueError,
+    naming ``cube``, when no pixel has data. A dask cube stays lazy
+    (:func:`ggrad_gpu._lazy.chunked.prepare_lazy_cube`), its projection too.
+
+    Examples
+    --------
+    >>> cube = np.ones((3, 3, 2))
+    >>> prepare_cube(cube, None, np).values is cube  # nothing missing: the cube itself
+    True
+    >>> cube[0, 0, 0] = np.nan
+    >>> mask = np.ones((3, 3), bool); mask[2, 2] = False
+    >>> prepared = prepare_cube(cube, mask, np)
+    >>> prepared.with_data.astype(int)
+    array([[0, 1, 1],
+           [1, 1, 1],
+           [1, 1, 0]])
+    >>> bool(np.isnan(prepared.values[2, 2]).all()), bool(np.isfinite(cube[2, 2]).all())  # a copy: cube unchanged
+    (True, True)
+    """
+    if is_dask_array(cube):
+        prepared = PreparedCube(*prepare_lazy_cube(cube, mask, xp))
+    else:
+        prepared = _prepared_in_memory(cube, mask, xp)
+    if not denoise:
+        return prepared
+    subspace = signal_subspace(prepared.values)
+    return prepared if subspace.rank is None else replace(prepared, denoised=subspace.values)
+
+
+def _prepared_in_memory(cube, mask, xp) -> PreparedCube:
+    cube = to_device(cube, xp)
+    if cube.shape[2] > 1 and cube.strides[2] != cube.itemsize:
+        # A bands-first cube (band_axis=0 moves the axis as a view): made
+        # band-last once here, not by every warp of it.
+        cube = xp.ascontiguousarray(cube)
+    mask = None if mask is None else to_device(mask, xp)
+    if (mask is None or bool(mask.all())) and all_finite(cube, xp):
+        return PreparedCube(cube)
+    values = cube.astype(float_dtype(cube.dtype))  # a copy: the caller's cube is never changed
+    present = _mark_missing(values, mask, xp)
+    if not bool(present.any()):
+        raise ValueError("cube has no finite value (inside mask)")
+    with_data = xp.empty(values.shape[:2], dtype=bool)
+
+    def pixels_with_data(start, size):
+        stop = min(start + size, values.shape[0])
+        with_data[start:stop] = (xp.isfinite(values[start:stop]) | ~present).all(axis=2)
+        return stop
+
+    _by_rows(pixels_with_data, values.shape, xp)
+    if not bool(with_data.any()):
+        raise ValueError("cube has no pixel with a finite value in every band (inside mask)")
+    dead = np.flatnonzero(~to_host(present))
+    return PreparedCube(values, None if bool(with_data.all()) else with_data, dead if dead.size else None)
+
+
+def _mark_missing(values, mask, xp):
+    """Set NaN in place at ``values``' non-finite values and outside ``mask``; which bands have data.
+
+    Block by block of rows, with ``copyto``: the boolean maps are a block's,
+    never the cube's, and no index array is built.
+    """
+    present = xp.zeros(values.shape[2], dtype=bool)
+
+    def mark(start, size):
+        # Idempotent, so a block that runs out of memory is simply redone smaller.
+        stop = min(start + size, values.shape[0])
+        block = values[start:stop]
+        finite = xp.isfinite(block)
+        if mask is not None:
+            finite &= mask[start:stop, :, None]
+        xp.copyto(block, xp.nan, where=~finite)
+        present[...] |= finite.any(axis=(0, 1))
+        return stop
+
+    _by_rows(mark, values.shape, xp)
+    return present
+
+
+def _by_rows(run, shape, xp, *, stage: str = "missing cube values") -> None:
+    """``run(start, rows)`` over blocks of rows (two boolean maps of a block near the budget), retried smaller."""
+    rows = block_rows(shape, 2, xp)
+    start = 0
+    while start < shape[0]:
+        start, rows = retry_smaller(functools.partial(run, start), rows, stage=stage, unit="rows", xp=xp)
+
+
+def block_average(image, s: int):
+    """Mean of ``s x s`` blocks over the first ``s * (rows // s)`` rows and columns.
+
+    Examples
+    --------
+    >>> block_average(np.arange(16.0).reshape(4, 4), 2)
+    array([[ 2.5,  4.5],
+           [10.5, 12.5]])
+    >>> block_average(np.ones((5, 7)), 2).shape  # the partial last blocks are left out
+    (2, 3)
+    """
+    if s == 1:
+        return image
+    rows, cols = image.shape[0] // s, image.shape[1] // s
+    return image[: rows * s, : cols * s].reshape(rows, s, cols, s).mean(axis=(1, 3))
+
+
+def optical_density(image):
+    """``-log(I / I_max)`` with ``I_max`` a high percentile, clipped away from log(0).
+
+    Examples
+    --------
+    >>> image = np.full((10, 100), 100.0); image[0, :2] = [50.0, 10.0]  # I_max = 100
+    >>> np.round(optical_density(image)[0, :3], 3) + 0.0  # log(2), log(10), 0
+    array([0.693, 2.303, 0.   ])
+    """
+    xp = array_module(image=image)
+    top = float(xp.percentile(image, 99.9))
+    if not top > 0:
+        raise ValueError("guide must have positive intensities to convert to absorbance (absorbance=False otherwise)")
+    return -xp.log(xp.clip(image / top, 1e-3, None))
+
+
+def matched_guide(image, missing, to_cube, psf_sigma):
+    """The working guide at the cube's resolution: a Gaussian of the spot plus the interpolation.
+
+    ``to_cube`` maps working pixels to native cube coordinates. The blur's
+    variance adds the spot's (``psf_sigma`` cube pixels) and the bilinear
+    interpolation's (1/6 cube pixel^2). Re-sampling the guide through the
+    cube's own grid would match even better on paper, but would imprint the
+    grid's interpolation pattern on both images and pull the registration
+    back to the placement it started from.
+
+    Returns the guide and, where ``missing`` marks filled-in pixels, the
+    pixels whose blurred value draws more than a quarter of its weight from
+    them (else None). With ``psf_sigma`` None, the guide as it is.
+
+    Examples
+    --------
+    >>> import scipy.ndimage as ndi
+    >>> image = np.zeros((16, 16)); image[:, 8:] = 1.0
+    >>> to_cube = np.diag([0.5, 0.5, 1.0])  # 2 working pixels per cube pixel
+    >>> blurred, missing = matched_guide(image, None, to_cube, 0.5)
+    >>> sigma = np.sqrt(0.5**2 + 1 / 6) * 2
+    >>> bool(np.allclose(blurred, ndi.gaussian_filter(image, sigma, mode="nearest"))), missing is None
+    (True, True)
+    >>> matched_guide(image, None, to_cube, None)[0] is image
+    True
+    """
+    if psf_sigma is None:
+        return image, missing
+    xp = array_module(image=image)
+    sigma = math.sqrt(psf_sigma**2 + 1.0 / 6.0) * pixels_per_cube_pixel(to_cube)
+    ndi = ndimage_module(xp)
+    blurred = ndi.gaussian_filter(image, sigma, mode="nearest")
+    if missing is None:
+        return blurred, None
+    return blurred, ndi.gaussian_filter(missing.astype(image.dtype), sigma, mode="nearest") > 0.25
+
+
+def missing_share(with_data, matrix, shape):
+    """The share of each grid pixel's bilinear weight that falls on native pixels without data.
+
+    NaN outside the cube's footprint.
+
+    Examples
+    --------
+    >>> with_data = np.ones((4, 4), bool); with_data[1, 1] = False
+    >>> half_a_row = np.array([[1.0, 0, 0.5], [0, 1, 0], [0, 0, 1]])  # grid row r samples cube row r + 0.5
+    >>> missing_share(with_data, half_a_row, (5, 4))[:, 1].tolist()  # row 4 lies beyond the footprint
+    [0.5, 0.5, 0.0, 0.0, nan]
+    """
+    xp = array_module(with_data=with_data)
+    missing = (~with_data).astype(xp.float32)[:, :, None]
+    return warp_cube(missing, matrix, shape, order=1)[:, :, 0]
+
+
+def has_data(registered):
+    """Pixels of a resampled cube with a value (not NaN) in at least one band (by blocks of rows, retried smaller).
+
+    Examples
+    --------
+    >>> registered = np.full((2, 3, 2), np.nan); registered[0, 0, 1] = 1.0; registered[1, 2] = 2.0
+    >>> has_data(registered)
+    array([[ True, False, False],
+           [False, False,  True]])
+    """
+    if is_dask_array(registered):
+        return ~registered.map_blocks(_all_nan, drop_axis=2, dtype=bool)
+    xp = array_module(registered=registered)
+    out = xp.empty(registered.shape[:2], dtype=bool)
+
+    def rows_with_data(start, size):
+        stop = min(start + size, registered.shape[0])
+        out[start:stop] = ~xp.isnan(registered[start:stop]).all(axis=2)
+        return stop
+
+    _by_rows(rows_with_data, registered.shape, xp, stage="valid pixels")
+    return out
+
+
+def _all_nan(block):
+    return array_module(block=block).isnan(block).all(axis=2)
