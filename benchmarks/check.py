@@ -1,7 +1,7 @@
 """``python -m benchmarks.check``: a quick stage table against the plain way, beside the last recorded ratios.
 
 A guard against the next regression (issue 26): each stage of ``ggrad bench``
-(``ggrad_gpu.bench``: the same cases, the same protocol) runs on NumPy and the
+(``ggrad_gpu.cli.bench``: the same cases, the same protocol) runs on NumPy and the
 plain SciPy way in the same run, and its speed-up over the plain way is set
 beside the one recorded last (``benchmarks/check.json``, written with
 ``--record``). A ratio that fell by more than ``--tolerance`` (15 %) is
@@ -33,9 +33,9 @@ import sys
 import warnings
 from pathlib import Path
 
-try:  # the plain ways and the stage cases: ggrad_gpu.bench (benchmarks/ after the layers move)
-    from ggrad_gpu import bench
-except ImportError:  # pragma: no cover - the layout after the move
+try:  # the plain ways and the stage cases (``ggrad bench``'s), wherever they live
+    from ggrad_gpu.cli import bench
+except ImportError:  # pragma: no cover - once they move to benchmarks/
     from benchmarks import bench  # type: ignore[no-redef]
 
 RECORD = Path(__file__).with_name("check.json")
