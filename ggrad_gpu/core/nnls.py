@@ -339,9 +339,10 @@ def _lawson_hanson(g, r, max_iter):
             leaving = np.union1d(leaving, idx[x[idx] <= 0])
             x[leaving] = 0
             passive[leaving] = False
-        # x is zero off the passive set: only its columns of g enter (p of n, p mostly a few dozen).
+        # x is zero off the passive set: only its rows of g enter (p of n, p mostly a few dozen;
+        # rows, not columns: g is symmetric and its rows are contiguous).
         support = np.flatnonzero(x)
-        w = r - g[:, support] @ x[support]
+        w = r - x[support] @ g[support]
     return x
 
 
