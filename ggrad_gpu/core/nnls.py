@@ -40,8 +40,11 @@ def spurious_blas_flags_ignored():
     return np.errstate(invalid="ignore")
 
 
-# Rows are promoted to a wider product precision in blocks of this share of the block budget
-# (2 MiB of float64 on the CPU): the copy stays small beside the gradients it comes from.
+# The products' buffer (the rows with the target as one more column) takes this share of the
+# block budget (4 MiB on the CPU: 1048 rows of 1000 bands, near the float32 SYRK's full rate), or
+# PROMOTE_SHARE where float32 rows are promoted to float64 (2 MiB): it stays small beside the
+# gradients it comes from (estimate_global_gradient's peak: tests/test_memory.py).
+COPY_SHARE = 2
 PROMOTE_SHARE = 4
 
 # The ridge that makes a nearly singular eq. 5 give one answer, in units of the products' rounding.
@@ -115,9 +118,9 @@ class GramAccumulator:
 
         ``weights`` (same shape as ``target``, optional) multiplies each pixel's
         row and target; a weight of 0 drops the pixel (masks). The rows go
-        through one buffer of ``product_dtype``, a block at a time (the block
-        budget of :func:`ggrad_gpu._memory.block_rows`; a quarter of it where
-        float32 rows are promoted to float64), with the target as one more
+        through one buffer of ``product_dtype``, a block at a time (half the
+        block budget of :func:`ggrad_gpu._memory.block_rows`; a quarter of it
+        where float32 rows are promoted to float64), with the target as one more
         column: one product (a SYRK) gives ``A^T A`` and ``A^T b`` with the same
         rounding. Apart, ``A^T b`` is a matrix-vector product that BLAS sums
         row after row, and in float32 its rounding grew with the rows (1e-4 of
@@ -127,7 +130,7 @@ class GramAccumulator:
         a = columns.reshape(-1, bands)
         b = target.reshape(-1)
         w = None if weights is None else weights.reshape(-1)
-        share = PROMOTE_SHARE if self.product_dtype.itemsize > a.dtype.itemsize else 1
+        share = PROMOTE_SHARE if self.product_dtype.itemsize > a.dtype.itemsize else COPY_SHARE
         step = block_rows((a.shape[0], bands + 1), self.product_dtype.itemsize, xp,
                           target_bytes=default_block_bytes(xp) // share)
         buffer = xp.empty((min(step, a.shape[0]), bands + 1), dtype=self.product_dtype)
