@@ -45,9 +45,10 @@ def test_stages_missing_from_the_record_or_without_a_plain_way_are_not_flagged()
 @pytest.fixture
 def fake_run(monkeypatch):
     """bench.run replaced: no timing, the rows of ``state["seconds"]``."""
-    state = {"seconds": {"gram": 0.1, "warp": 0.1}}
+    state = {"seconds": {"gram": 0.1, "warp": 0.1}, "calls": []}
 
     def run(sizes, backends, stages, **kwargs):
+        state["calls"].append((sizes, backends, stages))
         return {"rows": rows(state["seconds"]), "machines": {}, "skipped": []}
 
     monkeypatch.setattr(check.bench, "run", run)
@@ -58,6 +59,9 @@ def test_a_quiet_run_records_and_a_later_drop_fails(fake_run, monkeypatch, tmp_p
     record = tmp_path / "check.json"
     monkeypatch.setattr(check, "load_average", lambda: 0.1)
     assert check.main(["--record", "--against", str(record)]) == 0
+    # The default plan: every stage at 350 x 415 x 200, then refine at the paper's geometry, on NumPy.
+    assert [(sizes, stages) for sizes, _, stages in fake_run["calls"]] == [
+        ([(350, 415, 200)], list(check.bench.STAGES)), ([(350, 415, 1000)], ["refine"])]
     stored = json.loads(record.read_text())
     assert stored["ratios"]["gram@s"]["ratio"] == pytest.approx(10.0) and stored["load"] == [0.1, 0.1]
     fake_run["seconds"] = {"gram": 0.2, "warp": 0.1}  # gram half as fast against the same plain way
