@@ -48,30 +48,32 @@ COPY_SHARE = 2
 PROMOTE_SHARE = 4
 
 # The ridge that makes a nearly singular eq. 5 give one answer, in units of the products' rounding.
-RIDGE_ULPS = 1024
+RIDGE_ULPS = 256
 
 
 def rounding_ridge(dtype) -> float:
     """The relative ridge for :func:`nnls_gram` of a Gram matrix whose products are in ``dtype``.
 
-    ``RIDGE_ULPS`` units of ``dtype``'s rounding: 1.2e-4 for float32, 2.3e-13
+    ``RIDGE_ULPS`` units of ``dtype``'s rounding: 3.1e-5 for float32, 5.7e-14
     for float64. Products in float32 differ in their last bits with the blocks
     (or chunks, or BLAS kernels) they share a call with: about 5e-7 of
     ``sqrt(G_ii G_jj)`` on eq. 5's matrices. Where the Gram matrix is nearly
     singular (a denoised cube's bands span a few components: condition
     numbers of 1e11 to 1e16), the exact NNLS optimum of each rounded matrix
     lies elsewhere along the directions the data hardly determine, and the
-    registration that follows can move by 4e-3 px. A ridge a few hundred times
-    that rounding keeps those moves under ``rounding / ridge``: on the
-    nearly singular phantom of the tests (320 x 384 x 64, denoised), six
-    random perturbations of 5e-7 moved the refined matrix by 2e-5 to 8e-5 px
-    (up to 3.8e-3 px without the ridge, up to 4e-4 px with 1e-5), and the
-    ridge itself moved it by 1e-3 px from the float64 products' answer.
+    registration that follows can move by 4e-3 px. A ridge some fifty times
+    that rounding bounds those moves: on the nearly singular phantom of the
+    tests (320 x 384 x 64, denoised), six random perturbations of 5e-7 moved
+    the refined matrix by 1.5e-5 to 5.2e-5 px (up to 3.8e-3 px without a
+    ridge, up to 4e-4 px with 1e-5), and the ridge itself moved it by 1.1e-3 px
+    from the float64 products' answer. Where the matrix is well conditioned
+    the ridge changes the fit by about its own size (``grad_y`` by 7e-5 of its
+    maximum on a 4-band cube; 2.7e-4 with a ridge of 1.2e-4).
 
     Examples
     --------
     >>> import numpy as np
-    >>> 1e-4 < rounding_ridge(np.float32) < 2e-4, rounding_ridge(np.float64) < 1e-12
+    >>> 2e-5 < rounding_ridge(np.float32) < 4e-5, rounding_ridge(np.float64) < 1e-12
     (True, True)
     """
     return RIDGE_ULPS * float(np.finfo(np.dtype(dtype)).eps)
