@@ -48,32 +48,36 @@ COPY_SHARE = 2
 PROMOTE_SHARE = 4
 
 # The ridge that makes a nearly singular eq. 5 give one answer, in units of the products' rounding.
-RIDGE_ULPS = 256
+RIDGE_ULPS = 64
 
 
 def rounding_ridge(dtype) -> float:
     """The relative ridge for :func:`nnls_gram` of a Gram matrix whose products are in ``dtype``.
 
-    ``RIDGE_ULPS`` units of ``dtype``'s rounding: 3.1e-5 for float32, 5.7e-14
+    ``RIDGE_ULPS`` units of ``dtype``'s rounding: 7.6e-6 for float32, 1.4e-14
     for float64. Products in float32 differ in their last bits with the blocks
     (or chunks, or BLAS kernels) they share a call with: about 5e-7 of
     ``sqrt(G_ii G_jj)`` on eq. 5's matrices. Where the Gram matrix is nearly
     singular (a denoised cube's bands span a few components: condition
     numbers of 1e11 to 1e16), the exact NNLS optimum of each rounded matrix
     lies elsewhere along the directions the data hardly determine, and the
-    registration that follows can move by 4e-3 px. A ridge some fifty times
-    that rounding bounds those moves: on the nearly singular phantom of the
-    tests (320 x 384 x 64, denoised), six random perturbations of 5e-7 moved
-    the refined matrix by 1.5e-5 to 5.2e-5 px (up to 3.8e-3 px without a
-    ridge, up to 4e-4 px with 1e-5), and the ridge itself moved it by 1.1e-3 px
-    from the float64 products' answer. Where the matrix is well conditioned
-    the ridge changes the fit by about its own size (``grad_y`` by 7e-5 of its
-    maximum on a 4-band cube; 2.7e-4 with a ridge of 1.2e-4).
+    registration that follows can move by 4e-3 px. A ridge some fifteen
+    times that rounding bounds those moves. Measured on the nearly singular
+    phantom of the tests (320 x 384 x 64, denoised): six random
+    perturbations of 5e-7 moved the refined matrix by 2.3e-5 to 3.1e-4 px
+    (without a ridge, two of six by 3.6e-3 and 3.8e-3 px; with 256 units, by
+    at most 5.2e-5 px); chunked and in-memory refine, 7.9e-5 px apart (seeds
+    0-2 of the same phantom: 3.9e-5 to 1.3e-4 px). Each ridge moves some
+    case across one of the pipeline's discrete choices (which bands a fit
+    keeps): this one moves that phantom by 3.5e-3 px from the float64
+    products' answer and the demo by 2.5e-5 px; 256 units moved the demo by
+    0.018 px, 1024 units changed a well-conditioned 4-band fit by 2.7e-4 of
+    its maximum.
 
     Examples
     --------
     >>> import numpy as np
-    >>> 2e-5 < rounding_ridge(np.float32) < 4e-5, rounding_ridge(np.float64) < 1e-12
+    >>> 5e-6 < rounding_ridge(np.float32) < 1e-5, rounding_ridge(np.float64) < 1e-13
     (True, True)
     """
     return RIDGE_ULPS * float(np.finfo(np.dtype(dtype)).eps)
