@@ -4,7 +4,7 @@ The paper's geometry: a 350 x 415 guide and the native 70 x 83 x 1000 cube of
 ``make_phantom(bands=1000, signatures="mixed", **draw_cases(n)[k].phantom_kwargs())`` for cases
 ``k = 0 .. --bench-cases - 1`` (default 5). ggrad_gpu is
 ``refine(guide, cube, initial=phantom.initial, backend=...)``; the plain way
-is ``ggrad_gpu.cli.bench.plain_refine``: the cube placed on the guide grid with
+is ``benchmarks.reference.plain_refine``: the cube placed on the guide grid with
 the initial transform, the estimate with per-band SciPy loops and
 ``scipy.optimize.nnls`` (``plain_estimate``), SimpleITK's mean-squares affine
 registration of grad_y to grad_x (``register_sitk``, ``SitkSettings()``).
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks import reference
 from benchmarks.conftest import backends
 from ggrad_gpu.cli import bench
 
@@ -45,7 +46,7 @@ def warmed_up():
 
     def get(case, backend):
         if backend not in warm:
-            tiny_case = bench.build("refine", tiny)
+            tiny_case = reference.build("refine", tiny)
             if backend != "plain" or tiny_case.plain is not None:
                 bench.measure(tiny_case, backend, repeat=1, warmup=False)
             warm.add(backend)
@@ -58,7 +59,7 @@ def warmed_up():
 
 def test_refine_end_to_end(item, warmed_up, timed):
     case_number, backend = item
-    case = bench.build("refine", warmed_up(case_number, backend))
+    case = reference.build("refine", warmed_up(case_number, backend))
     if backend == "plain" and case.plain is None:
         pytest.skip(case.no_plain)
     timed(case, backend, repeat=1, warmup=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks import reference
 from benchmarks.conftest import backends
 from ggrad_gpu.cli import bench
 
@@ -49,7 +50,7 @@ def data_for():
 def test_stage(item, data_for, timed, request):
     shape, stage, backend = item
     data = data_for(shape)
-    case = bench.build(stage, data)
+    case = reference.build(stage, data)
     if backend == "plain" and case.plain is None:
         pytest.skip(case.no_plain)
     row, out = timed(case, backend, repeat=request.config.getoption("bench_repeat"))

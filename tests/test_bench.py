@@ -1,7 +1,9 @@
-"""The benchmark definitions (ggrad_gpu.cli.bench) and ``ggrad bench`` on the tiny size, NumPy.
+"""The benchmark definitions (ggrad_gpu.cli.bench), ``ggrad bench`` and the plain way on the tiny size, NumPy.
 
-Each stage runs, its result agrees with the plain way's, the table renders and
-the command exits 0. Plumbing, not figures: the times are not checked.
+Each stage runs, the table renders and the command exits 0; with the
+repository's plain way (benchmarks/reference.py, not in the package) each
+result agrees with the plain way's. Plumbing, not figures: the times are not
+checked.
 """
 
 import contextlib
@@ -12,13 +14,14 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
+from benchmarks import reference
 from ggrad_gpu import resolve_backend
 from ggrad_gpu.cli import bench
 from ggrad_gpu.cli.command import main
 
 TINY = bench.SIZES["tiny"][0]
-NUMERIC = [name for name in bench.STAGES if bench.build(name, bench.Data(TINY)).compare is not None]
-SITK = [name for name, stage in bench.STAGES.items() if stage.sitk]
+NUMERIC = [name for name in bench.STAGES if reference.build(name, bench.Data(TINY)).compare is not None]
+SITK = list(reference.SITK_STAGES)
 
 
 def _cupy_usable() -> bool:
@@ -37,6 +40,12 @@ def command(tmp_path_factory):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(["bench", "--sizes", "tiny", "--backend", "numpy", "--repeat", "1", "--json", str(path)])
     return code, out.getvalue(), json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def with_reference():
+    """The tiny size's stages on NumPy with the plain way first (benchmarks/reference.py)."""
+    return reference.run([TINY], ["numpy"], list(bench.STAGES), repeat=1)
 
 
 def _rows(results, backend):
@@ -72,17 +81,21 @@ def test_every_stage_runs_on_numpy(command):
     assert rows["register"]["tre_px"] < 2  # a 1.5 deg, 2 %, 11 px misregistration of gradient images
 
 
-def test_results_agree_with_the_plain_way(command):
-    plain, ours = _rows(command[2], "plain"), _rows(command[2], "numpy")
+def test_the_command_has_no_plain_way(command):
+    assert not _rows(command[2], "plain") and not command[2]["skipped"]
+
+
+def test_results_agree_with_the_plain_way(with_reference):
+    plain, ours = _rows(with_reference, "plain"), _rows(with_reference, "numpy")
     for name in NUMERIC:  # no SimpleITK needed
         assert name in plain and "error" not in plain[name], plain.get(name)
-        tolerance = bench.build(name, bench.Data(TINY)).tolerance
+        tolerance = reference.build(name, bench.Data(TINY)).tolerance
         assert ours[name]["difference"] <= tolerance, (name, ours[name]["difference"])
     assert ours["nnls"]["difference"] > -1e-6  # the plain objective is the exact optimum
 
 
-def test_plain_way_of_the_registrations_needs_simpleitk(command):
-    plain, skipped = _rows(command[2], "plain"), command[2]["skipped"]
+def test_plain_way_of_the_registrations_needs_simpleitk(with_reference):
+    plain, skipped = _rows(with_reference, "plain"), with_reference["skipped"]
     if skipped:  # SimpleITK is not installed: said once per stage that needs it, nothing else skipped
         assert len(skipped) == len(SITK) and all("SimpleITK" in line for line in skipped)
         assert not set(SITK) & set(plain)
@@ -151,7 +164,7 @@ def test_cupy_where_there_is_none(capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cupy_usable(), reason="CuPy sees no device")
 def test_cupy_stages_agree_with_numpy():
-    results = bench.run([TINY], ["numpy", "cupy"], ["sobel", "gram", "warp", "refine"], repeat=1, plain=False)
+    results = bench.run([TINY], ["numpy", "cupy"], ["sobel", "gram", "warp", "refine"], repeat=1)
     rows = _rows(results, "cupy")
     assert all("error" not in row and row["h2d_s"] > 0 for row in rows.values()), rows
     assert "GPU" in results["machines"]["cupy"]["device"]
@@ -163,12 +176,12 @@ def test_simpleitk_matrices_round_trip():
 
     shape = (60, 80)
     known = affine_about_center(shape, rotation_deg=7.0, scale=1.03, shear=0.05, shift=(2.5, -4.0))
-    for center in ((0.0, 0.0), bench.image_center(shape), (13.0, -7.0)):
-        assert np.allclose(bench.sitk_to_matrix(bench.matrix_to_sitk(known, center)), known, atol=1e-12)
+    for center in ((0.0, 0.0), reference.image_center(shape), (13.0, -7.0)):
+        assert np.allclose(reference.sitk_to_matrix(reference.matrix_to_sitk(known, center)), known, atol=1e-12)
     # SimpleITK's Resample through the converted transform is ndimage's affine_transform with the matrix.
     image = ndi.gaussian_filter(np.random.default_rng(0).random(shape), 3).astype(np.float32)
     itk_image = sitk.GetImageFromArray(image)
-    transform = bench.matrix_to_sitk(known, bench.image_center(shape))
+    transform = reference.matrix_to_sitk(known, reference.image_center(shape))
     theirs = sitk.GetArrayFromImage(sitk.Resample(itk_image, itk_image, transform, sitk.sitkLinear, np.nan))
     ours = ndi.affine_transform(image, known, order=1, mode="constant", cval=np.nan)
     both = np.isfinite(theirs) & np.isfinite(ours)

@@ -151,7 +151,7 @@ def test_failure_while_writing_leaves_no_output(tmp_path, phantom, centres, monk
         return real[os.path.basename(path)](*args, **kwargs)
 
     if writer == "report.png":
-        monkeypatch.setattr("ggrad_gpu.plotting.report.save_report", full_disk)
+        monkeypatch.setattr("ggrad_gpu.io.atomic.write_figure", full_disk)
     else:
         monkeypatch.setattr(outputs, "write_cube" if writer == "registered.npy" else "write_json", full_disk)
     out = tmp_path / "out"

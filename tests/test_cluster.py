@@ -25,3 +25,20 @@ def test_local_workers_malloc_thresholds(monkeypatch, config, trim):
     assert list(threads.values()) == [1]
     if trim is None:  # Dask's nanny also sets its value in this process's environment; unset, it does not
         assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
+
+
+def test_tasks_in_threads_share_the_cores_blas_threads():
+    """Tile tasks run as threads of one process: each gets the cores divided by the tasks in flight, not all."""
+    from threadpoolctl import threadpool_info
+
+    from ggrad_gpu.scaleout.tasks import blas_threads, run_tasks
+
+    def blas_in_task(_):
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    if not blas_in_task(None):
+        pytest.skip("no BLAS library that threadpoolctl sees")
+    before = blas_in_task(None)
+    seen = run_tasks(blas_in_task, [(i,) for i in range(4)], max_in_flight=2)
+    assert all(threads == {blas_threads(2)} for threads in seen), seen
+    assert blas_in_task(None) == before  # restored after the tasks

@@ -8,7 +8,7 @@ the module ``pkg.name`` where there is one, else to ``pkg`` (its ``__init__``).
 The layers, bottom first (docs/ARCHITECTURE.md); a module may import its own
 group and any group on a lower line, never a group beside it on the same line:
 
-    base          _backend, _memory, _validation, _version, _lazy (dask dispatch, scratch)
+    base          _affine, _backend, _memory, _validation, _version, _lazy (dask dispatch, scratch)
     core | io     the paper's stages | files in and out (a leaf: it draws nothing)
     registration | synthetic
     refinement
@@ -36,7 +36,7 @@ LAYERS = [
     {"cli"},
     {"api"},
 ]
-BASE = {"_backend", "_memory", "_validation", "_version", "_lazy"}
+BASE = {"_affine", "_backend", "_memory", "_validation", "_version", "_lazy"}
 
 
 def group_of(module: str) -> str:
@@ -210,3 +210,23 @@ def test_each_subpackage_lists_its_public_api(group):
 def test_every_module_belongs_to_a_layer():
     names = read_package(PACKAGE)
     assert [name for name in names if not any(group_of(name) in layer for layer in LAYERS)] == []
+
+
+def test_the_package_imports_no_benchmark_reference():
+    """SimpleITK and the plain way are benchmark references: they live in benchmarks/, not in the package."""
+    found = []
+    for name, (source, _) in read_package(PACKAGE).items():
+        for node in ast.walk(ast.parse(source)):
+            imported = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{name}: {module}" for module in imported
+                      if module.split(".")[0] in ("SimpleITK", "benchmarks")]
+    assert found == []
+
+
+def test_plotting_draws_and_io_writes():
+    """plotting returns figures and writes nothing (no import of io); io draws nothing (no import of plotting)."""
+    plotting = {name: targets for name, targets in PACKAGE_EDGES.items() if group_of(name) == "plotting"}
+    io = {name: targets for name, targets in PACKAGE_EDGES.items() if group_of(name) == "io"}
+    assert [(n, t) for n, targets in plotting.items() for t in targets if group_of(t) == "io"] == []
+    assert [(n, t) for n, targets in io.items() for t in targets if group_of(t) == "plotting"] == []

@@ -182,3 +182,23 @@ def test_demo_mosaic(tmp_path, capsys):
     assert record["tiles"][5]["status"] == "refined" and record["tiles"][6]["status"] == "model"
     assert zarr.open_array(str(tmp_path / "demo" / "mosaic.zarr")).attrs["complete"] is True
     assert (tmp_path / "demo" / "report.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("missing", ["zarr", "dask"])
+def test_without_zarr_or_dask_the_mosaic_commands_stop_before_any_work(missing, tmp_path, monkeypatch, capsys):
+    """After a bare ``pip install .``: the exact install command, before a phantom is made or a tile read."""
+    from ggrad_gpu import synthetic
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started")
+
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed: its import fails
+    monkeypatch.setattr(synthetic, "make_mosaic", no_work)
+    assert main(["demo", "--mosaic", "-o", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert f"needs {missing}" in err and "pip install 'ggrad_gpu[io,dask]'" in err, err
+    assert not (tmp_path / "demo").exists()
+    (tmp_path / "manifest.json").write_text("{}")
+    assert main(["mosaic", str(tmp_path / "guide.npy"), str(tmp_path / "manifest.json"), "-o",
+                 str(tmp_path / "out")]) == 2
+    assert "pip install 'ggrad_gpu[io,dask]'" in capsys.readouterr().err

@@ -10,7 +10,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ggrad_gpu import refine
-from ggrad_gpu.plotting.report import PANELS, report_figure, save_report, verdict_line
+from ggrad_gpu.io import write_figure as save_report
+from ggrad_gpu.plotting.report import PANELS, report_figure, verdict_line
 from ggrad_gpu.synthetic import make_phantom
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

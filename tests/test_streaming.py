@@ -144,3 +144,28 @@ def test_sigterm_mid_stream_then_rerun_completes(files, tmp_path):
     reference = warp_cube(phantom.cube, np.array(record["matrix"]) @ np.array(store.attrs["output_to_guide"]),
                           store.shape[:2])
     np.testing.assert_array_equal(store[...], reference)
+
+
+@pytest.mark.parametrize("changed", [["--no-denoise"], ["--check"]], ids=lambda flags: flags[0])
+def test_an_interrupted_run_is_not_resumed_under_other_refine_options(changed, tmp_path, monkeypatch, capsys):
+    """A streamed run cut short, then run again with another option of ``refine``: not resumed from the old transform.
+
+    The fingerprint once omitted ``denoise`` and ``check``: the rerun with
+    ``--no-denoise`` continued from the transform the denoised run had made.
+    """
+    phantom = make_phantom(shape=(64, 80), bands=8, seed=0)
+    np.save(tmp_path / "guide.npy", phantom.guide)
+    io.write_cube(tmp_path / "cube.zarr", phantom.cube)
+    command = ["refine", str(tmp_path / "guide.npy"), str(tmp_path / "cube.zarr"), "-o", str(tmp_path / "out"),
+               "-q", "--memory-limit", "1KB", "--working-shape", "64", "80"]  # the cube: 12 x 14 x 8
+
+    def stop(self, index, block):
+        raise KeyboardInterrupt  # Ctrl-C before the first chunk
+
+    with monkeypatch.context() as patch:
+        patch.setattr(io.ResumableArray, "write", stop)
+        assert main(command) == 130
+    assert (tmp_path / "out" / "transform.json").exists()
+    capsys.readouterr()
+    assert main(command + changed) == 2  # the folder holds another run's transform
+    assert "pass --force" in capsys.readouterr().err

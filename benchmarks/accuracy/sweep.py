@@ -4,7 +4,7 @@ Methods, each on the same cases (``ggrad_gpu.cli.bench.draw_cases``: rotation +-
 deg, scale +-5 %, shear +-0.02, shift up to 45 guide px, seed 2024):
 
 - ``ggrad``: ``refine(guide, cube, initial=phantom.initial, backend="numpy")``;
-- ``plain``: the paper's method without this package, ``ggrad_gpu.cli.bench.plain_refine``
+- ``plain``: the paper's method without this package, ``benchmarks.reference.plain_refine``
   (SciPy estimate on the cube placed by the initial transform, SimpleITK
   mean-squares affine registration of grad_y to grad_x);
 - ``mattes_pca``: SimpleITK Mattes mutual information between the guide and
@@ -30,15 +30,8 @@ import scipy.ndimage as ndi
 
 from ggrad_gpu import refine, warp_cube
 from ggrad_gpu.baselines import first_principal_component
-from ggrad_gpu.cli.bench import (
-    CASE_SEED,
-    PlainRefinement,
-    SitkSettings,
-    draw_cases,
-    fill_outside,
-    plain_refine,
-    register_sitk,
-)
+from benchmarks.reference import PlainRefinement, SitkSettings, fill_outside, plain_refine, register_sitk
+from ggrad_gpu.cli.bench import CASE_SEED, draw_cases
 from ggrad_gpu.metrics import target_registration_error
 from ggrad_gpu.synthetic import affine_about_center, make_phantom
 

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 import sys
 
 import numpy as np
 
+from .._affine import translation
 from .scratch import make_folder, release_folder
 
 __all__ = [
@@ -96,6 +98,16 @@ def spatial_chunks(shape, itemsize: int, *, chunk_bytes: int = CHUNK_BYTES, mult
 
 # --------------------------------------------------------------------------- materialising once
 
+@dataclasses.dataclass
+class _Scratch:
+    """What a :func:`checkpoints` block keeps: its temporary folder and stores, its memory limit, its arrays."""
+
+    stores: list  # the temporary folder (made when the first array goes to disk), then each store in it
+    limit: int | None
+    done: dict = dataclasses.field(default_factory=dict)  # checkpoint: held arrays by name
+    sources: dict = dataclasses.field(default_factory=dict)  # keep_source: the stored sources by name
+
+
 _SCRATCH = contextvars.ContextVar("ggrad_gpu_chunked_scratch", default=None)
 _LOCKS: dict = {}  # each block's temporary folder: its held lock (scratch.make_folder)
 
@@ -119,7 +131,7 @@ def checkpoints(memory_limit: int | None = None):
     (132, True)
     """
     stores = []  # the temporary folder, made when the first array goes to disk
-    token = _SCRATCH.set((stores, memory_limit, {}, {}))
+    token = _SCRATCH.set(_Scratch(stores, memory_limit))
     try:
         yield
     finally:
@@ -152,11 +164,10 @@ def checkpoint(x):
     scratch = _SCRATCH.get()
     if scratch is None:
         return _persisted(x)
-    stores, limit, done, _ = scratch
-    if x.name in done:
+    if x.name in scratch.done:
         return x
-    kept = _persisted(x) if _fits_memory(x, limit) else _stored(x, stores)
-    done[kept.name] = kept  # held (until release_checkpoints): on a cluster, its data stay while later steps read them
+    kept = _persisted(x) if _fits_memory(x, scratch.limit) else _stored(x, scratch.stores)
+    scratch.done[kept.name] = kept  # held (until release_checkpoints): on a cluster, its data stay while later steps read them
     return kept
 
 
@@ -212,17 +223,16 @@ def keep_source(x):
     scratch = _SCRATCH.get()
     if not is_dask_array(x) or scratch is None:
         return x
-    stores, limit, _, sources = scratch
-    if _fits_memory(x, limit):
+    if _fits_memory(x, scratch.limit):
         return x
-    if x.name not in sources:
+    if x.name not in scratch.sources:
         rows, cols = spatial_chunks(x.shape, x.dtype.itemsize, chunk_bytes=SOURCE_CHUNK_BYTES)
         # Each new chunk a piece of one of x's (a side that divides x's chunks): with sides that do
         # not, a new chunk draws on up to four of x's and the scheduler holds rows of them (a 4 GiB
         # cube in 64 MiB chunks peaked at 3.0 GiB while being copied).
         split = {0: _dividing_side(x.chunks[0], rows), 1: _dividing_side(x.chunks[1], cols), 2: -1}
-        sources[x.name] = _stored(x.rechunk(split), stores)
-    return sources[x.name]
+        scratch.sources[x.name] = _stored(x.rechunk(split), scratch.stores)
+    return scratch.sources[x.name]
 
 
 def _dividing_side(chunks, target: int) -> int:
@@ -304,7 +314,7 @@ def release_checkpoints() -> None:
     """
     scratch = _SCRATCH.get()
     if scratch is not None:
-        scratch[2].clear()
+        scratch.done.clear()
 
 
 def _persisted(x):
@@ -420,7 +430,7 @@ def warp_cube_chunked(cube, matrix, output_shape, *, order: int, kernel, chunks=
                 row.append(da.full((r1 - r0, c1 - c0, bands), np.nan, dtype=dtype, chunks=(r1 - r0, c1 - c0, bands)))
                 continue
             (w0, w1), (v0, v1) = window
-            shifted = _translation(-w0, -v0) @ matrix @ _translation(r0, c0)
+            shifted = translation(-w0, -v0) @ matrix @ translation(r0, c0)
             if path is None:
                 task = dask.delayed(kernel, pure=True)(cube[w0:w1, v0:v1], shifted, (r1 - r0, c1 - c0),
                                                           order=order)
@@ -441,10 +451,6 @@ def _stitched(rows):
     import dask.array as da
 
     return da.block([[[block] for block in row] for row in rows])
-
-
-def _translation(rows: float, cols: float) -> np.ndarray:
-    return np.array([[1.0, 0, rows], [0, 1.0, cols], [0, 0, 1.0]])
 
 
 def _source_window(matrix, block, cube_shape, pad: int):

@@ -12,8 +12,8 @@ per cube, ``cube_to_cube.json``, ``overlay.png``). ``ggrad apply TRANSFORM CUBE
 prints, for the global gradient, the best single band and the baselines of
 :mod:`ggrad_gpu.baselines`, how well each matches the guide's gradient and
 the registration error that refine reaches with each (the paper's Tables
-2-4, against the known transform). ``ggrad bench`` times each stage against the plain SciPy way
-(:mod:`ggrad_gpu.cli.bench`) and prints a Markdown table.
+2-4, against the known transform). ``ggrad bench`` times each stage on NumPy or CuPy against the
+machine's measured limits (:mod:`ggrad_gpu.cli.bench`) and prints a Markdown table.
 
 Exit codes: 0 done (also when the initial transform was kept, unless
 ``--strict``); 1 the refinement kept the initial transform and ``--strict``
@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +50,11 @@ from .._version import __version__
 from ..core.estimate import estimate_global_gradient
 from ..core.filters import sobel_magnitude
 from ..io import CUBE_FORMATS, INSTRUMENT_SUFFIXES, is_instrument_file, read_instrument, read_transform
+from ..io.folders import check_outside
 from ..refinement.apply import APPLY_GRIDS, apply_transform
 from ..refinement.driver import refine
 from ..refinement.multimodal import cube_to_cube
-from ..refinement.options import OUTPUT_GRIDS, parse_bytes
+from ..refinement.options import OUTPUT_GRIDS, RefineOptions, parse_bytes
 from ..registration.metrics import ncc, target_registration_error
 from .mosaic import add_parser as add_mosaic_parser, mosaic_demo
 from .multi_outputs import unique_names, write_many_outputs
@@ -172,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo_command, force=False, cube_format="npy")
 
     bench = commands.add_parser(
-        "bench", help="time each stage on NumPy or CuPy against the plain SciPy way; print a Markdown table",
+        "bench", help="time each stage on NumPy or CuPy against the machine's own limits; print a Markdown table",
         description="Time each stage (ggrad_gpu.cli.bench) on phantoms; the table goes to stdout, progress to stderr.",
     )
     bench.add_argument("--sizes", default="small", metavar="SIZES",
@@ -184,8 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma list of sobel, pyramid, gram, nnls, combine, warp, register, estimate, "
                             "refine (default: all)")
     bench.add_argument("--repeat", type=int, default=3, help="timed rounds per stage (default: 3)")
-    bench.add_argument("--no-plain", action="store_false", dest="plain",
-                       help="skip the plain way (per-band SciPy loops, SimpleITK), which takes minutes at 1000 bands")
     bench.add_argument("--json", type=Path, metavar="FILE", help="also write the rows and the machine as JSON")
     bench.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     bench.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -309,7 +309,7 @@ def _one_line(exc) -> str:
 
 def _refine_command(args) -> int:
     guide_path, cube_paths = _refine_positionals(args)
-    _check_outside(args.output, [guide_path, *cube_paths, *(args.initial or [])])
+    check_outside(args.output, [guide_path, *cube_paths, *(args.initial or [])])
     weights = _manual_weights(args)
     streamed = _lazy_cube_over_limit(args, guide_path, cube_paths)
     if streamed is not None:
@@ -419,7 +419,8 @@ def _refine_one(args, guide, guide_source, job, weights):
     cube_data, cube_path = job["cube"], job["path"]
     try:
         with np.errstate(over="raise"):  # values so large that they overflow: an input error, said once
-            return _run_refine(args, guide, cube_data.data, initial=job["initial"], weights=weights)
+            return _run_refine(args, guide, cube_data.data, initial=job["initial"],
+                               **refine_options(args, weights=weights).keywords())
     except FloatingPointError as exc:
         largest = ", ".join(f"{_largest_magnitude(data):.3g} in {path}"
                             for data, path in ((cube_data.data, cube_path), (guide, guide_source)))
@@ -466,7 +467,7 @@ def _apply_command(args) -> int:
     from .. import io
 
     check_new_directory(args.output, force=args.force)
-    _check_outside(args.output, [args.transform, args.cube])
+    check_outside(args.output, [args.transform, args.cube])
     if not args.transform.is_file():
         raise FileNotFoundError(f"transform file not found: {args.transform}")
     try:
@@ -533,10 +534,12 @@ def _stream_command(args, guide_path, cube_data, limit, weights) -> int:
           f"on the {args.output_grid or 'cube'} grid", file=sys.stderr)
     try:
         with dask_client(workers=args.workers, scheduler=args.scheduler, memory_limit=limit):
+            options = refine_options(args, weights=weights, memory_limit=limit,
+                                     output_grid=args.output_grid or "cube")
             message, improved = stream_refine(
-                args, guide, cube_data, guide_path=guide_path, initial_path=initial_path, initial=initial,
-                weights=weights, memory_limit=limit, say=say,
-                run_refine=lambda guide, cube, **options: _run_refine(args, guide, cube, **options))
+                guide, cube_data, args.output, options=options, guide_path=guide_path, initial_path=initial_path,
+                initial=initial, band_axis=args.band_axis, force=args.force, quiet=args.quiet, say=say,
+                run_refine=lambda guide, cube, **keywords: _run_refine(args, guide, cube, **keywords))
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, Terminated)
         print(f"ggrad: {'terminated (SIGTERM)' if terminated else 'interrupted'}; {args.output} is incomplete "
@@ -555,22 +558,6 @@ def _largest_magnitude(data) -> float:
     return float(finite.max()) if finite.size else 0.0
 
 
-def _check_outside(output: Path, inputs) -> None:
-    """Refuse an OUTDIR that is, or holds, one of the inputs (``--force`` would replace them)."""
-    if not output.exists():
-        return
-    from ..io import split_dataset_path
-
-    folder = output.resolve()
-    for given in inputs:
-        if given is None:
-            continue
-        path = split_dataset_path(given)[0].resolve()  # "scan.h5:/cube" is the file scan.h5
-        if path == folder or folder in path.parents:
-            raise ValueError(f"output folder {output} holds the input {given}; it is never replaced: "
-                             f"choose another OUTDIR")
-
-
 def _manual_weights(args):
     if args.alpha is None and args.beta is None:
         return "auto"
@@ -579,7 +566,28 @@ def _manual_weights(args):
     return (args.alpha, args.beta)
 
 
-def _run_refine(args, guide, cube, **options):
+def refine_options(args, **given) -> RefineOptions:
+    """``refine``'s options from ``ggrad``'s arguments: each field whose flag the command has, else its default.
+
+    The flags are those the fields of :class:`~ggrad_gpu.refinement.options.RefineOptions`
+    name (the argparse ``dest`` is the field's name; ``weights`` come from
+    ``--alpha`` and ``--beta``); a flag left unset (None) keeps the default;
+    ``given`` sets fields the command decides itself.
+
+    Examples
+    --------
+    >>> args = build_parser().parse_args(["refine", "g.png", "c.npy", "-o", "out", "--no-denoise", "--levels", "2"])
+    >>> options = refine_options(args, weights="auto")
+    >>> options.denoise, options.levels, options.output_grid
+    (False, 2, 'working')
+    """
+    parsed = vars(args)
+    chosen = {option.name: parsed[option.name] for option in fields(RefineOptions)
+              if option.metadata["flag"] is not None and parsed.get(option.name) is not None}
+    return RefineOptions(**{**chosen, **given})
+
+
+def _run_refine(args, guide, cube, **keywords):
     """``refine`` with a progress bar on stderr (quiet when not a terminal or with --quiet)."""
     from tqdm.auto import tqdm
 
@@ -591,11 +599,7 @@ def _run_refine(args, guide, cube, **options):
             bar.set_description_str(stage)
             bar.update()
 
-        return refine(guide, cube, levels=args.levels, backend=args.backend, progress=progress,
-                      working_shape=getattr(args, "working_shape", None),
-                      absorbance=getattr(args, "absorbance", True), check=getattr(args, "check", False),
-                      denoise=getattr(args, "denoise", True),
-                      **{"output_grid": getattr(args, "output_grid", None) or "working", **options})
+        return refine(guide, cube, progress=progress, **keywords)
 
 
 def _printer(args):
@@ -659,7 +663,7 @@ def _demo_command(args) -> int:
     for _, method, _ in DEMO_METHODS:
         if method is not None:
             refined[method] = _run_refine(args, guide, to_device(phantom.cube, xp), initial=phantom.initial,
-                                          method=method)
+                                          **refine_options(args, method=method).keywords())
             errors[method] = target_registration_error(refined[method].matrix, phantom.matrix,
                                                        phantom.guide.shape)
     print("each image of the cube: NCC of its gradient with grad_x (true placement), and the target registration")
@@ -695,7 +699,7 @@ def _bench_command(args) -> int:
     backends, note = bench.backends_for(args.backend)
     if note:
         print(f"ggrad bench: {note}", file=sys.stderr)
-    results = bench.run(sizes, backends, stages, repeat=args.repeat, plain=args.plain,
+    results = bench.run(sizes, backends, stages, repeat=args.repeat,
                         progress=None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True))
     print("\n".join(f"- {line}" for line in bench.machine_lines(results["machines"])) + "\n")
     print(bench.markdown_table(results["rows"]) + "\n")

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -40,6 +38,9 @@ import numpy as np
 __all__ = ["TileFile", "add_parser", "initial_from_stage", "mosaic_command", "mosaic_demo", "read_manifest"]
 
 OUTPUTS = ("tiles.json", "mosaic.zarr", "report.png")
+# What a mosaic needs beyond a bare install: Dask runs the tiles, Zarr holds the fused mosaic.
+NEEDS = {"dask": "dask", "zarr": "zarr"}
+NEEDS_EXTRAS = "io,dask"
 OME_ZARR = "mosaic.ome.zarr"  # with --ome-zarr
 
 
@@ -219,27 +220,35 @@ def mosaic_command(args) -> int:
     ['refined', 'refined']
     >>> folder.cleanup()
     """
+    from ..io.libraries import require_all
+
+    require_all(NEEDS, "ggrad mosaic", extras=NEEDS_EXTRAS)  # before any work
     from .. import io
     from ..scaleout.cluster import WORKER_CONFIG, dask_client
     from ..scaleout.fusion import mosaic_grid
     from ..io.guide_regions import open_guide_regions
     from ..io.resumable import file_signature, fingerprint
+    from ..io.folders import remove_outputs, reusable_record
+    from ..refinement.options import RefineOptions, resume_settings
 
     tiles = read_manifest(args.manifest, tile_pixel_um=args.tile_pixel_size, guide_pixel_um=args.guide_pixel_size,
                           guide_origin_um=tuple(args.guide_origin))
     _check_outdir(args.output, [args.guide, args.manifest] + [t["cube"] for t in tiles])
     guide = open_guide_regions(args.guide)  # by region where the format allows
     sources, stamps = _open_tiles(tiles)
-    settings = {"levels": args.levels, "chunk": args.chunk}
+    # refine's choices for the tiles (those ggrad mosaic sets; the others at their defaults), as a streamed
+    # refine's fingerprint holds them: a rerun that changes one refines again.
+    options = RefineOptions(levels=args.levels, backend=args.backend)
+    settings = {**resume_settings(options), "chunk": args.chunk}
     stamp = fingerprint(guide=file_signature(args.guide), tiles=[[t["name"], t["initial"].tolist()] for t in tiles],
                         files=stamps, settings=settings)
     record_path = args.output / "tiles.json"
-    record = _reusable_record(record_path, stamp, args.force)
+    record = reusable_record(record_path, stamp, force=args.force, outputs=OUTPUTS)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     with dask_client(workers=args.workers, scheduler=args.scheduler, config=WORKER_CONFIG) as client:
         if record is None:
             if args.output.exists() and args.force:
-                _remove_outputs(args.output)
+                remove_outputs(args.output, OUTPUTS + (OME_ZARR,))
             args.output.mkdir(exist_ok=True)
             result = _refine_tiles(args, guide, tiles, sources, client)
             placed = [i for i, s in enumerate(result.status) if s != "failed"]
@@ -283,6 +292,9 @@ def mosaic_demo(args) -> int:
     """
     import tempfile
 
+    from ..io.libraries import require_all
+
+    require_all(NEEDS, "ggrad demo --mosaic", extras=NEEDS_EXTRAS)  # before any work
     from .. import synthetic
     from ..scaleout.fusion import fuse_mosaic, mosaic_grid
     from .outputs import check_new_directory
@@ -393,9 +405,9 @@ def _tiles_record(tiles, result, grid, stamp) -> dict:
 
 def _write_report(path, guide, result, names) -> None:
     from ..plotting.mosaic import mosaic_figure
-    from ..plotting.report import save_report
+    from ..io.atomic import write_figure
 
-    save_report(mosaic_figure(guide, result, names), path, overwrite=True)
+    write_figure(mosaic_figure(guide, result, names), path, overwrite=True)
 
 
 def _open_tiles(tiles):
@@ -412,43 +424,10 @@ def _open_tiles(tiles):
     return sources, stamps
 
 
-def _reusable_record(path: Path, stamp: str, force: bool):
-    """``tiles.json`` if it is from the same inputs and settings; None to compute it (refuses others without force)."""
-    folder = path.parent
-    if not folder.exists():
-        return None
-    if not folder.is_dir():
-        raise FileExistsError(f"output {folder} exists and is not a folder; it is never replaced")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        record = None
-    if record is not None and record.get("fingerprint") == stamp:
-        return record
-    if not force and any(folder.iterdir()):
-        raise FileExistsError(f"output folder {folder} holds results from other inputs or settings (or other "
-                              f"files); choose another or pass --force to replace its {', '.join(OUTPUTS)}")
-    return None
-
-
 def _check_outdir(output: Path, inputs) -> None:
-    """Refuse an OUTDIR that is, or holds, one of the inputs (``--force`` would replace them)."""
-    if not output.exists():
-        if not output.parent.exists():
-            raise FileNotFoundError(f"the folder to hold {output} does not exist: {output.parent}")
-        return
-    folder = output.resolve()
-    for given in inputs:
-        path = Path(given).resolve()
-        if path == folder or folder in path.parents:
-            raise ValueError(f"output folder {output} holds the input {given}; choose another OUTDIR")
+    """Refuse an OUTDIR that holds one of the inputs, or whose folder does not exist."""
+    from ..io.folders import check_outside
 
-
-def _remove_outputs(folder: Path) -> None:
-    """Remove this command's outputs from ``folder`` (and nothing else)."""
-    for name in OUTPUTS + (OME_ZARR,):
-        target = folder / name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif os.path.lexists(target):
-            target.unlink()
+    if not output.exists() and not output.parent.exists():
+        raise FileNotFoundError(f"the folder to hold {output} does not exist: {output.parent}")
+    check_outside(output, inputs)

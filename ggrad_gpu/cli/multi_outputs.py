@@ -78,7 +78,7 @@ def write_many_outputs(outdir, refinements, guide, cubes, names, *, cube_to_cube
     [PosixPath('both/raman'), PosixPath('both/ir'), PosixPath('both/cube_to_cube.json'), PosixPath('both/overlay.png')]
     """
     from ..plotting.overlay import overlay_figure
-    from ..plotting.report import save_report
+    from ..io.atomic import write_figure
 
     outdir = check_new_directory(outdir, force=force)
     with atomic_folder(outdir, overwrite=force) as staging:
@@ -90,5 +90,5 @@ def write_many_outputs(outdir, refinements, guide, cubes, names, *, cube_to_cube
         arrays = [getattr(cube, "data", cube) for cube in cubes]
         figure = overlay_figure(guide, arrays, [r.initial for r in refinements], [r.matrix for r in refinements],
                                 names)
-        save_report(figure, staging / "overlay.png")
+        write_figure(figure, staging / "overlay.png")
     return [outdir / name for name in (*names, "cube_to_cube.json", "overlay.png")]

@@ -123,7 +123,8 @@ def write_outputs(outdir, refinement, guide, cube, *, cube_format: str = "npy", 
     ['registered.npy', 'report.png', 'transform.json', 'weights.json']
     """
     # Imported here: matplotlib loads only once there is a report to draw.
-    from ..plotting.report import report_figure, save_report
+    from ..io.atomic import write_figure
+    from ..plotting.report import report_figure
 
     if cube_format not in CUBE_FORMATS:
         raise ValueError(f"cube_format must be one of {CUBE_FORMATS}; got {cube_format!r}")
@@ -154,7 +155,7 @@ def write_outputs(outdir, refinement, guide, cube, *, cube_format: str = "npy", 
                        weights_record(refinement.gradient, band_centres=band_centres, band_unit=band_unit))
             step = "report.png"
             figure = report_figure(refinement, guide, data, band_centres=band_centres, band_unit=band_unit)
-            save_report(figure, staging / step)
+            write_figure(figure, staging / step)
             names += ["transform.json", "weights.json", "report.png"]
             step = "the folder"  # what is left is the swap into place
     except OSError as exc:

@@ -12,11 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._backend import array_module
+
 __all__ = [
     "CAPTURE_MARGIN",
     "MAX_LEVELS",
     "WorkingGrid",
     "affine_coordinates",
+    "block_mean",
     "auto_levels",
     "block_region",
     "check_output_shape",
@@ -390,3 +393,43 @@ def degeneracy(relative, max_scale: float) -> str:
     if singular.max() > max_scale or singular.min() < 1 / max_scale:
         return f"it scales by {singular.min():.3g} to {singular.max():.3g}, beyond a factor {max_scale:g}"
     return ""
+
+
+def block_mean(image, step: int, *, partial: bool = False, skip_nan: bool = False):
+    """Mean of ``step x step`` blocks of an image (or of every band of a cube), in the image's array module.
+
+    By default over the first ``step * (rows // step)`` rows and columns (the
+    partial last blocks left out), a block with a NaN being NaN: the working
+    grid's guide. ``partial`` keeps the last blocks with what is left;
+    ``skip_nan`` leaves NaN out of each block's mean (NaN where a block has no
+    value): the report's panels. ``step`` 1 returns ``image`` itself.
+
+    Examples
+    --------
+    >>> block_mean(np.arange(16.0).reshape(4, 4), 2)
+    array([[ 2.5,  4.5],
+           [10.5, 12.5]])
+    >>> block_mean(np.ones((5, 7)), 2).shape  # the partial last blocks are left out
+    (2, 3)
+    >>> image = np.arange(20.0).reshape(4, 5); image[0, 0] = np.nan
+    >>> block_mean(image, 2, partial=True, skip_nan=True)
+    array([[ 4. ,  5. ,  6.5],
+           [13. , 15. , 16.5]])
+    """
+    if step == 1:
+        return image
+    xp = array_module(image=image)
+    rows, cols = image.shape[:2]
+    if partial:
+        padded = xp.full((-(-rows // step) * step, -(-cols // step) * step) + tuple(image.shape[2:]), xp.nan)
+        padded[:rows, :cols] = image
+        image = padded
+    else:
+        image = image[: rows // step * step, : cols // step * step]
+    blocks = image.reshape((image.shape[0] // step, step, image.shape[1] // step, step) + tuple(image.shape[2:]))
+    if not skip_nan:
+        return blocks.mean(axis=(1, 3))
+    finite = xp.isfinite(blocks)
+    count = finite.sum(axis=(1, 3))
+    total = xp.where(finite, blocks, 0.0).sum(axis=(1, 3))
+    return xp.where(count > 0, total / xp.maximum(count, 1), xp.nan)

@@ -15,6 +15,8 @@ Modules, one job each:
 - :mod:`~ggrad_gpu.io.instruments`: instrument files read whole (Renishaw
   ``.wdf``, Agilent ``.dmt``): cube, band axis, white-light image and the
   initial transform from the stage metadata.
+- :mod:`~ggrad_gpu.io.folders`: output folders of resumable commands: inputs kept
+  out, another run's record found, outputs removed.
 - :mod:`~ggrad_gpu.io.libraries`: the boundary with the optional format
   libraries (imported on demand; one error per unreadable file).
 
@@ -24,7 +26,7 @@ library until a file needs it.
 """
 
 from .._validation import LUMA_WEIGHTS
-from .atomic import atomic_folder, atomic_write, atomic_write_all, write_json
+from .atomic import atomic_folder, atomic_write, atomic_write_all, write_figure, write_json
 from .cubes import CUBE_FORMATS, CUBE_SUFFIXES, CubeData, cube_suffix, read_cube, split_dataset_path, write_cube
 from .guides import GUIDE_SUFFIXES, read_guide
 from .instruments import (
@@ -68,5 +70,6 @@ __all__ = [
     "versions",
     "weights_record",
     "write_cube",
+    "write_figure",
     "write_json",
 ]

@@ -12,7 +12,8 @@ One implementation serves every writer: :func:`atomic_write` (one file or
 folder), :func:`atomic_write_all` (files that belong together, such as an
 ENVI header and its data file), :func:`atomic_folder` (a folder assembled
 file by file, such as ``ggrad refine``'s output folder) and
-:func:`write_json`.
+:func:`write_json`, :func:`write_figure` (a figure made by ``ggrad_gpu.plotting`` as a
+PNG; io itself draws nothing).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_folder", "atomic_write", "atomic_write_all", "write_json"]
+__all__ = ["atomic_folder", "atomic_write", "atomic_write_all", "write_figure", "write_json"]
 
 # Signals held back while finished files are renamed into place (see _signals_deferred).
 _DEFERRED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -315,3 +316,33 @@ def _remove(path: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def write_figure(figure, path, *, overwrite: bool = False) -> Path:
+    """Write a Matplotlib ``figure`` (e.g. from :mod:`ggrad_gpu.plotting`) as a PNG at ``path``, atomically.
+
+    The image is written to a temporary file in the same folder and renamed
+    onto ``path`` only once it is complete, so ``path`` is either absent, the
+    old file, or the whole new image; the temporary file is removed if
+    anything fails. The format is PNG whatever the suffix.
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is False (checked before writing
+        and again just before the rename).
+    FileNotFoundError
+        If the folder that should hold ``path`` does not exist.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from matplotlib.figure import Figure
+    >>> path = write_figure(Figure(figsize=(1, 1)), Path(tempfile.mkdtemp()) / "report.png")
+    >>> path.read_bytes()[1:4]  # the PNG signature
+    b'PNG'
+    """
+    path = Path(os.fspath(path))
+    with atomic_write(path, overwrite=overwrite) as temporary:
+        figure.savefig(temporary, format="png", dpi=figure.dpi)
+    return path

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import logging
 import warnings
 from pathlib import Path
 
-__all__ = ["reading", "require"]
+__all__ = ["reading", "require", "require_all"]
 
 # Loggers of the readers' libraries: what they say while a read fails is dropped
 # (the error says it); what they say during a read that succeeds is passed on.
@@ -58,6 +59,34 @@ def require(module: str, package: str, what: str, *, extra: str = "io"):
     except ImportError as exc:
         raise ImportError(f"{what} needs the optional package {package!r}: pip install {package} "
                           f"(or pip install 'ggrad_gpu[{extra}]' for every format of its kind)") from exc
+
+
+def require_all(modules: dict, what: str, *, extras: str) -> None:
+    """Check, before any work, that every optional library a command needs imports here; else one error.
+
+    ``modules`` maps a module to the distribution that provides it; the
+    modules are found, not imported. The error names those missing and the
+    exact ``pip install`` of the ``ggrad_gpu`` extras that bring them.
+
+    Examples
+    --------
+    >>> require_all({"json": "json"}, "reading a manifest", extras="io")
+    >>> require_all({"json": "json", "no_such_module": "no-such-package"}, "ggrad demo --mosaic", extras="io,dask")
+    Traceback (most recent call last):
+        ...
+    ImportError: ggrad demo --mosaic needs no-such-package, not installed here: pip install 'ggrad_gpu[io,dask]'
+    """
+    missing = []
+    for module, package in modules.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package missing, or a module set to None
+            found = False
+        if not found:
+            missing.append(package)
+    if missing:
+        raise ImportError(f"{what} needs {', '.join(missing)}, not installed here: "
+                          f"pip install 'ggrad_gpu[{extras}]'")
 
 
 @contextlib.contextmanager

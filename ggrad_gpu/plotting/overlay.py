@@ -5,7 +5,7 @@
 its first principal component), in its own colour, placed by its initial and by its refined
 matrix, with its footprint outlined: where the refinement worked, each
 colour's edges lie on the guide's. It builds a :class:`matplotlib.figure.Figure` without ``pyplot``;
-:func:`ggrad_gpu.plotting.report.save_report` writes it atomically.
+:func:`ggrad_gpu.io.write_figure` writes it atomically.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 :func:`report_figure` builds a :class:`matplotlib.figure.Figure` directly
 (no ``pyplot``, no global state, no display: it renders with the Agg canvas)
-and :func:`save_report` writes it as a PNG, atomically. Every panel is an
+for the caller to write (:func:`ggrad_gpu.io.write_figure`: a PNG, atomically). Every panel is an
 Axes with a stable label (``Axes.get_label()``) so that callers and tests can
 find it:
 
@@ -23,18 +23,17 @@ The figure's suptitle is the verdict: improved or not, and by how much.
 from __future__ import annotations
 
 import math
-import os
 import textwrap
-from pathlib import Path
 
 import numpy as np
 
 from .._backend import array_module, to_host
 from .._validation import check_array, float_dtype
 from ..core.filters import sobel_magnitude
+from ..core.geometry import block_mean
 from ..core.warp import warp_cube
 
-__all__ = ["DISPLAY_SIDE", "PANELS", "block_mean", "display_step", "report_figure", "save_report"]
+__all__ = ["DISPLAY_SIDE", "PANELS", "display_step", "report_figure"]
 
 PANELS = ("before", "after", "level weights", "grad_x", "grad_y", "band weights")
 FIGSIZE = (12.0, 8.0)  # inches
@@ -107,7 +106,7 @@ def report_figure(refinement, guide, cube, *, band_centres=None, band_unit=None,
     Examples
     --------
     >>> from ggrad_gpu import refine, synthetic
-    >>> from ggrad_gpu.plotting.report import report_figure, save_report
+    >>> from ggrad_gpu.plotting.report import report_figure
     >>> phantom = synthetic.make_phantom(shape=(60, 70), bands=20, seed=0)
     >>> result = refine(phantom.guide, phantom.cube, initial=phantom.initial, levels=3, backend="numpy")
     >>> figure = report_figure(result, phantom.guide, phantom.cube,
@@ -116,8 +115,6 @@ def report_figure(refinement, guide, cube, *, band_centres=None, band_unit=None,
     ['after', 'before']
     >>> figure.get_suptitle().startswith("Improved")
     True
-    >>> save_report(figure, "report.png")  # doctest: +SKIP
-    PosixPath('report.png')
     """
     from matplotlib.figure import Figure
 
@@ -152,7 +149,7 @@ def report_figure(refinement, guide, cube, *, band_centres=None, band_unit=None,
         on_grid = warp_cube(native_image[:, :, None], np.asarray(matrix) @ scale, shape, order=1)[:, :, 0]
         edges = _host_float(sobel_magnitude(on_grid))
         ax = axes[label]
-        ax.imshow(_overlay(block_mean(grad_x, step), block_mean(edges, step)), interpolation="nearest")
+        ax.imshow(_overlay(_block_mean(grad_x, step), _block_mean(edges, step)), interpolation="nearest")
         ax.set_title(f"{label.capitalize()}: {name} transform\nguide magenta, cube green, both white")
         _image_axes(ax)
 
@@ -160,7 +157,7 @@ def report_figure(refinement, guide, cube, *, band_centres=None, band_unit=None,
         ("grad_x", grad_x, None, "guide"),
         ("grad_y", grad_y, valid, "cube"),
     ):
-        shown = block_mean(image if mask is None else np.where(mask, image, np.nan), step)
+        shown = _block_mean(image if mask is None else np.where(mask, image, np.nan), step)
         low, high = _display_range(shown)
         ax = axes[label]
         picture = ax.imshow(shown, cmap="gray", vmin=low, vmax=high, interpolation="nearest")
@@ -176,51 +173,6 @@ def report_figure(refinement, guide, cube, *, band_centres=None, band_unit=None,
     lines = ([title] if title else []) + [verdict] + ([change] if change else [])
     figure.suptitle("\n".join(textwrap.fill(line, _TITLE_WIDTH) for line in lines), fontsize="large")
     return figure
-
-
-def save_report(figure, path, *, overwrite: bool = False) -> Path:
-    """Write ``figure`` as a PNG at ``path``, atomically.
-
-    The image is written to a temporary file in the same folder and renamed
-    onto ``path`` (``os.replace``) only once it is complete, so ``path`` is
-    either absent, the old file, or the whole new image; the temporary file
-    is removed if anything fails.
-
-    Parameters
-    ----------
-    figure : matplotlib.figure.Figure
-        E.g. from :func:`report_figure`.
-    path : path-like
-        Where to write; the format is PNG whatever the suffix.
-    overwrite : bool, default False
-        Replace an existing file. Without it an existing ``path`` is an error.
-
-    Returns
-    -------
-    pathlib.Path
-        ``path``.
-
-    Raises
-    ------
-    FileExistsError
-        If ``path`` exists and ``overwrite`` is False (checked before writing
-        and again just before the rename).
-    FileNotFoundError
-        If the folder that should hold ``path`` does not exist.
-
-    Examples
-    --------
-    >>> from matplotlib.figure import Figure
-    >>> from ggrad_gpu.plotting.report import save_report
-    >>> save_report(Figure(), "report.png")  # doctest: +SKIP
-    PosixPath('report.png')
-    """
-    from ..io import atomic_write
-
-    path = Path(os.fspath(path))
-    with atomic_write(path, overwrite=overwrite) as temporary:
-        figure.savefig(temporary, format="png", dpi=figure.dpi)
-    return path
 
 
 def verdict_line(refinement) -> str:
@@ -354,30 +306,9 @@ def display_step(shape, side: int | None = None) -> int:
     return max(1, math.ceil(max(shape) / (DISPLAY_SIDE if side is None else side)))
 
 
-def block_mean(image, step: int) -> np.ndarray:
-    """``image`` averaged over ``step x step`` blocks, NaN left out (NaN where a block has no value).
-
-    The last blocks along each axis take what is left. ``step`` 1 returns
-    ``image`` itself.
-
-    Examples
-    --------
-    >>> image = np.arange(20.0).reshape(4, 5)
-    >>> image[0, 0] = np.nan
-    >>> block_mean(image, 2)
-    array([[ 4. ,  5. ,  6.5],
-           [13. , 15. , 16.5]])
-    """
-    if step == 1:
-        return image
-    rows, cols = image.shape
-    padded = np.full((-(-rows // step) * step, -(-cols // step) * step), np.nan)
-    padded[:rows, :cols] = image
-    blocks = padded.reshape(padded.shape[0] // step, step, padded.shape[1] // step, step)
-    finite = np.isfinite(blocks)
-    count = finite.sum(axis=(1, 3))
-    total = np.where(finite, blocks, 0.0).sum(axis=(1, 3))
-    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+def _block_mean(image, step: int) -> np.ndarray:
+    """``image`` averaged over ``step x step`` blocks, NaN left out, the last blocks taking what is left."""
+    return block_mean(image, step, partial=True, skip_nan=True)
 
 
 def _host_float(image) -> np.ndarray:

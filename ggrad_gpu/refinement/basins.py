@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._affine import translation
 from ..core.coverage import NoDataError
 from ..core.geometry import degeneracy
 from ..registration.metrics import ncc
@@ -247,7 +248,7 @@ def first_registration(problem, first):
         # From each peak, with the bands fitted afresh there: the first
         # estimate's weights, fitted with the cube misplaced, can pull
         # Gauss-Newton away from a peak next to the truth.
-        tries += [(None, _translation(shift), False) for shift in shifts]
+        tries += [(None, translation(*shift), False) for shift in shifts]
     candidates = []
     for estimate, start, search in tries:
         if estimate is None:
@@ -263,9 +264,3 @@ def first_registration(problem, first):
     candidates.sort(key=lambda c: -c.fit)
     best = candidates[0]
     return best.registration, best.placement, candidates
-
-
-def _translation(shift):
-    matrix = np.eye(3)
-    matrix[:2, 2] = shift
-    return matrix

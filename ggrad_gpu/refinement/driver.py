@@ -37,6 +37,7 @@ from ..core.estimate import GlobalGradient
 from ..registration.register import AffineRegistration
 from . import basins, passes, trust
 from .guard import judge
+from .options import RefineOptions
 
 __all__ = ["Refinement", "refine"]
 
@@ -292,13 +293,8 @@ def refine(
     True
     """
     clock = time.perf_counter()
-    problem = passes.build_problem(guide, cube, initial=initial, levels=levels, weights=weights, backend=backend,
-                                   working_shape=working_shape, output_grid=output_grid, method=method,
-                                   reestimate=reestimate, screen_bands=screen_bands, order=order, psf_sigma=psf_sigma,
-                                   absorbance=absorbance, progress=progress, band_axis=band_axis, mask=mask,
-                                   memory_limit=memory_limit, denoise=denoise)
-    if not isinstance(check, bool):
-        raise TypeError(f"check must be True or False; got {check!r}")
+    options = RefineOptions.from_arguments(locals())  # each of its fields is a keyword of refine
+    problem = passes.build_problem(guide, cube, initial=initial, progress=progress, mask=mask, options=options)
     xp, grid, initial, timings = problem.xp, problem.grid, problem.initial, problem.timings
     timings["prepare"] = time.perf_counter() - clock
 
@@ -337,8 +333,10 @@ def refine(
         # Arrays come back in the input cube's kind, wherever they were computed.
         registered, valid, gradient = (_like(cube, a) for a in (registered, valid, gradient))
     timings["total"] = time.perf_counter() - clock
-    return Refinement(matrix, initial, grid.to_guide, registered, valid, gradient, registration, verdict.improved,
-                      message, xp.__name__, timings, verdict.quality, problem.levels, output_to_guide)
+    return Refinement(matrix=matrix, initial=initial, working_to_guide=grid.to_guide, registered=registered,
+                      valid=valid, gradient=gradient, registration=registration, improved=verdict.improved,
+                      message=message, backend=xp.__name__, timings=timings, quality=verdict.quality,
+                      levels=problem.levels, output_to_guide=output_to_guide)
 
 
 def _like(cube, value):

@@ -1,11 +1,18 @@
-"""``refine``'s options: checked once, before any work, and held in one frozen object."""
+"""``refine``'s options: defined once, checked once, before any work, and held in one frozen object.
+
+:class:`RefineOptions` is the one list of ``refine``'s choices: its fields are
+``refine``'s keywords (the tests hold the two equal, defaults included, and
+each documented in ``refine``'s docstring), each field names the ``ggrad
+refine`` flag that sets it or says why none does, and :func:`resume_settings`
+gives the choices a resumable run's fingerprint holds.
+"""
 
 from __future__ import annotations
 
 import math
-import re
 import numbers
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -16,16 +23,31 @@ from ..core.geometry import WorkingGrid, auto_levels, fov_matrix, working_grid
 from ..core.level_weights import manual_level_weights
 
 __all__ = ["METHODS", "OUTPUT_GRIDS", "RefineOptions", "bands_first_hint", "check_inputs", "check_placement",
-           "parse_bytes",
-           "resolve_levels"]
+           "parse_bytes", "resolve_levels", "resume_settings"]
 
 METHODS = ("gradient", "band_sum", "band_std", "pca")
 OUTPUT_GRIDS = ("working", "guide", "cube")
 
 
+def _option(default, *, flag: str | None = None, no_flag: str = "", resume: bool = True):
+    """A field of :class:`RefineOptions`.
+
+    ``flag``: the ``ggrad refine`` flag that sets it (its argparse ``dest`` is
+    the field's name, but for ``weights``: ``--alpha`` and ``--beta``), or
+    ``no_flag``: why the command has none. ``resume``: whether a resumable
+    run's fingerprint holds it (a rerun that changes it starts afresh).
+    """
+    if (flag is None) == (not no_flag):
+        raise ValueError("an option has a flag or says why it has none")
+    return field(default=default, metadata={"flag": flag, "no_flag": no_flag, "resume": resume})
+
+
+_STUDY = "a choice for studies of the method (Python API); ggrad refine uses the default"
+
+
 @dataclass(frozen=True)
 class RefineOptions:
-    """The choices of :func:`ggrad_gpu.refine` that shape the computation (see its docstring).
+    """The choices of :func:`ggrad_gpu.refine`, one field per keyword (see its docstring for each).
 
     Examples
     --------
@@ -36,24 +58,33 @@ class RefineOptions:
     Traceback (most recent call last):
         ...
     ValueError: order must be 1 or 3; got 2
+    >>> sorted(options.keywords())[:3]  # refine(guide, cube, **options.keywords())
+    ['absorbance', 'backend', 'band_axis']
     """
 
-    levels: object = "auto"
-    weights: object = "auto"
-    output_grid: str = "working"
-    method: str = "gradient"
-    reestimate: bool = True
-    screen_bands: bool = True
-    order: int = 1
-    psf_sigma: float | None = 0.5
-    absorbance: bool = True
-    memory_limit: object = None
-    denoise: bool = True
+    levels: object = _option("auto", flag="--levels")
+    weights: object = _option("auto", flag="--alpha")
+    output_grid: str = _option("working", flag="--output-grid")
+    method: str = _option("gradient", no_flag="ggrad demo compares the methods; ggrad refine uses the gradient")
+    reestimate: bool = _option(True, no_flag=_STUDY)
+    screen_bands: bool = _option(True, no_flag=_STUDY)
+    order: int = _option(1, no_flag=_STUDY)
+    psf_sigma: float | None = _option(0.5, no_flag=_STUDY)
+    absorbance: bool = _option(True, flag="--no-absorbance")
+    memory_limit: object = _option(None, flag="--memory-limit", resume=False)  # a rerun may change it
+    denoise: bool = _option(True, flag="--no-denoise")
+    backend: str = _option("auto", flag="--backend")
+    working_shape: object = _option(None, flag="--working-shape")
+    band_axis: int = _option(-1, no_flag="ggrad refine's --band-axis is the reader's: the cube reaches refine "
+                                         "bands last")
+    check: bool = _option(False, flag="--check")
 
     def __post_init__(self):
         object.__setattr__(self, "memory_limit", parse_bytes(self.memory_limit, "memory_limit"))
         if not isinstance(self.denoise, bool):
             raise TypeError(f"denoise must be True or False; got {self.denoise!r}")
+        if not isinstance(self.check, bool):
+            raise TypeError(f"check must be True or False; got {self.check!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {self.method!r}")
         if self.output_grid not in OUTPUT_GRIDS:
@@ -79,6 +110,39 @@ class RefineOptions:
     @property
     def auto_weights(self) -> bool:
         return isinstance(self.weights, str) and self.weights == "auto"
+
+    @classmethod
+    def from_arguments(cls, arguments: dict) -> RefineOptions:
+        """The options from a mapping that holds every field (``refine``'s ``locals()``); a missing one is an error.
+
+        Examples
+        --------
+        >>> RefineOptions.from_arguments({**RefineOptions().keywords(), "levels": 2, "guide": None}).levels
+        2
+        """
+        return cls(**{option.name: arguments[option.name] for option in fields(cls)})
+
+    def keywords(self) -> dict:
+        """``{name: value}`` of every field: ``refine``'s keyword arguments.
+
+        Examples
+        --------
+        >>> RefineOptions(levels=2).keywords()["levels"]
+        2
+        """
+        return {option.name: getattr(self, option.name) for option in fields(self)}
+
+
+def resume_settings(options: RefineOptions) -> dict:
+    """The choices that a resumable run's fingerprint holds: every field but those marked ``resume=False``.
+
+    Examples
+    --------
+    >>> settings = resume_settings(RefineOptions(denoise=False))
+    >>> settings["denoise"], "memory_limit" in settings
+    (False, False)
+    """
+    return {option.name: getattr(options, option.name) for option in fields(options) if option.metadata["resume"]}
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

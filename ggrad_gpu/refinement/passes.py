@@ -81,7 +81,7 @@ class Problem:
     options: RefineOptions
     xp: object
     timings: dict
-    report: object
+    progress: object  # called with each stage's description as it starts
     guide_shape: tuple = ()
     # Memory of this Problem's own passes (not init fields: a dataclasses.replace
     # copy, which may hold other inputs, starts with empty ones).
@@ -123,11 +123,12 @@ class Estimate:
         return None if missing is None else ~missing
 
 
-def build_problem(guide, cube, *, initial=None, levels="auto", weights="auto", backend="auto", working_shape=None,
-                  output_grid="working", method="gradient", reestimate=True, screen_bands=True, order=1,
-                  psf_sigma=0.5, absorbance=True, progress=None, band_axis=-1, mask=None,
-                  memory_limit=None, denoise=True) -> Problem:
-    """The inputs checked and prepared on the working grid, as :func:`refine` starts (same parameters).
+def build_problem(guide, cube, *, initial=None, progress=None, mask=None, options: RefineOptions | None = None,
+                  **choices) -> Problem:
+    """The inputs checked and prepared on the working grid, as :func:`refine` starts.
+
+    ``options`` (a :class:`~ggrad_gpu.refinement.options.RefineOptions`), or
+    ``choices``: its fields as keywords, as :func:`refine` takes them.
 
     Examples
     --------
@@ -138,23 +139,28 @@ def build_problem(guide, cube, *, initial=None, levels="auto", weights="auto", b
     >>> problem.grid.shape, problem.levels
     ((120, 140), 2)
     """
-    options = RefineOptions(levels, weights, output_grid, method, reestimate, screen_bands, order, psf_sigma,
-                            absorbance, memory_limit, denoise)
+    if options is None:
+        options = RefineOptions(**choices)
+    elif choices:
+        raise TypeError(f"build_problem takes options or choices, not both; got options and {sorted(choices)}")
+    band_axis = options.band_axis
     cube = check_inputs(guide, cube, band_axis)
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be callable or None; got {type(progress).__name__}")
-    xp = resolve_backend(backend)
+    xp = resolve_backend(options.backend)
     guide_shape = tuple(guide.shape[:2])
     initial_given = initial is not None
-    initial, mask, grid = check_placement(guide_shape, cube, initial, mask, working_shape, options.memory_limit)
+    initial, mask, grid = check_placement(guide_shape, cube, initial, mask, options.working_shape,
+                                          options.memory_limit)
     hint = bands_first_hint(cube.shape, guide_shape, initial if initial_given else None) if band_axis % 3 == 2 else ""
     levels = resolve_levels(options, guide_shape, cube.shape, initial, grid, hint)
     if hint:
         warnings.warn(f"cube of shape {tuple(cube.shape)} does not fit the guide's {guide_shape[0]} x "
                       f"{guide_shape[1]} pixels as (rows, cols, bands){hint}", UserWarning, stacklevel=3)
-    return Problem(prepare_guide(guide, grid, xp, absorbance=absorbance),
-                   prepare_cube(cube, mask, xp, denoise=options.denoise and options.method == "gradient"), initial,
-                   grid, levels, options, xp, {}, progress or (lambda stage: None), guide_shape)
+    return Problem(guide=prepare_guide(guide, grid, xp, absorbance=options.absorbance),
+                   cube=prepare_cube(cube, mask, xp, denoise=options.denoise and options.method == "gradient"),
+                   initial=initial, grid=grid, levels=levels, options=options, xp=xp, timings={},
+                   progress=progress or (lambda stage: None), guide_shape=guide_shape)
 
 
 def estimate_pass(problem: Problem, placement, step: int, bands=None, levels=None) -> Estimate:
@@ -238,7 +244,7 @@ def placement_key(placement) -> bytes:
 def _estimate(problem: Problem, placement, step: int, bands, levels: int) -> Estimate:
     """:func:`estimate_pass`'s work, without its memory of the last estimate."""
     xp, grid, options, cube = problem.xp, problem.grid, problem.options, problem.cube
-    problem.report(f"estimate ({'all' if bands is None else len(bands)} bands, grid step {step})")
+    problem.progress(f"estimate ({'all' if bands is None else len(bands)} bands, grid step {step})")
     start = time.perf_counter()
     to_cube = problem.initial @ grid.to_guide @ placement
     shape = grid.level_shape(step)
@@ -306,7 +312,7 @@ def register_pass(problem: Problem, estimate: Estimate, placement, *, coarse_sea
     >>> bool(after < before / 3)
     True
     """
-    problem.report("register" + (" (with coarse search)" if coarse_search else ""))
+    problem.progress("register" + (" (with coarse search)" if coarse_search else ""))
     clock = time.perf_counter()
     fixed, moving, mask = registration_images(problem, estimate)
     if fixed is None:
@@ -362,7 +368,7 @@ def resample(problem: Problem, matrix, guide_shape):
     >>> bool(np.allclose(registered, expected, equal_nan=True)), bool(valid.any())
     (True, True)
     """
-    problem.report("resample the cube")
+    problem.progress("resample the cube")
     start = time.perf_counter()
     grid = problem.options.output_grid
     if grid == "working":

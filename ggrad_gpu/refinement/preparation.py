@@ -21,7 +21,7 @@ from .._memory import block_rows, retry_smaller
 from .._validation import all_finite, float_dtype, to_gray
 from ..core.coverage import fill_gaps
 from ..core.denoise import signal_subspace
-from ..core.geometry import WorkingGrid, pixels_per_cube_pixel
+from ..core.geometry import WorkingGrid, block_mean, pixels_per_cube_pixel
 from ..core.warp import warp_cube
 
 __all__ = [
@@ -126,7 +126,7 @@ def prepare_guide(guide, grid: WorkingGrid, xp, *, absorbance: bool) -> Prepared
     if region.ndim == 3:
         region = to_gray(region, "guide")
     region = region.astype(float_dtype(region.dtype), copy=False)
-    image = block_average(region, grid.s)
+    image = block_mean(region, grid.s)
     missing = None if all_finite(image, xp) else ~xp.isfinite(image)
     if missing is not None:
         if bool(missing.all()):
@@ -228,23 +228,6 @@ def _by_rows(run, shape, xp, *, stage: str = "missing cube values") -> None:
     start = 0
     while start < shape[0]:
         start, rows = retry_smaller(functools.partial(run, start), rows, stage=stage, unit="rows", xp=xp)
-
-
-def block_average(image, s: int):
-    """Mean of ``s x s`` blocks over the first ``s * (rows // s)`` rows and columns.
-
-    Examples
-    --------
-    >>> block_average(np.arange(16.0).reshape(4, 4), 2)
-    array([[ 2.5,  4.5],
-           [10.5, 12.5]])
-    >>> block_average(np.ones((5, 7)), 2).shape  # the partial last blocks are left out
-    (2, 3)
-    """
-    if s == 1:
-        return image
-    rows, cols = image.shape[0] // s, image.shape[1] // s
-    return image[: rows * s, : cols * s].reshape(rows, s, cols, s).mean(axis=(1, 3))
 
 
 def optical_density(image):

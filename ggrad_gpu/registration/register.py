@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._affine import translation
 from .._backend import array_module, ndimage_module, to_host
 from .._memory import block_rows
 from .._validation import (
@@ -191,7 +192,7 @@ def register_affine(
         found = pyramids.shifts(matrix, max_shift, count=1)
         if found:
             shift = found[0]
-            matrix = matrix @ _translation(shift)
+            matrix = matrix @ translation(*shift)
 
     iterations, converged = 0, False
     for k in range(levels - 1, -1, -1):
@@ -549,12 +550,6 @@ def _to_level(matrix, k):
 def _from_level(matrix, k):
     scale = np.diag([2.0**k, 2.0**k, 1.0])
     return scale @ matrix @ np.linalg.inv(scale)
-
-
-def _translation(shift):
-    matrix = np.eye(3)
-    matrix[:2, 2] = shift
-    return matrix
 
 
 class _Level:

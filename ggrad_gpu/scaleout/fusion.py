@@ -24,7 +24,6 @@ another fingerprint is refused without ``force``. Chunks are Dask tasks
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,6 +259,8 @@ def mosaic_array(tiles, matrices, grid: MosaicGrid, *, chunk: int = CHUNK):
 def inputs_fingerprint(tiles, matrices, grid: MosaicGrid, *, chunk: int = CHUNK, extra=None) -> str:
     """A digest of what the mosaic is made of: the tiles' values, the matrices, the grid, ``extra``.
 
+    The tiles' values enter as a digest each; the rest as :func:`ggrad_gpu.io.fingerprint` takes it.
+
     Examples
     --------
     >>> tiles = [np.full((8, 8, 2), 1.0), np.full((8, 8, 2), 3.0)]
@@ -272,15 +273,16 @@ def inputs_fingerprint(tiles, matrices, grid: MosaicGrid, *, chunk: int = CHUNK,
     >>> stamp == inputs_fingerprint(tiles, matrices, grid)
     False
     """
-    digest = hashlib.sha256()
-    settings = {"matrices": np.round(np.asarray(matrices, dtype=np.float64), 12).tolist(),
-                "grid": grid.record(_bands(tiles)), "chunk": chunk, "extra": extra}
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    for tile in tiles:
-        values = np.ascontiguousarray(np.asarray(tile))
-        digest.update(f"{values.shape}{values.dtype}".encode())
-        digest.update(hashlib.blake2b(values.data, digest_size=16).digest())
-    return digest.hexdigest()
+    from ..io.resumable import fingerprint
+
+    return fingerprint(matrices=np.round(np.asarray(matrices, dtype=np.float64), 12).tolist(),
+                       grid=grid.record(_bands(tiles)), chunk=chunk, extra=extra,
+                       tiles=[_values_digest(tile) for tile in tiles])  # one tile in memory at a time
+
+
+def _values_digest(tile) -> list:
+    values = np.ascontiguousarray(np.asarray(tile))
+    return [list(values.shape), str(values.dtype), hashlib.blake2b(values.data, digest_size=16).hexdigest()]
 
 
 def fuse_mosaic(path, tiles, matrices, grid: MosaicGrid, *, chunk: int = CHUNK, band_centres=None,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 from .._lazy.chunked import warp_cube_chunked
 from .._version import __version__
 from ..core.warp import warp_cube
+from ..refinement.options import resume_settings
 
 __all__ = ["MEMORY_SHARE", "default_memory_limit", "stream_refine"]
 
@@ -61,29 +61,35 @@ def default_memory_limit() -> int:
         return 4 << 30
 
 
-def stream_refine(args, guide, cube_data, *, guide_path, initial_path, initial, weights, memory_limit: int,
-                  run_refine, say) -> tuple:
+def stream_refine(guide, cube_data, output, *, options, guide_path, initial_path, initial, band_axis=None,
+                  force: bool = False, quiet: bool = False, run_refine, say) -> tuple:
     """Refine a lazy cube and write the output folder in place, resumably.
 
     Parameters
     ----------
-    args : argparse.Namespace
-        ``ggrad refine``'s arguments (output, force, levels, backend,
-        output_grid, ...).
     guide : numpy.ndarray
         The guide image.
     cube_data : ggrad_gpu.io.CubeData
         The cube, ``data`` a dask array.
+    output : path-like
+        The output folder (made, or continued).
+    options : ggrad_gpu.refinement.options.RefineOptions
+        ``refine``'s options; ``memory_limit`` (bytes, required) also bounds
+        the chunks computed at once. The fingerprint holds every option that
+        :func:`~ggrad_gpu.refinement.options.resume_settings` gives.
     guide_path, initial_path : path-like
         The files they came from (``initial_path`` None for the default).
-    initial, weights
-        As :func:`ggrad_gpu.refine` takes them.
-    memory_limit : int
-        Bytes the run may hold; passed to ``refine`` and bounding the chunks
-        computed at once.
+    initial
+        As :func:`ggrad_gpu.refine` takes it.
+    band_axis : int or list, optional
+        The band axis the cube was read with (part of the fingerprint).
+    force : bool
+        Replace the outputs of another run in ``output``.
+    quiet : bool
+        No progress bar.
     run_refine : callable
-        ``run_refine(guide, cube, **options) -> Refinement`` (the CLI's, with
-        its progress bar).
+        ``run_refine(guide, cube, initial=..., **options.keywords()) -> Refinement``
+        (:func:`ggrad_gpu.refine`, or the CLI's, with its progress bar).
     say : callable
         Prints a progress line (or nothing, with ``--quiet``).
 
@@ -97,17 +103,16 @@ def stream_refine(args, guide, cube_data, *, guide_path, initial_path, initial, 
     --------
     >>> import tempfile, zarr
     >>> from ggrad_gpu import io, refine
-    >>> from ggrad_gpu.cli.command import build_parser
+    >>> from ggrad_gpu.refinement.options import RefineOptions
     >>> from ggrad_gpu.synthetic import make_phantom
     >>> folder = tempfile.TemporaryDirectory(); root = Path(folder.name)
     >>> phantom = make_phantom(shape=(64, 80), bands=8, seed=0)
     >>> np.save(root / "guide.npy", phantom.guide); cube_path = io.write_cube(root / "cube.zarr", phantom.cube)
-    >>> args = build_parser().parse_args(["refine", str(root / "guide.npy"), str(root / "cube.zarr"), "-o",
-    ...                                   str(root / "out"), "-q"])
+    >>> options = RefineOptions(output_grid="cube", memory_limit=1 << 20)
     >>> cube_data = io.read_cube(root / "cube.zarr", lazy=True)  # a dask array, never read whole
-    >>> message, improved = stream_refine(args, phantom.guide, cube_data, guide_path=root / "guide.npy",
-    ...                                   initial_path=None, initial=phantom.initial, weights="auto",
-    ...                                   memory_limit=1 << 20, run_refine=refine, say=lambda line: None)
+    >>> message, improved = stream_refine(phantom.guide, cube_data, root / "out", options=options,
+    ...                                   guide_path=root / "guide.npy", initial_path=None, initial=phantom.initial,
+    ...                                   quiet=True, run_refine=refine, say=lambda line: None)
     >>> improved, sorted(path.name for path in (root / "out").iterdir())
     (True, ['registered.zarr', 'report.png', 'transform.json', 'weights.json'])
     >>> store = zarr.open_array(str(root / "out" / "registered.zarr"), mode="r")
@@ -117,19 +122,18 @@ def stream_refine(args, guide, cube_data, *, guide_path, initial_path, initial, 
     """
     from ..io import ResumableArray, file_signature, fingerprint, read_transform
 
-    out = Path(args.output)
-    grid = args.output_grid or "cube"
+    out = Path(output)
+    grid, memory_limit = options.output_grid, options.memory_limit
+    if memory_limit is None:
+        raise ValueError("stream_refine needs options.memory_limit: the bytes the run may hold")
     signature = fingerprint(
         guide=file_signature(guide_path), cube=file_signature(cube_data.path), dataset=cube_data.dataset,
-        initial=None if initial_path is None else file_signature(initial_path), band_axis=args.band_axis,
-        levels=args.levels, weights=weights, backend=args.backend, output_grid=grid,
-        working_shape=getattr(args, "working_shape", None), absorbance=getattr(args, "absorbance", True),
-        version=__version__,
+        initial=None if initial_path is None else file_signature(initial_path), band_axis=band_axis,
+        options=resume_settings(options), version=__version__,
     )
-    record = _resumable_record(out, signature, force=args.force)
+    record = _resumable_record(out, signature, force=force)
     if record is None:
-        refinement = run_refine(guide, cube_data.data, initial=initial, weights=weights, memory_limit=memory_limit,
-                                output_grid=grid)
+        refinement = run_refine(guide, cube_data.data, initial=initial, **options.keywords())
         source = "default" if initial_path is None else "file"
         record = _write_small_outputs(out, refinement, guide, cube_data, guide_path, signature, source)
         # Free the refinement's images and the report (matplotlib's reference
@@ -152,7 +156,7 @@ def stream_refine(args, guide, cube_data, *, guide_path, initial_path, initial, 
     registered = warp_cube_chunked(cube_data.data, matrix @ to_guide, shape, order=1, kernel=warp_cube,
                                    chunks=(side, side))
     start, count = time.perf_counter(), len(store.pending())
-    _write_chunks(store, registered, memory_limit, quiet=args.quiet)
+    _write_chunks(store, registered, memory_limit, quiet=quiet)
     store.finish()
     seconds = time.perf_counter() - start
     say(f"registered.zarr: warped and wrote {count} chunks of {side} x {side} x {bands} in {seconds:.1f} s")
@@ -162,31 +166,16 @@ def stream_refine(args, guide, cube_data, *, guide_path, initial_path, initial, 
 def _resumable_record(out: Path, signature: str, *, force: bool):
     """The ``transform.json`` of an interrupted run with this fingerprint, or None; the folder made ready.
 
-    Raises FileExistsError when ``out`` holds anything else and ``force`` is False.
+    Raises FileExistsError when ``out`` holds anything else and ``force`` is
+    False; ``force`` redoes the run (even one with this fingerprint).
     """
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output {out} exists and is not a folder; it is never replaced")
-    if not out.parent.exists():
-        raise FileNotFoundError(f"the folder to hold {out} does not exist: {out.parent}")
-    record = None
-    if out.is_dir() and not force:
-        try:
-            record = json.loads((out / "transform.json").read_text())
-        except (OSError, ValueError):
-            record = None
-        if record is None or record.get("fingerprint") != signature:
-            if any(out.iterdir()):
-                raise FileExistsError(
-                    f"output folder {out} exists and holds no interrupted run of this command (other inputs or "
-                    f"settings); choose another or pass --force to replace it")
-            record = None
-    if force and out.is_dir():
-        for name in OUTPUTS:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+    from ..io.folders import remove_outputs, reusable_record
+
+    record = reusable_record(out / "transform.json", signature, force=force, outputs=OUTPUTS)
+    if force:
+        record = None
+        if out.is_dir():
+            remove_outputs(out, OUTPUTS)
     out.mkdir(exist_ok=True)
     return record
 
@@ -194,13 +183,13 @@ def _resumable_record(out: Path, signature: str, *, force: bool):
 def _write_small_outputs(out: Path, refinement, guide, cube_data, guide_path, signature, initial_source) -> dict:
     """``transform.json`` (with the fingerprint), ``weights.json`` and ``report.png``, each atomic."""
     from ..io import transform_record, weights_record, write_json
-    from ..io.atomic import atomic_write
-    from ..plotting.report import report_figure, save_report
+    from ..io.atomic import atomic_write, write_figure
+    from ..plotting.report import report_figure
 
     centres, unit = cube_data.band_centres, cube_data.band_unit
     figure = report_figure(refinement, guide, cube_data.data, band_centres=centres, band_unit=unit)
     with atomic_write(out / "report.png", overwrite=True) as temp:
-        save_report(figure, temp)
+        write_figure(figure, temp)
     write_json(out / "weights.json", weights_record(refinement.gradient, band_centres=centres, band_unit=unit),
                overwrite=True)
     record = transform_record(

@@ -5,6 +5,11 @@ the cap); with a ``distributed.Client``, on its cluster, submitting a new
 task only as one finishes (the lesson of multiview-stitcher's MemoryError
 when every pair ran at once), so that at most ``max_in_flight`` tasks'
 inputs and results are held at a time. Dask is imported only when called.
+
+Threads in this process share its BLAS: while they run, each task gets the
+machine's cores divided by the tasks in flight (``threadpoolctl``), not every
+core each (2 tasks of 2 BLAS threads on 2 cores ran 4 threads). Dask's
+worker processes start with one BLAS thread each (its nanny's default).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 
-__all__ = ["default_in_flight", "run_tasks"]
+__all__ = ["blas_threads", "default_in_flight", "run_tasks"]
 
 
 def default_in_flight(client=None) -> int:
@@ -32,6 +37,21 @@ def default_in_flight(client=None) -> int:
         threads = sum(client.nthreads().values())
         return max(1, int(threads))
     return max(1, os.cpu_count() or 1)
+
+
+def blas_threads(in_flight: int) -> int:
+    """BLAS threads for each of ``in_flight`` tasks running at once on this machine's cores (at least 1).
+
+    Examples
+    --------
+    >>> blas_threads(1) == _cores(), blas_threads(10 * _cores())
+    (True, 1)
+    """
+    return max(1, _cores() // max(1, int(in_flight)))
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else max(1, os.cpu_count() or 1)
 
 
 def run_tasks(function, arguments, *, client=None, max_in_flight=None, on_done=None) -> list:
@@ -69,6 +89,7 @@ def run_tasks(function, arguments, *, client=None, max_in_flight=None, on_done=N
 
 def _threaded(function, arguments, cap, on_done):
     import dask
+    from threadpoolctl import threadpool_limits
 
     lock = threading.Lock()
 
@@ -80,7 +101,8 @@ def _threaded(function, arguments, cap, on_done):
         return result
 
     tasks = [dask.delayed(task, pure=False)(index, args) for index, args in enumerate(arguments)]
-    return list(dask.compute(*tasks, scheduler="threads", num_workers=cap))
+    with threadpool_limits(limits=blas_threads(min(cap, len(tasks))), user_api="blas"):
+        return list(dask.compute(*tasks, scheduler="threads", num_workers=cap))
 
 
 def _on_cluster(function, arguments, client, cap, on_done):
