@@ -1,9 +1,9 @@
 """``python -m benchmarks.check``: a quick stage table against the plain way, beside the last recorded ratios.
 
 A guard against the next regression (issue 26): each stage of ``ggrad bench``
-(``ggrad_gpu.cli.bench``: the same cases, the same protocol) runs on NumPy and the
-plain SciPy way in the same run, and its speed-up over the plain way is set
-beside the one recorded last (``benchmarks/check.json``, written with
+(``ggrad_gpu.cli.bench``: the same cases, the same protocol) runs on NumPy and
+the plain way (``benchmarks/reference.py``) in the same run, and its speed-up
+over the plain way is set beside the one recorded last (``benchmarks/check.json``, written with
 ``--record``). A ratio that fell by more than ``--tolerance`` (15 %) is
 flagged and the exit status is 1. Ratios, not times: both sides of a ratio run
 on the same machine in the same minute, so a faster or slower machine moves
@@ -34,10 +34,8 @@ import sys
 import warnings
 from pathlib import Path
 
-try:  # the plain ways and the stage cases (``ggrad bench``'s), wherever they live
-    from ggrad_gpu.cli import bench
-except ImportError:  # pragma: no cover - once they move to benchmarks/
-    from benchmarks import bench  # type: ignore[no-redef]
+from benchmarks import reference  # the plain ways (SciPy, SimpleITK), outside the package
+from ggrad_gpu.cli import bench  # the stage cases and the protocol of ggrad bench
 
 RECORD = Path(__file__).with_name("check.json")
 TOLERANCE = 0.15  # a ratio that fell by more than this share is flagged
@@ -60,7 +58,7 @@ def key(stage: str, size: str) -> str:
 
 
 def ratios(rows) -> dict:
-    """``{stage@size: {"seconds", "plain_seconds", "ratio"}}`` from ``bench.run``'s rows (NumPy against plain).
+    """``{stage@size: {"seconds", "plain_seconds", "ratio"}}`` from ``reference.run``'s rows (NumPy against plain).
 
     Examples
     --------
@@ -195,7 +193,7 @@ def main(argv=None) -> int:
         warnings.simplefilter("ignore")  # a kept initial transform warns; the table says what it found
         result = {"rows": [], "machines": {}, "skipped": []}
         for sizes, stages in plan:
-            part = bench.run(sizes, ["numpy"], stages, repeat=args.repeat,
+            part = reference.run(sizes, ["numpy"], stages, repeat=args.repeat,
                              progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
             result["rows"] += part["rows"]
             result["skipped"] += part["skipped"]

@@ -1,4 +1,4 @@
-"""benchmarks.check's comparison logic, record and load guard (no timing: bench.run is replaced)."""
+"""benchmarks.check's comparison logic, record and load guard (no timing: reference.run is replaced)."""
 
 import json
 
@@ -44,14 +44,14 @@ def test_stages_missing_from_the_record_or_without_a_plain_way_are_not_flagged()
 
 @pytest.fixture
 def fake_run(monkeypatch):
-    """bench.run replaced: no timing, the rows of ``state["seconds"]``."""
+    """reference.run replaced: no timing, the rows of ``state["seconds"]``."""
     state = {"seconds": {"gram": 0.1, "warp": 0.1}, "calls": []}
 
     def run(sizes, backends, stages, **kwargs):
         state["calls"].append((sizes, backends, stages))
         return {"rows": rows(state["seconds"]), "machines": {}, "skipped": []}
 
-    monkeypatch.setattr(check.bench, "run", run)
+    monkeypatch.setattr(check.reference, "run", run)
     return state
 
 
