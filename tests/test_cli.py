@@ -84,8 +84,9 @@ def test_round_trip_every_format(tmp_path, phantom, centres, fmt, capsys):
     if fmt != "npy":  # .npy holds no band centres
         np.testing.assert_array_equal(registered.band_centres, centres)
         np.testing.assert_array_equal(weights["band_centres"], centres)
-    # --levels auto: the 40 x 48 cube spans 50 x 60 pixels of the grid at its resolution (step 4): 3 levels.
-    assert weights["levels"] == len(weights["channel_weights"]) == 3 and len(weights["channel_weights"][0]) == 24
+    # --levels auto: the 40 x 48 cube spans 50 x 60 pixels of the grid at its resolution (step 4): 2 levels
+    # keep 24 across (geometry.MIN_LEVEL_PIXELS).
+    assert weights["levels"] == len(weights["channel_weights"]) == 2 and len(weights["channel_weights"][0]) == 24
 
 
 def test_png_guide_and_output_seeds_the_next_run(tmp_path, phantom, centres):
@@ -119,8 +120,12 @@ def test_text_initial_manual_weights_and_guide_grid(tmp_path, phantom, centres):
     np.testing.assert_allclose(weights["alpha"], [1 / 3, 1 / 3, 1 / 3, 0])
     np.testing.assert_allclose(weights["beta"], [0, 1 / 3, 1 / 3, 1 / 3])
     assert np.load(out / "registered.npy").shape == (200, 240, 24)
-    # Weights picked by hand, not by eq. 9: closer than the start, not as close as the defaults.
-    assert _tre(out, phantom).mean < 0.2 * target_registration_error(phantom.initial, phantom.matrix, (200, 240)).mean
+    # Weights picked by hand, not by eq. 9, put most of grad_y on blurred levels: the fit could lie
+    # 5.4 px elsewhere (its own blocks; measured TRE 0.76 / 1.69 px, where the defaults reach 0.11 /
+    # 0.27 with a spread of 0.3 px), so the default verdict keeps the initial transform and says why.
+    record = json.loads((out / "transform.json").read_text())
+    assert not record["improved"] and "uncertain" in record["message"]
+    np.testing.assert_allclose(record["matrix"], phantom.initial)
 
 
 def test_existing_output_is_kept_without_force(tmp_path, phantom, centres, capsys):
@@ -226,7 +231,12 @@ def test_demo_prints_the_error_and_writes_a_report(tmp_path, capsys):
     # and a TRE for every one that refine takes as a method.
     table = {line.split()[-1]: line for line in text.splitlines()
              if line.rstrip().endswith(("gradient", "band_sum", "band_std", "pca", "kept)", "refine)"))}
-    assert {"gradient", "band_std", "pca", "refine)"} <= set(table)
+    assert {"gradient", "refine)"} <= set(table)
+    # Each baseline with the TRE refine reaches with it, or the start where it kept it (on this
+    # phantom all three: their fits could lie several pixels elsewhere).
+    for method in ("band_sum", "band_std", "pca"):
+        assert any(line.split()[-1] == method or line.rstrip().endswith(f"{method} (initial kept)")
+                   for line in text.splitlines()), method
     assert "best single band (#" in text and "band sum (paper eq. 2)" in text
     assert "spectral std (paper eq. 3)" in text and "first principal component" in text
     assert f"report: {out / 'report.png'}" in text
@@ -260,12 +270,14 @@ def test_eds_cube_against_its_backscatter_image(tmp_path, capsys):
     np.savetxt(identity, np.eye(3))
     out = tmp_path / "eds"
     code = main(["refine", str(folder / "image_asb.npy"), str(folder / "cube.npy"), "-o", str(out), "-q",
-                 "--levels", "2", "--no-absorbance", "--initial", str(identity), "--backend", "numpy"])
+                 "--no-absorbance", "--initial", str(identity), "--backend", "numpy"])
     assert code == 0, capsys.readouterr().err
     record = json.loads((out / "transform.json").read_text())
-    tre = target_registration_error(np.array(record["matrix"]), np.eye(3), (30, 30), spacing=3)
-    print(f"EDS: {record['message']}; TRE against the identity {tre.mean:.2f} / {tre.max:.2f} px")
-    assert tre.max < 2.5  # the same scan: the identity is right to about +-1 px
+    # The README's one-column placement (map[:, j + 1] ~ asb[:, j]; tests/test_real_data.py), measured 0.21 px.
+    one_column = np.array([[1.0, 0, 0], [0, 1, 1], [0, 0, 1]])
+    tre = target_registration_error(np.array(record["matrix"]), one_column, (30, 30), spacing=3)
+    print(f"EDS: {record['message']}; TRE against the one-column placement {tre.mean:.2f} / {tre.max:.2f} px")
+    assert record["improved"] and tre.mean < 0.5 and tre.max < 1.0
     assert {name: _digest(folder / name) for name in before} == before
 
 

@@ -62,7 +62,8 @@ def test_band_screening_matches_the_full_reestimate():
     screened = refine(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
     full = refine(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy", screen_bands=False)
     weights = screened.gradient.channel_weights
-    assert weights.shape == full.gradient.channel_weights.shape == (4, 80)
+    assert screened.levels == 2  # 70 x 83 cube pixels: 70 and 35 across (geometry.MIN_LEVEL_PIXELS)
+    assert weights.shape == full.gradient.channel_weights.shape == (2, 80)
     kept = (weights > 0).any(axis=0)
     assert 0 < kept.sum() < 80  # something was screened out
     for result in (screened, full):
@@ -193,7 +194,7 @@ def test_basins_estimate_a_large_footprint_on_a_coarser_level(monkeypatch):
     from ggrad_gpu.refinement import basins
     from ggrad_gpu.refinement import passes as pipeline
 
-    monkeypatch.setattr(basins, "BASIN_PIXELS", 20 * 20)  # the grid at the cube's resolution is 30 x 35
+    monkeypatch.setattr(basins, "BASIN_PIXELS", 40 * 40)  # the grid at the cube's resolution is 60 x 70
     steps = []
     original = pipeline.estimate_pass
 
@@ -202,8 +203,9 @@ def test_basins_estimate_a_large_footprint_on_a_coarser_level(monkeypatch):
         return original(problem, placement, step, bands, levels)
 
     monkeypatch.setattr(pipeline, "estimate_pass", counted)
-    phantom = make_phantom(shape=(120, 140), bands=16, seed=1, signatures="mixed", shift=(6, -4))
+    phantom = make_phantom(shape=(240, 280), bands=16, seed=1, signatures="mixed", shift=(6, -4))
     result = refine(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    assert result.levels == 2
     coarse = [s for s in steps if s[0] > s[3]]
     assert coarse, steps
     for step, levels, full_levels, cube_step in coarse:
@@ -213,4 +215,4 @@ def test_basins_estimate_a_large_footprint_on_a_coarser_level(monkeypatch):
     assert steps[0][0] > steps[0][3]
     assert any(step == 1 and levels == full for step, levels, full, _ in steps)
     assert result.improved
-    assert target_registration_error(result.matrix, phantom.matrix, (120, 140)).mean < 0.5
+    assert target_registration_error(result.matrix, phantom.matrix, (240, 280)).mean < 0.5

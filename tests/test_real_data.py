@@ -1,8 +1,11 @@
 """refine on a real cube: the SEM-EDS spectrum image against its own backscatter image.
 
 The data live beside the project (``shared/data``, or ``GGRAD_DATA``); the tests
-skip where they are absent. The backscatter image comes from the same scan, so
-the true transform is the identity to about +-1 pixel (the data's README).
+skip where they are absent. The backscatter image comes from the same scan; the
+data's README measured the element maps one column to the right of it
+(``map[:, j + 1] ~ asb[:, j]``, the best integer match), and refine lands within
+a quarter of a pixel of that placement from every start it refines (the guide-
+to-cube matrix shifts columns by +1): the truth these tests score against.
 """
 
 import warnings
@@ -28,49 +31,46 @@ def eds():
     return np.load(EDS / "image_asb.npy").astype(np.float32), np.load(EDS / "cube.npy", mmap_mode="r")
 
 
+# The README's one-column placement: guide column j is cube column j + 1.
+TRUTH = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
+
+
+def _refine(image, cube, start):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        result = refine(image, np.asarray(cube), initial=start, absorbance=False, backend="numpy")
+    return result, caught
+
+
 def test_eds_against_its_backscatter_image(eds):
     image, cube = eds
     before = cube.copy()
-    # Backscatter is not transmitted light: no absorbance conversion.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        result = refine(image, np.asarray(cube), initial=np.eye(3), levels=2, absorbance=False, backend="numpy")
-    tre = target_registration_error(result.matrix, np.eye(3), image.shape, spacing=3)
-    print(f"EDS from the identity: {result.message}; TRE against the identity {tre.mean:.2f} / {tre.max:.2f} px")
-    assert tre.max < 2.5  # the identity is right to about +-1 px
+    # From the identity: refined, to the README's one-column placement (measured 0.21 px mean).
+    result, _ = _refine(image, cube, np.eye(3))
+    tre = target_registration_error(result.matrix, TRUTH, image.shape, spacing=3)
+    print(f"EDS from the identity: {result.message}; TRE {tre.mean:.2f} / {tre.max:.2f} px")
+    assert result.improved, result.message
+    assert tre.mean < 0.5 and tre.max < 1.0
     np.testing.assert_array_equal(np.asarray(cube), before)  # the input is untouched
 
 
-# The truth is the identity to about +-1 px, so at every point the error
-# against the identity is the error against the truth to within 1 px: a result
-# whose worst point is more than 2 px further off than the start's worst point
-# is worse than the start, whatever the truth within that range.
-TRUTH_PX = 1.0
+# Each start and the outcome it gets: refined to the one-column placement (measured
+# 0.18-0.25 px mean), or kept because the fit scales the small map beyond a factor 1.1.
+STARTS = [((1.0, 0.0), "refined"), ((1.0, -1.0), "refined"), ((0.5, 0.5), "refined"), ((0.0, 1.0), "refined"),
+          ((2.0, -1.0), "implausible")]
 
 
-STARTS = [(2.0, -1.0), (1.0, 0.0), (1.0, -1.0), (0.5, 0.5)]
-
-
-def test_eds_from_a_shifted_start_is_not_made_worse(eds):
+@pytest.mark.parametrize("shift, outcome", STARTS)
+def test_eds_from_a_shifted_start(eds, shift, outcome):
     image, cube = eds
-    worse = []
-    for shift in STARTS:
-        start = affine_about_center(image.shape, shift=shift)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UserWarning)
-            result = refine(image, np.asarray(cube), initial=start, levels=2, absorbance=False, backend="numpy")
-        before = target_registration_error(start, np.eye(3), image.shape, spacing=3)
-        after = target_registration_error(result.matrix, np.eye(3), image.shape, spacing=3)
-        line = (f"from a {shift} px shift: {result.message}; TRE {before.mean:.2f} / {before.max:.2f} -> "
-                f"{after.mean:.2f} / {after.max:.2f} px")
-        print(line)
-        # Either a refinement no worse than the start, or the start kept, said
-        # and warned about (the design's guard); never something worse.
-        if result.improved:
-            if after.max > before.max + 2 * TRUTH_PX or after.mean > before.mean + TRUTH_PX:
-                worse.append(line)
-        else:
-            np.testing.assert_array_equal(result.matrix, start)
-            assert result.message.startswith("kept the initial transform")
-            assert any("kept the initial transform" in str(w.message) for w in caught)
-    assert not worse, "a worse transform was returned as a success:\n" + "\n".join(worse)
+    start = affine_about_center(image.shape, shift=shift)
+    result, caught = _refine(image, cube, start)
+    tre = target_registration_error(result.matrix, TRUTH, image.shape, spacing=3)
+    print(f"from a {shift} px shift: {result.message}; TRE {tre.mean:.2f} / {tre.max:.2f} px")
+    if outcome == "refined":
+        assert result.improved, result.message
+        assert tre.mean < 0.5 and tre.max < 1.0
+    else:
+        assert not result.improved and outcome in result.message
+        np.testing.assert_array_equal(result.matrix, start)
+        assert any("kept the initial transform" in str(w.message) for w in caught)

@@ -82,13 +82,14 @@ def test_working_grid_blocks_and_clipping():
 def test_a_cube_spanning_the_guide_keeps_the_whole_guide():
     grid = working_grid((350, 415), (70, 83), fov_matrix((350, 415), (70, 83)))
     assert grid.origin == (0, 0) and grid.shape == (350, 415) and grid.s == 1
-    assert auto_levels((70, 83), fov_matrix((350, 415), (70, 83)), grid) == 4
+    # 70 x 83 cube pixels on the grid at the cube's resolution: 70 and 35 across keep 24 (MIN_LEVEL_PIXELS).
+    assert auto_levels((70, 83), fov_matrix((350, 415), (70, 83)), grid) == 2
 
 
 def test_auto_levels_shrink_with_the_footprint():
     initial = np.array([[0.2, 0, -38], [0, 0.2, -66], [0, 0, 1.0]])  # a 20 x 20 map on 100 x 100 px
     grid = working_grid((480, 752), (20, 20), initial)
-    assert grid.cube_step == 4 and auto_levels((20, 20), initial, grid) == 2
+    assert grid.cube_step == 4 and auto_levels((20, 20), initial, grid) == 1  # 25 px across: one level
 
 
 def test_explicit_levels_that_do_not_fit_say_how_many_do():
@@ -170,7 +171,8 @@ def test_twenty_by_twenty_map_on_a_hundred_pixels_of_a_large_guide(seed, signatu
     result = _refine(phantom.guide, phantom.cube, phantom.initial)
     after = _footprint_tre(result.matrix, phantom)
     print(f"20 x 20 map on 100 x 100 px, {signatures} phantom, seed {seed}: TRE over the footprint {after.mean:.3f} / {after.max:.3f} px")
-    assert result.improved and result.levels == 2 and after.max < 1.0, (result.message, after)
+    # Measured: max TRE 0.29 (mixed) and 0.61 px (separate), one level (25 px across the map).
+    assert result.improved and result.levels == 1 and after.max < 1.0, (result.message, after)
 
 
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
@@ -227,7 +229,9 @@ def test_real_renishaw_maps_refine_at_default_options(name):
     assert result.valid.any()
     if name == "renishaw_test_map2.wdf":  # 20 x 20 points on about 25 x 25 of 480 x 752 pixels
         assert region[2] * region[3] < 30 * 30 and result.levels >= 1
-    if not result.improved:
-        np.testing.assert_array_equal(result.matrix, initial)
-    else:  # a real refinement stays near the stage's placement (a few of the map's points)
-        assert target_registration_error(result.matrix, initial, guide.shape[:2], region=region).max < 3 / initial[0, 0]
+    # Neither file has a known truth; each gets the outcome the guard gives it (measured): the 20 x 20
+    # map's best fit does not beat the stage placement, the 3 x 3 map's scales it by up to 1.8.
+    assert not result.improved, result.message
+    reason = {"renishaw_test_map2.wdf": "did not improve the match", "renishaw_test_map.wdf": "implausible"}[name]
+    assert reason in result.message
+    np.testing.assert_array_equal(result.matrix, initial)

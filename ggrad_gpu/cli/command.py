@@ -144,9 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the chunked work on the Dask cluster at ADDRESS")
     run.add_argument("--format", choices=CUBE_FORMATS, default="npy", dest="cube_format",
                      help="file format of the registered cube (default: npy)")
-    run.add_argument("--no-absorbance", action="store_false", dest="absorbance",
+    run.add_argument("--no-absorbance", action="store_false", dest="absorbance", default=None,
                      help="compare the cube with the guide's intensity, not its optical density "
-                          "(for guides that are not transmitted light)")
+                          "(for guides that are not transmitted light; the default where an instrument "
+                          "file says its guide is an electron image)")
     run.add_argument("--no-denoise", action="store_false", dest="denoise",
                      help="estimate from the cube as it is, not from its projection on the components above "
                           "its noise")
@@ -243,7 +244,7 @@ def main(argv=None) -> int:
     >>> import tempfile
     >>> from ggrad_gpu.synthetic import make_phantom
     >>> folder = tempfile.TemporaryDirectory(); root = Path(folder.name)
-    >>> phantom = make_phantom(shape=(64, 80), bands=8, seed=0)
+    >>> phantom = make_phantom(shape=(64, 80), bands=8, seed=0, signatures="mixed")
     >>> np.save(root / "guide.npy", phantom.guide); np.save(root / "cube.npy", phantom.cube)
     >>> np.savetxt(root / "initial.txt", phantom.initial)
     >>> command = ["refine", str(root / "guide.npy"), str(root / "cube.npy"), "--initial", str(root / "initial.txt"),
@@ -317,6 +318,11 @@ def _refine_command(args) -> int:
     check_new_directory(args.output, force=args.force)
     guide, guide_instrument, jobs = _refine_inputs(args, guide_path, cube_paths)
     say = _printer(args)
+    if args.absorbance is None:  # not given: what the instrument file says its guide is
+        kind = None if guide_instrument is None else guide_instrument.guide_kind
+        args.absorbance = kind != "electron"
+        if kind is not None:
+            say(f"guide: {kind} image ({'optical density' if args.absorbance else 'compared as it is'})")
     say(f"guide {guide.shape[0]} x {guide.shape[1]}; " + "; ".join(
         f"cube {' x '.join(map(str, job['cube'].data.shape))} ({job['cube'].format})" for job in jobs))
     guide_source = guide_path if guide_path is not None else guide_instrument.path

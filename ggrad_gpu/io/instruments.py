@@ -17,7 +17,13 @@ renishaw  ``.wdf``     ``rosettasciio``    the embedded white-light image; map o
 agilent   ``.dmt``     ``agilent-format``  the visible overview beside the file (else the IR
                                            cutout); the IR collect area (its outer edges, as the
                                            ``.cfg`` files give it) against the image's position
+bruker    ``.bcf``     ``rosettasciio``    the electron image of the same scan (BSE, else SE); the
+                                           identity (one scan grid, the same pixel count and size)
 ========  ===========  ==================  =========================================================
+
+A file may say what kind of image its guide is (``InstrumentFile.guide_kind``):
+an electron image is not transmitted light, so ``ggrad refine`` compares it
+with the cube as it is, not as optical density.
 """
 
 from __future__ import annotations
@@ -38,7 +44,13 @@ __all__ = ["INSTRUMENT_SUFFIXES", "BandAxis", "InstrumentFile", "PlacedImage", "
            "read_instrument", "stage_matrix"]
 
 # Suffix -> format. Agilent single tiles (.dat, .seq) carry no visible image or position, so they are not here.
-INSTRUMENT_SUFFIXES = {".wdf": "renishaw", ".dmt": "agilent"}
+INSTRUMENT_SUFFIXES = {".wdf": "renishaw", ".dmt": "agilent", ".bcf": "bruker"}
+# An EDS hypermap's channels summed into bands of this many over the X-ray lines' range: a
+# channel holds a fraction of a count per pixel, too few for a gradient (the P45 hypermap's
+# 2048 channels, about 8 counts per pixel in all: 1 of 4 starts under 1 px, against 8 of 8 in
+# 92 bands of 16).
+EDS_CHANNELS_PER_BAND = 16
+EDS_RANGE_KEV = (0.2, 15.0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,6 +120,9 @@ class InstrumentFile:
         Every image the file places on the cube, the guide first.
     metadata : dict
         The geometry in micrometres and what the file says of the acquisition (JSON-ready).
+    guide_kind : str or None
+        What the guide is, where the file says: ``"electron"`` (an SEM image of
+        the same scan: not transmitted light, compared as it is), else None.
 
     Examples
     --------
@@ -134,6 +149,7 @@ class InstrumentFile:
     initial_source: str | None
     images: tuple = ()
     metadata: dict = field(default_factory=dict)
+    guide_kind: str | None = None
 
     def cube_data(self) -> CubeData:
         """The cube as :class:`~ggrad_gpu.io.CubeData`, for the writers and ``ggrad refine``'s outputs."""
@@ -202,8 +218,9 @@ def read_instrument(path) -> InstrumentFile:
     Parameters
     ----------
     path : path-like
-        A Renishaw ``.wdf`` or an Agilent mosaic ``.dmt`` (its tiles and
-        visible images beside it).
+        A Renishaw ``.wdf``, an Agilent mosaic ``.dmt`` (its tiles and
+        visible images beside it) or a Bruker Esprit ``.bcf`` (an EDS
+        hypermap with the electron images of the same scan).
 
     Returns
     -------
@@ -233,7 +250,7 @@ def read_instrument(path) -> InstrumentFile:
     if kind is None:
         raise ValueError(f"instrument file {path}: unknown format {path.suffix!r}; supported: "
                          f"{', '.join(INSTRUMENT_SUFFIXES)}")
-    return _read_renishaw(path) if kind == "renishaw" else _read_agilent(path)
+    return {"renishaw": _read_renishaw, "agilent": _read_agilent, "bruker": _read_bruker}[kind](path)
 
 
 def _library(module: str, package: str, what: str):
@@ -281,6 +298,61 @@ def _read_renishaw(path: Path) -> InstrumentFile:
     placed = PlacedImage("white-light image", guide, initial, str(path))
     return InstrumentFile(path, "renishaw", cube, band_axis, guide, initial, "renishaw-wdf stage metadata",
                           (placed,), metadata)
+
+
+def _read_bruker(path: Path) -> InstrumentFile:
+    """An EDS hypermap and the electron images of its scan.
+
+    The cube is counts per sweep (each line divided by how often the beam swept
+    it, ``Line counter``: lines swept 2 and 3 times would show as stripes), its
+    channels within :data:`EDS_RANGE_KEV` summed into bands of
+    :data:`EDS_CHANNELS_PER_BAND`. Image and map share the scan grid, so the
+    initial transform is the identity where their pixel counts agree.
+    """
+    bruker = _library("rsciio.bruker", "rosettasciio", "reading a Bruker .bcf file")
+    with reading(path, "Bruker .bcf file"), _quiet("rsciio"):
+        signals = bruker.file_reader(str(path))
+    maps = [s for s in signals if np.ndim(s["data"]) == 3]
+    if not maps:
+        raise ValueError(f"{path}: holds no EDS hypermap (rows, cols, channels); only "
+                         f"{[np.shape(s['data']) for s in signals]}")
+    hypermap = maps[0]
+    counts = np.asarray(hypermap["data"])
+    rows, cols, channels = counts.shape
+    energy = _axis_values(hypermap["axes"][2])
+    sweeps = np.asarray(hypermap.get("original_metadata", {}).get("Line counter", ()), dtype=np.float64)
+    if sweeps.shape != (rows,) or not (sweeps > 0).all():
+        sweeps = np.ones(rows)
+    inside = np.flatnonzero((energy >= EDS_RANGE_KEV[0]) & (energy < EDS_RANGE_KEV[1]))
+    inside = inside[: inside.size // EDS_CHANNELS_PER_BAND * EDS_CHANNELS_PER_BAND]
+    if inside.size == 0:
+        raise ValueError(f"{path}: the hypermap has no channel between {EDS_RANGE_KEV[0]} and "
+                         f"{EDS_RANGE_KEV[1]} keV")
+    bands = inside.size // EDS_CHANNELS_PER_BAND
+    cube = counts[:, :, inside].reshape(rows, cols, bands, EDS_CHANNELS_PER_BAND).sum(axis=-1, dtype=np.float32)
+    cube /= sweeps.astype(np.float32)[:, None, None]
+    centres = energy[inside].reshape(bands, EDS_CHANNELS_PER_BAND).mean(axis=1)
+    band_axis = BandAxis(centres, hypermap["axes"][2].get("units"), "Energy")
+    title = lambda s: str(s.get("metadata", {}).get("General", {}).get("title", ""))  # noqa: E731
+    metadata = {"title": title(hypermap), "channels": int(channels), "channels_per_band": EDS_CHANNELS_PER_BAND,
+                "energy_range_keV": [float(energy[inside[0]]), float(energy[inside[-1]])],
+                "divided_by_line_sweeps": bool((sweeps != 1).any()), "guide_kind": "electron"}
+    images = sorted((s for s in signals if np.ndim(s["data"]) == 2), key=lambda s: title(s) != "BSE")
+    placed = tuple(PlacedImage(f"{title(s) or 'electron'} image", np.asarray(s["data"], dtype=np.float32),
+                               np.diag([rows / s["data"].shape[0], cols / s["data"].shape[1], 1.0]), str(path))
+                   for s in images)
+    if not placed:
+        return InstrumentFile(path, "bruker", cube, band_axis, None, None, None, (), metadata, "electron")
+    guide = placed[0]
+    # The same scan: pixel i of the image and of the map are the same beam position (pixel centres,
+    # so a different pixel count scales about the outer corner).
+    to_cube = guide.to_cube.copy()
+    to_cube[:2, 2] = 0.5 * np.diag(to_cube)[:2] - 0.5
+    guide = PlacedImage(guide.name, guide.image, to_cube, guide.source)
+    metadata["guide"] = guide.name
+    return InstrumentFile(path, "bruker", cube, band_axis, guide.image, to_cube,
+                          "bruker-bcf scan grid (image and hypermap of the same scan)",
+                          (guide,) + placed[1:], metadata, "electron")
 
 
 def _axis_values(axis: dict) -> np.ndarray:

@@ -177,7 +177,7 @@ def first_estimate(problem):
     >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
     >>> estimate = first_estimate(problem)  # a small footprint: the cube's resolution, every level
     >>> first_level(problem) == (problem.grid.cube_step, problem.levels), len(estimate.gradient.alpha)
-    (True, 2)
+    (True, 1)
     >>> estimate.gradient.grad_y.shape == problem.grid.shape
     True
     """

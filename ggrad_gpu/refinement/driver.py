@@ -82,8 +82,8 @@ class Refinement:
         TRE-free figures of the match, before and after: ``mse_before``,
         ``mse_after``, ``ncc_before``, ``ncc_after`` of the first estimate's
         gradient images over their overlap, ``fit_before``, ``fit_after``
-        (:func:`ggrad_gpu.refinement.basins.fit_at`: what the guard compares), and with
-        ``check=True`` ``spread_px`` (guide pixels; NaN where the initial
+        (:func:`ggrad_gpu.refinement.basins.fit_at`: what the guard compares), and
+        ``spread_px`` (guide pixels, see ``check``; NaN where the initial
         transform was kept).
     levels : int
         Pyramid levels the estimates used.
@@ -95,7 +95,7 @@ class Refinement:
     Examples
     --------
     >>> from ggrad_gpu import synthetic
-    >>> phantom = synthetic.make_phantom(shape=(64, 80), bands=8, seed=1)
+    >>> phantom = synthetic.make_phantom(shape=(64, 80), bands=8, seed=1, signatures="mixed")
     >>> result = refine(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
     >>> isinstance(result, Refinement), result.backend, result.registered.shape, result.valid.shape
     (True, 'numpy', (64, 80, 8), (64, 80))
@@ -167,7 +167,7 @@ def refine(
         and invertible. Default: the cube spans the guide's field of view.
     levels : int or "auto", default "auto"
         Pyramid levels of the estimation. ``"auto"``: the most (up to 4) that
-        keep 8 pixels across the cube's footprint at the coarsest level of the
+        keep 24 pixels across the cube's footprint at the coarsest level of the
         grid at the cube's resolution (fewer for small maps). An explicit
         number must fit the grids (at least 3 x 3 pixels at the coarsest
         level); the error for too many says how many fit.
@@ -241,16 +241,21 @@ def refine(
         temporary Zarr store, removed at the end. By default they stay in
         memory (``persist``).
     check : bool, default False
-        Also estimate the refinement's own uncertainty without ground truth,
+        Every refinement records its uncertainty without ground truth,
         ``quality["spread_px"]`` in guide pixels (:mod:`ggrad_gpu.refinement.trust`):
-        how far the result's own fit could move the footprint's corners,
-        judged from blocks of its images (three standard deviations), and
-        how far alternative refinements that fit as well land from the result
-        over the cube's footprint (starts far enough apart to leave a wrong
-        basin, the other coarse-search peaks). A spread over 1 px says the result
-        cannot be trusted to a pixel. NaN when the initial transform was kept.
-        Costs a few more estimates and registrations (about as much again as
-        ``refine``).
+        by default how far the result's own fit could move the footprint's
+        corners, judged from blocks of its last images (three standard
+        deviations; no extra estimate). A result whose spread exceeds 2 guide
+        pixels or half a cube pixel, whichever is larger
+        (:func:`ggrad_gpu.refinement.trust.spread_limit`), is not returned as
+        refined: the initial transform is kept and ``message`` says it is
+        uncertain. ``check`` also measures how far alternative refinements
+        that fit as well land from the result over the cube's footprint
+        (starts far enough apart to leave a wrong basin, the other
+        coarse-search peaks), the fit blocks from a fresh estimate at the
+        result, and judges by the largest. NaN when the initial transform was
+        kept. Costs a few more estimates and registrations (about as much
+        again as ``refine``).
     denoise : bool, default True
         The estimates (eq. 5) read the cube projected on its principal
         components that stand clear of the spectral noise
@@ -308,16 +313,29 @@ def refine(
             # it), and no coarse search, which could only jump away.
             last = passes.estimate_pass(problem, placement, 1, passes.screened_bands(problem, placement))
             registration, placement = passes.register_pass(problem, last, placement, coarse_search=False)
+            last_relative = registration.matrix  # the last images were made one registration before the result
+        else:
+            last_relative = placement
 
         start = time.perf_counter()
         fits = (basins.fit_at(problem, np.eye(3)), basins.fit_at(problem, placement))
         verdict = judge(first.gradient.grad_x, first.gradient.grad_y, placement, fixed_valid=first.fixed_valid,
                         moving_valid=first.moving_valid, guide_flat=problem.guide.flat, fits=fits)
+        if not verdict.improved:
+            verdict = replace(verdict, quality={**verdict.quality, "spread_px": math.nan})
+        elif not check:
+            # The default verdict weighs the result's own fit, at no estimate of its own (the last
+            # pass's images, judged at the last registration).
+            fit = trust.fit_spread(problem, placement, last, last_relative)
+            verdict = trust.verdict_with_spread(verdict, trust.FIT_SIGMAS * fit, trust.spread_limit(problem))
         timings["guard"] = time.perf_counter() - start
-        if check:
+        # A fit can be tight in a wrong basin; a far move is where one is met: confirm it as check does.
+        far = verdict.improved and not check and trust.is_far_move(problem, placement)
+        if (check or far) and verdict.improved:
+            # ... with ``check``, also the alternatives (far starts, other coarse peaks).
             start = time.perf_counter()
-            spread = trust.spread(problem, placement, candidates=candidates) if verdict.improved else math.nan
-            verdict = replace(verdict, quality={**verdict.quality, "spread_px": spread})
+            verdict = trust.verdict_with_spread(verdict, trust.spread(problem, placement, candidates=candidates),
+                                                trust.spread_limit(problem))
             timings["check"] = time.perf_counter() - start
     if verdict.improved:
         matrix, message = initial @ grid.to_guide @ placement @ np.linalg.inv(grid.to_guide), "refined: "

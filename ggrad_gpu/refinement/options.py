@@ -260,8 +260,8 @@ def resolve_levels(options: RefineOptions, guide_shape, cube_shape, initial, gri
     >>> import numpy as np
     >>> initial = fov_matrix((600, 700), (60, 70))
     >>> grid = working_grid((600, 700), (60, 70), initial)
-    >>> resolve_levels(RefineOptions(), (600, 700), (60, 70), initial, grid)
-    4
+    >>> resolve_levels(RefineOptions(), (600, 700), (60, 70), initial, grid)  # 60, 30 px across the map
+    2
     >>> resolve_levels(RefineOptions(levels=2), (600, 700), (60, 70), initial, grid)
     2
     >>> resolve_levels(RefineOptions(levels=9), (600, 700), (60, 70), initial, grid)  # doctest: +ELLIPSIS

@@ -136,8 +136,8 @@ def build_problem(guide, cube, *, initial=None, progress=None, mask=None, option
     >>> from ggrad_gpu.refinement.passes import build_problem
     >>> phantom = synthetic.make_phantom(shape=(120, 140), bands=16, seed=1)
     >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
-    >>> problem.grid.shape, problem.levels
-    ((120, 140), 2)
+    >>> problem.grid.shape, problem.levels  # a 24 x 28 map: one level (geometry.MIN_LEVEL_PIXELS)
+    ((120, 140), 1)
     """
     if options is None:
         options = RefineOptions(**choices)
@@ -189,7 +189,7 @@ def estimate_pass(problem: Problem, placement, step: int, bands=None, levels=Non
     2
     >>> estimate = estimate_pass(problem, np.eye(3), problem.grid.cube_step)
     >>> estimate.gradient.grad_y.shape == problem.grid.shape, estimate.gradient.channel_weights.shape
-    (True, (3, 8))
+    (True, (2, 8))
     >>> estimate_pass(problem, np.eye(3), problem.grid.cube_step) is estimate  # the same pass again: remembered
     True
     >>> estimate_pass(replace(problem), np.eye(3), problem.grid.cube_step) is estimate  # a copy makes its own

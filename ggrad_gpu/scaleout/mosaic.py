@@ -182,13 +182,13 @@ def refine_tile(guide_region, tile, initial, origin=(0, 0), options=None) -> Til
     --------
     >>> from ggrad_gpu import synthetic
     >>> from ggrad_gpu.metrics import target_registration_error
-    >>> mosaic = synthetic.make_mosaic(grid=(1, 2), tile_shape=(16, 16), bands=4, slipped=None, featureless=None,
+    >>> mosaic = synthetic.make_mosaic(grid=(1, 2), tile_shape=(24, 24), bands=4, slipped=None, featureless=None,
     ...                                signatures="mixed")
     >>> origin = (10, 12)  # the guide's window starts here; the matrix maps the full guide
     >>> window = mosaic.guide[origin[0]:, origin[1]:]
     >>> outcome = refine_tile(window, mosaic.tiles[0], mosaic.initials[0], origin, options={"backend": "numpy"})
     >>> outcome.improved, outcome.failed, outcome.shape
-    (True, False, (16, 16, 4))
+    (True, False, (24, 24, 4))
     >>> before = target_registration_error(mosaic.initials[0], mosaic.matrices[0], mosaic.guide.shape).mean
     >>> bool(target_registration_error(outcome.matrix, mosaic.matrices[0], mosaic.guide.shape).mean < before / 3)
     True
@@ -256,7 +256,7 @@ def refine_mosaic(guide, tiles, *, initials, levels="auto", backend: str = "auto
     ...                                slipped=None, featureless=4)
     >>> result = refine_mosaic(mosaic.guide, mosaic.tiles, initials=mosaic.initials, backend="numpy")
     >>> result.status
-    ('refined', 'refined', 'refined', 'refined', 'model', 'refined')
+    ('refined', 'refined', 'refined', 'model', 'model', 'refined')
     """
     clock = time.perf_counter()
     initials = _check_initials(initials, len(tiles))
