@@ -136,9 +136,10 @@ def test_gram_and_combination_equal_the_in_memory_ones(cube, chunks):
     mask = rng.random(cube.shape[:2]) > 0.2
     gram, rhs = level_gram(cube, target, mask)
     lazy_gram, lazy_rhs = level_gram(_lazy(cube, chunks), target, mask)
-    # Products and sums in float64: the chunks change only the order of the sums.
-    np.testing.assert_allclose(lazy_gram, gram, rtol=1e-13)
-    np.testing.assert_allclose(lazy_rhs, rhs, rtol=1e-13)
+    # float32 products per block, summed in float64 (DESIGN, Numerics): the chunks change the
+    # blocks the products are rounded in, by a few float32 units.
+    np.testing.assert_allclose(lazy_gram, gram, rtol=2e-6)
+    np.testing.assert_allclose(lazy_rhs, rhs, rtol=2e-6)
     # The float64 reference: every pixel's gradients summed directly.
     gradients = sobel_magnitude(cube.astype(np.float64))[mask]
     np.testing.assert_allclose(lazy_gram, gradients.T @ gradients, rtol=1e-5)

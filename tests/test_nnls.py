@@ -111,3 +111,44 @@ def test_gram_products_rejects_mismatch():
         gram_products(np.zeros((4, 2)), np.zeros(3))
     with pytest.raises(ValueError, match="a must be 2-D"):
         gram_products(np.zeros(4), np.zeros(4))
+
+
+@pytest.mark.parametrize("kind", ["random", "duplicate", "dependent", "badly-scaled"])
+def test_a_ridge_gives_the_optimum_of_the_ridged_problem(kind):
+    rng = np.random.default_rng(11)
+    a, b = problem(rng, kind)
+    ridge = 1e-3
+    gram = a.T @ a
+    x = nnls_gram(gram, a.T @ b, ridge=ridge)
+    # The same problem with the ridge as rows of A: sqrt(ridge * gram_ii) on the diagonal.
+    stacked = np.vstack([a, np.diag(np.sqrt(ridge * np.diag(gram)))])
+    target = np.concatenate([b, np.zeros(a.shape[1])])
+    x_scipy = scipy.optimize.nnls(stacked, target, maxiter=50 * a.shape[1])[0]
+    assert objective(stacked, target, x) <= objective(stacked, target, x_scipy) * (1 + 1e-9)
+    np.testing.assert_allclose(x, x_scipy, rtol=1e-6, atol=1e-9 * np.abs(x_scipy).max())  # strictly convex: one answer
+
+
+def test_a_ridge_makes_duplicate_columns_share_their_weight():
+    a = np.random.default_rng(2).random((50, 2))
+    a = np.hstack([a, a[:, :1]])  # column 2 repeats column 0
+    b = a @ np.array([1.0, 0.5, 1.0])
+    x = nnls_gram(a.T @ a, a.T @ b, ridge=1e-6)
+    assert x[0] == pytest.approx(x[2], rel=1e-6) and x[0] + x[2] == pytest.approx(2.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("ridge", [-1e-6, float("nan"), float("inf"), "1e-6", True])
+def test_nnls_rejects_a_bad_ridge(ridge):
+    with pytest.raises(ValueError, match="ridge"):
+        nnls_gram(np.eye(2), np.ones(2), ridge=ridge)
+
+
+def test_float32_products_round_the_rhs_as_the_gram():
+    """``A^T b`` rides in the Gram's product: summed row after row in float32 it drifted by 1e-4."""
+    rng = np.random.default_rng(4)
+    a = rng.random((200_000, 8), dtype=np.float32) + 1  # positive, as gradient magnitudes
+    b = rng.random(200_000, dtype=np.float32) + 1
+    acc = GramAccumulator(8, product_dtype=np.float32)
+    acc.add(a, b, weights=np.ones(200_000, dtype=bool))
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    np.testing.assert_allclose(acc.gram, a64.T @ a64, rtol=2e-6)
+    np.testing.assert_allclose(acc.rhs, a64.T @ b64, rtol=2e-6)

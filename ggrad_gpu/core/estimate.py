@@ -20,7 +20,7 @@ from .._validation import all_finite, check_array, check_levels, check_mask, flo
 from .coverage import Coverage, NoDataError, excluded_levels, fill_gaps, valid_pixels
 from .filters import iter_sobel_blocks, sobel_block_rows, sobel_magnitude
 from .level_weights import level_weights_matrix, manual_level_weights, solve_level_weights
-from .nnls import GramAccumulator, nnls_gram, spurious_blas_flags_ignored
+from .nnls import GramAccumulator, nnls_gram, rounding_ridge, spurious_blas_flags_ignored
 from .pyramid import blur_decimate, gaussian_pyramid, upsample_level
 
 __all__ = ["GlobalGradient", "estimate_global_gradient"]
@@ -171,7 +171,7 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", co
         used = None if excluded[k] is None else ~excluded[k]
         gram, rhs = level_gram(cube_level, target, used)
         count = target.size if used is None else int(used.sum())
-        x = nnls_gram(*_without_flat_bands(gram, rhs, scale, count, dtype, xp))
+        x = nnls_gram(*_without_flat_bands(gram, rhs, scale, count, dtype, xp), ridge=rounding_ridge(dtype))
         channel_weights[k] = x * band_units / guide_unit
         guide_levels[k] = upsample_level(target, k, shape)
         cube_levels[k] = upsample_level(combine_bands(cube_level, x), k, shape)
@@ -275,12 +275,11 @@ def level_gram(cube_level, target, mask=None, *, rows=None):
         rows = sobel_block_rows(cube_level.shape, cube_level.dtype, xp)
 
     def accumulate(rows):
-        # Products and sums in float64. In float32 the products differ in their last bits with
-        # the blocks (or chunks, or BLAS) they share a call with, and eq. 5 is often nearly singular
-        # (a denoised cube's bands span a few components: condition numbers 1e11 to 1e16), so
-        # NNLS picked other weights of the same fit: chunked and in-memory refine ended 0.013 px
-        # apart on a 320 x 384 x 64 phantom; 1.7e-5 px with float64 products.
-        acc = GramAccumulator(cube_level.shape[2], xp, product_dtype=np.float64)
+        # Products in the data's precision (float32 for float32 cubes: the GEMM rate, twice
+        # float64's), each block's summed in float64. Their rounding depends on the blocks, and
+        # eq. 5 is often nearly singular (a denoised cube: condition numbers 1e11 to 1e16): the
+        # solve's ridge (nnls.rounding_ridge) keeps one answer for every blocking.
+        acc = GramAccumulator(cube_level.shape[2], xp, product_dtype=cube_level.dtype)
         for start, stop, gradients in iter_sobel_blocks(cube_level, rows=rows):
             acc.add(gradients, target[start:stop], None if mask is None else mask[start:stop])
         return acc

@@ -87,8 +87,9 @@ class Problem:
     # copy, which may hold other inputs, starts with empty ones).
     # Fair fits (basins.fit_at) by placement: each costs an estimate, a pass over the cube.
     fits: dict = field(default_factory=dict, init=False, repr=False)
-    # The last estimate, by its arguments: the band screening asks for the one
-    # that the fit at the kept placement has just made (a pass saved).
+    # The last estimate, by its arguments, and every estimate's band weights
+    # ("weights", by the same arguments): the band screening asks for those of
+    # the fit at the kept placement, which need not be the last one made.
     last_estimate: dict = field(default_factory=dict, init=False, repr=False)
 
 
@@ -202,7 +203,31 @@ def estimate_pass(problem: Problem, placement, step: int, bands=None, levels=Non
         return last
     estimate = _estimate(problem, placement, step, bands, levels)
     problem.last_estimate["last"] = (key, estimate)
+    problem.last_estimate.setdefault("weights", {})[key] = estimate.gradient.channel_weights
     return estimate
+
+
+def band_weights(problem: Problem, placement, step: int) -> np.ndarray:
+    """The band weights (levels, bands) of :func:`estimate_pass` with every band and level, remembered.
+
+    Only the weights are kept of each estimate (a small array), so an
+    estimate made earlier for a fit is not made again for its weights.
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=8, seed=1)
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> made = estimate_pass(problem, np.eye(3), problem.grid.cube_step).gradient.channel_weights
+    >>> _ = estimate_pass(problem, np.diag([1.0, 1.0, 1.0]) + np.eye(3, k=2), problem.grid.cube_step)  # another
+    >>> band_weights(problem, np.eye(3), problem.grid.cube_step) is made  # remembered, not estimated again
+    True
+    """
+    key = (placement_key(placement), int(step), int(problem.levels), None)
+    weights = problem.last_estimate.get("weights", {}).get(key)
+    if weights is None:
+        weights = estimate_pass(problem, placement, step).gradient.channel_weights
+    return weights
 
 
 def placement_key(placement) -> bytes:
@@ -384,8 +409,7 @@ def screened_bands(problem: Problem, placement):
     step = cube_resolution_step(problem.initial @ problem.grid.to_guide @ placement)
     if not (options.screen_bands and options.method == "gradient" and step > 1):
         return None
-    aligned = estimate_pass(problem, placement, step)
-    support = np.flatnonzero((aligned.gradient.channel_weights > 0).any(axis=0))
+    support = np.flatnonzero((band_weights(problem, placement, step) > 0).any(axis=0))
     return support if support.size else None
 
 

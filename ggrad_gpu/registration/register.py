@@ -460,7 +460,7 @@ def displacement_covariance(fixed, moving, matrix, points, *, fixed_mask=None, m
     count = per_row * -(-rows // block)
     pulls = xp.stack([xp.bincount(labels, weights=jacobian[:, i] * residual, minlength=count) for i in range(6)],
                      axis=1)
-    # Blocks x 6 numbers: to the host first, so the mask of blocks with data indexes on the host (no device sync).
+    # Both small (blocks x 6): to the host first, so the selection is a host boolean index, not a device one.
     pulls = to_host(pulls)[to_host(xp.bincount(labels, weights=weight.reshape(-1), minlength=count)) > 0]
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     if pulls.shape[0] < 8:
