@@ -206,8 +206,7 @@ def spread_limit(problem) -> float:
     >>> round(spread_limit(build_problem(phantom.guide, phantom.cube, initial=phantom.initial)), 2)
     2.42
     """
-    guide_per_cube = 1 / math.sqrt(abs(np.linalg.det(problem.initial[:2, :2])))
-    return max(MAX_SPREAD_PX, MAX_SPREAD_CUBE_PX * guide_per_cube)
+    return max(MAX_SPREAD_PX, MAX_SPREAD_CUBE_PX * _guide_per_cube(problem))
 
 
 def is_far_move(problem, placement) -> bool:
@@ -222,8 +221,7 @@ def is_far_move(problem, placement) -> bool:
     >>> [is_far_move(problem, np.array([[1.0, 0, shift], [0, 1, 0], [0, 0, 1]])) for shift in (10, 30)]
     [False, True]
     """
-    guide_per_cube = 1 / math.sqrt(abs(np.linalg.det(problem.initial[:2, :2])))
-    return alternative_distance(problem, np.eye(3), placement) > FAR_MOVE_CUBE_PX * guide_per_cube
+    return alternative_distance(problem, np.eye(3), placement) > FAR_MOVE_CUBE_PX * _guide_per_cube(problem)
 
 
 def verdict_with_spread(verdict, spread_px: float, limit: float = MAX_SPREAD_PX):
@@ -342,6 +340,11 @@ def fit_covariance(problem, placement, estimate, relative=None) -> np.ndarray:
     block = max(8, round(_footprint_side(problem, placement) / BLOCKS_ACROSS))
     covariance = displacement_covariance(fixed, moving, relative, working, moving_mask=mask, block=block)
     return covariance * problem.grid.s**2
+
+
+def _guide_per_cube(problem) -> float:
+    """Guide pixels per cube pixel under the initial transform (the root of its area ratio)."""
+    return 1 / math.sqrt(abs(np.linalg.det(problem.initial[:2, :2])))
 
 
 def _guide_matrix(problem, placement):
