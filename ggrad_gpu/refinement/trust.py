@@ -43,7 +43,7 @@ well.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -242,8 +242,6 @@ def verdict_with_spread(verdict, spread_px: float, limit: float = MAX_SPREAD_PX)
     >>> refused.improved, refused.reason, refused.quality["spread_px"]
     (False, 'the result is uncertain: it could lie 6.5 px elsewhere (more than 2 px)', 6.5)
     """
-    from dataclasses import replace
-
     quality = {**verdict.quality, "spread_px": float(spread_px)}
     if verdict.improved and not spread_px <= limit:
         where = f"{spread_px:.2g} px" if math.isfinite(spread_px) else "an unknown distance"
