@@ -149,6 +149,7 @@ REQUIRED_GPU_TESTS = ["tests/test_parity.py::test_sobel_magnitude",  # skipped b
                       "tests/test_backend.py::test_transfers_round_trip[cupy]"]  # conftest's xp parameter
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 @pytest.mark.parametrize("required", [False, True])
 def test_require_gpu_turns_skipped_gpu_tests_into_failures(required):
     # A CuPy that does not import (sys.modules["cupy"] = None), in a pytest

@@ -48,6 +48,7 @@ def _lazy(values, chunks):
     return da.from_array(values, chunks=chunks + values.shape[2:])
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 @pytest.mark.parametrize("chunks", CHUNKINGS)
 @pytest.mark.parametrize("order", [1, 3])
 def test_warp_equals_the_in_memory_warp(cube, chunks, order):
@@ -88,6 +89,7 @@ def test_blur_decimate_equals_the_in_memory_step_and_scipy(cube, chunks):
     np.testing.assert_allclose(result, expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 @pytest.mark.parametrize("chunks", CHUNKINGS)
 def test_blur_decimate_of_a_checkpoint_on_disk_reads_windows_from_its_store(cube, chunks, monkeypatch):
     """A level kept on disk is decimated block by block from windows of its store, as in memory."""
@@ -129,6 +131,7 @@ def test_fill_gaps_equals_the_in_memory_fill(cube, chunks):
     np.testing.assert_array_equal(fill_gaps(_lazy(values, chunks), gaps).compute(), fill_gaps(values, gaps))
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 @pytest.mark.parametrize("chunks", CHUNKINGS)
 def test_gram_and_combination_equal_the_in_memory_ones(cube, chunks):
     rng = np.random.default_rng(1)
@@ -166,6 +169,7 @@ def test_checkpoint_goes_to_a_temporary_store_beyond_the_limit_and_is_removed(cu
     np.testing.assert_array_equal(checkpoint(cube), cube)  # in-memory arrays pass through
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_a_large_lazy_cube_is_kept_on_disk_once_and_warped_by_windows(monkeypatch):
     """Every estimate warps the cube: beyond the limit it is written once and read window by window."""
     from ggrad_gpu._lazy import chunked
@@ -212,6 +216,7 @@ def phantom():
     return make_phantom(shape=(240, 280), bands=24, seed=5, rotation_deg=1.0, shift=(5.0, -7.0))  # the default phantom
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 @pytest.mark.parametrize("chunks, limit", [((13, 17), None), ((7, 5), 20_000), ((48, 56), "1GB")])
 def test_refine_on_a_lazy_cube_equals_the_in_memory_refine(phantom, chunks, limit):
     cube = phantom.cube.copy()
@@ -257,6 +262,7 @@ def test_chunked_and_in_memory_refine_agree_where_eq5_is_nearly_singular():
     assert target_registration_error(chunked.matrix, whole.matrix, sample.guide.shape).max < 1e-3
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_the_working_grid_of_a_lazy_cube_is_coarsened_to_the_memory_limit(phantom):
     lazy = _lazy(phantom.cube, (16, 16))
     full = _refine(phantom.guide, lazy, phantom.initial, memory_limit="1GB")
@@ -269,6 +275,7 @@ def test_the_working_grid_of_a_lazy_cube_is_coarsened_to_the_memory_limit(phanto
     assert tre.mean < 0.35 and tre.max < 0.9, tre  # 0.156 / 0.439 px measured
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_the_lazy_cube_is_never_read_whole(phantom, tmp_path):
     log = str(tmp_path / "reads.txt")  # a file: dask may copy the source object into its graph
 

@@ -60,6 +60,7 @@ def _tre(out, phantom, *, refined=True):
     return target_registration_error(np.array(record["matrix"]), phantom.matrix, phantom.guide.shape)
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_round_trip_every_format(tmp_path, phantom, centres, fmt, capsys):
     if fmt in NEEDS:
@@ -90,6 +91,7 @@ def test_round_trip_every_format(tmp_path, phantom, centres, fmt, capsys):
     assert weights["levels"] == len(weights["channel_weights"]) == 2 and len(weights["channel_weights"][0]) == 24
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_png_guide_and_output_seeds_the_next_run(tmp_path, phantom, centres):
     from PIL import Image
 
@@ -131,6 +133,7 @@ def test_text_initial_manual_weights_and_guide_grid(tmp_path, phantom, centres):
     np.testing.assert_allclose(record["matrix"], phantom.initial)
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_existing_output_is_kept_without_force(tmp_path, phantom, centres, capsys):
     guide, cube = _inputs(tmp_path, phantom, centres, "npy")
     out = tmp_path / "out"
@@ -145,6 +148,7 @@ def test_existing_output_is_kept_without_force(tmp_path, phantom, centres, capsy
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 @pytest.mark.parametrize("writer", ["registered.npy", "transform.json", "weights.json", "report.png"])
 def test_failure_while_writing_leaves_no_output(tmp_path, phantom, centres, monkeypatch, capsys, reliability,
                                                 writer):
@@ -211,6 +215,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, phantom, centres, capsys, ma
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_strict_exit_code_when_the_initial_transform_is_kept(tmp_path, capsys):
     rng = np.random.default_rng(0)
     np.save(tmp_path / "guide.npy", np.full((160, 200), 0.5, np.float32))  # no edges at all
@@ -223,6 +228,7 @@ def test_strict_exit_code_when_the_initial_transform_is_kept(tmp_path, capsys):
     assert main(args + ["-o", str(tmp_path / "b"), "--strict"]) == 1
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_demo_prints_the_error_and_writes_a_report(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--shape", "200", "240", "--bands", "24", "--levels", "3", "--backend", "numpy",
@@ -263,6 +269,7 @@ def test_version_and_entry_point():
 # --- real files -------------------------------------------------------------------
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 @pytest.mark.data
 def test_eds_cube_against_its_backscatter_image(tmp_path, capsys):
     folder = DATA / "sem-eds-bruker-30x30"
@@ -284,6 +291,7 @@ def test_eds_cube_against_its_backscatter_image(tmp_path, capsys):
     assert {name: _digest(folder / name) for name in before} == before
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 @pytest.mark.data
 def test_swir_envi_header_round_trip(tmp_path, capsys):
     pytest.importorskip("spectral")

@@ -142,6 +142,7 @@ def test_denoise_must_be_a_bool(small_phantom):
         refine(small_phantom.guide, small_phantom.cube, backend="numpy", denoise="yes")
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_cli_no_denoise_refines_from_the_cube_as_it_is(tmp_path):
     phantom = make_phantom(shape=(180, 200), bands=24, seed=3, shift=(4.0, -3.0))  # 36 x 40 cube pixels
     np.save(tmp_path / "guide.npy", phantom.guide)

@@ -207,6 +207,7 @@ def test_a_signal_while_writing_the_cube(inputs, monkeypatch, capsys, reliabilit
 @pytest.mark.parametrize("signum, expected", [  # the fast lane sends SIGINT; the full run SIGTERM too
     pytest.param(signal.SIGINT, EXIT_INTERRUPTED, id="SIGINT"),
     pytest.param(signal.SIGTERM, EXIT_TERMINATED, id="SIGTERM", marks=pytest.mark.slow)])
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_a_signal_during_the_final_rename_waits_for_it(inputs, monkeypatch, capsys, reliability, signum,
                                                        expected, force):
     """The swap into place is not cut in two: the signal takes effect once OUTDIR is complete."""
@@ -279,6 +280,7 @@ def big_inputs(tmp_path_factory):
 @pytest.mark.parametrize("signum, expected", [  # the fast lane sends SIGINT; the full run SIGTERM too
     pytest.param(signal.SIGINT, EXIT_INTERRUPTED, id="SIGINT"),
     pytest.param(signal.SIGTERM, EXIT_TERMINATED, id="SIGTERM", marks=pytest.mark.slow)])
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_signal_while_computing(big_inputs, reliability, signum, expected):
     folder, before = big_inputs
     out = folder / "out"
@@ -320,6 +322,7 @@ SLOW_WRITER = textwrap.dedent("""
 @pytest.mark.parametrize("signum, expected", [  # the fast lane sends SIGINT; the full run SIGTERM too
     pytest.param(signal.SIGINT, EXIT_INTERRUPTED, id="SIGINT"),
     pytest.param(signal.SIGTERM, EXIT_TERMINATED, id="SIGTERM", marks=pytest.mark.slow)])
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_signal_while_writing(inputs, reliability, signum, expected, force):
     folder, before = inputs
     out = folder / "out"

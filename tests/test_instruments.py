@@ -83,6 +83,7 @@ def test_renishaw_file_read_whole(name):
 @pytest.mark.data
 @pytest.mark.parametrize("name", [pytest.param("renishaw_test_map2.wdf", marks=pytest.mark.slow),
                                   "renishaw_test_map.wdf"])
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_renishaw_file_through_the_command_line(tmp_path, name):
     path = _wdf(name)
     out = tmp_path / "out"

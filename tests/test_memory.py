@@ -291,6 +291,7 @@ def _completed(limited, scenario):
     return record
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 @linux_only
 @pytest.mark.parametrize("order", [1, 3])
 def test_warp_finishes_under_a_memory_limit_with_the_same_result(limited, order):

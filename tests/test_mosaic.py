@@ -282,6 +282,7 @@ class RecordingGuide:
             self.events.append(("done", index, self.alive))
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 @pytest.mark.parametrize("cap", [1, 2])
 def test_each_task_reads_its_own_guide_region_when_it_starts(cap):
     mosaic = make_mosaic(grid=(2, 3), tile_shape=(16, 16), bands=4, signatures="mixed", slipped=None,

@@ -78,6 +78,7 @@ def _check(matrices, cubes, truths):
     # the bands refitted (basins); it reaches 0.20 / 0.51 px now.
     pytest.param(4, marks=pytest.mark.slow),
 ])
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_refine_many_registers_two_modalities(seed):
     guide, cubes, initials, truths = _two_modalities(seed)
     assert cubes[0].shape[2] != cubes[1].shape[2]
@@ -159,6 +160,7 @@ def test_repeated_options_must_match_the_cubes(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_apply_reproduces_refines_registered_cube(tmp_path):
     phantom = make_phantom(shape=(200, 240), bands=24, seed=4, rotation_deg=2.0, scale=1.02, shift=(12.0, -15.0),
                            signatures="mixed")

@@ -66,6 +66,7 @@ def test_refine_on_the_cube_grid_is_the_cube_warped_there():
     np.testing.assert_allclose(working.matrix, result.matrix)
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_cli_writes_the_cube_grid_and_records_it(tmp_path):
     phantom = make_phantom(shape=(200, 240), bands=8, seed=4, shift=(5.0, -3.0), signatures="mixed")
     np.save(tmp_path / "guide.npy", phantom.guide)

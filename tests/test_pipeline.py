@@ -36,6 +36,7 @@ def test_recovers_known_transforms(refinements):
     assert max(t.max for t in errors) <= 0.8, errors
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_result_fields():
     phantom = make_phantom(bands=60, seed=2, **CASES[2])
     result = refine(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
@@ -76,6 +77,7 @@ def test_band_screening_matches_the_full_reestimate():
     assert gap.max < 0.2, gap
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_working_grid_composition_at_s_greater_than_one():
     # 20 guide pixels per cube pixel: s = ceil(20 / 6) = 4. A wrong composition
     # order (S applied on the wrong side) is invisible at s = 1 but not here.
@@ -96,6 +98,7 @@ def test_output_on_the_guide_grid():
     assert result.registered.shape == (120, 140, 12)
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_band_sum_fails_on_normalised_spectra():
     phantom = make_phantom(bands=40, seed=2, rotation_deg=2, shift=(12, -15))
     with warnings.catch_warnings():
@@ -105,6 +108,7 @@ def test_band_sum_fails_on_normalised_spectra():
     assert tre.mean > 3  # the band sum of area-normalised spectra is flat noise
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_no_structure_keeps_the_initial_transform():
     phantom = make_phantom(bands=12, seed=4)
     noise = np.random.default_rng(0).random(phantom.cube.shape).astype(np.float32)

@@ -112,6 +112,7 @@ def test_target_registration_error_over_a_region_by_brute_force():
 # --------------------------------------------------------------------------- partial fields
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_partial_field_refines():
     phantom = _partial_case(7)
     result = _refine(phantom.guide, phantom.cube, phantom.initial)
@@ -208,6 +209,7 @@ def test_too_little_data_is_an_outcome():
 RENISHAW = DATA / "renishaw-raman-whitelight"
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 @pytest.mark.data
 @pytest.mark.parametrize("name", ["renishaw_test_map2.wdf", "renishaw_test_map.wdf"])
 def test_real_renishaw_maps_refine_at_default_options(name):

@@ -80,6 +80,7 @@ def test_the_bcf_reader_gives_counts_per_sweep_in_bands_and_the_scan_identity(sa
     assert 0.2 <= sample.band_axis.values[0] < sample.band_axis.values[-1] < 15.0
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 @data
 def test_p45_from_misplaced_starts_refines_to_under_half_a_pixel(sample):
     cube = sample.cube
@@ -135,6 +136,7 @@ def _counts_phantom(counts, seed=0):
     return phantom, cube
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 @pytest.mark.parametrize("counts, outcome", [(2, "kept"), (50, "refined")])
 def test_count_limited_cube_is_refined_where_it_can_be_and_kept_where_not(counts, outcome):
     # benchmarks/accuracy/real_pairs.py's family: at 2 counts per pixel over 60 bands nothing in the

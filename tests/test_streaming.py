@@ -74,6 +74,7 @@ def test_a_cube_over_the_limit_is_streamed_and_matches_the_in_memory_run(files, 
                                                                    "weights.json", "report.png"}
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_an_interrupted_run_resumes_to_the_same_bits(files, tmp_path, monkeypatch, capsys):
     assert _refine(files, tmp_path / "whole", "--memory-limit", LIMIT) == 0
     written = []
@@ -174,6 +175,7 @@ def test_strict_when_streaming_exits_1_where_the_initial_transform_is_kept(files
     assert _refine(files, tmp_path / "refined", "--memory-limit", LIMIT, "--strict") == 0
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 @pytest.mark.parametrize("changed", [["--no-denoise"], ["--check"]], ids=lambda flags: flags[0])
 def test_an_interrupted_run_is_not_resumed_under_other_refine_options(changed, tmp_path, monkeypatch, capsys):
     """A streamed run cut short, then run again with another option of ``refine``: not resumed from the old transform.

@@ -85,6 +85,7 @@ def _single_images(phantom):
     return ncc(result.grad_x, result.grad_y), best
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_default_phantom_spreads_the_boundaries_over_bands(seed):
     # The requirement: no single band sees every boundary, so the

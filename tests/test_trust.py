@@ -112,6 +112,7 @@ def test_kept_initial_transform_has_no_spread():
     np.testing.assert_array_equal(result.matrix, result.initial)
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_cli_check_records_the_spread(tmp_path, phantom):
     np.save(tmp_path / "guide.npy", phantom.guide)
     np.save(tmp_path / "cube.npy", phantom.cube)

@@ -619,6 +619,7 @@ sys.stdout.write(digest)
 """
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_refine_is_bit_identical_run_to_run(input_cases):
     namespace = {}
     exec(compile(_DIGEST.replace("sys.stdout.write(digest)", ""), "<digest>", "exec"), namespace)
