@@ -47,6 +47,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..core.geometry import pixels_per_cube_pixel
 from ..registration.metrics import footprint_region, target_registration_error
 from ..registration.register import displacement_covariance, point_variances
 from . import basins, passes
@@ -206,7 +207,7 @@ def spread_limit(problem) -> float:
     >>> round(spread_limit(build_problem(phantom.guide, phantom.cube, initial=phantom.initial)), 2)
     2.42
     """
-    return max(MAX_SPREAD_PX, MAX_SPREAD_CUBE_PX * _guide_per_cube(problem))
+    return max(MAX_SPREAD_PX, MAX_SPREAD_CUBE_PX * pixels_per_cube_pixel(problem.initial))
 
 
 def is_far_move(problem, placement) -> bool:
@@ -221,7 +222,7 @@ def is_far_move(problem, placement) -> bool:
     >>> [is_far_move(problem, np.array([[1.0, 0, shift], [0, 1, 0], [0, 0, 1]])) for shift in (10, 30)]
     [False, True]
     """
-    return alternative_distance(problem, np.eye(3), placement) > FAR_MOVE_CUBE_PX * _guide_per_cube(problem)
+    return alternative_distance(problem, np.eye(3), placement) > FAR_MOVE_CUBE_PX * pixels_per_cube_pixel(problem.initial)
 
 
 def verdict_with_spread(verdict, spread_px: float, limit: float = MAX_SPREAD_PX):
@@ -338,11 +339,6 @@ def fit_covariance(problem, placement, estimate, relative=None) -> np.ndarray:
     block = max(8, round(_footprint_side(problem, placement) / BLOCKS_ACROSS))
     covariance = displacement_covariance(fixed, moving, relative, working, moving_mask=mask, block=block)
     return covariance * problem.grid.s**2
-
-
-def _guide_per_cube(problem) -> float:
-    """Guide pixels per cube pixel under the initial transform (the root of its area ratio)."""
-    return 1 / math.sqrt(abs(np.linalg.det(problem.initial[:2, :2])))
 
 
 def _guide_matrix(problem, placement):
