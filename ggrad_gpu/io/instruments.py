@@ -338,21 +338,18 @@ def _read_bruker(path: Path) -> InstrumentFile:
                 "energy_range_keV": [float(energy[inside[0]]), float(energy[inside[-1]])],
                 "divided_by_line_sweeps": bool((sweeps != 1).any()), "guide_kind": "electron"}
     images = sorted((s for s in signals if np.ndim(s["data"]) == 2), key=lambda s: title(s) != "BSE")
+    # One scan: each image and the map span the same field (a unit square here), their pixels
+    # dividing it; a different pixel count scales about the field's outer corner.
     placed = tuple(PlacedImage(f"{title(s) or 'electron'} image", np.asarray(s["data"], dtype=np.float32),
-                               np.diag([rows / s["data"].shape[0], cols / s["data"].shape[1], 1.0]), str(path))
+                               stage_matrix((0.0, 0.0), 1 / np.array(s["data"].shape, dtype=np.float64), (0.0, 0.0),
+                                            (1 / rows, 1 / cols), map_origin_at="corner"), str(path))
                    for s in images)
     if not placed:
         return InstrumentFile(path, "bruker", cube, band_axis, None, None, None, (), metadata, "electron")
     guide = placed[0]
-    # The same scan: pixel i of the image and of the map are the same beam position (pixel centres,
-    # so a different pixel count scales about the outer corner).
-    to_cube = guide.to_cube.copy()
-    to_cube[:2, 2] = 0.5 * np.diag(to_cube)[:2] - 0.5
-    guide = PlacedImage(guide.name, guide.image, to_cube, guide.source)
     metadata["guide"] = guide.name
-    return InstrumentFile(path, "bruker", cube, band_axis, guide.image, to_cube,
-                          "bruker-bcf scan grid (image and hypermap of the same scan)",
-                          (guide,) + placed[1:], metadata, "electron")
+    return InstrumentFile(path, "bruker", cube, band_axis, guide.image, guide.to_cube,
+                          "bruker-bcf scan grid (image and hypermap of the same scan)", placed, metadata, "electron")
 
 
 def _axis_values(axis: dict) -> np.ndarray:
