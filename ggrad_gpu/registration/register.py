@@ -607,30 +607,36 @@ class _Level:
         r0 = xp.minimum(xp.floor(q_rows), max(n_rows - 2, 0))
         c0 = xp.minimum(xp.floor(q_cols), max(n_cols - 2, 0))
         fr, fc = q_rows - r0, q_cols - c0
-        # Flat indices of the four neighbours; one gather each fetches every
-        # image at once from the stacked (pixels, channels) source.
-        top_left = (r0.astype(xp.intp) * n_cols + c0.astype(xp.intp)).ravel()
+        fr_, fc_ = 1 - fr, 1 - fc
+        # Flat indices of the four neighbours, one gather per neighbour and
+        # image from contiguous channel rows (a third of the time of gathering
+        # (pixels, channels) rows and interpolating the coverage too).
+        top_left = r0.astype(xp.intp) * n_cols + c0.astype(xp.intp)
         right = 1 if n_cols > 1 else 0
         down = n_cols if n_rows > 1 else 0
+        index = [top_left, top_left + right, top_left + down, top_left + (down + right)]
         source = self._stacked(images)
-        # take along axis 0: the same rows as fancy indexing, a fifth of its time on NumPy.
-        taps = [xp.take(source, top_left + offset, axis=0) for offset in (0, right, down, down + right)]
-        fr, fc = fr.reshape(-1, 1), fc.reshape(-1, 1)
-        top = taps[0] * (1 - fc) + taps[1] * fc
-        bottom = taps[2] * (1 - fc) + taps[3] * fc
-        values = (top * (1 - fr) + bottom * fr).reshape(q_rows.shape + (source.shape[1],))
+
+        def taps(channel):
+            # take: the same values as fancy indexing, a fifth of its time on NumPy.
+            return [xp.take(channel, k) for k in index]
+
+        values = []
+        for channel in source[:-1]:
+            t = taps(channel)
+            values.append((t[0] * fc_ + t[1] * fc) * fr_ + (t[2] * fc_ + t[3] * fc) * fr)
         # A point counts when every one of its four neighbours is covered
-        # (coverage is the last channel: the product of the four taps).
-        cover = taps[0][:, -1] * taps[1][:, -1] * taps[2][:, -1] * taps[3][:, -1]
-        covered = inside & (cover.reshape(q_rows.shape) > 0.5)
-        return covered, [values[..., i] for i in range(len(images))]
+        # (the coverage is the last row: the product of its four taps).
+        t = taps(source[-1])
+        covered = inside & (t[0] * t[1] * t[2] * t[3] > 0.5)
+        return covered, values
 
     def _stacked(self, images):
-        """``images`` and the moving coverage as one (pixels, channels) array, built once per choice."""
+        """``images`` and the moving coverage as (channels, pixels) rows, built once per choice."""
         key = tuple(id(image) for image in images)
         if key not in self._sources:
             channels = list(images) + [self.moving_cov]
-            self._sources[key] = self.xp.stack([c.ravel() for c in channels], axis=1)
+            self._sources[key] = self.xp.stack([c.ravel() for c in channels])
         return self._sources[key]
 
     def _overlap(self, matrix):
