@@ -249,18 +249,27 @@ def first_registration(problem, first):
         # estimate's weights, fitted with the cube misplaced, can pull
         # Gauss-Newton away from a peak next to the truth.
         tries += [(None, translation(*shift), False) for shift in shifts]
-    candidates = []
-    for estimate, start, search in tries:
+
+    def attempt(try_):
+        estimate, start, search = try_
         if estimate is None:
             try:
                 estimate = passes.estimate_pass(problem, start, step, levels=levels)
             except NoDataError:  # a peak that moves the cube off every pixel with data
-                continue
-        registration, placement = passes.register_pass(problem, estimate, start, coarse_search=search)
-        if any(np.allclose(placement, c.placement, atol=0.5) for c in candidates):
-            continue  # the same basin again
-        plausible = not degeneracy(placement, MAX_SCALE_CHANGE)
-        candidates.append(Candidate(registration, placement, fit_at(problem, placement) if plausible else -1.0))
+                return None
+        return passes.register_pass(problem, estimate, start, coarse_search=search)
+
+    # The tries, then their fits, each batch at once where the machine allows (passes.concurrently).
+    found = []
+    for result in passes.concurrently(problem, attempt, tries):
+        if result is not None and not any(np.allclose(result[1], other, atol=0.5) for _, other in found):
+            found.append(result)  # a basin not met before
+
+    def fair_fit(placement):
+        return -1.0 if degeneracy(placement, MAX_SCALE_CHANGE) else fit_at(problem, placement)
+
+    fits = passes.concurrently(problem, fair_fit, [placement for _, placement in found])
+    candidates = [Candidate(registration, placement, fit) for (registration, placement), fit in zip(found, fits)]
     candidates.sort(key=lambda c: -c.fit)
     best = candidates[0]
     return best.registration, best.placement, candidates

@@ -187,10 +187,15 @@ def assess(problem, placement, *, candidates=()) -> Spread:
     # images: the same basin comes back to the result, another stays away.
     starts += [("coarse peak", np.linalg.solve(placement, c.placement)) for c in candidates
                if c.fit >= fit - max(0.01, FIT_TOLERANCE * (1 - fit))]
-    for kind, start in starts:
+
+    def finish(start):
         _, other = passes.register_pass(problem, estimate, placement, coarse_search=False, start=start)
         near = alternative_distance(problem, placement, other) < NEAR_PX
-        add(kind, other, fit if near else basins.fit_at(problem, other))  # back at the result: its fit
+        return other, fit if near else basins.fit_at(problem, other)  # back at the result: its fit
+
+    # Independent alternatives: at once where the machine allows (passes.concurrently).
+    for (kind, _), (other, other_fit) in zip(starts, passes.concurrently(problem, finish, [s for _, s in starts])):
+        add(kind, other, other_fit)
     counted = [a.distance_px for a in alternatives if a.counts and math.isfinite(a.distance_px)]
     return Spread(max(counted, default=0.0), fit, tuple(alternatives))
 
