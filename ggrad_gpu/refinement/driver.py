@@ -249,7 +249,9 @@ def refine(
         pixels or half a cube pixel, whichever is larger
         (:func:`ggrad_gpu.refinement.trust.spread_limit`), is not returned as
         refined: the initial transform is kept and ``message`` says it is
-        uncertain. ``check`` also measures how far alternative refinements
+        uncertain. A result that moves the footprint more than 4 cube pixels,
+        or whose fair fit is weak (``trust.WEAK_FIT``), is also judged as with
+        ``check``. ``check`` also measures how far alternative refinements
         that fit as well land from the result over the cube's footprint
         (starts far enough apart to leave a wrong basin, the other
         coarse-search peaks), the fit blocks from a fresh estimate at the
@@ -329,9 +331,10 @@ def refine(
             fit = trust.fit_spread(problem, placement, last, last_relative)
             verdict = trust.verdict_with_spread(verdict, trust.FIT_SIGMAS * fit, trust.spread_limit(problem))
         timings["guard"] = time.perf_counter() - start
-        # A fit can be tight in a wrong basin; a far move is where one is met: confirm it as check does.
-        far = verdict.improved and not check and trust.is_far_move(problem, placement)
-        if (check or far) and verdict.improved:
+        # A fit can be tight in a wrong basin (met after a far move), and a weak one says little:
+        # confirm those as check does.
+        confirm = verdict.improved and not check and trust.needs_alternatives(problem, placement, fits[1])
+        if (check or confirm) and verdict.improved:
             # ... with ``check``, also the alternatives (far starts, other coarse peaks).
             start = time.perf_counter()
             verdict = trust.verdict_with_spread(verdict, trust.spread(problem, placement, candidates=candidates),
