@@ -164,7 +164,27 @@ def cases(which: str):
     return [(name, p.guide, np.asarray(p.cube, dtype=np.float32), p.initial) for name, p in out]
 
 
-STAGES = ("prepare", "resample", "estimate", "register", "guard", "warp")
+# "check" (the alternatives of a far move or a weak fit) runs estimates and registrations of its
+# own: its wall time overlaps theirs, which "estimate" and "register" also count.
+STAGES = ("prepare", "resample", "estimate", "register", "guard", "check", "warp")
+
+
+def fresh_memory_rates(nbytes: int) -> tuple[float, float]:
+    """Bytes per second of filling a new array of ``nbytes``: the first time in this process, and again.
+
+    The final resample writes a new array of the output's size; on a virtual
+    machine the first touch of memory the process has not used yet can cost
+    far more than the write itself (the host maps its pages), a cost a
+    one-shot refine pays and a warmed-up benchmark round does not.
+    """
+    rates = []
+    for _ in range(2):
+        start = time.perf_counter()
+        array = np.empty(nbytes // 4, dtype=np.float32)
+        array.fill(1.0)
+        rates.append(nbytes / (time.perf_counter() - start))
+        del array
+    return rates[0], rates[1]
 
 
 def profile(guide, cube, initial, repeat: int):
@@ -215,11 +235,14 @@ def main(argv=None) -> int:
     if load >= QUIET_LOAD:
         print(f"WARNING: the 1-minute load average is {load:.2f} (>= {QUIET_LOAD}): these timings mean little",
               file=sys.stderr)
+    first_touch, again = fresh_memory_rates(350 * 415 * 1000 * 4)  # the paper's registered cube, float32
     selected = cases(args.case)
     limits = bench.machine("numpy")
     bandwidth = limits["copy_gbps"] * 1e9
     print(f"benchmarks.floors; load average {load:.2f} before")
     print("- " + "\n- ".join(bench.machine_lines({"numpy": limits})))
+    print(f"- a new 580 MB array filled: {first_touch / 1e9:.1f} GB/s the first time in this process, "
+          f"{again / 1e9:.1f} GB/s again (the final resample's output is such an array)")
     for name, guide, cube, initial in selected:
         rate = syrk_rate(cube.shape[2])
         result, counter = profile(guide, cube, initial, args.repeat)
