@@ -4,27 +4,30 @@ import os
 
 import pytest
 
-from ggrad_gpu.scaleout.cluster import WORKER_CONFIG, dask_client
+from ggrad_gpu.scaleout.cluster import MALLOC_ENVIRON, WORKER_CONFIG, dask_client
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config, trim", [(WORKER_CONFIG, None), (None, "65536")], ids=["mosaic", "refine"])
+@pytest.mark.parametrize("config, trim", [(WORKER_CONFIG, MALLOC_ENVIRON), (None, {"MALLOC_TRIM_THRESHOLD_": "65536"})],
+                         ids=["mosaic", "refine"])
 def test_local_workers_malloc_thresholds(monkeypatch, config, trim):
-    """``ggrad mosaic`` passes WORKER_CONFIG (glibc's adaptive thresholds); a streamed refine keeps Dask's trim."""
+    """``ggrad mosaic`` passes WORKER_CONFIG (large arrays kept in one heap); a streamed refine keeps Dask's trim."""
     pytest.importorskip("distributed")
     # Dask's nanny writes its settings into the starting process's environment too: start clean.
-    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    names = sorted(MALLOC_ENVIRON)
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
     with dask_client(workers=1, config=config) as client:
-        seen = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+        seen = client.run(lambda: {name: os.environ.get(name) for name in names})
         blas = client.run(lambda: os.environ.get("OPENBLAS_NUM_THREADS"))
         threads = client.nthreads()
-    # Unset for the mosaic: every large array is not mapped and faulted in afresh. Dask's own
-    # value for the refine: its workers' freed cube chunks go back to the system.
-    assert list(seen.values()) == [trim]
+    # The mosaic's: large arrays come from one heap, kept between tiles, not mapped and faulted in
+    # afresh. Dask's own trim for the refine: its workers' freed cube chunks go back to the system.
+    assert list(seen.values()) == [{name: trim.get(name) for name in names}]
     assert list(blas.values()) == ["1"]  # Dask's other settings stay
     assert list(threads.values()) == [1]
-    if trim is None:  # Dask's nanny also sets its value in this process's environment; unset, it does not
-        assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
+    if config is not None:  # the nanny sets its values in this process's environment too: Dask's trim is not one
+        assert os.environ.get("MALLOC_TRIM_THRESHOLD_") != "65536"
 
 
 def test_tasks_in_threads_share_the_cores_blas_threads():

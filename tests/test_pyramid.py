@@ -63,6 +63,28 @@ def test_upsample_matches_map_coordinates(xp):
     np.testing.assert_allclose(host(out), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+@pytest.mark.parametrize("shape", [(41, 50), (64, 64), (9, 17), (3, 100)])
+def test_separable_upsampling_is_map_coordinates(level, shape):
+    # Two 1-D passes by phase, float64 sums: the float32 values of map_coordinates.
+    rng = np.random.default_rng(level)
+    coarse = rng.normal(size=(-(-shape[0] // 2**level), -(-shape[1] // 2**level))).astype(np.float32)
+    if level == 0:
+        shape = (shape[0] + 1, shape[1])  # level 0 onto another shape: not a copy
+    rows, cols = np.meshgrid(np.arange(shape[0]) / 2**level, np.arange(shape[1]) / 2**level, indexing="ij")
+    expected = ndi.map_coordinates(coarse.astype(np.float64), [rows, cols], order=3, mode="nearest")
+    np.testing.assert_allclose(upsample_level(coarse, level, shape), expected.astype(np.float32), rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_upsampling_beyond_the_level_clamps_as_map_coordinates():
+    # A level-0 grid larger than the level covers reads past the padded spline: map_coordinates' clamping.
+    coarse = np.random.default_rng(3).random((5, 6)).astype(np.float32)
+    rows, cols = np.meshgrid(np.arange(120) / 2, np.arange(30) / 2, indexing="ij")
+    expected = ndi.map_coordinates(coarse.astype(np.float64), [rows, cols], order=3, mode="nearest")
+    np.testing.assert_allclose(upsample_level(coarse, 1, (120, 30)), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_upsampled_levels_stay_aligned_with_level_zero():
     # A linear ramp survives blurring (away from edges) and cubic interpolation
     # exactly, so every upsampled level must reproduce it where no edge is near.

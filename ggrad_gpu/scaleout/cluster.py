@@ -10,18 +10,26 @@ from __future__ import annotations
 
 import contextlib
 
-__all__ = ["WORKER_CONFIG", "dask_client"]
+__all__ = ["MALLOC_ENVIRON", "WORKER_CONFIG", "dask_client"]
 
 # Dask's nanny starts its workers with MALLOC_TRIM_THRESHOLD_=65536 (to hand
 # freed memory back to the system sooner). Setting it fixes glibc's malloc
 # thresholds, so every array over 128 KiB is mapped afresh and faulted in page
 # by page: a 128 x 128 x 256 mosaic tile took 7.3 s of CPU with it against
-# 3.9 s without (benchmarks/RESULTS.md, issue 13). `ggrad mosaic`'s local
-# cluster passes this (a None unsets the variable; one set in this process's
-# environment still reaches the workers). A streamed refine keeps Dask's
+# 3.9 s without (benchmarks/RESULTS.md, issue 13). Unset, glibc's adaptive
+# mmap threshold still stops at 32 MiB, and a tile's cube-sized arrays (128
+# MiB on the grid at the cube's resolution) were each mapped and faulted in
+# afresh: 0.9 of a tile's 4.3 CPU s were the kernel's. `ggrad mosaic`'s local
+# cluster therefore keeps them in the heap: one arena (the task runs in a
+# worker thread, whose own arena maps whatever exceeds its 64 MiB heaps),
+# arrays up to 4 GiB from it, and the freed memory kept for the next tile
+# (issue 26: 3.4 CPU s per tile, 0.14 of them the kernel's; the worker's peak
+# resident memory 530 MiB against 576). A streamed refine keeps Dask's
 # setting: its workers hold cube chunks of tens of MiB, and without the trim
 # the 4 GiB cube on 2 workers peaked at 2.56 GiB against 1.55, in the same time.
-WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+MALLOC_ENVIRON = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(4 << 30),
+                  "MALLOC_TRIM_THRESHOLD_": str(8 << 30)}
+WORKER_CONFIG = {f"distributed.nanny.pre-spawn-environ.{name}": value for name, value in MALLOC_ENVIRON.items()}
 
 
 @contextlib.contextmanager
