@@ -136,6 +136,12 @@ class GramAccumulator:
         a = columns.reshape(-1, bands)
         b = target.reshape(-1)
         w = None if weights is None else weights.reshape(-1)
+        if w is not None and xp is np:
+            # A row of weight 0 adds nothing but its ~bands**2 flops: a partial field's margin
+            # was half a tile's level-0 rows. (On a GPU, finding them costs a device sync.)
+            kept = np.flatnonzero(w)
+            if kept.size < w.size:
+                a, b, w = a[kept], b[kept], w[kept]
         share = PROMOTE_SHARE if self.product_dtype.itemsize > a.dtype.itemsize else COPY_SHARE
         step = block_rows((a.shape[0], bands + 1), self.product_dtype.itemsize, xp,
                           target_bytes=default_block_bytes(xp) // share)
