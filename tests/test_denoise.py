@@ -61,12 +61,21 @@ def test_signal_subspace_leaves_noise_small_cubes_and_few_bands_alone():
     assert signal_subspace(noise).rank is None
     _, small = _low_rank(2, shape=(2, 40))
     assert signal_subspace(small).rank is None
-    _, small_map = _low_rank(2, shape=(30, 30))  # fewer pixels than MIN_PIXELS
+    # Fewer pixels than MIN_PIXELS and than PIXELS_PER_BAND per band (the real 20 x 20 x 1015 Raman map's case).
+    _, small_map = _low_rank(2, shape=(20, 20), bands=250)
     assert signal_subspace(small_map).values is small_map
     _, few = _low_rank(2, bands=8)
     assert signal_subspace(few).values is few
     flat = np.ones((20, 20, 30))
     assert signal_subspace(flat).rank is None
+
+
+def test_signal_subspace_projects_a_small_map_with_few_bands():
+    # 400 pixels, 80 bands: fewer pixels than MIN_PIXELS, but a noise bulk to read the rank from.
+    clean, noisy = _low_rank(3, shape=(20, 20), bands=80)
+    result = signal_subspace(noisy)
+    assert result.rank == 3
+    assert np.std(result.values - clean) < 0.5 * np.std(noisy - clean)
 
 
 def test_signal_subspace_keeps_missing_pixels_and_dead_bands():

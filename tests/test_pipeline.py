@@ -208,7 +208,7 @@ def test_basins_estimate_a_large_footprint_on_a_coarser_level(monkeypatch):
     original = pipeline.estimate_pass
 
     def counted(problem, placement, step, bands=None, levels=None):
-        steps.append((step, problem.levels if levels is None else levels, problem.levels, problem.grid.cube_step))
+        steps.append((step, problem.levels_at(step) if levels is None else levels, problem.levels, problem.grid.cube_step))
         return original(problem, placement, step, bands, levels)
 
     monkeypatch.setattr(pipeline, "estimate_pass", counted)

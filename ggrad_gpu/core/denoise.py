@@ -33,17 +33,22 @@ from .._lazy.chunked import is_dask_array
 from .._validation import all_finite, float_dtype
 
 __all__ = ["BULK_LIMIT", "COMPONENTS", "FULL_EIGEN", "ITERATIONS", "MIN_PIXELS", "MIN_SIDE", "NOISE_PIXELS",
-           "PROJECT_BYTES", "RANK_MARGIN", "SAMPLE_PIXELS", "Subspace", "band_noise", "signal_subspace"]
+           "PIXELS_PER_BAND", "PROJECT_BYTES", "RANK_MARGIN", "SAMPLE_PIXELS", "Subspace", "band_noise", "signal_subspace"]
 
 # A component counts as signal above this multiple of the noise edge.
 RANK_MARGIN = 1.5
 # Sampled pixels with data and bands with noise both at least this many, or the cube is left as it is:
 # most eigenvalues must lie in the noise's bulk.
 MIN_SIDE = 16
-# A map with fewer pixels is left as it is: its subspace is too uncertain to trust (a real 20 x 20
-# Raman map of 1015 bands, 5 components kept, moved 15 px from its stage placement with them and
-# the guard accepted it; without, the refinement is rejected as implausible).
+# A map with fewer pixels is left as it is unless it has at least PIXELS_PER_BAND times as many
+# pixels as bands with noise: with fewer pixels than bands, the sample covariance has no noise bulk to
+# read the noise from, and its subspace is too uncertain to trust (a real 20 x 20 Raman map of 1015
+# bands, 5 components kept, moved 15 px from its stage placement with them and the guard accepted
+# it; without, the refinement is rejected as implausible). A small map with a few bands is
+# projected: its bands' Sobel noise floor is what biased it (20 x 20 x 80 phantom maps on 100 x 100
+# guide pixels, 8 draws: max TRE 0.44-0.77 px projected, 0.42-1.56 px as they are).
 MIN_PIXELS = 1024
+PIXELS_PER_BAND = 2
 # The noise-scaled bulk level above which the bulk is not noise (the spatial estimate says unit
 # variance; it reads about 1 to 1.5 on the phantoms): the cube is left as it is.
 BULK_LIMIT = 4.0
@@ -165,7 +170,7 @@ def signal_subspace(cube) -> Subspace:
     (2, True)
     """
     rows, cols, bands = cube.shape
-    if rows < 3 or cols < 3 or rows * cols < MIN_PIXELS:
+    if rows < 3 or cols < 3 or rows * cols < min(MIN_PIXELS, PIXELS_PER_BAND * MIN_SIDE):
         return Subspace(cube, None)
     stride = max(1, math.ceil(math.sqrt(rows * cols / SAMPLE_PIXELS)))
     # The noise's slices and the sample in one read: a strided slice of a chunked store touches
@@ -175,7 +180,7 @@ def signal_subspace(cube) -> Subspace:
     sigma = _noise(*neighbours)
     xp = array_module(sigma=sigma)
     live = np.flatnonzero(to_host(xp.isfinite(sigma) & (sigma > 0)))
-    if live.size < MIN_SIDE:
+    if live.size < MIN_SIDE or rows * cols < min(MIN_PIXELS, PIXELS_PER_BAND * live.size):
         return Subspace(cube, None)
     scale = sigma[xp.asarray(live)]
     sample = sample.reshape(-1, bands)[:, xp.asarray(live)].astype(xp.float64)

@@ -33,11 +33,19 @@ except ImportError:  # pragma: no cover - a dependency, but its absence only cos
 
 from .._backend import array_module, ndimage_module, resolve_backend
 from .._lazy.chunked import is_dask_array, keep_source
+from .._validation import max_levels
 from ..core import baselines
 from ..core.coverage import Coverage, fill_gaps, level_on_grid, valid_pixels
 from ..core.estimate import GlobalGradient, estimate_global_gradient
 from ..core.filters import sobel_magnitude
-from ..core.geometry import WorkingGrid, cube_output_grid, cube_resolution_step, footprint_mask
+from ..core.geometry import (
+    MAX_LEVELS,
+    WorkingGrid,
+    cube_output_grid,
+    cube_resolution_step,
+    footprint_mask,
+    pixels_per_cube_pixel,
+)
 from ..core.pyramid import upsample_level
 from ..core.warp import warp_cube
 from ..registration.register import AffineRegistration, register_affine
@@ -99,6 +107,42 @@ class Problem:
     # ("weights", by the same arguments): the band screening asks for those of
     # the fit at the kept placement, which need not be the last one made.
     last_estimate: dict = field(default_factory=dict, init=False, repr=False)
+
+    def levels_at(self, step: int) -> int:
+        """Pyramid levels of an estimate on the working grid's level with pixel step ``step``.
+
+        ``levels``, except on a grid finer than the cube's resolution (the
+        re-estimate on the working grid) when ``levels="auto"`` left a single
+        level (a small map): then the levels whose pixels are no coarser than
+        the cube's (at most :data:`~ggrad_gpu.core.geometry.MAX_LEVELS`, and
+        3 x 3 pixels at the coarsest), so that its pyramid reaches down to the
+        cube's resolution. With one level, the re-estimate read the working
+        grid's finest level alone, where the cube is only interpolated: a 20 x 20
+        map on 100 x 100 guide pixels, 8 draws, max TRE 0.38-0.77 px with three
+        levels, up to 1.17 px with one (projected on the signal subspace both
+        times); notebook 02's 23 x 28 IR map at 8 guide pixels per IR pixel,
+        0.17 / 0.31 px with three, 0.86 / 2.2 px with one. Where the cube's
+        resolution holds two levels or more, more on the finer grid did worse:
+        as many as keep 24 pixels across there (4 at the paper's geometry) took
+        the 20-case phantom sweep from 0.100 to 0.111 px mean (max 0.49 to 0.60)
+        and the tissue sweep from 0.107 to 0.125.
+
+        Examples
+        --------
+        >>> from ggrad_gpu import synthetic
+        >>> phantom = synthetic.make_phantom(shape=(480, 752), bands=8, footprint=(190, 326, 100, 100), seed=1)
+        >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+        >>> problem.grid.cube_step, problem.levels, problem.levels_at(4), problem.levels_at(1)  # 5 guide px per cube px
+        (4, 1, 1, 3)
+        >>> replace(problem, options=replace(problem.options, levels=1)).levels_at(1)  # the user's count
+        1
+        """
+        options, grid = self.options, self.grid
+        if step >= grid.cube_step or self.levels > 1 or not (options.levels == "auto" and options.auto_weights):
+            return self.levels
+        pixel = pixels_per_cube_pixel(self.initial @ grid.to_guide) / step  # grid pixels per cube pixel
+        detail = 1 + int(math.floor(math.log2(max(pixel, 1.0)) + 1e-9))
+        return max(1, min(detail, MAX_LEVELS, max_levels(grid.level_shape(step))))
 
 
 @dataclass(frozen=True)
@@ -186,7 +230,8 @@ def estimate_pass(problem: Problem, placement, step: int, bands=None, levels=Non
     bands : numpy.ndarray of int, optional
         Only these bands (the others get weight 0).
     levels : int, optional
-        Pyramid levels (default ``problem.levels``).
+        Pyramid levels (default ``problem.levels_at(step)``: more for a small
+        map on a grid finer than the cube's resolution, see :meth:`Problem.levels_at`).
 
     Examples
     --------
@@ -204,7 +249,7 @@ def estimate_pass(problem: Problem, placement, step: int, bands=None, levels=Non
     False
     """
     xp, grid, options, cube = problem.xp, problem.grid, problem.options, problem.cube
-    levels = problem.levels if levels is None else levels
+    levels = problem.levels_at(step) if levels is None else levels
     key = (placement_key(placement), int(step), int(levels), None if bands is None else np.asarray(bands).tobytes())
     last_key, last = problem.last_estimate.get("last", (None, None))
     if last_key == key:
@@ -231,7 +276,7 @@ def band_weights(problem: Problem, placement, step: int) -> np.ndarray:
     >>> band_weights(problem, np.eye(3), problem.grid.cube_step) is made  # remembered, not estimated again
     True
     """
-    key = (placement_key(placement), int(step), int(problem.levels), None)
+    key = (placement_key(placement), int(step), int(problem.levels_at(step)), None)
     weights = problem.last_estimate.get("weights", {}).get(key)
     if weights is None:
         weights = estimate_pass(problem, placement, step).gradient.channel_weights
