@@ -8,6 +8,7 @@ and names the stage in any CUDA error it lets through.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import sys
 from collections.abc import Callable
@@ -23,6 +24,7 @@ __all__ = [
     "free_device_memory",
     "is_cuda_error",
     "is_out_of_memory",
+    "keep_freed_memory",
     "retry_smaller",
 ]
 
@@ -254,3 +256,41 @@ def retry_smaller(run: Callable[[int], T], size: int, *, stage: str, minimum: in
         # attempt's frames and their arrays, is released before retrying.
         free_device_memory()
         size = max(minimum, size // 2)
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+_LARGEST_HEAP_BLOCK = 2**31 - 1  # mallopt takes a C int
+
+
+def keep_freed_memory() -> bool:
+    """Let this process reuse large freed arrays instead of mapping fresh memory (glibc only).
+
+    glibc maps every array over 32 MiB afresh and unmaps it when freed, so
+    each of a refine's cube-sized temporaries is faulted in page by page; on
+    a virtual machine the first touch of memory costs far more than writing
+    it (``benchmarks.floors`` measures both). With one arena, arrays up to
+    2 GiB from the heap and freed memory kept for reuse, repeated refines in
+    one process ran 4.0-4.5 s -> 3.2-3.4 s at the paper's geometry, their
+    kernel time 0.8-1.4 s -> 0 (one core; the first two refines of a process
+    still grow the heap).
+
+    It changes the whole process's allocator for good, so only ggrad's own
+    commands call it (``ggrad refine`` in memory, ``demo``, ``bench``), never
+    the library's functions; a streamed refine keeps the defaults, under
+    which freed memory goes back to the system. A Python program can call
+    it itself, or start with ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=2147483647
+    MALLOC_TRIM_THRESHOLD_=2147483647`` in its environment.
+
+    Returns
+    -------
+    bool
+        Whether the C library took the settings (False off glibc).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return all(mallopt(parameter, value) == 1 for parameter, value in (
+        (_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, _LARGEST_HEAP_BLOCK), (_M_TRIM_THRESHOLD, _LARGEST_HEAP_BLOCK)))

@@ -46,6 +46,7 @@ import numpy as np
 
 from .. import synthetic
 from .._backend import BACKENDS, resolve_backend, to_device
+from .._memory import keep_freed_memory
 from .._version import __version__
 from ..core.estimate import estimate_global_gradient
 from ..core.filters import sobel_magnitude
@@ -316,6 +317,7 @@ def _refine_command(args) -> int:
     if streamed is not None:
         return _stream_command(args, guide_path, *streamed, weights)
     check_new_directory(args.output, force=args.force)
+    keep_freed_memory()  # in memory: reuse freed arrays rather than fault in fresh ones
     guide, guide_instrument, jobs = _refine_inputs(args, guide_path, cube_paths)
     say = _printer(args)
     if args.absorbance is None:  # not given: what the instrument file says its guide is
@@ -624,6 +626,8 @@ DEMO_METHODS = (  # (label, refine's method or None, baseline image or None)
 def _demo_command(args) -> int:
     from ..core.baselines import BASELINES
 
+    keep_freed_memory()
+
     if args.mosaic:
         return mosaic_demo(args)
 
@@ -698,6 +702,8 @@ def _bench_command(args) -> int:
     import json
 
     from . import bench
+
+    keep_freed_memory()  # as ggrad refine runs; benchmarks/RESULTS.md gives the library's default beside it
 
     sizes, stages = bench.parse_sizes(args.sizes), bench.parse_stages(args.stages)
     if args.repeat < 1:
