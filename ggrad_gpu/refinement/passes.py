@@ -357,7 +357,8 @@ def concurrently(problem: Problem, function, items) -> list:
     The basin search's tries and the trust check's alternatives are
     independent passes (an estimate, a registration, a fit). NumPy's
     element-wise work runs on one core, so on the CPU they run on up to one
-    thread per core available to the process; each result is what the call
+    thread per core available to the process (and the BLAS threads shared
+    out among them); each result is what the call
     alone gives, bit for bit (the same calls on the same inputs), and the
     results come in the order of ``items``. The first exception raised, in
     that order, is raised. One after another: on a GPU (one device already
@@ -375,13 +376,15 @@ def concurrently(problem: Problem, function, items) -> list:
     [0, 1, 4, 9, 16]
     """
     items = list(items)
-    workers = min(len(items), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(len(items), cores)
     if (workers < 2 or threadpool_limits is None or problem.xp is not np or is_dask_array(problem.cube.values)
             or problem.options.memory_limit is not None or threading.current_thread() is not threading.main_thread()):
         return [function(item) for item in items]
-    # One BLAS thread per pass: a pass per core already fills the cores, and
-    # OpenBLAS threads spinning beside the other pass's made the batch 4x slower.
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers, thread_name_prefix="ggrad-pass") as pool:
+    # The cores shared out: two passes of two BLAS threads each on two cores
+    # made the batch 4x slower (OpenBLAS threads spin while they wait).
+    blas = max(1, cores // workers)
+    with threadpool_limits(limits=blas, user_api="blas"), ThreadPoolExecutor(workers, thread_name_prefix="ggrad-pass") as pool:
         return list(pool.map(function, items))
 
 
