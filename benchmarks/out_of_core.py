@@ -37,7 +37,7 @@ import numpy as np
 from benchmarks.memory import PeakMemory
 
 
-def write_phantom(folder: Path, guide_side: int, factor: int, bands: int, seed: int = 0):
+def write_phantom(folder: Path, guide_side: int, factor: int, bands: int, seed: int = 0, chunk: int = 256):
     """Guide, Zarr cube and the true and initial matrices of a large phantom; returns the truth."""
     import zarr
     from scipy import ndimage
@@ -53,7 +53,7 @@ def write_phantom(folder: Path, guide_side: int, factor: int, bands: int, seed: 
     components = min(len(spectra), len(scene.abundances))
     to_guide = np.linalg.inv(scene.matrix)
     side = 256
-    cube = zarr.create_array(str(folder / "cube.zarr"), shape=native + (bands,), chunks=(side, side, bands),
+    cube = zarr.create_array(str(folder / "cube.zarr"), shape=native + (bands,), chunks=(chunk, chunk, bands),
                              dtype="float32")
     rng = np.random.default_rng(seed)
     for r0 in range(0, native[0], side):
@@ -123,6 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--guide", type=int, default=4096, help="guide side in pixels (default 4096)")
     parser.add_argument("--factors", default="4,2", help="cube coarseness factors (default 4,2: 1 and 4 GiB)")
     parser.add_argument("--bands", type=int, default=256)
+    parser.add_argument("--chunk", type=int, default=256, help="the Zarr cube's chunk side (default 256: all bands)")
     parser.add_argument("--limit", default="1GB", help="--memory-limit (default 1GB)")
     parser.add_argument("--workers", default="none,1,2", help="runs: none (threads), or worker counts")
     parser.add_argument("--keep", type=Path, help="keep the data in this folder (default: a temporary one)")
@@ -134,10 +135,10 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     try:
         for factor in (int(f) for f in args.factors.split(",")):
-            folder = root / f"f{factor}"
+            folder = root / (f"f{factor}" if args.chunk == 256 else f"f{factor}-c{args.chunk}")
             folder.mkdir(parents=True, exist_ok=True)
             if not (folder / "cube.zarr").exists():
-                truth, guide_shape = write_phantom(folder, args.guide, factor, args.bands)
+                truth, guide_shape = write_phantom(folder, args.guide, factor, args.bands, chunk=args.chunk)
                 np.save(folder / "truth.npy", truth)
             truth, guide_shape = np.load(folder / "truth.npy"), (args.guide, args.guide)
             read_seconds, nbytes = raw_read(folder / "cube.zarr")

@@ -24,7 +24,16 @@ from ggrad_gpu.cli.command import main
 from ggrad_gpu.metrics import target_registration_error
 from ggrad_gpu.synthetic import make_phantom
 
-LIMIT = "200KB"  # the phantom cube below is about 0.5 MB
+LIMIT = "350KB"  # the phantom cube below is 430 KB; the least that works: its guide (269 KB) and 4 store chunks
+
+
+def _write_chunked(path, cube, chunk=8, **attributes):
+    """A Zarr cube in small chunks (all bands), so that a limit below the cube's size can hold a task."""
+    import zarr
+
+    array = zarr.create_array(str(path), shape=cube.shape, chunks=(chunk, chunk, cube.shape[2]), dtype=cube.dtype)
+    array[...] = cube
+    array.attrs.update(attributes)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +41,8 @@ def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("inputs")
     phantom = make_phantom(shape=(240, 280), bands=40, seed=6, shift=(6.0, -5.0))  # the default phantom
     np.save(folder / "guide.npy", phantom.guide)
-    io.write_cube(folder / "cube.zarr", phantom.cube, band_centres=np.linspace(500, 1800, 40), band_unit="cm-1")
+    _write_chunked(folder / "cube.zarr", phantom.cube, band_centres=np.linspace(500, 1800, 40).tolist(),
+                   band_unit="cm-1")
     np.savetxt(folder / "initial.txt", phantom.initial)
     return folder, phantom
 
@@ -159,7 +169,7 @@ def test_strict_when_streaming_exits_1_where_the_initial_transform_is_kept(files
     # which reuses the saved transform. A refined streamed run exits 0 under --strict.
     folder, phantom = files
     noise = np.random.default_rng(0).random(phantom.cube.shape).astype(np.float32)
-    io.write_cube(tmp_path / "noise.zarr", noise)
+    _write_chunked(tmp_path / "noise.zarr", noise)
     command = ["refine", str(folder / "guide.npy"), str(tmp_path / "noise.zarr"), "-q", "--initial",
                str(folder / "initial.txt"), "--working-shape", "240", "280", "--memory-limit", LIMIT, "-o"]
     assert main(command + [str(tmp_path / "plain")]) == 0
@@ -183,11 +193,11 @@ def test_an_interrupted_run_is_not_resumed_under_other_refine_options(changed, t
     The fingerprint once omitted ``denoise`` and ``check``: the rerun with
     ``--no-denoise`` continued from the transform the denoised run had made.
     """
-    phantom = make_phantom(shape=(64, 80), bands=8, seed=0)
+    phantom = make_phantom(shape=(64, 80), bands=64, seed=0)
     np.save(tmp_path / "guide.npy", phantom.guide)
-    io.write_cube(tmp_path / "cube.zarr", phantom.cube)
+    _write_chunked(tmp_path / "cube.zarr", phantom.cube, chunk=4)
     command = ["refine", str(tmp_path / "guide.npy"), str(tmp_path / "cube.zarr"), "-o", str(tmp_path / "out"),
-               "-q", "--memory-limit", "1KB", "--working-shape", "64", "80"]  # the cube: 12 x 14 x 8
+               "-q", "--memory-limit", "40KB", "--working-shape", "64", "80"]  # the cube: 12 x 14 x 64, 43 KB
 
     def stop(self, index, block):
         raise KeyboardInterrupt  # Ctrl-C before the first chunk
@@ -199,3 +209,40 @@ def test_an_interrupted_run_is_not_resumed_under_other_refine_options(changed, t
     capsys.readouterr()
     assert main(command + changed) == 2  # the folder holds another run's transform
     assert "pass --force" in capsys.readouterr().err
+
+
+def test_a_limit_below_the_least_that_works_is_refused_before_anything_starts(files, tmp_path, capsys):
+    folder, _ = files
+    out = tmp_path / "refused"
+    assert _refine(files, out, "--memory-limit", "300KB") == 2
+    err = capsys.readouterr().err
+    assert "--memory-limit 0.000 GiB is too small" in err and "at least --memory-limit" in err, err
+    need = int(err.split("(")[-1].split(" bytes")[0])  # the smallest limit that works, in bytes
+    assert 300_000 < need <= 350_000, need  # the guide (268,800 bytes) and four store chunks (10,240 each)
+    assert "streaming it" not in err and not out.exists()  # said before it started
+
+
+@pytest.mark.slow  # about 10 s: a streamed refine of a 20 MB cube in a child process
+def test_a_streamed_run_s_peak_stays_within_the_limit_and_the_interpreter(tmp_path):
+    """The child's peak resident memory: at most the limit plus what the interpreter and libraries take."""
+    phantom = make_phantom(shape=(512, 512), bands=160, seed=3, native_factor=2)
+    np.save(tmp_path / "guide.npy", phantom.guide)
+    _write_chunked(tmp_path / "cube.zarr", phantom.cube.astype(np.float32), chunk=32)
+    np.savetxt(tmp_path / "initial.txt", phantom.initial)
+    limit = 8 << 20  # the cube is 40 MiB
+    script = (
+        "import resource, sys\n"
+        "import numpy, scipy.ndimage, dask.array, zarr, matplotlib.pyplot\n"
+        "from ggrad_gpu.cli.command import main\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "code = main(sys.argv[1:])\n"
+        "print('PEAK', base * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, code)\n"
+    )
+    command = [sys.executable, "-c", script, "refine", str(tmp_path / "guide.npy"), str(tmp_path / "cube.zarr"),
+               "-o", str(tmp_path / "out"), "-q", "--initial", str(tmp_path / "initial.txt"),
+               "--memory-limit", str(limit), "--backend", "numpy"]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "streaming it" in done.stderr, done.stderr[-2000:]
+    base, peak, code = (int(v) for v in done.stdout.split("PEAK")[1].split())
+    assert code in (0, 1), done.stderr[-2000:]
+    assert peak - base <= limit + (64 << 20), (base, peak)  # the libraries loaded, then the run within the limit

@@ -40,7 +40,9 @@ __all__ = [
     "CHUNK_BYTES",
     "blur_decimate_chunked",
     "checkpoint",
+    "block_chunk_bytes",
     "checkpoints",
+    "chunk_budget",
     "combine_bands_chunked",
     "fill_gaps_chunked",
     "is_dask_array",
@@ -104,6 +106,7 @@ class _Scratch:
 
     stores: list  # the temporary folder (made when the first array goes to disk), then each store in it
     limit: int | None
+    chunk_bytes: int = 0  # the block's chunk budget (chunk_budget)
     done: dict = dataclasses.field(default_factory=dict)  # checkpoint: held arrays by name
     sources: dict = dataclasses.field(default_factory=dict)  # keep_source: the stored sources by name
 
@@ -113,12 +116,15 @@ _LOCKS: dict = {}  # each block's temporary folder: its held lock (scratch.make_
 
 
 @contextlib.contextmanager
-def checkpoints(memory_limit: int | None = None):
+def checkpoints(memory_limit: int | None = None, *, chunk_bytes: int | None = None):
     """Where :func:`checkpoint` keeps arrays while the block runs; removed afterwards.
 
-    Arrays up to a quarter of ``memory_limit`` bytes stay in memory
-    (``persist``); larger ones go to a temporary Zarr store, deleted on exit.
-    Without ``memory_limit``, everything is persisted in memory.
+    Arrays stay in memory (``persist``) while all those the block holds
+    together come to at most ``memory_limit`` bytes; the others go to a
+    temporary Zarr store, deleted on exit. Without ``memory_limit``,
+    everything is persisted in memory. ``chunk_bytes`` (default
+    :func:`chunk_budget` of the limit) sizes the chunks the stages choose in
+    the block (:func:`block_chunk_bytes`): what a task holds is a few of them.
 
     Examples
     --------
@@ -131,7 +137,8 @@ def checkpoints(memory_limit: int | None = None):
     (132, True)
     """
     stores = []  # the temporary folder, made when the first array goes to disk
-    token = _SCRATCH.set(_Scratch(stores, memory_limit))
+    chunk_bytes = chunk_budget(memory_limit) if chunk_bytes is None else int(chunk_bytes)
+    token = _SCRATCH.set(_Scratch(stores, memory_limit, chunk_bytes))
     try:
         yield
     finally:
@@ -166,14 +173,46 @@ def checkpoint(x):
         return _persisted(x)
     if x.name in scratch.done:
         return x
-    kept = _persisted(x) if _fits_memory(x, scratch.limit) else _stored(x, scratch.stores)
+    held = sum(a.nbytes for a in scratch.done.values() if stored_path(a) is None)
+    kept = _persisted(x) if _fits_memory(x, scratch.limit, held) else _stored(x, scratch.stores)
     scratch.done[kept.name] = kept  # held (until release_checkpoints): on a cluster, its data stay while later steps read them
     return kept
 
 
-def _fits_memory(x, limit) -> bool:
-    """Whether the block keeps ``x`` in memory: no limit, or at most a quarter of it."""
-    return limit is None or x.nbytes <= limit // 4
+def _fits_memory(x, limit, held: int = 0) -> bool:
+    """Whether the block keeps ``x`` in memory: no limit, or ``x`` and the ``held`` bytes within it."""
+    return limit is None or x.nbytes + held <= limit
+
+
+def chunk_budget(memory_limit: int | None) -> int:
+    """Bytes of one stage chunk under ``memory_limit``: 1/32 of it, between 1 MiB and :data:`CHUNK_BYTES`.
+
+    A task holds a few chunk-sized temporaries (the source window, the halo
+    copy, the Sobel workspace, the result), and a thread runs one task.
+
+    Examples
+    --------
+    >>> chunk_budget(None) == CHUNK_BYTES, chunk_budget(256 << 20) >> 20, chunk_budget(1 << 20) >> 20
+    (True, 8, 1)
+    """
+    if memory_limit is None:
+        return CHUNK_BYTES
+    return int(min(CHUNK_BYTES, max(1 << 20, memory_limit // 32)))
+
+
+def block_chunk_bytes() -> int:
+    """The chunk budget of the current :func:`checkpoints` block (:data:`CHUNK_BYTES` outside one).
+
+    Examples
+    --------
+    >>> with checkpoints(memory_limit=64 << 20):
+    ...     block_chunk_bytes() >> 20
+    2
+    >>> block_chunk_bytes() == CHUNK_BYTES
+    True
+    """
+    scratch = _SCRATCH.get()
+    return CHUNK_BYTES if scratch is None else scratch.chunk_bytes
 
 
 def _stored(x, stores):
@@ -223,7 +262,7 @@ def keep_source(x):
     scratch = _SCRATCH.get()
     if not is_dask_array(x) or scratch is None:
         return x
-    if _fits_memory(x, scratch.limit):
+    if scratch.limit is None or x.nbytes <= scratch.limit // 4:
         return x
     if x.name not in scratch.sources:
         rows, cols = spatial_chunks(x.shape, x.dtype.itemsize, chunk_bytes=SOURCE_CHUNK_BYTES)
@@ -271,10 +310,12 @@ def stored_path(x) -> str | None:
     return _STORED.get(getattr(x, "name", None))
 
 
-def read_window(path: str, rows, cols):
+def read_window(path, rows, cols):
     """Rows ``rows[0]:rows[1]`` and columns ``cols`` of a Zarr array, reflected beyond its edges.
 
-    Reflection as SciPy's ``mode="reflect"`` (``d c b a | a b c d``);
+    ``path`` is the array's store path, or the opened array. Over store
+    chunks beyond :data:`LARGE_STORE_CHUNK` the window is read one chunk at a
+    time, so that one decoded chunk is held at once. Reflection as SciPy's ``mode="reflect"`` (``d c b a | a b c d``);
     ranges may reach up to the array's size beyond either edge.
 
     Examples
@@ -290,13 +331,33 @@ def read_window(path: str, rows, cols):
     """
     import zarr
 
-    array = zarr.open_array(path, mode="r")
+    array = zarr.open_array(path, mode="r") if isinstance(path, str) else path
     (r0, r1), (c0, c1) = rows, cols
     n, m = array.shape[:2]
     a0, a1, b0, b1 = max(r0, 0), min(r1, n), max(c0, 0), min(c1, m)
     pad = ((a0 - r0, r1 - a1), (b0 - c0, c1 - b1)) + ((0, 0),) * (array.ndim - 2)
-    window = array[a0:a1, b0:b1]
+    window = _read_by_chunks(array, a0, a1, b0, b1)
     return np.pad(window, pad, mode="symmetric") if any(any(p) for p in pad) else window
+
+
+# A window over store chunks larger than this is read one chunk at a time: Zarr decodes every
+# chunk a selection touches at once, whole (a window over four 64 MiB chunks held 256 MiB).
+LARGE_STORE_CHUNK = 4 << 20
+
+
+def _read_by_chunks(array, a0, a1, b0, b1):
+    """``array[a0:a1, b0:b1]``; over large store chunks, read one chunk after another (the same values)."""
+    chunk_rows, chunk_cols = array.chunks[:2]
+    chunk_bytes = int(np.prod(array.chunks, dtype=np.int64)) * array.dtype.itemsize
+    row_cuts = list(range((a0 // chunk_rows + 1) * chunk_rows, a1, chunk_rows))
+    col_cuts = list(range((b0 // chunk_cols + 1) * chunk_cols, b1, chunk_cols))
+    if chunk_bytes <= LARGE_STORE_CHUNK or not (row_cuts or col_cuts):
+        return array[a0:a1, b0:b1]
+    out = np.empty((a1 - a0, b1 - b0) + array.shape[2:], dtype=array.dtype)
+    for u0, u1 in zip([a0] + row_cuts, row_cuts + [a1]):
+        for v0, v1 in zip([b0] + col_cuts, col_cuts + [b1]):
+            out[u0 - a0:u1 - a0, v0 - b0:v1 - b0] = array[u0:u1, v0:v1]
+    return out
 
 
 def release_checkpoints() -> None:
@@ -381,7 +442,7 @@ def prepare_lazy_cube(cube, mask, xp):
 # --------------------------------------------------------------------------- warp
 
 
-def warp_cube_chunked(cube, matrix, output_shape, *, order: int, kernel, chunks=None):
+def warp_cube_chunked(cube, matrix, output_shape, *, order: int, kernel, chunks=None, store=None):
     """:func:`ggrad_gpu.warp_cube` of a dask cube: one task per output block, reading the source window it needs.
 
     Each output block reads the cube's window that its pixels map into, plus
@@ -391,7 +452,10 @@ def warp_cube_chunked(cube, matrix, output_shape, *, order: int, kernel, chunks=
     the spline prefilter runs over the window; the pad keeps its difference
     from the whole cube's below 1e-9 of the values. ``kernel`` is the in-memory
     :func:`ggrad_gpu.warp_cube`, run on each window (the stage hands itself in: this
-    layer imports no stage).
+    layer imports no stage). ``store``: a Zarr array (or its path) that holds
+    ``cube`` as it is; each block then reads its window from it
+    (:func:`read_window`, one large store chunk at a time), not through
+    dask's chunks, which it would load whole and at once.
 
     Examples
     --------
@@ -410,7 +474,7 @@ def warp_cube_chunked(cube, matrix, output_shape, *, order: int, kernel, chunks=
     bands = cube.shape[2]
     dtype = np.dtype(np.float64 if cube.dtype == np.float64 else np.float32)
     if chunks is None:
-        chunks = spatial_chunks(tuple(output_shape) + (bands,), dtype.itemsize)
+        chunks = spatial_chunks(tuple(output_shape) + (bands,), dtype.itemsize, chunk_bytes=block_chunk_bytes())
         # Each block reads the source window it maps into: where the matrix shrinks the cube (a
         # coarse level), that window is larger than the block by the scale; keep it to the budget.
         # (A 2048 x 2048 x 256 cube warped to 512 x 512: 512 MiB windows for 32 MiB blocks.)
@@ -418,7 +482,7 @@ def warp_cube_chunked(cube, matrix, output_shape, *, order: int, kernel, chunks=
         if shrink > 1:
             chunks = tuple(max(1, int(side / shrink)) for side in chunks)
     meta = cube._meta
-    path = stored_path(cube)  # kept on disk: each block reads its window from the store, not dask's chunks
+    path = stored_path(cube) if store is None else store  # on disk: each block reads its window from the store
     rows = []
     for r0 in range(0, output_shape[0], chunks[0]):
         r1 = min(r0 + chunks[0], output_shape[0])

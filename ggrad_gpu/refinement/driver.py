@@ -32,12 +32,12 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .._backend import array_module, is_cupy_array, to_device
-from .._lazy.chunked import checkpoints
+from .._lazy.chunked import checkpoints, chunk_budget
 from ..core.estimate import GlobalGradient
 from ..registration.register import AffineRegistration
 from . import basins, passes, trust
 from .guard import judge
-from .options import RefineOptions
+from .options import WORKING_BYTES_PER_PIXEL, RefineOptions
 
 __all__ = ["Refinement", "refine"]
 
@@ -309,7 +309,8 @@ def refine(
     xp, grid, initial, timings = problem.xp, problem.grid, problem.initial, problem.timings
     timings["prepare"] = time.perf_counter() - clock
 
-    with checkpoints(problem.options.memory_limit):  # where a lazy cube's intermediate steps are kept
+    held, chunk_bytes = _checkpoint_budget(problem)
+    with checkpoints(held, chunk_bytes=chunk_bytes):  # where a lazy cube's intermediate steps are kept
         first = basins.first_estimate(problem)
         # The first registration from several coarse peaks, the best fit kept (basins).
         registration, placement, candidates = basins.first_registration(problem, first)
@@ -362,6 +363,19 @@ def refine(
                       valid=valid, gradient=gradient, registration=registration, improved=verdict.improved,
                       message=message, backend=xp.__name__, timings=timings, quality=verdict.quality,
                       levels=problem.levels, output_to_guide=output_to_guide)
+
+
+def _checkpoint_budget(problem):
+    """``checkpoints``' arguments: bytes a lazy cube's steps may hold in memory, and the chunk budget.
+
+    What the working grid's 2-D steps leave of ``memory_limit`` (options.WORKING_BYTES_PER_PIXEL),
+    halved: the rest is for the tasks; None without a limit (everything in memory).
+    """
+    limit = problem.options.memory_limit
+    if limit is None:
+        return None, None
+    held = max(0, limit - WORKING_BYTES_PER_PIXEL * int(np.prod(problem.grid.shape))) // 2
+    return held, chunk_budget(limit)
 
 
 def _like(cube, value):
