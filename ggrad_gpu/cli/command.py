@@ -512,7 +512,7 @@ def _apply_command(args) -> int:
 def _lazy_cube_over_limit(args, guide_path, cube_paths):
     """``(cube, memory limit)`` for one plain cube file larger than ``--memory-limit``, read lazily; else None."""
     from .. import io
-    from ..scaleout.streaming import default_memory_limit
+    from ..scaleout.streaming import default_memory_limit, in_memory_bytes
 
     if guide_path is None or len(cube_paths) != 1 or is_instrument_file(cube_paths[0]):
         return None
@@ -524,7 +524,11 @@ def _lazy_cube_over_limit(args, guide_path, cube_paths):
     dataset, band_axis = (_per_cube(values, 1, option, shared=True)[0]
                           for values, option in ((args.dataset, "--dataset"), (args.band_axis, "--band-axis")))
     probe = io.read_cube(cube_paths[0], dataset=dataset, band_axis=band_axis, lazy=True)
-    return (probe, limit) if probe.data.nbytes > limit else None
+    if probe.data.nbytes > limit:
+        return probe, limit
+    # The cube fits, but its registered copy on the guide's grid may not (a coarse cube on a large guide).
+    guide_shape = io.read_guide(guide_path).shape
+    return (probe, limit) if in_memory_bytes(probe.data.shape, guide_shape) > limit else None
 
 
 def _stream_command(args, guide_path, cube_data, limit, weights) -> int:

@@ -36,7 +36,8 @@ from .._version import __version__
 from ..core.warp import warp_cube
 from ..refinement.options import WORKING_BYTES_PER_PIXEL, resume_settings
 
-__all__ = ["MEMORY_SHARE", "StreamPlan", "default_memory_limit", "limit_glibc_heap", "stream_plan", "stream_refine"]
+__all__ = ["MEMORY_SHARE", "StreamPlan", "default_memory_limit", "in_memory_bytes", "limit_glibc_heap", "stream_plan",
+           "stream_refine"]
 
 # Share of the machine's memory that the CLI lets a cube take before streaming it.
 MEMORY_SHARE = 4
@@ -145,6 +146,27 @@ def limit_glibc_heap() -> bool:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 20) and mallopt(M_TRIM_THRESHOLD, 1 << 20)
                 and mallopt(M_ARENA_MAX, 2))
+
+
+def in_memory_bytes(cube_shape, guide_shape, itemsize: int = 4) -> int:
+    """What refining a cube of ``cube_shape`` in memory holds at least: the cube and its registered copy.
+
+    The registered cube lies on the working grid, up to the guide's size:
+    a 512 x 512 x 256 cube (0.25 GiB) on a 2048 x 2048 guide makes a 4 GiB
+    output, and refining it in memory peaked at 5 GiB under
+    ``--memory-limit 0.5GiB``, which only looked at the cube file. The
+    guide's size is an upper bound (a partial field's working grid is its
+    footprint and margin), so a run it sends to streaming could sometimes
+    have fitted; never the other way round.
+
+    Examples
+    --------
+    >>> in_memory_bytes((512, 512, 256), (2048, 2048)) / 2**30
+    4.25
+    """
+    rows, cols, bands = (int(n) for n in cube_shape)
+    registered = int(np.prod(guide_shape[:2], dtype=np.int64)) * bands * itemsize
+    return rows * cols * bands * itemsize + registered
 
 
 def default_memory_limit() -> int:
