@@ -46,7 +46,7 @@ import numpy as np
 
 from .. import synthetic
 from .._backend import BACKENDS, resolve_backend, to_device
-from .._memory import keep_freed_memory
+from .._memory import keep_freed_memory, return_freed_memory
 from .._version import __version__
 from ..core.estimate import estimate_global_gradient
 from ..core.filters import sobel_magnitude
@@ -535,13 +535,13 @@ def _stream_command(args, guide_path, cube_data, limit, weights) -> int:
     """``ggrad refine`` for a cube beyond ``--memory-limit`` (see :mod:`ggrad_gpu.scaleout.streaming`)."""
     from .. import io
     from ..scaleout.cluster import dask_client
-    from ..scaleout.streaming import check_memory_limit, limit_glibc_heap, stream_plan, stream_refine
+    from ..scaleout.streaming import check_memory_limit, stream_plan, stream_refine
 
     initial_path = _per_cube(args.initial, 1, "--initial", shared=False)[0]
     initial = None if initial_path is None else read_transform(initial_path)
     guide = io.read_guide(guide_path)
     check_memory_limit(stream_plan(limit, cube_data.data, guide.shape))  # before anything starts
-    limit_glibc_heap()  # freed chunks go back to the system: the limit counts what is held
+    return_freed_memory(limit)  # freed chunks go back to the system: the limit counts what is held
     say = _printer(args)
     print(f"ggrad: the cube ({cube_data.data.nbytes / 2**30:.2f} GiB) is larger than the memory limit "
           f"({limit / 2**30:.2f} GiB): streaming it chunk by chunk into {args.output / 'registered.zarr'} "

@@ -19,7 +19,6 @@ inputs or settings never overwrite the folder without ``--force``.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import math
@@ -36,7 +35,7 @@ from .._version import __version__
 from ..core.warp import warp_cube
 from ..refinement.options import WORKING_BYTES_PER_PIXEL, resume_settings
 
-__all__ = ["MEMORY_SHARE", "StreamPlan", "default_memory_limit", "in_memory_bytes", "limit_glibc_heap", "stream_plan",
+__all__ = ["MEMORY_SHARE", "StreamPlan", "default_memory_limit", "in_memory_bytes", "stream_plan",
            "stream_refine"]
 
 # Share of the machine's memory that the CLI lets a cube take before streaming it.
@@ -126,26 +125,6 @@ def check_memory_limit(plan: StreamPlan) -> None:
         f"reading the store's chunks of {plan.store_chunk_bytes / 2**20:.0f} MiB need "
         f"at least --memory-limit {need:.2f}GiB ({plan.minimum} bytes); give that or more, or store the cube "
         f"in smaller chunks")
-
-
-def limit_glibc_heap() -> bool:
-    """Let glibc's allocator give freed memory back at once; True where it could be asked (glibc).
-
-    By default glibc serves blocks below a threshold that grows to 32 MiB
-    from its heaps, one per thread, and keeps what is freed there: chunk-
-    sized buffers freed by Dask's and Zarr's threads stayed resident, and a
-    streamed refine under a 0.09 GiB limit grew from 0.25 to 1.1 GiB with
-    0.6 GiB of live arrays. Blocks from 1 MiB now get their own mapping,
-    unmapped when freed, and heaps are trimmed above 1 MiB free.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
-    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 20) and mallopt(M_TRIM_THRESHOLD, 1 << 20)
-                and mallopt(M_ARENA_MAX, 2))
 
 
 def in_memory_bytes(cube_shape, guide_shape, itemsize: int = 4) -> int:
