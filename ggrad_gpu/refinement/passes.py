@@ -388,13 +388,14 @@ def concurrently(problem: Problem, function, items) -> list:
         return list(pool.map(function, items))
 
 
-def register_pass(problem: Problem, estimate: Estimate, placement, *, coarse_search: bool, start=None):
+def register_pass(problem: Problem, estimate: Estimate, placement, *, coarse_search: bool, start=None, stop=None):
     """Register ``grad_y`` to ``grad_x`` on the working grid; the registration and the new placement.
 
     Missing samples enter as NaN (the registration's own rule for them);
     the footprint as the moving mask. Too little overlap keeps the placement
     (the guard says why). ``start`` (working grid to working grid, relative
-    to ``placement``; default the identity) is where the registration begins.
+    to ``placement``; default the identity) is where the registration begins;
+    ``stop`` (``register_affine``'s) is given the new placement.
 
     Examples
     --------
@@ -418,7 +419,8 @@ def register_pass(problem: Problem, estimate: Estimate, placement, *, coarse_sea
         registration = AffineRegistration(np.eye(3), math.inf, math.inf, 0, False,
                                           message="too few valid pixels to register")
     else:
-        registration = register_affine(fixed, moving, initial=start, moving_mask=mask, coarse_search=coarse_search)
+        registration = register_affine(fixed, moving, initial=start, moving_mask=mask, coarse_search=coarse_search,
+                                       stop=None if stop is None else lambda matrix: stop(placement @ matrix))
     _add_seconds(problem, "register", time.perf_counter() - clock)
     return registration, placement @ registration.matrix
 

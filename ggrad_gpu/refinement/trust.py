@@ -196,10 +196,13 @@ def assess(problem, placement, *, candidates=()) -> Spread:
     starts += [("coarse peak", np.linalg.solve(placement, c.placement)) for c in candidates
                if c.fit >= fit - max(0.01, FIT_TOLERANCE * (1 - fit))]
 
+    def is_near(other):
+        return alternative_distance(problem, placement, other) < NEAR_PX
+
     def finish(start):
-        _, other = passes.register_pass(problem, estimate, placement, coarse_search=False, start=start)
-        near = alternative_distance(problem, placement, other) < NEAR_PX
-        return other, fit if near else basins.fit_at(problem, other)  # back at the result: its fit
+        # One back next to the result after a coarse level stays there: its finer levels are skipped.
+        _, other = passes.register_pass(problem, estimate, placement, coarse_search=False, start=start, stop=is_near)
+        return other, fit if is_near(other) else basins.fit_at(problem, other)  # back at the result: its fit
 
     # Independent alternatives: at once where the machine allows (passes.concurrently).
     for (kind, _), (other, other_fit) in zip(starts, passes.concurrently(problem, finish, [s for _, s in starts])):

@@ -113,6 +113,7 @@ def register_affine(
     max_shift: float | None = None,
     max_iter: int = 60,
     tolerance: float = 1e-3,
+    stop=None,
 ) -> AffineRegistration:
     """Affine registration of ``moving`` onto ``fixed`` by mean squared error.
 
@@ -149,6 +150,10 @@ def register_affine(
     tolerance : float, default 1e-3
         Stop a level when a step moves no pixel of the overlap by more than
         this (in that level's pixels).
+    stop : callable, optional
+        Called with the level-0 matrix after each level but the finest;
+        True skips the finer levels (e.g. a start that has come back next to
+        a known result needs no more precision to say so).
 
     Returns
     -------
@@ -200,6 +205,8 @@ def register_affine(
         level_matrix, used, converged = level.optimise(_to_level(matrix, k), max_iter, tolerance)
         matrix = _from_level(level_matrix, k)
         iterations += used
+        if k > 0 and stop is not None and stop(matrix):
+            break
     problem = _degenerate(matrix, initial_matrix)
     if problem:
         # Never a non-finite or degenerate matrix: keep the start, say why.
