@@ -297,6 +297,12 @@ def keep_freed_memory() -> bool:
     -------
     bool
         Whether the C library took the settings (False off glibc).
+
+    Examples
+    --------
+    >>> from ggrad_gpu._memory import keep_freed_memory
+    >>> isinstance(keep_freed_memory(), bool)  # True on glibc
+    True
     """
     return _mallopt(((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, _LARGEST_HEAP_BLOCK),
                      (_M_TRIM_THRESHOLD, _LARGEST_HEAP_BLOCK)))
@@ -320,6 +326,12 @@ def return_freed_memory(limit: int) -> bool:
     -------
     bool
         Whether the C library took the settings (False off glibc).
+
+    Examples
+    --------
+    >>> from ggrad_gpu._memory import return_freed_memory
+    >>> isinstance(return_freed_memory(1 << 30), bool)  # blocks from 32 MiB, on glibc
+    True
     """
     threshold = min(_LARGEST_HEAP_BLOCK, max(1 << 20, int(limit) // 32))
     return _mallopt(((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, threshold), (_M_TRIM_THRESHOLD, threshold)))

@@ -63,6 +63,13 @@ class StreamPlan:
     the stages' chunks; ``store_chunk_bytes``: one chunk of the cube's store
     (decoded whole to read any part of it); ``minimum``: the smallest limit
     with which a run fits (the guide and one task).
+
+    Examples
+    --------
+    >>> plan = StreamPlan(limit=1 << 30, threads=1, chunk_bytes=32 << 20, store_chunk_bytes=64 << 20,
+    ...                   minimum=320 << 20)
+    >>> plan.limit >= plan.minimum  # the limit is enough (check_memory_limit refuses otherwise)
+    True
     """
 
     limit: int
