@@ -41,6 +41,7 @@ from ..core.filters import sobel_magnitude
 from ..core.geometry import (
     MAX_LEVELS,
     WorkingGrid,
+    auto_levels,
     cube_output_grid,
     cube_resolution_step,
     footprint_mask,
@@ -111,38 +112,40 @@ class Problem:
     def levels_at(self, step: int) -> int:
         """Pyramid levels of an estimate on the working grid's level with pixel step ``step``.
 
-        ``levels``, except on a grid finer than the cube's resolution (the
-        re-estimate on the working grid) when ``levels="auto"`` left a single
-        level (a small map): then the levels whose pixels are no coarser than
-        the cube's (at most :data:`~ggrad_gpu.core.geometry.MAX_LEVELS`, and
-        3 x 3 pixels at the coarsest), so that its pyramid reaches down to the
-        cube's resolution. With one level, the re-estimate read the working
-        grid's finest level alone, where the cube is only interpolated: a 20 x 20
-        map on 100 x 100 guide pixels, 8 draws, max TRE 0.38-0.77 px with three
-        levels, up to 1.17 px with one (projected on the signal subspace both
-        times); notebook 02's 23 x 28 IR map at 8 guide pixels per IR pixel,
-        0.17 / 0.31 px with three, 0.86 / 2.2 px with one. Where the cube's
-        resolution holds two levels or more, more on the finer grid did worse:
-        as many as keep 24 pixels across there (4 at the paper's geometry) took
-        the 20-case phantom sweep from 0.100 to 0.111 px mean (max 0.49 to 0.60)
-        and the tissue sweep from 0.107 to 0.125.
+        ``levels`` at the cube's resolution (``grid.cube_step``) and coarser,
+        and wherever the user set the levels or the weights. With ``levels="auto"``,
+        a finer grid (the re-estimate on the working grid) gets as many as keep
+        :data:`~ggrad_gpu.core.geometry.MIN_LEVEL_PIXELS` across the footprint
+        there (:func:`~ggrad_gpu.core.geometry.auto_levels`), and at least those
+        whose pixels are no coarser than the cube's (at most
+        :data:`~ggrad_gpu.core.geometry.MAX_LEVELS`, and 3 x 3 pixels at the
+        coarsest): its pyramid reaches down to the cube's resolution. With only
+        the levels counted at the cube's resolution, a small map's re-estimate
+        read the working grid's finest level alone, where the cube is only
+        interpolated (a 20 x 20 map on 100 x 100 guide pixels, 8 draws: max TRE
+        0.38-0.77 px with three levels; up to 1.17 px with one, projected on
+        the signal subspace as both were; notebook 02's 23 x 28 IR map at 8 guide
+        pixels per IR pixel: 0.17 / 0.31 px with three levels, 0.86 / 2.2 with one).
 
         Examples
         --------
         >>> from ggrad_gpu import synthetic
-        >>> phantom = synthetic.make_phantom(shape=(480, 752), bands=8, footprint=(190, 326, 100, 100), seed=1)
+        >>> phantom = synthetic.make_phantom(shape=(350, 415), bands=8, seed=1)
         >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
-        >>> problem.grid.cube_step, problem.levels, problem.levels_at(4), problem.levels_at(1)  # 5 guide px per cube px
-        (4, 1, 1, 3)
-        >>> replace(problem, options=replace(problem.options, levels=1)).levels_at(1)  # the user's count
-        1
+        >>> problem.grid.cube_step, problem.levels, problem.levels_at(4), problem.levels_at(1)
+        (4, 2, 2, 4)
+        >>> replace(problem, options=replace(problem.options, levels=2)).levels_at(1)  # the user's count
+        2
         """
         options, grid = self.options, self.grid
-        if step >= grid.cube_step or self.levels > 1 or not (options.levels == "auto" and options.auto_weights):
+        if step >= grid.cube_step or not (options.levels == "auto" and options.auto_weights):
             return self.levels
-        pixel = pixels_per_cube_pixel(self.initial @ grid.to_guide) / step  # grid pixels per cube pixel
+        counted = auto_levels(self.cube.values.shape[:2], self.initial, grid, step)
+        # The levels whose pixels are no coarser than the cube's hold all of its detail; the rule's
+        # 24 pixels guard against levels coarser than the cube, made of a few blurred pixels.
+        pixel = pixels_per_cube_pixel(self.initial @ grid.to_guide) / step
         detail = 1 + int(math.floor(math.log2(max(pixel, 1.0)) + 1e-9))
-        return max(1, min(detail, MAX_LEVELS, max_levels(grid.level_shape(step))))
+        return max(self.levels, min(max(counted, detail), MAX_LEVELS, max_levels(grid.level_shape(step))))
 
 
 @dataclass(frozen=True)
@@ -230,8 +233,8 @@ def estimate_pass(problem: Problem, placement, step: int, bands=None, levels=Non
     bands : numpy.ndarray of int, optional
         Only these bands (the others get weight 0).
     levels : int, optional
-        Pyramid levels (default ``problem.levels_at(step)``: more for a small
-        map on a grid finer than the cube's resolution, see :meth:`Problem.levels_at`).
+        Pyramid levels (default ``problem.levels_at(step)``: more on a grid
+        finer than the cube's resolution, see :meth:`Problem.levels_at`).
 
     Examples
     --------
