@@ -33,20 +33,11 @@ except ImportError:  # pragma: no cover - a dependency, but its absence only cos
 
 from .._backend import array_module, ndimage_module, resolve_backend
 from .._lazy.chunked import is_dask_array, keep_source
-from .._validation import max_levels
 from ..core import baselines
 from ..core.coverage import Coverage, fill_gaps, level_on_grid, valid_pixels
 from ..core.estimate import GlobalGradient, estimate_global_gradient
 from ..core.filters import sobel_magnitude
-from ..core.geometry import (
-    MAX_LEVELS,
-    WorkingGrid,
-    auto_levels,
-    cube_output_grid,
-    cube_resolution_step,
-    footprint_mask,
-    pixels_per_cube_pixel,
-)
+from ..core.geometry import WorkingGrid, auto_levels, cube_output_grid, cube_resolution_step, footprint_mask
 from ..core.pyramid import upsample_level
 from ..core.warp import warp_cube
 from ..registration.register import AffineRegistration, register_affine
@@ -116,16 +107,11 @@ class Problem:
         and wherever the user set the levels or the weights. With ``levels="auto"``,
         a finer grid (the re-estimate on the working grid) gets as many as keep
         :data:`~ggrad_gpu.core.geometry.MIN_LEVEL_PIXELS` across the footprint
-        there (:func:`~ggrad_gpu.core.geometry.auto_levels`), and at least those
-        whose pixels are no coarser than the cube's (at most
-        :data:`~ggrad_gpu.core.geometry.MAX_LEVELS`, and 3 x 3 pixels at the
-        coarsest): its pyramid reaches down to the cube's resolution. With only
-        the levels counted at the cube's resolution, a small map's re-estimate
-        read the working grid's finest level alone, where the cube is only
-        interpolated (a 20 x 20 map on 100 x 100 guide pixels, 8 draws: max TRE
-        0.38-0.77 px with three levels; up to 1.17 px with one, projected on
-        the signal subspace as both were; notebook 02's 23 x 28 IR map at 8 guide
-        pixels per IR pixel: 0.17 / 0.31 px with three levels, 0.86 / 2.2 with one).
+        there (:func:`~ggrad_gpu.core.geometry.auto_levels`): its pyramid reaches
+        down to about the cube's resolution. With only the levels counted at the
+        cube's resolution, a small map's re-estimate read the working grid's
+        finest level alone, where the cube is only interpolated (a 20 x 20 map on
+        100 x 100 guide pixels: one level, max TRE up to 1.4 px; three, 0.8 px).
 
         Examples
         --------
@@ -137,15 +123,10 @@ class Problem:
         >>> replace(problem, options=replace(problem.options, levels=2)).levels_at(1)  # the user's count
         2
         """
-        options, grid = self.options, self.grid
-        if step >= grid.cube_step or not (options.levels == "auto" and options.auto_weights):
+        options = self.options
+        if step >= self.grid.cube_step or not (options.levels == "auto" and options.auto_weights):
             return self.levels
-        counted = auto_levels(self.cube.values.shape[:2], self.initial, grid, step)
-        # The levels whose pixels are no coarser than the cube's hold all of its detail; the rule's
-        # 24 pixels guard against levels coarser than the cube, made of a few blurred pixels.
-        pixel = pixels_per_cube_pixel(self.initial @ grid.to_guide) / step
-        detail = 1 + int(math.floor(math.log2(max(pixel, 1.0)) + 1e-9))
-        return max(self.levels, min(max(counted, detail), MAX_LEVELS, max_levels(grid.level_shape(step))))
+        return max(self.levels, auto_levels(self.cube.values.shape[:2], self.initial, self.grid, step))
 
 
 @dataclass(frozen=True)
