@@ -352,15 +352,11 @@ def cube_output_grid(guide_shape, cube_shape, matrix):
     return to_guide, shape
 
 
-def auto_levels(cube_shape, initial, grid: WorkingGrid, step: int | None = None) -> int:
+def auto_levels(cube_shape, initial, grid: WorkingGrid) -> int:
     """The most pyramid levels (at most 4) that keep 24 pixels across the footprint at the coarsest.
 
-    Counted on the working grid's pyramid level with pixel step ``step``; by
-    default ``grid.cube_step``, the grid at the cube's resolution, the
-    coarser of the two grids the estimates run on. On the working grid
-    itself (``step=1``) the same rule gives more levels, down to about the
-    coarsest level of the grid at the cube's resolution. 0 where even one
-    level has fewer than 24 pixels across.
+    Counted on the grid at the cube's resolution (``grid.cube_step``), the
+    coarser of the two grids the estimates run on; at least 1.
 
     Examples
     --------
@@ -368,11 +364,9 @@ def auto_levels(cube_shape, initial, grid: WorkingGrid, step: int | None = None)
     >>> grid = working_grid((600, 700), (60, 70), initial)
     >>> grid.cube_step, auto_levels((60, 70), initial, grid)  # 60 and 30 pixels across: 2 levels
     (4, 2)
-    >>> auto_levels((60, 70), initial, grid, step=1)  # 300 pixels across on the working grid: 4 levels
-    4
     """
     sides = footprint_sides(cube_shape, initial)
-    across = min(min(sides) / grid.s, *grid.shape) / (grid.cube_step if step is None else step)
+    across = min(min(sides) / grid.s, *grid.shape) / grid.cube_step
     if across < MIN_LEVEL_PIXELS:
         return 0
     return int(min(MAX_LEVELS, 1 + math.floor(math.log2(across / MIN_LEVEL_PIXELS))))

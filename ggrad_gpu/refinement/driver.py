@@ -86,9 +86,7 @@ class Refinement:
         ``spread_px`` (guide pixels, see ``check``; NaN where the initial
         transform was kept).
     levels : int
-        Pyramid levels of the estimates at the cube's resolution; the
-        re-estimate on a finer working grid uses as many as keep 24 pixels
-        across the footprint there (``len(gradient.alpha)``).
+        Pyramid levels the estimates used.
     output_to_guide : numpy.ndarray, shape (3, 3)
         Pixel of ``registered`` to guide coordinate: ``working_to_guide``,
         the identity (``output_grid="guide"``), or the grid at about the
@@ -170,9 +168,7 @@ def refine(
     levels : int or "auto", default "auto"
         Pyramid levels of the estimation. ``"auto"``: the most (up to 4) that
         keep 24 pixels across the cube's footprint at the coarsest level of the
-        grid at the cube's resolution (fewer for small maps); the re-estimate
-        on a finer working grid counts the same rule there, so its pyramid
-        reaches down to about the cube's resolution. An explicit
+        grid at the cube's resolution (fewer for small maps). An explicit
         number must fit the grids (at least 3 x 3 pixels at the coarsest
         level); the error for too many says how many fit.
     weights : "auto" or (alpha, beta)

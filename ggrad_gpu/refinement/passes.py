@@ -37,7 +37,7 @@ from ..core import baselines
 from ..core.coverage import Coverage, fill_gaps, level_on_grid, valid_pixels
 from ..core.estimate import GlobalGradient, estimate_global_gradient
 from ..core.filters import sobel_magnitude
-from ..core.geometry import WorkingGrid, auto_levels, cube_output_grid, cube_resolution_step, footprint_mask
+from ..core.geometry import WorkingGrid, cube_output_grid, cube_resolution_step, footprint_mask
 from ..core.pyramid import upsample_level
 from ..core.warp import warp_cube
 from ..registration.register import AffineRegistration, register_affine
@@ -99,34 +99,6 @@ class Problem:
     # ("weights", by the same arguments): the band screening asks for those of
     # the fit at the kept placement, which need not be the last one made.
     last_estimate: dict = field(default_factory=dict, init=False, repr=False)
-
-    def levels_at(self, step: int) -> int:
-        """Pyramid levels of an estimate on the working grid's level with pixel step ``step``.
-
-        ``levels`` at the cube's resolution (``grid.cube_step``) and coarser,
-        and wherever the user set the levels or the weights. With ``levels="auto"``,
-        a finer grid (the re-estimate on the working grid) gets as many as keep
-        :data:`~ggrad_gpu.core.geometry.MIN_LEVEL_PIXELS` across the footprint
-        there (:func:`~ggrad_gpu.core.geometry.auto_levels`): its pyramid reaches
-        down to about the cube's resolution. With only the levels counted at the
-        cube's resolution, a small map's re-estimate read the working grid's
-        finest level alone, where the cube is only interpolated (a 20 x 20 map on
-        100 x 100 guide pixels: one level, max TRE up to 1.4 px; three, 0.8 px).
-
-        Examples
-        --------
-        >>> from ggrad_gpu import synthetic
-        >>> phantom = synthetic.make_phantom(shape=(350, 415), bands=8, seed=1)
-        >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
-        >>> problem.grid.cube_step, problem.levels, problem.levels_at(4), problem.levels_at(1)
-        (4, 2, 2, 4)
-        >>> replace(problem, options=replace(problem.options, levels=2)).levels_at(1)  # the user's count
-        2
-        """
-        options = self.options
-        if step >= self.grid.cube_step or not (options.levels == "auto" and options.auto_weights):
-            return self.levels
-        return max(self.levels, auto_levels(self.cube.values.shape[:2], self.initial, self.grid, step))
 
 
 @dataclass(frozen=True)
@@ -214,8 +186,7 @@ def estimate_pass(problem: Problem, placement, step: int, bands=None, levels=Non
     bands : numpy.ndarray of int, optional
         Only these bands (the others get weight 0).
     levels : int, optional
-        Pyramid levels (default ``problem.levels_at(step)``: more on a grid
-        finer than the cube's resolution, see :meth:`Problem.levels_at`).
+        Pyramid levels (default ``problem.levels``).
 
     Examples
     --------
@@ -233,7 +204,7 @@ def estimate_pass(problem: Problem, placement, step: int, bands=None, levels=Non
     False
     """
     xp, grid, options, cube = problem.xp, problem.grid, problem.options, problem.cube
-    levels = problem.levels_at(step) if levels is None else levels
+    levels = problem.levels if levels is None else levels
     key = (placement_key(placement), int(step), int(levels), None if bands is None else np.asarray(bands).tobytes())
     last_key, last = problem.last_estimate.get("last", (None, None))
     if last_key == key:
@@ -260,7 +231,7 @@ def band_weights(problem: Problem, placement, step: int) -> np.ndarray:
     >>> band_weights(problem, np.eye(3), problem.grid.cube_step) is made  # remembered, not estimated again
     True
     """
-    key = (placement_key(placement), int(step), int(problem.levels_at(step)), None)
+    key = (placement_key(placement), int(step), int(problem.levels), None)
     weights = problem.last_estimate.get("weights", {}).get(key)
     if weights is None:
         weights = estimate_pass(problem, placement, step).gradient.channel_weights
