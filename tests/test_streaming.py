@@ -135,7 +135,7 @@ def test_sigterm_mid_stream_then_rerun_completes(files, tmp_path):
     folder, phantom = files
     out = tmp_path / "out"
     arguments = ["refine", str(folder / "guide.npy"), str(folder / "cube.zarr"), "-o", str(out), "-q",
-                 "--initial", str(folder / "initial.txt"), "--memory-limit", "20KB", "--working-shape", "240", "280"]
+                 "--initial", str(folder / "initial.txt"), "--memory-limit", LIMIT, "--working-shape", "240", "280"]
     command = [sys.executable, "-m", "ggrad_gpu", *arguments]
     # Chunks from the second on take a second longer to write, so the run is still going when signalled.
     process = subprocess.Popen([sys.executable, "-c", SLOW_CHUNKS, *arguments], stderr=subprocess.PIPE, text=True)

@@ -259,16 +259,16 @@ def first_registration(problem, first):
                 return None
         return passes.register_pass(problem, estimate, start, coarse_search=search)
 
-    # The tries, then their fits, each batch at once where the machine allows (passes.concurrently).
+    # The tries, then the fits of the basins they found.
     found = []
-    for result in passes.concurrently(problem, attempt, tries):
+    for result in map(attempt, tries):
         if result is not None and not any(np.allclose(result[1], other, atol=0.5) for _, other in found):
             found.append(result)  # a basin not met before
 
     def fair_fit(placement):
         return -1.0 if degeneracy(placement, MAX_SCALE_CHANGE) else fit_at(problem, placement)
 
-    fits = passes.concurrently(problem, fair_fit, [placement for _, placement in found])
+    fits = [fair_fit(placement) for _, placement in found]
     candidates = [Candidate(registration, placement, fit) for (registration, placement), fit in zip(found, fits)]
     candidates.sort(key=lambda c: -c.fit)
     best = candidates[0]

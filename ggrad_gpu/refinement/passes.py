@@ -17,19 +17,12 @@ one :class:`ggrad_gpu.core.coverage.Coverage` throughout.
 from __future__ import annotations
 
 import math
-import os
-import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-try:  # the BLAS threads of each concurrent pass; without it, passes run one after another
-    from threadpoolctl import threadpool_limits
-except ImportError:  # pragma: no cover - a dependency, but its absence only costs speed
-    threadpool_limits = None
 
 from .._backend import array_module, ndimage_module, resolve_backend
 from .._lazy.chunked import is_dask_array, keep_source
@@ -53,7 +46,7 @@ from .preparation import (
     prepare_guide,
 )
 
-__all__ = ["Estimate", "Problem", "build_problem", "concurrently", "estimate_pass", "placement_key", "register_pass",
+__all__ = ["Estimate", "Problem", "build_problem", "estimate_pass", "placement_key", "register_pass",
            "registration_images", "resample", "screened_bands"]
 
 
@@ -297,50 +290,9 @@ def _estimate(problem: Problem, placement, step: int, bands, levels: int) -> Est
     return estimate
 
 
-_TIMINGS = threading.Lock()  # passes run concurrently add to the same stage
-
-
 def _add_seconds(problem: Problem, stage: str, seconds: float) -> None:
-    """Add a pass's ``seconds`` to ``problem.timings[stage]`` (with concurrent passes: their sum, not wall time)."""
-    with _TIMINGS:
-        problem.timings[stage] = problem.timings.get(stage, 0.0) + seconds
-
-
-def concurrently(problem: Problem, function, items) -> list:
-    """``[function(item) for item in items]``, on the machine's cores where that is safe.
-
-    The basin search's tries and the trust check's alternatives are
-    independent passes (an estimate, a registration, a fit). NumPy's
-    element-wise work runs on one core, so on the CPU they run on up to one
-    thread per core available to the process (and the BLAS threads shared
-    out among them); each result is what the call
-    alone gives, bit for bit (the same calls on the same inputs), and the
-    results come in the order of ``items``. The first exception raised, in
-    that order, is raised. One after another: on a GPU (one device already
-    runs each pass in parallel), for a lazy cube (each pass reads the store:
-    two at once would double its reads and its memory) and under a memory
-    limit (two passes at once hold twice the temporaries), and from any
-    thread but the main one (a mosaic's tile tasks already fill the cores).
-
-    Examples
-    --------
-    >>> from ggrad_gpu import synthetic
-    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=8, seed=1)
-    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
-    >>> concurrently(problem, lambda k: k * k, range(5))
-    [0, 1, 4, 9, 16]
-    """
-    items = list(items)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = min(len(items), cores)
-    if (workers < 2 or threadpool_limits is None or problem.xp is not np or is_dask_array(problem.cube.values)
-            or problem.options.memory_limit is not None or threading.current_thread() is not threading.main_thread()):
-        return [function(item) for item in items]
-    # The cores shared out: two passes of two BLAS threads each on two cores
-    # made the batch 4x slower (OpenBLAS threads spin while they wait).
-    blas = max(1, cores // workers)
-    with threadpool_limits(limits=blas, user_api="blas"), ThreadPoolExecutor(workers, thread_name_prefix="ggrad-pass") as pool:
-        return list(pool.map(function, items))
+    """Add a pass's ``seconds`` to ``problem.timings[stage]``."""
+    problem.timings[stage] = problem.timings.get(stage, 0.0) + seconds
 
 
 def register_pass(problem: Problem, estimate: Estimate, placement, *, coarse_search: bool, start=None, stop=None):

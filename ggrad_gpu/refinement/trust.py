@@ -204,9 +204,8 @@ def assess(problem, placement, *, candidates=()) -> Spread:
         _, other = passes.register_pass(problem, estimate, placement, coarse_search=False, start=start, stop=is_near)
         return other, fit if is_near(other) else basins.fit_at(problem, other)  # back at the result: its fit
 
-    # Independent alternatives: at once where the machine allows (passes.concurrently).
-    for (kind, _), (other, other_fit) in zip(starts, passes.concurrently(problem, finish, [s for _, s in starts])):
-        add(kind, other, other_fit)
+    for kind, start in starts:
+        add(kind, *finish(start))
     counted = [a.distance_px for a in alternatives if a.counts and math.isfinite(a.distance_px)]
     return Spread(max(counted, default=0.0), fit, tuple(alternatives))
 
