@@ -23,7 +23,6 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-
 from .._backend import array_module, ndimage_module, resolve_backend
 from .._lazy.chunked import is_dask_array, keep_source
 from ..core import baselines
