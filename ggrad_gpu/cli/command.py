@@ -33,6 +33,7 @@ nor a temporary file behind, and an existing OUTDIR is kept unless
 from __future__ import annotations
 
 import argparse
+import functools
 import signal
 import sys
 import tempfile
@@ -310,15 +311,19 @@ def _one_line(exc) -> str:
 
 
 def _refine_command(args) -> int:
+    from .. import io
+
     guide_path, cube_paths = _refine_positionals(args)
     check_outside(args.output, [guide_path, *cube_paths, *(args.initial or [])])
     weights = _manual_weights(args)
-    streamed = _lazy_cube_over_limit(args, guide_path, cube_paths)
+    # The guide file is read at most once, by whichever step needs it first.
+    read_guide = functools.lru_cache(maxsize=1)(lambda: io.read_guide(guide_path))
+    streamed = _lazy_cube_over_limit(args, guide_path, cube_paths, read_guide)
     if streamed is not None:
-        return _stream_command(args, guide_path, *streamed, weights)
+        return _stream_command(args, guide_path, read_guide(), *streamed, weights)
     check_new_directory(args.output, force=args.force)
     keep_freed_memory()  # in memory: reuse freed arrays rather than fault in fresh ones
-    guide, guide_instrument, jobs = _refine_inputs(args, guide_path, cube_paths)
+    guide, guide_instrument, jobs = _refine_inputs(args, guide_path, cube_paths, read_guide)
     say = _printer(args)
     if args.absorbance is None:  # not given: what the instrument file says its guide is
         kind = None if guide_instrument is None else guide_instrument.guide_kind
@@ -374,10 +379,11 @@ def _per_cube(values, count: int, option: str, *, shared: bool):
                      f"in the cubes' order")
 
 
-def _refine_inputs(args, guide_path, cube_paths):
-    """The guide, the instrument file it came from (or None), and per cube: the cube, initial and sources."""
-    from .. import io
+def _refine_inputs(args, guide_path, cube_paths, read_guide):
+    """The guide, the instrument file it came from (or None), and per cube: the cube, initial and sources.
 
+    ``read_guide()`` reads the guide file ``guide_path`` (where it is not an instrument file).
+    """
     count = len(cube_paths)
     initials = _per_cube(args.initial, count, "--initial", shared=False)
     datasets = _per_cube(args.dataset, count, "--dataset", shared=True)
@@ -389,7 +395,7 @@ def _refine_inputs(args, guide_path, cube_paths):
             raise ValueError(f"{guide_instrument.path} holds no white-light image: give --guide GUIDE")
         guide = guide_instrument.guide
     else:
-        guide = io.read_guide(guide_path)
+        guide = read_guide()
     jobs = []
     for path, initial, dataset, band_axis in zip(cube_paths, initials, datasets, band_axes):
         job = _cube_job(path, dataset, band_axis, guide_instrument)
@@ -509,8 +515,13 @@ def _apply_command(args) -> int:
     return EXIT_OK
 
 
-def _lazy_cube_over_limit(args, guide_path, cube_paths):
-    """``(cube, memory limit)`` for one plain cube file larger than ``--memory-limit``, read lazily; else None."""
+def _lazy_cube_over_limit(args, guide_path, cube_paths, read_guide):
+    """``(cube, memory limit, why)`` for one plain cube file to stream, read lazily; else None.
+
+    Streamed: a cube larger than ``--memory-limit``, or one whose registered
+    copy on the guide's grid would not fit it (``read_guide()`` reads the
+    guide file for its size). ``why`` says which, for the user.
+    """
     from .. import io
     from ..scaleout.streaming import default_memory_limit, in_memory_bytes
 
@@ -525,26 +536,29 @@ def _lazy_cube_over_limit(args, guide_path, cube_paths):
                           for values, option in ((args.dataset, "--dataset"), (args.band_axis, "--band-axis")))
     probe = io.read_cube(cube_paths[0], dataset=dataset, band_axis=band_axis, lazy=True)
     if probe.data.nbytes > limit:
-        return probe, limit
+        return probe, limit, f"the cube ({probe.data.nbytes / 2**30:.2f} GiB) is larger than the memory limit"
     # The cube fits, but its registered copy on the guide's grid may not (a coarse cube on a large guide).
-    guide_shape = io.read_guide(guide_path).shape
-    return (probe, limit) if in_memory_bytes(probe.data.shape, guide_shape) > limit else None
+    needed = in_memory_bytes(probe.data.shape, read_guide().shape)
+    if needed > limit:
+        return probe, limit, (f"refining the cube in memory would take {needed / 2**30:.2f} GiB (its registered "
+                              "copy on the guide's grid), more than the memory limit")
+    return None
 
 
-def _stream_command(args, guide_path, cube_data, limit, weights) -> int:
-    """``ggrad refine`` for a cube beyond ``--memory-limit`` (see :mod:`ggrad_gpu.scaleout.streaming`)."""
-    from .. import io
+def _stream_command(args, guide_path, guide, cube_data, limit, why, weights) -> int:
+    """``ggrad refine`` for a cube beyond ``--memory-limit`` (see :mod:`ggrad_gpu.scaleout.streaming`).
+
+    ``guide`` is the guide file's image; ``why`` (from :func:`_lazy_cube_over_limit`) says why it streams.
+    """
     from ..scaleout.cluster import dask_client
     from ..scaleout.streaming import check_memory_limit, stream_plan, stream_refine
 
     initial_path = _per_cube(args.initial, 1, "--initial", shared=False)[0]
     initial = None if initial_path is None else read_transform(initial_path)
-    guide = io.read_guide(guide_path)
     check_memory_limit(stream_plan(limit, cube_data.data, guide.shape))  # before anything starts
     return_freed_memory(limit)  # freed chunks go back to the system: the limit counts what is held
     say = _printer(args)
-    print(f"ggrad: the cube ({cube_data.data.nbytes / 2**30:.2f} GiB) is larger than the memory limit "
-          f"({limit / 2**30:.2f} GiB): streaming it chunk by chunk into {args.output / 'registered.zarr'} "
+    print(f"ggrad: {why} ({limit / 2**30:.2f} GiB): streaming it chunk by chunk into {args.output / 'registered.zarr'} "
           f"on the {args.output_grid or 'cube'} grid", file=sys.stderr)
     try:
         with dask_client(workers=args.workers, scheduler=args.scheduler, memory_limit=limit):
