@@ -290,8 +290,10 @@ def keep_freed_memory() -> bool:
     commands call it (``ggrad refine`` in memory, ``demo``, ``bench``), never
     the library's functions; a streamed refine gives freed memory back
     instead (:func:`return_freed_memory`). A Python program can call
-    it itself, or start with ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=2147483647
-    MALLOC_TRIM_THRESHOLD_=2147483647`` in its environment.
+    it itself, or start with the environment that ``ggrad mosaic`` gives its
+    worker processes for the same reason
+    (``ggrad_gpu.scaleout.cluster.MALLOC_ENVIRON``; an environment variable
+    may exceed the 2 GiB that ``mallopt``'s C int allows).
 
     Returns
     -------
