@@ -36,6 +36,7 @@ OTHER_VALUES = {
     "absorbance": (False, ["--no-absorbance"]),
     "memory_limit": (1 << 30, ["--memory-limit", "1GiB"]),
     "denoise": (False, ["--no-denoise"]),
+    "normalise": (False, ["--no-normalise"]),
     "backend": ("numpy", ["--backend", "numpy"]),
     "working_shape": ([32, 40], ["--working-shape", "32", "40"]),
     "band_axis": (0, None),

@@ -23,7 +23,7 @@ and keeps the candidate with the best fit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -35,8 +35,8 @@ from ..registration.register import AffineRegistration, coarse_shifts
 from . import passes
 from .guard import MAX_SCALE_CHANGE
 
-__all__ = ["BASIN_PIXELS", "CANDIDATES", "Candidate", "basin_level", "first_estimate", "first_level", "fit_at",
-           "first_registration"]
+__all__ = ["BASIN_PIXELS", "CANDIDATES", "NORMALISED_MARGIN", "Candidate", "basin_level", "chosen_intensity",
+           "first_estimate", "first_level", "fit_at", "first_registration"]
 
 # Coarse peaks tried besides the device placement. Each costs one
 # registration of the first estimate's images and one estimate at the cube's
@@ -46,6 +46,13 @@ CANDIDATES = 3
 # most: they only choose among basins (the re-estimate on the working grid
 # sets the accuracy), and on a streamed cube each one is a pass over it.
 BASIN_PIXELS = 512 * 512
+# The normalised spectra must explain the guide by this much more (fair fit at the device
+# placement) to be read instead of the spectra as given. Where the totals vary by a gain the guide
+# lacks, they lead by 0.10-0.20 (the default phantom with its gain left in; counts at 50 per pixel);
+# where the totals are part of the contrast they lead by at most 0.015 (two-modality phantom,
+# the P45 hypermap), and the spectra as given registered better there (0.12-0.13 against
+# 0.25-0.39 px mean on the two-modality phantom's second cube).
+NORMALISED_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,36 @@ def fit_at(problem, placement) -> float:
         except NoDataError:  # every pixel there draws on missing data: it fits nothing
             problem.fits[key] = 0.0
     return problem.fits[key]
+
+
+def chosen_intensity(problem):
+    """``problem``, or its copy that reads the spectra as given, whichever explains the guide better.
+
+    Where the cube has normalised spectra (``refine(normalise=True)``,
+    :mod:`ggrad_gpu.core.intensity`), their fair fit at the device placement
+    must beat that of the spectra as given by :data:`NORMALISED_MARGIN`;
+    otherwise the estimates read the spectra as given. One more estimate,
+    only for a cube whose totals differ.
+
+    Examples
+    --------
+    >>> from ggrad_gpu import synthetic
+    >>> from ggrad_gpu.refinement.passes import build_problem
+    >>> phantom = synthetic.make_phantom(shape=(200, 240), bands=40, native_factor=4, normalisation=None, seed=1)
+    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    >>> chosen_intensity(problem) is problem  # a gain the guide lacks: the normalised spectra fit better
+    True
+    >>> normalised = synthetic.make_phantom(shape=(200, 240), bands=40, native_factor=4, seed=1)
+    >>> problem = build_problem(normalised.guide, normalised.cube, initial=normalised.initial, backend="numpy")
+    >>> problem.cube.normalised is None and chosen_intensity(problem) is problem  # equal totals: nothing to choose
+    True
+    """
+    if problem.cube.normalised is None:
+        return problem
+    as_given = replace(problem, cube=problem.cube.as_given())
+    if fit_at(problem, np.eye(3)) > fit_at(as_given, np.eye(3)) + NORMALISED_MARGIN:
+        return problem
+    return as_given
 
 
 def basin_level(problem) -> tuple[int, int]:

@@ -73,6 +73,7 @@ class RefineOptions:
     absorbance: bool = _option(True, flag="--no-absorbance")
     memory_limit: object = _option(None, flag="--memory-limit", resume=False)  # a rerun may change it
     denoise: bool = _option(True, flag="--no-denoise")
+    normalise: bool = _option(True, flag="--no-normalise")
     backend: str = _option("auto", flag="--backend")
     working_shape: object = _option(None, flag="--working-shape")
     band_axis: int = _option(-1, no_flag="ggrad refine's --band-axis is the reader's: the cube reaches refine "
@@ -81,8 +82,9 @@ class RefineOptions:
 
     def __post_init__(self):
         object.__setattr__(self, "memory_limit", parse_bytes(self.memory_limit, "memory_limit"))
-        if not isinstance(self.denoise, bool):
-            raise TypeError(f"denoise must be True or False; got {self.denoise!r}")
+        for name in ("denoise", "normalise"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}")
         if not isinstance(self.check, bool):
             raise TypeError(f"check must be True or False; got {self.check!r}")
         if self.method not in METHODS:

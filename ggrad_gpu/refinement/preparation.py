@@ -21,6 +21,7 @@ from .._memory import block_rows, retry_smaller
 from .._validation import all_finite, float_dtype, to_gray
 from ..core.coverage import fill_gaps
 from ..core.denoise import signal_subspace
+from ..core.intensity import intensity_scale, normalised, total_intensity
 from ..core.geometry import WorkingGrid, block_mean, pixels_per_cube_pixel
 from ..core.warp import warp_cube
 
@@ -85,8 +86,15 @@ class PreparedCube:
         read them as 0, ``registered`` keeps them NaN.
     denoised : array or None
         ``values`` projected on their signal subspace
-        (:func:`ggrad_gpu.core.denoise.signal_subspace`), which the estimates read
-        instead; None: they read ``values``.
+        (:func:`ggrad_gpu.core.denoise.signal_subspace`), which the
+        estimates read instead; None: they read ``values``.
+    normalised : array or None
+        What the estimates read otherwise, divided per pixel by its
+        spectrum's total (:mod:`ggrad_gpu.core.intensity`); the estimates
+        then read it, and ``intensity`` as one more band.
+    intensity : array or None
+        Each pixel's total, in ``normalised``'s units
+        (:func:`ggrad_gpu.core.intensity.total_intensity`).
 
     Examples
     --------
@@ -100,11 +108,19 @@ class PreparedCube:
     with_data: object = None
     dead_bands: np.ndarray | None = None
     denoised: object = None
+    normalised: object = None
+    intensity: object = None
 
     @property
     def for_estimates(self):
-        """What the estimates read: ``denoised`` where there is one, else ``values``."""
+        """What the estimates read: ``normalised``, else ``denoised``, else ``values``."""
+        if self.normalised is not None:
+            return self.normalised
         return self.values if self.denoised is None else self.denoised
+
+    def as_given(self) -> "PreparedCube":
+        """This cube without its normalised spectra: the estimates read ``denoised`` (or ``values``)."""
+        return replace(self, normalised=None, intensity=None)
 
 
 def prepare_guide(guide, grid: WorkingGrid, xp, *, absorbance: bool) -> PreparedGuide:
@@ -139,11 +155,13 @@ def prepare_guide(guide, grid: WorkingGrid, xp, *, absorbance: bool) -> Prepared
     return PreparedGuide(image, missing, flat)
 
 
-def prepare_cube(cube, mask, xp, *, denoise: bool = False) -> PreparedCube:
+def prepare_cube(cube, mask, xp, *, denoise: bool = False, normalise: bool = False) -> PreparedCube:
     """The native cube on ``xp`` with NaN at missing values, and its pixels with data.
 
     With ``denoise``, also the cube projected on its signal subspace for the
-    estimates (:func:`ggrad_gpu.core.denoise.signal_subspace`). Raises ValueError,
+    estimates (:func:`ggrad_gpu.core.denoise.signal_subspace`); with
+    ``normalise``, what the estimates read is divided per pixel by its
+    spectrum's total (:mod:`ggrad_gpu.core.intensity`). Raises ValueError,
     naming ``cube``, when no pixel has data. A dask cube stays lazy
     (:func:`ggrad_gpu._lazy.chunked.prepare_lazy_cube`), its projection too.
 
@@ -166,10 +184,15 @@ def prepare_cube(cube, mask, xp, *, denoise: bool = False) -> PreparedCube:
         prepared = PreparedCube(*prepare_lazy_cube(cube, mask, xp))
     else:
         prepared = _prepared_in_memory(cube, mask, xp)
-    if not denoise:
+    if denoise:
+        subspace = signal_subspace(prepared.values)
+        if subspace.rank is not None:
+            prepared = replace(prepared, denoised=subspace.values)
+    scale = intensity_scale(prepared.for_estimates, prepared.with_data) if normalise else None
+    if scale is None:
         return prepared
-    subspace = signal_subspace(prepared.values)
-    return prepared if subspace.rank is None else replace(prepared, denoised=subspace.values)
+    return replace(prepared, normalised=normalised(prepared.for_estimates, scale),
+                   intensity=total_intensity(scale, prepared.values.shape[2]))
 
 
 def _prepared_in_memory(cube, mask, xp) -> PreparedCube:
