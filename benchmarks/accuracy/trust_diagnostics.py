@@ -57,7 +57,7 @@ def refined(guide, cube, initial):
     problem = passes.build_problem(guide, cube, initial=initial, backend="numpy")
     first = basins.first_estimate(problem)
     _, placement, candidates = basins.first_registration(problem, first)
-    last = passes.estimate_pass(problem, placement, 1, passes.screened_bands(problem, placement))
+    last = passes.estimate_pass(problem, placement, 1, basins.screened_bands(problem, placement))
     _, placement = passes.register_pass(problem, last, placement, coarse_search=False)
     return problem, placement, candidates
 
@@ -83,7 +83,7 @@ def tre(matrix, phantom, region):
 
 
 def footprint_figures(problem, placement):
-    estimate = passes.estimate_pass(problem, placement, 1, passes.screened_bands(problem, placement))
+    estimate = passes.estimate_pass(problem, placement, 1, basins.screened_bands(problem, placement))
     fixed, moving, mask = passes.registration_images(problem, estimate)
     fixed, moving = np.asarray(fixed, np.float64), np.asarray(moving, np.float64)
     valid = np.isfinite(fixed) & np.isfinite(moving) & (True if mask is None else np.asarray(mask))
@@ -91,7 +91,7 @@ def footprint_figures(problem, placement):
     out = {"footprint_px": int(valid.sum()), "energy_fixed": float((np.where(valid, fixed, 0) ** 2).mean()),
            "energy_moving": float((np.where(valid, moving, 0) ** 2).mean()),
            "mse_final": float((residual**2).sum() / max(valid.sum(), 1)),
-           "bands_screened": len(passes.screened_bands(problem, placement)), "s": int(problem.grid.s)}
+           "bands_screened": len(basins.screened_bands(problem, placement)), "s": int(problem.grid.s)}
     region = footprint_region(problem.cube.values.shape[:2], guide_matrix(problem, placement), problem.guide_shape)
     out.update(block_sigmas(problem, estimate, region, (8, 16, 32, 64)))
     out["fit_covariance"] = trust.fit_covariance(problem, placement, estimate).tolist()

@@ -50,7 +50,7 @@ from scipy.stats import spearmanr
 from ggrad_gpu import refine
 from ggrad_gpu.cli.bench import draw_cases
 from ggrad_gpu.metrics import footprint_region, target_registration_error
-from ggrad_gpu.refinement import passes, trust
+from ggrad_gpu.refinement import basins, passes, trust
 from ggrad_gpu.synthetic import make_lattice_phantom, make_phantom, make_tissue_phantom
 
 SWEEP_SEED = 3030  # draw_cases seed: not CASE_SEED (2024), which the accuracy sweeps use
@@ -97,7 +97,7 @@ def _fit_covariance(phantom, result):
     problem = passes.build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
     to_guide = problem.grid.to_guide
     placement = np.linalg.inv(to_guide) @ np.linalg.solve(phantom.initial, result.matrix) @ to_guide
-    estimate = passes.estimate_pass(problem, placement, 1, passes.screened_bands(problem, placement))
+    estimate = passes.estimate_pass(problem, placement, 1, basins.screened_bands(problem, placement))
     return trust.fit_covariance(problem, placement, estimate)
 
 
@@ -182,7 +182,7 @@ def induced_lock(index: int, bands: int) -> dict:
     start = truth @ step
     estimate = passes.estimate_pass(problem, start, problem.grid.cube_step)
     _, placement = passes.register_pass(problem, estimate, start, coarse_search=False)
-    estimate = passes.estimate_pass(problem, placement, 1, passes.screened_bands(problem, placement))
+    estimate = passes.estimate_pass(problem, placement, 1, basins.screened_bands(problem, placement))
     _, placement = passes.register_pass(problem, estimate, placement, coarse_search=False)
     matrix = phantom.initial @ to_guide @ placement @ np.linalg.inv(to_guide)
     tre = target_registration_error(matrix, phantom.matrix, phantom.guide.shape)

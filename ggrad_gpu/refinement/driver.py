@@ -325,7 +325,7 @@ def refine(
         if reestimate:
             # Aligned now: estimate on the working grid itself (its accuracy needs
             # it), and no coarse search, which could only jump away.
-            last = passes.estimate_pass(problem, placement, 1, passes.screened_bands(problem, placement))
+            last = passes.estimate_pass(problem, placement, 1, basins.screened_bands(problem, placement))
             registration, placement = passes.register_pass(problem, last, placement, coarse_search=False)
             last_relative = registration.matrix  # the last images were made one registration before the result
         else:

@@ -1,11 +1,11 @@
-"""The passes of a refinement over one :class:`Problem`: estimate, register, screen bands, resample.
+"""The passes of a refinement over one :class:`Problem`: estimate, register, resample.
 
 :func:`build_problem` checks the options and inputs (:mod:`ggrad_gpu.refinement.options`)
 and prepares the guide and the cube on the working grid
 (:mod:`ggrad_gpu.refinement.preparation`); :func:`estimate_pass` estimates the global
 gradient at a pyramid level of the working grid from a placement;
-:func:`register_pass` registers its images; :func:`screened_bands` keeps the bands an
-estimate weights; :func:`resample` brings the native cube onto the output grid. The
+:func:`register_pass` registers its images; :func:`band_weights` remembers each
+estimate's band weights; :func:`resample` brings the native cube onto the output grid. The
 driver (:func:`ggrad_gpu.refinement.driver.refine`), the basins
 (:mod:`ggrad_gpu.refinement.basins`) and the trust estimate
 (:mod:`ggrad_gpu.refinement.trust`) call these; this module calls none of them.
@@ -29,7 +29,7 @@ from ..core import baselines
 from ..core.coverage import Coverage, fill_gaps, level_on_grid, valid_pixels
 from ..core.estimate import GlobalGradient, estimate_global_gradient
 from ..core.filters import sobel_magnitude
-from ..core.geometry import WorkingGrid, cube_output_grid, cube_resolution_step, footprint_mask
+from ..core.geometry import WorkingGrid, cube_output_grid, footprint_mask
 from ..core.pyramid import upsample_level
 from ..core.warp import warp_cube
 from ..registration.register import AffineRegistration, register_affine
@@ -45,8 +45,8 @@ from .preparation import (
     prepare_guide,
 )
 
-__all__ = ["Estimate", "Problem", "build_problem", "estimate_pass", "placement_key", "register_pass",
-           "registration_images", "resample", "screened_bands"]
+__all__ = ["Estimate", "Problem", "band_weights", "build_problem", "estimate_pass", "placement_key", "register_pass",
+           "registration_images", "resample"]
 
 
 # The registration trusts grad_y where no level's blur draws more than this
@@ -208,8 +208,8 @@ def estimate_pass(problem: Problem, placement, step: int, bands=None, levels=Non
     return estimate
 
 
-def band_weights(problem: Problem, placement, step: int) -> np.ndarray:
-    """The band weights (levels, bands) of :func:`estimate_pass` with every band and level, remembered.
+def band_weights(problem: Problem, placement, step: int, levels=None) -> np.ndarray:
+    """The band weights (levels, bands) of :func:`estimate_pass` with every band, remembered.
 
     Only the weights are kept of each estimate (a small array), so an
     estimate made earlier for a fit is not made again for its weights.
@@ -224,10 +224,11 @@ def band_weights(problem: Problem, placement, step: int) -> np.ndarray:
     >>> band_weights(problem, np.eye(3), problem.grid.cube_step) is made  # remembered, not estimated again
     True
     """
-    key = (placement_key(placement), int(step), int(problem.levels), None)
+    levels = problem.levels if levels is None else levels
+    key = (placement_key(placement), int(step), int(levels), None)
     weights = problem.last_estimate.get("weights", {}).get(key)
     if weights is None:
-        weights = estimate_pass(problem, placement, step).gradient.channel_weights
+        weights = estimate_pass(problem, placement, step, levels=levels).gradient.channel_weights
     return weights
 
 
@@ -398,32 +399,6 @@ def resample(problem: Problem, matrix, guide_shape):
         valid = valid & has_data(registered)  # missing pixels are not covered
     problem.timings["warp"] = time.perf_counter() - start
     return registered, valid, to_guide
-
-
-def screened_bands(problem: Problem, placement):
-    """The bands an exact estimate at the cube's resolution, aligned, weights at any level (None: all).
-
-    The working grid's Gram matrices then cost ``(kept / bands)**2`` of the
-    full ones (``screen_bands``).
-
-    Examples
-    --------
-    >>> from ggrad_gpu import synthetic
-    >>> phantom = synthetic.make_phantom(shape=(96, 112), bands=8, seed=1)
-    >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
-    >>> bands = screened_bands(problem, np.eye(3))
-    >>> aligned = estimate_pass(problem, np.eye(3), problem.grid.cube_step)  # what it screens by
-    >>> bool(np.array_equal(bands, np.flatnonzero((aligned.gradient.channel_weights > 0).any(axis=0))))
-    True
-    >>> screened_bands(replace(problem, options=replace(problem.options, screen_bands=False)), np.eye(3)) is None
-    True
-    """
-    options = problem.options
-    step = cube_resolution_step(problem.initial @ problem.grid.to_guide @ placement)
-    if not (options.screen_bands and options.method == "gradient" and step > 1):
-        return None
-    support = np.flatnonzero((band_weights(problem, placement, step) > 0).any(axis=0))
-    return support if support.size else None
 
 
 def _on_working_grid(gradient: GlobalGradient, coverage: Coverage, step: int, shape) -> Estimate:

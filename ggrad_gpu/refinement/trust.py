@@ -183,7 +183,7 @@ def assess(problem, placement, *, candidates=()) -> Spread:
         alternatives.append(Alternative(kind, alternative_distance(problem, placement, other), other_fit, counts))
 
     step = 1 if problem.options.reestimate else problem.grid.cube_step
-    bands = passes.screened_bands(problem, placement) if step == 1 else None
+    bands = basins.screened_bands(problem, placement) if step == 1 else None
     # The result's own images, estimated where it placed the cube (the
     # alternatives' registrations are relative to where their images were made).
     estimate = passes.estimate_pass(problem, placement, step, bands)
