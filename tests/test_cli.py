@@ -103,14 +103,19 @@ def test_png_guide_and_output_seeds_the_next_run(tmp_path, phantom, centres):
     first, second = tmp_path / "first", tmp_path / "second"
     assert main(["refine", str(tmp_path / "guide.png"), str(cube), "-o", str(first), "-q"]) == 0
     tre = _tre(first, phantom)
-    assert tre.mean <= 0.3 and tre.max <= 0.8, tre  # 0.126 / 0.316 px measured
-    # transform.json seeds the next run, which starts where the first ended: nothing left to gain, it keeps it.
+    assert tre.mean <= 0.3 and tre.max <= 0.8, tre  # 0.160 / 0.369 px measured
+    # transform.json seeds the next run, which starts where the first ended: little left to gain. It keeps
+    # the placement or moves it by a hair (measured: kept, or 0.160 -> 0.124 px mean, as the bands the fit
+    # at the start weights differ), and is as accurate.
     assert main(["refine", str(tmp_path / "guide.png"), str(cube), "-o", str(second), "-q",
                  "--initial", str(first / "transform.json")]) == 0
     record = json.loads((second / "transform.json").read_text())
-    np.testing.assert_array_equal(record["initial"], json.loads((first / "transform.json").read_text())["matrix"])
-    assert _tre(second, phantom, refined=False) == tre
-    assert "the cube explains the guide no better at the refined placement" in record["message"]
+    first_matrix = json.loads((first / "transform.json").read_text())["matrix"]
+    np.testing.assert_array_equal(record["initial"], first_matrix)
+    moved = target_registration_error(np.array(record["matrix"]), np.array(first_matrix), phantom.guide.shape)
+    assert moved.max < 0.15, moved
+    again = _tre(second, phantom, refined=record["improved"])
+    assert again.mean <= 0.3 and again.max <= 0.8, again
 
 
 def test_text_initial_manual_weights_and_guide_grid(tmp_path, phantom, centres):
