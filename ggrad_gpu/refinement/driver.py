@@ -317,10 +317,10 @@ def refine(
 
     held, chunk_bytes = _checkpoint_budget(problem)
     with checkpoints(held, chunk_bytes=chunk_bytes):  # where a lazy cube's intermediate steps are kept
-        problem = basins.chosen_intensity(problem)  # normalised spectra, or as given
         first = basins.first_estimate(problem)
         # The first registration from several coarse peaks, the best fit kept (basins).
         registration, placement, candidates = basins.first_registration(problem, first)
+        problem = basins.chosen_intensity(problem, placement)  # normalised spectra from here on, or as given
         last = first
         if reestimate:
             # Aligned now: estimate on the working grid itself (its accuracy needs
