@@ -140,8 +140,9 @@ def _counts_phantom(counts, seed=0):
 @pytest.mark.parametrize("counts, outcome", [(2, "kept"), (50, "refined")])
 def test_count_limited_cube_is_refined_where_it_can_be_and_kept_where_not(counts, outcome):
     # benchmarks/accuracy/real_pairs.py's family: at 2 counts per pixel over 60 bands nothing in the
-    # cube can be registered (every start kept, the baselines' too); at 50, refined to 0.33 cube
-    # px median (1.31 guide px; worst max 3.65 over 16 starts).
+    # cube can be registered (every start kept, the baselines' too); at 50, refined to 0.77 guide px
+    # median over 16 starts, all under 1 px mean (worst max 2.19; this start 0.98 / 2.33), with
+    # each spectrum divided by its total (refine's normalise; as given: 1.31 px median, none under 1).
     phantom, cube = _counts_phantom(counts)
     start = phantom.matrix @ affine_about_center(phantom.guide.shape, rotation_deg=1.5, scale=1.02, shift=(6.0, -5.0))
     with warnings.catch_warnings():
@@ -151,7 +152,7 @@ def test_count_limited_cube_is_refined_where_it_can_be_and_kept_where_not(counts
     after = target_registration_error(result.matrix, phantom.matrix, phantom.guide.shape)
     print(f"{counts} counts: {before.mean:.2f} -> {after.mean:.2f} / {after.max:.2f} px: {result.message}")
     if outcome == "refined":
-        assert result.improved and after.mean < 2.0 and after.max < 4.0, result.message
+        assert result.improved and after.mean < 1.3 and after.max < 3.0, result.message
     else:
         assert not result.improved
         np.testing.assert_array_equal(result.matrix, start)
