@@ -140,8 +140,8 @@ def _counts_phantom(counts, seed=0):
 @pytest.mark.parametrize("counts, outcome", [(2, "kept"), (50, "refined")])
 def test_count_limited_cube_is_refined_where_it_can_be_and_kept_where_not(counts, outcome):
     # benchmarks/accuracy/real_pairs.py's family: at 2 counts per pixel over 60 bands nothing in the
-    # cube can be registered (every start kept, the baselines' too); at 50, refined to 0.77 guide px
-    # median over 16 starts, all under 1 px mean (worst max 2.19; this start 0.98 / 2.33), with
+    # cube can be registered (every start kept, the baselines' too); at 50, refined to 0.75 guide px
+    # median over 16 starts, all under 1 px mean (worst max 2.06; this start 0.98 / 2.33), with
     # each spectrum divided by its total (refine's normalise; as given: 1.31 px median, none under 1).
     phantom, cube = _counts_phantom(counts)
     start = phantom.matrix @ affine_about_center(phantom.guide.shape, rotation_deg=1.5, scale=1.02, shift=(6.0, -5.0))

@@ -359,9 +359,10 @@ def _degenerate_cases(phantom):
         "constant guide, intensities": (np.full_like(guide, 5.0), cube, {"absorbance": False}, "no edges"),
         "all-zero guide, intensities": (np.zeros_like(guide), cube, {"absorbance": False}, "no edges"),
         # Nothing to match (the negative control) and 90 % of the spectra missing: the guard rejects the
-        # result (measured: implausible, scaling by 0.78-0.92); "no better" would be as right.
+        # result (measured: implausible, scaling by 0.78-0.92, or, with the white noise's spectra
+        # normalised, "did not improve the match"); "no better" would be as right.
         "white noise cube": (guide, np.random.default_rng(0).random(cube.shape).astype(np.float32), {},
-                             ("implausible", "no better")),
+                             ("implausible", "no better", "did not improve")),
         "tiny cube": (guide, cube[:2, :2], {}, "too few valid pixels"),
         "mostly missing": (guide, np.where(np.random.default_rng(1).random(cube.shape[:2] + (1,)) < 0.9,
                                            np.nan, cube), {}, ("implausible", "no better")),

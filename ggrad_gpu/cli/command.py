@@ -154,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="estimate from the cube as it is, not from its projection on the components above "
                           "its noise")
     run.add_argument("--no-normalise", action="store_false", dest="normalise",
-                     help="estimate from the spectra as they are, not each divided by its total (for maps whose "
-                          "total intensity is the contrast that matches the guide)")
+                     help="estimate from the spectra as they are, never each divided by its total (by default "
+                          "the division is used where it explains the guide clearly better)")
     run.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
     run.add_argument("--strict", action="store_true", help="exit with 1 when the initial transform is kept")
     run.add_argument("--check", action="store_true",

@@ -48,7 +48,7 @@ CANDIDATES = 3
 BASIN_PIXELS = 512 * 512
 # The normalised spectra must explain the guide by this much more (fair fit at the first
 # registration's placement) to be read instead of the spectra as given. At the true placement,
-# where the totals vary by a gain the guide lacks, they lead by 0.24-0.37 (the default phantom with
+# where the totals vary by a gain the guide lacks, they lead by 0.25-0.37 (the default phantom with
 # its gain left in, 6 drawn cases; counts at 50 per pixel: 0.27); where the totals are part of the
 # contrast they lead by at most 0.016 or trail (the P45 hypermap; the two-modality phantom's second
 # cube, which registered better as given: 0.12-0.13 against 0.25-0.39 px mean).
@@ -128,8 +128,8 @@ def chosen_intensity(problem, placement):
     first registration's, made with them) must beat that of the spectra as
     given by :data:`NORMALISED_MARGIN`; otherwise the estimates that follow
     read the spectra as given. At the device placement, misplaced by tens of
-    pixels, both fit too little to tell (leads of 0.02-0.12 where they are
-    0.24-0.37 at the truth). One more estimate, only for a cube whose totals
+    pixels, both fit too little to tell (leads of 0.04-0.16 where they are
+    0.25-0.37 at the truth). One more estimate, only for a cube whose totals
     differ.
 
     Examples

@@ -269,14 +269,18 @@ def refine(
         no noise bulk, a map of fewer than 1024 pixels, and the baseline
         methods are left as they are. ``registered`` always comes from the cube as given.
     normalise : bool, default True
-        The estimates read each pixel's spectrum divided by its total
+        The estimates may read each pixel's spectrum divided by its total
         (:mod:`ggrad_gpu.core.intensity`), after ``denoise``: a gain common to
         all bands (laser power, focus, thickness, X-ray yield) has edges the
         guide lacks, and eq. 5's non-negative weights cannot cancel them (the
         default phantom with its gain left in, 6 drawn cases: mean TRE 3.67 px
-        and one case kept 19 px off, against 0.12 px normalised). Left out
-        where some spectra have totals near zero (centred data, a few counts
-        per pixel) and for the baseline methods.
+        and one case kept 19 px off, against 0.12 px normalised). They do
+        where the normalised spectra explain the guide clearly better at the
+        first registration's placement
+        (:func:`ggrad_gpu.refinement.basins.chosen_intensity`; one more
+        estimate), else they read the spectra as given. Never where some
+        spectra have totals near zero (centred data, a few counts per pixel)
+        or all are equal, nor for the baseline methods.
 
     Returns
     -------

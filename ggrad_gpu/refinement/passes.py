@@ -257,9 +257,6 @@ def _estimate(problem: Problem, placement, step: int, bands, levels: int) -> Est
     if cube.dead_bands is not None:
         dead = cube.dead_bands if bands is None else np.flatnonzero(np.isin(bands, cube.dead_bands))
         on_grid = _zeroed_bands(on_grid, dead, xp)
-    if cube.intensity is not None:  # the spectra's total, one more band beside the normalised ones
-        total = warp_cube(cube.intensity[:, :, None].astype(on_grid.dtype), to_level, shape, order=1)
-        on_grid = _with_band(on_grid, total)
     footprint = footprint_mask(cube.values.shape[:2], to_level, shape, xp)
     # The Gram matrices leave out every pixel that draws on a missing cube
     # pixel; the registration metric only those that draw mostly on one.
@@ -285,8 +282,6 @@ def _estimate(problem: Problem, placement, step: int, bands, levels: int) -> Est
         None if share is None else (share > 0.5) & footprint,
         guide_missing,
     )
-    if cube.intensity is not None:  # the band weights are the cube's: the total's is left out
-        gradient = replace(gradient, channel_weights=gradient.channel_weights[:, :-1])
     estimate = _on_working_grid(gradient, trusted, step, grid.shape)
     if bands is not None:
         every_band = np.zeros((gradient.channel_weights.shape[0], cube.values.shape[2]))
@@ -427,15 +422,6 @@ def _zeroed_bands(on_grid, bands, xp):
         return on_grid.map_blocks(_where_zero, zero, dtype=on_grid.dtype)
     on_grid[:, :, xp.asarray(bands)] = 0
     return on_grid
-
-
-def _with_band(on_grid, band):
-    """``on_grid`` with ``band`` (rows, cols, 1) appended (lazily for a dask one)."""
-    if is_dask_array(on_grid) or is_dask_array(band):
-        import dask.array as da
-
-        return da.concatenate([on_grid, band], axis=2)
-    return array_module(on_grid=on_grid).concatenate([on_grid, band], axis=2)
 
 
 def _where_zero(block, zero):

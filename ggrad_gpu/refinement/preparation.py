@@ -21,7 +21,7 @@ from .._memory import block_rows, retry_smaller
 from .._validation import all_finite, float_dtype, to_gray
 from ..core.coverage import fill_gaps
 from ..core.denoise import signal_subspace
-from ..core.intensity import intensity_scale, normalised, total_intensity
+from ..core.intensity import intensity_scale, normalised
 from ..core.geometry import WorkingGrid, block_mean, pixels_per_cube_pixel
 from ..core.warp import warp_cube
 
@@ -91,10 +91,7 @@ class PreparedCube:
     normalised : array or None
         What the estimates read otherwise, divided per pixel by its
         spectrum's total (:mod:`ggrad_gpu.core.intensity`); the estimates
-        then read it, and ``intensity`` as one more band.
-    intensity : array or None
-        Each pixel's total, in ``normalised``'s units
-        (:func:`ggrad_gpu.core.intensity.total_intensity`).
+        then read it instead.
 
     Examples
     --------
@@ -109,7 +106,6 @@ class PreparedCube:
     dead_bands: np.ndarray | None = None
     denoised: object = None
     normalised: object = None
-    intensity: object = None
 
     @property
     def for_estimates(self):
@@ -120,7 +116,7 @@ class PreparedCube:
 
     def as_given(self) -> "PreparedCube":
         """This cube without its normalised spectra: the estimates read ``denoised`` (or ``values``)."""
-        return replace(self, normalised=None, intensity=None)
+        return replace(self, normalised=None)
 
 
 def prepare_guide(guide, grid: WorkingGrid, xp, *, absorbance: bool) -> PreparedGuide:
@@ -191,8 +187,7 @@ def prepare_cube(cube, mask, xp, *, denoise: bool = False, normalise: bool = Fal
     scale = intensity_scale(prepared.for_estimates, prepared.with_data) if normalise else None
     if scale is None:
         return prepared
-    return replace(prepared, normalised=normalised(prepared.for_estimates, scale),
-                   intensity=total_intensity(scale, prepared.values.shape[2]))
+    return replace(prepared, normalised=normalised(prepared.for_estimates, scale))
 
 
 def _prepared_in_memory(cube, mask, xp) -> PreparedCube:
