@@ -118,3 +118,16 @@ def test_a_cube_normalised_already_is_left_as_it_is():
     cube /= cube.sum(axis=2, keepdims=True)
     assert intensity_scale(cube) is None
     assert prepare_cube(cube, None, np, normalise=True).normalised is None
+
+
+def test_refine_records_which_spectra_the_estimates_read():
+    raw = synthetic.make_phantom(shape=(200, 240), bands=40, native_factor=4, normalisation=None, seed=1)
+    normalised_already = synthetic.make_phantom(shape=(200, 240), bands=40, native_factor=4, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        gain = refine(raw.guide, raw.cube, initial=raw.initial, backend="numpy")
+        equal = refine(normalised_already.guide, normalised_already.cube, initial=normalised_already.initial,
+                       backend="numpy")
+        as_given = refine(raw.guide, raw.cube, initial=raw.initial, backend="numpy", normalise=False)
+    assert gain.quality["normalised"] is True
+    assert equal.quality["normalised"] is False and as_given.quality["normalised"] is False

@@ -84,7 +84,9 @@ class Refinement:
         gradient images over their overlap, ``fit_before``, ``fit_after``
         (:func:`ggrad_gpu.refinement.basins.fit_at`: what the guard compares), and
         ``spread_px`` (guide pixels, see ``check``; NaN where the initial
-        transform was kept).
+        transform was kept), and ``normalised``: whether the estimates after
+        the first registration read each spectrum divided by its total (see
+        ``normalise``).
     levels : int
         Pyramid levels the estimates used.
     output_to_guide : numpy.ndarray, shape (3, 3)
@@ -370,9 +372,10 @@ def refine(
         # Arrays come back in the input cube's kind, wherever they were computed.
         registered, valid, gradient = (_like(cube, a) for a in (registered, valid, gradient))
     timings["total"] = time.perf_counter() - clock
+    quality = {**verdict.quality, "normalised": problem.cube.normalised is not None}
     return Refinement(matrix=matrix, initial=initial, working_to_guide=grid.to_guide, registered=registered,
                       valid=valid, gradient=gradient, registration=registration, improved=verdict.improved,
-                      message=message, backend=xp.__name__, timings=timings, quality=verdict.quality,
+                      message=message, backend=xp.__name__, timings=timings, quality=quality,
                       levels=problem.levels, output_to_guide=output_to_guide)
 
 
