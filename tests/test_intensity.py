@@ -85,6 +85,7 @@ def test_a_lazy_cube_is_normalised_as_an_in_memory_one():
 
 
 @pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_a_cube_with_its_gain_left_in_refines_within_half_a_pixel(seed):
     # The phantom's spectra keep their smooth gain (normalisation=None), as raw counts and
     # unnormalised spectra do: its edges are in every band and not in the guide.
@@ -120,6 +121,7 @@ def test_a_cube_normalised_already_is_left_as_it_is():
     assert prepare_cube(cube, None, np, normalise=True).normalised is None
 
 
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
 def test_refine_records_which_spectra_the_estimates_read():
     raw = synthetic.make_phantom(shape=(200, 240), bands=40, native_factor=4, normalisation=None, seed=1)
     normalised_already = synthetic.make_phantom(shape=(200, 240), bands=40, native_factor=4, seed=1)
@@ -131,3 +133,16 @@ def test_refine_records_which_spectra_the_estimates_read():
         as_given = refine(raw.guide, raw.cube, initial=raw.initial, backend="numpy", normalise=False)
     assert gain.quality["normalised"] is True
     assert equal.quality["normalised"] is False and as_given.quality["normalised"] is False
+
+
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
+def test_a_lazy_cube_is_refined_with_normalised_spectra_as_in_memory():
+    da = pytest.importorskip("dask.array")
+    phantom = synthetic.make_phantom(shape=(200, 240), bands=40, native_factor=4, normalisation=None, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        in_memory = refine(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+        lazy = refine(phantom.guide, da.from_array(phantom.cube, chunks=(16, 20, 40)), initial=phantom.initial,
+                      backend="numpy")
+    assert in_memory.quality["normalised"] and lazy.quality["normalised"]
+    assert target_registration_error(lazy.matrix, in_memory.matrix, phantom.guide.shape).max < 1e-3
