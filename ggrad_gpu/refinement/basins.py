@@ -139,8 +139,9 @@ def chosen_intensity(problem, placement):
     >>> phantom = synthetic.make_phantom(shape=(200, 240), bands=40, native_factor=4, normalisation=None, seed=1)
     >>> problem = build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
     >>> truth = np.linalg.inv(phantom.initial) @ phantom.matrix  # s = 1, no crop: S is the identity
-    >>> chosen_intensity(problem, truth) is problem  # a gain the guide lacks: the normalised spectra fit better
-    True
+    >>> chosen = chosen_intensity(problem, truth)  # a gain the guide lacks: the normalised spectra fit better
+    >>> chosen.cube.normalised is problem.cube.normalised, chosen.fits == problem.fits
+    (True, True)
     >>> normalised = synthetic.make_phantom(shape=(200, 240), bands=40, native_factor=4, seed=1)
     >>> problem = build_problem(normalised.guide, normalised.cube, initial=normalised.initial, backend="numpy")
     >>> problem.cube.normalised is None and chosen_intensity(problem, truth) is problem  # equal totals: no choice
@@ -149,9 +150,13 @@ def chosen_intensity(problem, placement):
     if problem.cube.normalised is None:
         return problem
     as_given = replace(problem, cube=problem.cube.as_given())
-    if fit_at(problem, placement) > fit_at(as_given, placement) + NORMALISED_MARGIN:
-        return problem
-    return as_given
+    if not fit_at(problem, placement) > fit_at(as_given, placement) + NORMALISED_MARGIN:
+        return as_given
+    # The projection as given is read no more: let it go, keeping what the passes remember.
+    lean = replace(problem, cube=replace(problem.cube, denoised=None))
+    lean.fits.update(problem.fits)
+    lean.last_estimate.update(problem.last_estimate)
+    return lean
 
 def screened_bands(problem, placement):
     """The bands the fair fit at ``placement`` weights at any level (None: every band).

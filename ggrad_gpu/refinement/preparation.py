@@ -21,8 +21,8 @@ from .._memory import block_rows, retry_smaller
 from .._validation import all_finite, float_dtype, to_gray
 from ..core.coverage import fill_gaps
 from ..core.denoise import signal_subspace
-from ..core.intensity import intensity_scale, normalised
 from ..core.geometry import WorkingGrid, block_mean, pixels_per_cube_pixel
+from ..core.intensity import intensity_scale, normalised
 from ..core.warp import warp_cube
 
 __all__ = [
