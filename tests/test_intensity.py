@@ -146,3 +146,20 @@ def test_a_lazy_cube_is_refined_with_normalised_spectra_as_in_memory():
                       backend="numpy")
     assert in_memory.quality["normalised"] and lazy.quality["normalised"]
     assert target_registration_error(lazy.matrix, in_memory.matrix, phantom.guide.shape).max < 1e-3
+
+
+@pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute
+def test_ggrad_refine_says_and_records_that_it_normalised(tmp_path, capsys):
+    import json
+
+    from ggrad_gpu.cli import main
+
+    phantom = synthetic.make_phantom(shape=(200, 240), bands=40, native_factor=4, normalisation=None, seed=1)
+    np.save(tmp_path / "guide.npy", phantom.guide)
+    np.save(tmp_path / "cube.npy", phantom.cube)
+    np.savetxt(tmp_path / "stage.txt", phantom.initial)
+    assert main(["refine", str(tmp_path / "guide.npy"), str(tmp_path / "cube.npy"), "--initial",
+                 str(tmp_path / "stage.txt"), "-o", str(tmp_path / "out")]) == 0
+    assert "estimated from each spectrum divided by its total (cube.npy" in capsys.readouterr().out
+    record = json.loads((tmp_path / "out" / "transform.json").read_text())
+    assert record["quality"]["normalised"] is True and record["improved"] is True

@@ -337,6 +337,10 @@ def _refine_command(args) -> int:
         f"cube {' x '.join(map(str, job['cube'].data.shape))} ({job['cube'].format})" for job in jobs))
     guide_source = guide_path if guide_path is not None else guide_instrument.path
     refinements = [_refine_one(args, guide, guide_source, job, weights) for job in jobs]
+    for job, refinement in zip(jobs, refinements):
+        if refinement.quality.get("normalised"):
+            say(f"estimated from each spectrum divided by its total ({Path(job['path']).name}: its totals vary "
+                "in a way the guide does not; --no-normalise uses them as they are)")
     if len(jobs) == 1:
         job, refinement = jobs[0], refinements[0]
         written = write_outputs(args.output, refinement, guide, job["cube"], cube_format=args.cube_format,

@@ -232,5 +232,7 @@ def _nested(matrix) -> list:
 
 
 def _number(value):
+    if isinstance(value, (bool, np.bool_)):  # a yes-or-no figure (quality["normalised"]) stays one
+        return bool(value)
     value = float(value)
     return value if math.isfinite(value) else None
