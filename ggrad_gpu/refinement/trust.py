@@ -193,8 +193,10 @@ def assess(problem, placement, *, candidates=()) -> Spread:
               for dr, dc in ((reach, 0), (-reach, 0), (0, reach), (0, -reach))]
     # The other coarse peaks that fit about as well, finished on the result's
     # images: the same basin comes back to the result, another stays away.
+    # Their fits are this problem's (remembered where it made them): the first
+    # registration may have read other spectra (basins.chosen_intensity).
     starts += [("coarse peak", np.linalg.solve(placement, c.placement)) for c in candidates
-               if c.fit >= fit - max(0.01, FIT_TOLERANCE * (1 - fit))]
+               if c.fit >= 0 and basins.fit_at(problem, c.placement) >= fit - max(0.01, FIT_TOLERANCE * (1 - fit))]
 
     def is_near(other):
         return alternative_distance(problem, placement, other) < NEAR_PX
