@@ -274,6 +274,11 @@ def _mallopt(settings) -> bool:
     return all(mallopt(parameter, int(value)) == 1 for parameter, value in settings)
 
 
+def _one_heap(threshold: int) -> bool:
+    """One arena for every thread; blocks from ``threshold`` bytes mapped apart, free heap beyond it trimmed."""
+    return _mallopt(((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, threshold), (_M_TRIM_THRESHOLD, threshold)))
+
+
 def keep_freed_memory() -> bool:
     """Let this process reuse large freed arrays instead of mapping fresh memory (glibc only).
 
@@ -306,8 +311,7 @@ def keep_freed_memory() -> bool:
     >>> isinstance(keep_freed_memory(), bool)  # True on glibc
     True
     """
-    return _mallopt(((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, _LARGEST_HEAP_BLOCK),
-                     (_M_TRIM_THRESHOLD, _LARGEST_HEAP_BLOCK)))
+    return _one_heap(_LARGEST_HEAP_BLOCK)
 
 
 def return_freed_memory(limit: int) -> bool:
@@ -335,5 +339,4 @@ def return_freed_memory(limit: int) -> bool:
     >>> isinstance(return_freed_memory(1 << 30), bool)  # blocks from 32 MiB, on glibc
     True
     """
-    threshold = min(_LARGEST_HEAP_BLOCK, max(1 << 20, int(limit) // 32))
-    return _mallopt(((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, threshold), (_M_TRIM_THRESHOLD, threshold)))
+    return _one_heap(min(_LARGEST_HEAP_BLOCK, max(1 << 20, int(limit) // 32)))

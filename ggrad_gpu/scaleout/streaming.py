@@ -62,7 +62,8 @@ class StreamPlan:
     ``threads``: tasks run at once (Dask's local threads); ``chunk_bytes``:
     the stages' chunks; ``store_chunk_bytes``: one chunk of the cube's store
     (decoded whole to read any part of it); ``minimum``: the smallest limit
-    with which a run fits (the guide and one task).
+    with which a run fits (the guide and one task); ``guide_bytes``: the
+    guide, held for the whole run.
 
     Examples
     --------
@@ -70,6 +71,8 @@ class StreamPlan:
     ...                   minimum=320 << 20)
     >>> plan.limit >= plan.minimum  # the limit is enough (check_memory_limit refuses otherwise)
     True
+    >>> plan.task_bytes >> 20  # no guide counted: half the limit for the one thread
+    512
     """
 
     limit: int
@@ -77,6 +80,12 @@ class StreamPlan:
     chunk_bytes: int
     store_chunk_bytes: int
     minimum: int
+    guide_bytes: int = 0
+
+    @property
+    def task_bytes(self) -> int:
+        """What each thread's task may hold: half of what the guide leaves (the working grid's steps the rest)."""
+        return max(0, (self.limit - self.guide_bytes) // 2 // self.threads)
 
 
 def stream_plan(limit: int, cube, guide_shape, *, store_chunks=None, cpus: int | None = None) -> StreamPlan:
@@ -104,7 +113,7 @@ def stream_plan(limit: int, cube, guide_shape, *, store_chunks=None, cpus: int |
     # Tasks take at most half of what the guide leaves; the working grid's 2-D steps the rest.
     cpus = _usable_cpus() if cpus is None else cpus
     threads = int(max(1, min(cpus, (limit - fixed) // 2 // max(task, 1))))
-    return StreamPlan(int(limit), threads, chunk_bytes, store_chunk, int(minimum))
+    return StreamPlan(int(limit), threads, chunk_bytes, store_chunk, int(minimum), fixed)
 
 
 def _usable_cpus() -> int:
@@ -285,8 +294,7 @@ def _stream(guide, cube_data, out, options, plan, store, *, guide_path, initial_
     bands = cube_data.data.shape[2]
     dtype = np.float64 if cube_data.data.dtype == np.float64 else np.float32
     # A write task holds the store chunk it decodes and WRITE_CHUNK_COST chunks of its own.
-    fixed = GUIDE_BYTES_PER_PIXEL * int(np.prod(guide.shape[:2]))
-    task = max(0, (memory_limit - fixed) // 2 // plan.threads - (plan.store_chunk_bytes if store is not None else 0))
+    task = max(0, plan.task_bytes - (plan.store_chunk_bytes if store is not None else 0))
     side = max(16, min(CHUNK_SIDE, int(np.sqrt(task / WRITE_CHUNK_COST / (bands * np.dtype(dtype).itemsize)))))
     output = ResumableArray.open(
         out / "registered.zarr", shape=shape + (bands,), chunks=(side, side, bands), dtype=dtype,
