@@ -278,3 +278,39 @@ def test_a_weak_fit_is_confirmed_by_the_alternatives():
     assert target_registration_error(weak_result.matrix, phantom.matrix, phantom.guide.shape).mean < 1
     assert strong_result.improved and strong_result.quality["fit_after"] >= trust.WEAK_FIT
     assert "check" not in strong_result.timings
+
+
+@pytest.mark.slow  # 1.6 s
+def test_starts_that_stay_away_are_judged_as_after_their_finer_levels(monkeypatch):
+    """A far start still far from the result after a coarse level skips its finer levels (AWAY_SHARE).
+
+    The reference is the same assessment with every level run (an infinite
+    share): the alternatives that count, and the spread, are the same; the
+    ones that stayed away stay far past the spread limit either way.
+    """
+    phantom = make_phantom(shape=(300, 300), bands=24, native_factor=4, footprint=(70, 70, 160, 160),
+                           signatures="mixed", seed=0)
+    problem = passes.build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy")
+    truth = _truth_placement(problem, phantom)
+    limit = trust.spread_limit(problem)
+    calls = []
+    register_pass = passes.register_pass
+
+    def counting(*args, stop=None, **kwargs):
+        levels = []
+        result = register_pass(*args, stop=None if stop is None else lambda m: levels.append(m) or stop(m), **kwargs)
+        calls.append(len(levels))
+        return result
+
+    monkeypatch.setattr(passes, "register_pass", counting)
+    quick = trust.assess(problem, truth)
+    quick_levels, calls[:] = list(calls), []
+    monkeypatch.setattr(trust, "AWAY_SHARE", np.inf)
+    full = trust.assess(passes.build_problem(phantom.guide, phantom.cube, initial=phantom.initial, backend="numpy"),
+                        truth)
+    print([(a.kind, round(a.distance_px, 2), round(a.fit, 3)) for a in quick.alternatives], quick_levels, calls)
+    assert [(a.kind, a.counts) for a in quick.alternatives] == [(a.kind, a.counts) for a in full.alternatives]
+    assert quick.spread_px == pytest.approx(full.spread_px, abs=0.05) and quick.spread_px < limit
+    away = [i for i, a in enumerate(full.alternatives) if a.distance_px > 2 * limit]
+    assert away and all(quick.alternatives[i].distance_px > 2 * limit for i in away)
+    assert sum(quick_levels) < sum(calls)  # some finer levels were skipped
