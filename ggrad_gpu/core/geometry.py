@@ -198,23 +198,26 @@ def footprint_box(cube_shape, matrix) -> tuple[np.ndarray, np.ndarray]:
     return points.min(axis=1), points.max(axis=1)
 
 
-def cube_resolution_step(to_cube) -> int:
+def cube_resolution_step(to_cube, pitch: float = 0.8) -> int:
     """Pixel step ``2**k`` of the working grid's pyramid level ``k`` at the cube's resolution.
 
     Levels finer than the cube resolves carry no information of the cube's
     (its values there are interpolated) but cost the most: the estimate from
-    the initial placement runs on the finest level whose pixels still sample
-    the cube at least every 0.8 cube pixels.
+    the initial placement runs on the coarsest level whose pixels still sample
+    the cube at least every ``pitch`` cube pixels (the fair fits, which only
+    compare placements, every cube pixel: ``pitch=1``).
 
     Examples
     --------
     >>> cube_resolution_step(np.diag([0.0625, 0.0625, 1.0]))  # 16 pixels per cube pixel: step 8 samples every 0.5
     8
+    >>> cube_resolution_step(np.diag([0.0625, 0.0625, 1.0]), pitch=1.0)  # every cube pixel: step 16
+    16
     >>> cube_resolution_step(np.eye(3))
     1
     """
     pixel = pixels_per_cube_pixel(to_cube)
-    return 2 ** max(0, int(math.floor(math.log2(max(pixel / 1.25, 1.0)))))
+    return 2 ** max(0, int(math.floor(math.log2(max(pixel * pitch, 1.0)))))
 
 
 @dataclass(frozen=True)
