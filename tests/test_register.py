@@ -4,6 +4,7 @@ import scipy.ndimage as ndi
 
 from ggrad_gpu import register_affine
 from ggrad_gpu.metrics import target_registration_error
+from ggrad_gpu.registration import register as register_module
 from ggrad_gpu.registration.register import affine_mse
 from ggrad_gpu.synthetic import affine_about_center
 
@@ -50,6 +51,34 @@ def test_moving_mask_keeps_garbage_out(smooth_image):
     moving[:, :50] = 50.0  # what an uncovered region may hold
     result = register_affine(smooth_image, moving, moving_mask=mask)
     assert target_registration_error(result.matrix, true, SHAPE).max < 0.05
+
+
+def test_a_partial_field_is_evaluated_only_where_it_can_land(smooth_image, monkeypatch):
+    # The moving image covers a quarter of the grid: the evaluations skip the fixed pixels that
+    # cannot sample it, and the registration is the one over every pixel (to rounding).
+    true = affine_about_center(SHAPE, rotation_deg=3, scale=1.02, shift=(5, -4))
+    moving = moved(smooth_image, true)
+    mask = np.zeros(SHAPE, bool)
+    mask[40:120, 50:146] = True
+    moving[~mask] = 50.0
+    windowed = register_affine(smooth_image, moving, moving_mask=mask)
+    sampled = []
+    sample = register_module._Level._sample
+
+    def counting(self, matrix, *images, **window):
+        covered, values = sample(self, matrix, *images, **window)
+        sampled.append(covered.size)
+        return covered, values
+
+    monkeypatch.setattr(register_module._Level, "_sample", counting)
+    register_affine(smooth_image, moving, moving_mask=mask)
+    windowed_samples, sampled[:] = sum(sampled), []
+    monkeypatch.setattr(register_module, "_support_box", lambda coverage, xp: None)  # every pixel
+    everywhere = register_affine(smooth_image, moving, moving_mask=mask)
+    assert target_registration_error(windowed.matrix, true, SHAPE).max < 0.05
+    np.testing.assert_allclose(windowed.matrix, everywhere.matrix, atol=1e-6)
+    assert windowed.mse_after == pytest.approx(everywhere.mse_after, rel=1e-6)
+    assert windowed_samples < 0.6 * sum(sampled)
 
 
 def test_initial_is_the_starting_point(smooth_image):

@@ -584,11 +584,33 @@ class _Level:
         # (coordinates, taps, the ten float64 product rows: about 250 bytes a
         # pixel) stay within one block, whatever the image's size.
         self.block = block_rows((rows, cols), EVALUATION_BYTES_PER_PIXEL, xp)
+        self.support = _support_box(self.moving_cov, xp)
 
-    def _blocks(self):
-        """Row slices of one evaluation's blocks."""
-        rows = self.fixed.shape[0]
-        return [slice(start, min(start + self.block, rows)) for start in range(0, rows, self.block)]
+    def _window(self, matrix):
+        """Rows and columns of the fixed grid whose samples can land on the moving image's coverage.
+
+        Only those can count (a sample counts where its four neighbours are
+        covered); a partial field's footprint is often a third of the grid.
+        """
+        rows, cols = self.fixed.shape
+        if self.support is None:
+            return slice(0, rows), slice(0, cols)
+        (r0, r1), (c0, c1) = self.support
+        corners = np.array([[r0 - 1, r0 - 1, r1 + 1, r1 + 1], [c0 - 1, c1 + 1, c0 - 1, c1 + 1], [1, 1, 1, 1]])
+        with np.errstate(all="ignore"):
+            points = np.linalg.solve(matrix, corners)[:2]  # matrix maps fixed pixels to moving ones
+        if not np.isfinite(points).all():
+            return slice(0, rows), slice(0, cols)
+        low = np.floor(points.min(axis=1)).astype(int) - 1
+        high = np.ceil(points.max(axis=1)).astype(int) + 2
+        return (slice(int(np.clip(low[0], 0, rows)), int(np.clip(high[0], 0, rows))),
+                slice(int(np.clip(low[1], 0, cols)), int(np.clip(high[1], 0, cols))))
+
+    def _blocks(self, matrix):
+        """(rows, cols) slices of one evaluation's blocks at ``matrix``: the window, a block of rows at a time."""
+        rows, cols = self._window(matrix)
+        return [(slice(start, min(start + self.block, rows.stop)), cols)
+                for start in range(rows.start, rows.stop, self.block)]
 
     def _rows(self, pixels: int):
         """Scratch (10, pixels) float64 for :meth:`_normal_equations`, allocated once per level."""
@@ -596,17 +618,17 @@ class _Level:
             self._buffer = self.xp.empty((10, pixels), dtype=self.xp.float64)
         return self._buffer[:, :pixels]
 
-    def _sample(self, matrix, *images, rows=slice(None)):
+    def _sample(self, matrix, *images, rows=slice(None), cols=slice(None)):
         """Bilinear samples of ``images`` (moving grid) at ``matrix @ p``, and where they are covered.
 
         Everything stays in the images' dtype (float32 for float32): the
         neighbour's index is floored in floating point and cast afterwards,
         so no integer enters the arithmetic and promotes it to float64. Flat
         indices are ``intp`` (int64), which does not overflow past 2**31 pixels.
-        ``rows`` limits the samples to those rows of the fixed grid.
+        ``rows`` and ``cols`` limit the samples to that window of the fixed grid.
         """
         xp = self.xp
-        q_rows, q_cols = map_points(matrix, self.p_rows[rows], self.p_cols)
+        q_rows, q_cols = map_points(matrix, self.p_rows[rows], self.p_cols[:, cols])
         n_rows, n_cols = self.moving.shape
         inside = (q_rows >= 0) & (q_rows <= n_rows - 1) & (q_cols >= 0) & (q_cols <= n_cols - 1)
         q_rows = xp.clip(q_rows, 0, n_rows - 1)
@@ -653,10 +675,10 @@ class _Level:
 
     def mse(self, matrix) -> float:
         xp, total, count = self.xp, 0.0, 0.0
-        for rows in self._blocks():  # sums on the device, one read at the end
-            covered, (warped,) = self._sample(matrix, self.moving, rows=rows)
-            valid = covered & self.fixed_valid[rows]
-            diff = xp.where(valid, warped - self.fixed[rows], 0)
+        for rows, cols in self._blocks(matrix):  # sums on the device, one read at the end
+            covered, (warped,) = self._sample(matrix, self.moving, rows=rows, cols=cols)
+            valid = covered & self.fixed_valid[rows, cols]
+            diff = xp.where(valid, warped - self.fixed[rows, cols], 0)
             total = total + (diff * diff).sum(dtype=xp.float64)
             count = count + valid.sum()
         total, count = float(total), int(count)
@@ -736,9 +758,12 @@ class _Level:
         device per evaluation; the centring and scaling of the parameters
         are a 6 x 6 change of basis on the host.
         """
+        blocks = self._blocks(matrix)
+        if not blocks:  # the moving image lies beyond the fixed grid
+            return None
         moments = 0
-        for block in self._blocks():  # summed on the device; one read at the end
-            moments = moments + self._block_moments(matrix, block)
+        for rows, cols in blocks:  # summed on the device; one read at the end
+            moments = moments + self._block_moments(matrix, rows, cols)
         moments = to_host(moments)  # the one read from the device
         count = float(moments[7, 7])  # weight is 0 or 1: sum(w * w) = sum(w)
         if not count >= 16:
@@ -759,25 +784,37 @@ class _Level:
         return jtj, jtr, mse, (center[0] + self.mid[0], center[1] + self.mid[1]), radius
 
 
-    def _block_moments(self, matrix, block):
-        """The ten product rows of :meth:`_normal_equations` over the rows ``block``, as their 10 x 10 moments."""
+    def _block_moments(self, matrix, rows, cols):
+        """The ten product rows of :meth:`_normal_equations` over the window ``rows, cols``, as their 10 x 10 moments."""
         xp = self.xp
         covered, (warped, g_rows, g_cols) = self._sample(matrix, self.moving, self.grad_rows, self.grad_cols,
-                                                         rows=block)
-        weight = (covered & self.fixed_valid[block]).astype(self.fixed.dtype)
+                                                         rows=rows, cols=cols)
+        weight = (covered & self.fixed_valid[rows, cols]).astype(self.fixed.dtype)
         g_rows, g_cols = g_rows * weight, g_cols * weight
-        rows = self._rows(weight.size)
+        product_rows = self._rows(weight.size)
         # Coordinates about the grid's centre (fixed per level) keep the raw moments small.
-        p_rows, p_cols = self.p_rows[block] - self.mid[0], self.p_cols - self.mid[1]
+        p_rows, p_cols = self.p_rows[rows] - self.mid[0], self.p_cols[:, cols] - self.mid[1]
         products = ((g_rows, p_rows), (g_rows, p_cols), (g_cols, p_rows), (g_cols, p_cols), (g_rows, None),
-                    (g_cols, None), (warped - self.fixed[block], weight), (weight, None), (weight, p_rows),
+                    (g_cols, None), (warped - self.fixed[rows, cols], weight), (weight, None), (weight, p_rows),
                     (weight, p_cols))
-        for row, (a, b) in zip(rows, products):
+        for row, (a, b) in zip(product_rows, products):
             if b is None:
                 row[...] = a.reshape(-1)
             else:  # the product in float64, without a float64 copy of either factor
                 xp.multiply(a, b, out=row.reshape(a.shape[0], -1), dtype=xp.float64)
-        return rows @ rows.T
+        return product_rows @ product_rows.T
+
+
+def _support_box(coverage, xp):
+    """``((r0, r1), (c0, c1))``: the rows and columns where ``coverage`` is positive; None where that is all.
+
+    One read from the device per pyramid level.
+    """
+    rows = np.flatnonzero(to_host((coverage > 0).any(axis=1)))
+    cols = np.flatnonzero(to_host((coverage > 0).any(axis=0)))
+    if rows.size == 0 or (rows.size == coverage.shape[0] and cols.size == coverage.shape[1]):
+        return None
+    return (int(rows[0]), int(rows[-1])), (int(cols[0]), int(cols[-1]))
 
 
 def _update(matrix, step, center, radius):
