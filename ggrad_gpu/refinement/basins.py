@@ -54,11 +54,12 @@ BASIN_PIXELS = 512 * 512
 # contrast they lead by at most 0.016 or trail (the P45 hypermap; the two-modality phantom's second
 # cube, which registered better as given: 0.12-0.13 against 0.25-0.39 px mean).
 NORMALISED_MARGIN = 0.05
-# The fair fits sample the cube once per cube pixel (the first estimate and the candidates' twice
-# where the grid allows): they only compare placements. A 128 x 128 x 256 tile at 4 guide px per
-# tile px: 0.45 s per fit on every 2nd pixel, 4x fewer pixels here. On the count-limited phantom
-# (4 guide px per cube px, 50 counts per pixel, 16 starts) the fits at this pitch gave the same
-# results; the first estimate and the candidates' at this pitch lost 2 of 16 starts.
+# The fair fits sample the cube once per cube pixel (the first estimate and the candidates' at
+# least every 0.8 cube pixel, as cube_resolution_step gives): they only compare placements. A
+# 128 x 128 x 256 tile at 4 guide px per tile px: 0.45 s per fit on every 2nd pixel, 4x fewer
+# pixels here. On the count-limited phantom (4 guide px per cube px, 50 counts per pixel, 16
+# starts) the fits at this pitch gave the same results; the first estimate and the candidates'
+# at this pitch lost 2 of 16 starts.
 FIT_PITCH = 1.0
 
 

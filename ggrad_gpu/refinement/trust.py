@@ -64,9 +64,9 @@ FAR_START = 1 / 6
 # An alternative that ends this close (guide px) is back at the result: its fit is not estimated again.
 NEAR_PX = 0.5
 # A start still this share of its distance from the result after a coarse level (and twice the
-# spread limit) is in another basin: its finer levels, which only polish where it lies, are skipped. On a 128 x 128 x
-# 256 tile (4 guide px per tile px) the four far starts ended 110-420 guide px away after 1.1 s of
-# registration each, most of it on the finest levels.
+# spread limit) is in another basin: its finer levels, which only polish where it lies, are
+# skipped. On a 128 x 128 x 256 tile (4 guide px per tile px) the four far starts ended 110-420
+# guide px away after 1.1 s of registration each, most of it on the finest levels.
 AWAY_SHARE = 0.5
 # The result's own fit: blocks about this many across the footprint's smaller side, at least 8 working px.
 BLOCKS_ACROSS = 8
@@ -206,6 +206,8 @@ def assess(problem, placement, *, candidates=()) -> Spread:
     def is_near(other):
         return alternative_distance(problem, placement, other) < NEAR_PX
 
+    limit = spread_limit(problem)
+
     def finish(start):
         # One back next to the result after a coarse level stays there, and one still far from it stays
         # away: either way its finer levels are skipped.
@@ -215,10 +217,10 @@ def assess(problem, placement, *, candidates=()) -> Spread:
             distance = alternative_distance(problem, placement, other)
             return distance < NEAR_PX or distance > away
 
-        _, other = passes.register_pass(problem, estimate, placement, coarse_search=False, start=start, stop=settled)
+        _, other = passes.register_pass(problem, estimate, placement, coarse_search=False, start=start,
+                                        stop=settled)
         return other, fit if is_near(other) else basins.fit_at(problem, other)  # back at the result: its fit
 
-    limit = spread_limit(problem)
     for kind, start in starts:
         add(kind, *finish(start))
     counted = [a.distance_px for a in alternatives if a.counts and math.isfinite(a.distance_px)]

@@ -785,7 +785,7 @@ class _Level:
 
 
     def _block_moments(self, matrix, rows, cols):
-        """The ten product rows of :meth:`_normal_equations` over the window ``rows, cols``, as their 10 x 10 moments."""
+        """The ten product rows of :meth:`_normal_equations` over the window ``rows, cols``: their 10 x 10 moments."""
         xp = self.xp
         covered, (warped, g_rows, g_cols) = self._sample(matrix, self.moving, self.grad_rows, self.grad_cols,
                                                          rows=rows, cols=cols)
