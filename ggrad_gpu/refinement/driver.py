@@ -355,8 +355,8 @@ def refine(
         if (check or confirm) and verdict.improved:
             # ... with ``check``, also the alternatives (far starts, other coarse peaks).
             start = time.perf_counter()
-            verdict = trust.verdict_with_spread(verdict, trust.spread(problem, placement, candidates=candidates),
-                                                trust.spread_limit(problem))
+            spread = trust.spread(problem, placement, candidates=candidates, images=(last, last_relative))
+            verdict = trust.verdict_with_spread(verdict, spread, trust.spread_limit(problem))
             timings["check"] = time.perf_counter() - start
     if verdict.improved:
         matrix, message = initial @ grid.to_guide @ placement @ np.linalg.inv(grid.to_guide), "refined: "

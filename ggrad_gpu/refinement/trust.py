@@ -134,7 +134,7 @@ class Spread:
     alternatives: tuple
 
 
-def spread(problem, placement, *, candidates=()) -> float:
+def spread(problem, placement, *, candidates=(), images=None) -> float:
     """``spread_px`` of a refined ``placement`` (see :func:`assess`).
 
     Examples
@@ -147,10 +147,10 @@ def spread(problem, placement, *, candidates=()) -> float:
     >>> bool(spread(problem, truth) < 1.5)  # within a third of a cube pixel (5 guide px)
     True
     """
-    return assess(problem, placement, candidates=candidates).spread_px
+    return assess(problem, placement, candidates=candidates, images=images).spread_px
 
 
-def assess(problem, placement, *, candidates=()) -> Spread:
+def assess(problem, placement, *, candidates=(), images=None) -> Spread:
     """How far independent refinements land from ``placement``, in guide pixels over the footprint.
 
     Parameters
@@ -163,6 +163,11 @@ def assess(problem, placement, *, candidates=()) -> Spread:
         e.g. one deliberately started in a wrong basin.
     candidates : sequence of ggrad_gpu.refinement.basins.Candidate, optional
         The first registration's candidates (other coarse peaks).
+    images : (Estimate, numpy.ndarray), optional
+        The result's images: an estimate made at ``placement @ inv(relative)``
+        and ``relative`` (``refine`` passes its last estimate and the
+        registration that ended at ``placement``). Default: a fresh estimate
+        at ``placement`` (on the working grid, the bands its fit weights).
 
     Returns
     -------
@@ -187,12 +192,16 @@ def assess(problem, placement, *, candidates=()) -> Spread:
         counts = other_fit >= fit - max(0.01, FIT_TOLERANCE * (1 - fit))
         alternatives.append(Alternative(kind, alternative_distance(problem, placement, other), other_fit, counts))
 
-    step = 1 if problem.options.reestimate else problem.grid.cube_step
-    bands = basins.screened_bands(problem, placement) if step == 1 else None
-    # The result's own images, estimated where it placed the cube (the
-    # alternatives' registrations are relative to where their images were made).
-    estimate = passes.estimate_pass(problem, placement, step, bands)
-    alternatives.append(Alternative("fit blocks", FIT_SIGMAS * fit_spread(problem, placement, estimate), fit, True))
+    if images is None:
+        # The result's own images, estimated where it placed the cube (the
+        # alternatives' registrations are relative to where their images were made).
+        step = 1 if problem.options.reestimate else problem.grid.cube_step
+        bands = basins.screened_bands(problem, placement) if step == 1 else None
+        images = passes.estimate_pass(problem, placement, step, bands), np.eye(3)
+    estimate, relative = images
+    made_at = placement @ np.linalg.inv(relative)
+    alternatives.append(Alternative("fit blocks", FIT_SIGMAS * fit_spread(problem, placement, estimate, relative),
+                                    fit, True))
     reach = FAR_START * _footprint_side(problem, placement)
     starts = [("far start", np.array([[1.0, 0, dr], [0, 1, dc], [0, 0, 1]]))
               for dr, dc in ((reach, 0), (-reach, 0), (0, reach), (0, -reach))]
@@ -217,7 +226,7 @@ def assess(problem, placement, *, candidates=()) -> Spread:
             distance = alternative_distance(problem, placement, other)
             return distance < NEAR_PX or distance > away
 
-        _, other = passes.register_pass(problem, estimate, placement, coarse_search=False, start=start,
+        _, other = passes.register_pass(problem, estimate, made_at, coarse_search=False, start=relative @ start,
                                         stop=settled)
         return other, fit if is_near(other) else basins.fit_at(problem, other)  # back at the result: its fit
 
