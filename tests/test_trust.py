@@ -256,7 +256,7 @@ def test_lattice_phantom_truth_and_arguments():
         make_lattice_phantom(jitter=0.5)
 
 
-def test_a_weak_fit_is_confirmed_by_the_alternatives():
+def test_a_weak_fit_is_confirmed_by_the_alternatives(monkeypatch):
     """A near move with a weak fair fit runs the alternatives by default; a strong one does not.
 
     Poisson counts, 150 per pixel over all bands (as the count-limited family
@@ -269,12 +269,17 @@ def test_a_weak_fit_is_confirmed_by_the_alternatives():
     clean = np.clip(phantom.cube, 0, None).astype(np.float64)
     counts = np.random.default_rng(3).poisson(150 * clean / clean.sum(axis=2).mean()).astype(np.float32)
     strong = make_phantom(**kwargs)
+    covariances = []
+    fit_covariance = trust.fit_covariance
+    monkeypatch.setattr(trust, "fit_covariance", lambda *args: covariances.append(1) or fit_covariance(*args))
     # As given (normalise=False): the counts' gain then keeps the fit weak (normalised, it reaches 0.67).
     weak_result = refine(phantom.guide, counts, initial=phantom.initial, backend="numpy", normalise=False)
+    weak_covariances = len(covariances)
     strong_result = refine(strong.guide, strong.cube, initial=strong.initial, backend="numpy")
     # Both moves are near (3.6 guide px, under FAR_MOVE_CUBE_PX cube px): only the fit decides.
     assert weak_result.improved and weak_result.quality["fit_after"] < trust.WEAK_FIT
     assert weak_result.timings["check"] > 0  # confirmed by the alternatives
+    assert weak_covariances == 1  # the verdict's own fit spread, read again by the confirmation
     assert target_registration_error(weak_result.matrix, phantom.matrix, phantom.guide.shape).mean < 1
     assert strong_result.improved and strong_result.quality["fit_after"] >= trust.WEAK_FIT
     assert "check" not in strong_result.timings

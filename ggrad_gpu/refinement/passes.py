@@ -89,7 +89,8 @@ class Problem:
     fits: dict = field(default_factory=dict, init=False, repr=False)
     # The last estimate, by its arguments, and every estimate's band weights
     # ("weights", by the same arguments): the band screening asks for those of
-    # the fit at the kept placement, which need not be the last one made.
+    # the fit at the kept placement, which need not be the last one made. Also
+    # the last fit spread ("fit spread", trust.fit_spread) with its estimate.
     last_estimate: dict = field(default_factory=dict, init=False, repr=False)
 
 
