@@ -95,6 +95,24 @@ def test_overlays_are_rgb_on_the_working_grid(figure, refined):
     assert not np.array_equal(before[..., 1], after[..., 1])
 
 
+def test_a_lazy_cube_is_read_once_and_shown_as_in_memory(figure, refined, phantom):
+    # A cube beyond memory (the streamed CLI passes its dask array): the report reads each chunk once,
+    # not once per overlay, and shows what the in-memory cube shows.
+    da = pytest.importorskip("dask.array")
+    reads = []
+
+    def read(block, block_info=None):
+        reads.append(block_info[0]["chunk-location"])
+        return block
+
+    lazy = da.from_array(phantom.cube, chunks=(8, 8, -1)).map_blocks(read, dtype=phantom.cube.dtype)
+    shown = report_figure(refined, phantom.guide, lazy)
+    assert len(reads) == lazy.numblocks[0] * lazy.numblocks[1] and len(set(reads)) == len(reads), reads
+    for label in ("before", "after"):
+        np.testing.assert_allclose(panel(shown, label).get_images()[0].get_array(),
+                                   panel(figure, label).get_images()[0].get_array(), atol=1e-5)
+
+
 def test_overlay_is_black_green_outside_the_cube(phantom, refined):
     # Shrink the cube's placement so that it covers only part of the working grid.
     initial = refined.initial @ np.array([[2.0, 0, 0], [0, 2.0, 0], [0, 0, 1]])
