@@ -45,6 +45,7 @@ __all__ = [
     "chunk_budget",
     "combine_bands_chunked",
     "fill_gaps_chunked",
+    "held_once",
     "is_dask_array",
     "keep_source",
     "level_gram_chunked",
@@ -264,6 +265,39 @@ def keep_source(x):
         return x
     if scratch.limit is None or x.nbytes <= scratch.limit // 4:
         return x
+    return _kept_on_disk(x, scratch)
+
+
+def held_once(x):
+    """``x`` computed once for the :func:`checkpoints` block: in memory, or on disk where it is large.
+
+    In memory (a NumPy or CuPy array) where it takes at most an eighth of
+    the block's memory limit, or without a limit; else written once to a
+    temporary store as :func:`keep_source` keeps a cube, and read back by
+    windows. For what many steps read, each at another place: a dask ``x``
+    left lazy is computed again by every step.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> x = da.ones((64, 64, 4), chunks=(32, 32, 4))  # 128 KiB
+    >>> with checkpoints(memory_limit=1 << 20):
+    ...     in_memory = held_once(x)
+    >>> with checkpoints(memory_limit=1 << 19):
+    ...     on_disk = stored_path(held_once(x)) is not None
+    >>> type(in_memory).__name__, on_disk
+    ('ndarray', True)
+    """
+    if not is_dask_array(x):
+        return x
+    scratch = _SCRATCH.get()
+    if scratch is None or scratch.limit is None or x.nbytes <= scratch.limit // 8:
+        return x.compute()
+    return _kept_on_disk(x, scratch)
+
+
+def _kept_on_disk(x, scratch):
+    """``x`` in a temporary store of the block, in chunks of ``SOURCE_CHUNK_BYTES`` (bands whole), written once."""
     if x.name not in scratch.sources:
         rows, cols = spatial_chunks(x.shape, x.dtype.itemsize, chunk_bytes=SOURCE_CHUNK_BYTES)
         # Each new chunk a piece of one of x's (a side that divides x's chunks): with sides that do

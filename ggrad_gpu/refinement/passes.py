@@ -24,12 +24,12 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .._backend import array_module, ndimage_module, resolve_backend
-from .._lazy.chunked import is_dask_array, keep_source
+from .._lazy.chunked import is_dask_array
 from ..core import baselines
 from ..core.coverage import Coverage, fill_gaps, level_on_grid, valid_pixels
 from ..core.estimate import GlobalGradient, estimate_global_gradient
 from ..core.filters import sobel_magnitude
-from ..core.geometry import WorkingGrid, cube_output_grid, footprint_mask
+from ..core.geometry import WorkingGrid, cube_output_grid, footprint_mask, pixels_per_cube_pixel
 from ..core.pyramid import upsample_level
 from ..core.warp import warp_cube
 from ..registration.register import AffineRegistration, register_affine
@@ -252,19 +252,23 @@ def _estimate(problem: Problem, placement, step: int, bands, levels: int) -> Est
     to_cube = problem.initial @ grid.to_guide @ placement
     shape = grid.level_shape(step)
     to_level = to_cube @ np.diag([step, step, 1.0])  # level pixel i sits at working coordinate step * i
-    values = keep_source(cube.for_estimates)  # a large lazy cube: written once, read by windows
+    times = coarsening(problem, step)
+    values = cube.coarsened(times)  # a large lazy cube: written once, read by windows
+    to_source = np.diag([0.5**times, 0.5**times, 1.0]) @ to_level  # its level-j pixel i sits at 2**j * i
     source = values if bands is None else values[:, :, xp.asarray(bands)]
-    on_grid = warp_cube(source, to_level, shape, order=1)
+    on_grid = warp_cube(source, to_source, shape, order=1)
     if cube.dead_bands is not None:
         dead = cube.dead_bands if bands is None else np.flatnonzero(np.isin(bands, cube.dead_bands))
         on_grid = _zeroed_bands(on_grid, dead, xp)
     footprint = footprint_mask(cube.values.shape[:2], to_level, shape, xp)
+    if times:  # a coarse level's footprint ends up to 2**(times - 1) cube px short of the cube's
+        footprint &= footprint_mask(values.shape[:2], to_source, shape, xp)
     # The Gram matrices leave out every pixel that draws on a missing cube
     # pixel; the registration metric only those that draw mostly on one.
     share = None if cube.with_data is None else missing_share(cube.with_data, to_level, shape)
     cube_missing = None if share is None else (share > 0.01) & footprint
     reference, guide_missing = matched_guide(problem.guide.image, problem.guide.missing, to_cube,
-                                             options.psf_sigma)
+                                             coarsened_psf(options.psf_sigma, times))
     reference = reference[::step, ::step]
     guide_missing = None if guide_missing is None else guide_missing[::step, ::step]
     _add_seconds(problem, "resample", time.perf_counter() - start)
@@ -290,6 +294,59 @@ def _estimate(problem: Problem, placement, step: int, bands, levels: int) -> Est
         estimate = replace(estimate, gradient=replace(estimate.gradient, channel_weights=every_band))
     _add_seconds(problem, "estimate", time.perf_counter() - start)
     return estimate
+
+
+# A cube's pyramid level is read only while it keeps at least this many pixels across.
+MIN_COARSE_SIDE = 16
+
+
+def coarsening(problem: Problem, step: int) -> int:
+    """The level of the cube's pyramid that an estimate on pixel step ``step`` reads (0: the cube itself).
+
+    Where the estimate's pixels lie 2 or more cube pixels apart (the grids
+    that choose among basins, :func:`ggrad_gpu.refinement.basins.basin_level`,
+    on a cube of more than their pixels), its bilinear samples of the cube
+    itself would alias what lies between them, and on a cube beyond memory
+    every such estimate is a pass over the whole cube. The cube's pyramid
+    level ``j`` with samples 1 to 2 of its pixels apart is blurred for them,
+    and made once (:meth:`PreparedCube.coarsened`). A cube with missing
+    values is always read itself (the blur would spread them).
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> from ggrad_gpu.core.geometry import working_grid
+    >>> grid = working_grid((2048, 2048), (1024, 1024), np.diag([0.5, 0.5, 1.0]))  # 2 working px per cube px
+    >>> problem = SimpleNamespace(grid=grid, initial=np.diag([0.5, 0.5, 1.0]),
+    ...                           cube=SimpleNamespace(with_data=None, values=np.empty((1024, 1024, 1))))
+    >>> [coarsening(problem, step) for step in (1, 2, 4, 8)]  # samples 0.5, 1, 2 and 4 cube px apart
+    [0, 0, 1, 2]
+    """
+    if problem.cube.with_data is not None:
+        return 0
+    spacing = step / pixels_per_cube_pixel(problem.initial @ problem.grid.to_guide)
+    times = int(math.floor(math.log2(spacing))) if spacing >= 2 else 0
+    side = min(problem.cube.values.shape[:2])
+    while times and side >> times < MIN_COARSE_SIDE:
+        times -= 1
+    return times
+
+
+def coarsened_psf(psf_sigma, times: int):
+    """``psf_sigma`` (cube px) for a guide compared with the cube's pyramid level ``times`` (:func:`coarsening`).
+
+    The level's blurs (variance ``(4**j - 1) / 3`` cube px squared) and
+    its coarser bilinear interpolation (``4**j / 6`` in place of ``1 / 6``)
+    added to the spot's; None (the guide as it is) stays None.
+
+    Examples
+    --------
+    >>> coarsened_psf(0.5, 0), round(coarsened_psf(0.5, 1)**2, 6), coarsened_psf(None, 2)
+    (0.5, 1.75, None)
+    """
+    if psf_sigma is None or times == 0:
+        return psf_sigma
+    return math.sqrt(psf_sigma**2 + (4**times - 1) / 2)
 
 
 def _add_seconds(problem: Problem, stage: str, seconds: float) -> None:

@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from .._backend import array_module, ndimage_module, to_device, to_host
-from .._lazy.chunked import is_dask_array, prepare_lazy_cube
+from .._lazy.chunked import held_once, is_dask_array, keep_source, prepare_lazy_cube
 from .._memory import block_rows, retry_smaller
 from .._validation import all_finite, float_dtype, to_gray
 from ..core.coverage import fill_gaps
 from ..core.denoise import signal_subspace
 from ..core.geometry import WorkingGrid, block_mean, pixels_per_cube_pixel
 from ..core.intensity import intensity_scale, normalised
+from ..core.pyramid import blur_decimate
 from ..core.warp import warp_cube
 
 __all__ = [
@@ -106,6 +107,8 @@ class PreparedCube:
     dead_bands: np.ndarray | None = None
     denoised: object = None
     normalised: object = None
+    # coarsened's levels, made once (not an init field: a replace() copy reads other values).
+    coarse: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def for_estimates(self):
@@ -113,6 +116,33 @@ class PreparedCube:
         if self.normalised is not None:
             return self.normalised
         return self.values if self.denoised is None else self.denoised
+
+    def coarsened(self, times: int):
+        """``for_estimates`` at level ``times`` of its Gaussian pyramid, made once.
+
+        Level pixel ``i`` sits at native coordinate ``2**times * i``
+        (:mod:`ggrad_gpu.core.pyramid`). A lazy cube's level is computed once:
+        in memory where it is small, else into a temporary store
+        (:func:`ggrad_gpu._lazy.chunked.held_once`).
+
+        Examples
+        --------
+        >>> from ggrad_gpu.core.pyramid import gaussian_pyramid
+        >>> cube = np.random.default_rng(0).random((32, 24, 3)).astype(np.float32)
+        >>> prepared = prepare_cube(cube, None, np)
+        >>> bool(np.array_equal(prepared.coarsened(2), gaussian_pyramid(cube, 3)[2]))
+        True
+        >>> prepared.coarsened(2) is prepared.coarsened(2), prepared.coarsened(0) is cube
+        (True, True)
+        """
+        if times == 0:
+            return keep_source(self.for_estimates)
+        if times not in self.coarse:
+            level = keep_source(self.for_estimates)  # a large lazy cube: its stored copy, read once more
+            for _ in range(times):
+                level = blur_decimate(level)
+            self.coarse[times] = held_once(level)
+        return self.coarse[times]
 
     def as_given(self) -> "PreparedCube":
         """This cube without its normalised spectra: the estimates read ``denoised`` (or ``values``)."""
