@@ -386,7 +386,7 @@ def register_pass(problem: Problem, estimate: Estimate, placement, *, coarse_sea
                                           message="too few valid pixels to register")
     else:
         registration = register_affine(fixed, moving, initial=start, moving_mask=mask, coarse_search=coarse_search,
-                                       stop=None if stop is None else lambda matrix: stop(placement @ matrix))
+                                       stop=None if stop is None else lambda matrix, level: stop(placement @ matrix, level))
     _add_seconds(problem, "register", time.perf_counter() - clock)
     return registration, placement @ registration.matrix
 

@@ -52,8 +52,9 @@ from ..registration.metrics import footprint_region, target_registration_error
 from ..registration.register import displacement_covariance, point_variances
 from . import basins, passes
 
-__all__ = ["BLOCKS_ACROSS", "FIT_SIGMAS", "FIT_TOLERANCE", "MAX_SPREAD_PX", "Alternative", "Spread",
-           "FAR_MOVE_CUBE_PX", "MAX_SPREAD_CUBE_PX", "WEAK_FIT", "alternative_distance", "assess", "fit_covariance",
+__all__ = ["AWAY_LEVEL_PIXELS", "AWAY_SHARE", "BLOCKS_ACROSS", "FIT_SIGMAS", "FIT_TOLERANCE", "MAX_SPREAD_PX",
+           "Alternative", "Spread", "FAR_MOVE_CUBE_PX", "MAX_SPREAD_CUBE_PX", "WEAK_FIT", "alternative_distance",
+           "assess", "fit_covariance",
            "fit_spread", "is_far_move", "needs_alternatives", "spread", "spread_limit", "verdict_with_spread"]
 
 # An alternative counts when its fair fit is at least the result's less this
@@ -68,6 +69,11 @@ NEAR_PX = 0.5
 # skipped. On a 128 x 128 x 256 tile (4 guide px per tile px) the four far starts ended 110-420
 # guide px away after 1.1 s of registration each, most of it on the finest levels.
 AWAY_SHARE = 0.5
+# ... and more than this many of the level's pixels: a coarse level's optimum can lie a pixel from
+# the finest one. A 1024 x 1024 x 256 cube on a 4096 x 4096 guide (4 guide px per working px): a
+# coarse peak 1-2 px from the result stopped 8 px away after a coarse level, which its fit (0.996,
+# as the result's) counted as a spread of 8 px, and the right result (0.73 px mean) was kept.
+AWAY_LEVEL_PIXELS = 2
 # The result's own fit: blocks about this many across the footprint's smaller side, at least 8 working px.
 BLOCKS_ACROSS = 8
 # ... and this many standard deviations of the worst footprint corner count as a distance.
@@ -222,9 +228,9 @@ def assess(problem, placement, *, candidates=(), images=None) -> Spread:
         # away: either way its finer levels are skipped.
         away = max(AWAY_SHARE * alternative_distance(problem, placement, placement @ start), 2 * limit)
 
-        def settled(other):
+        def settled(other, level):
             distance = alternative_distance(problem, placement, other)
-            return distance < NEAR_PX or distance > away
+            return distance < NEAR_PX or distance > max(away, AWAY_LEVEL_PIXELS * 2**level * problem.grid.s)
 
         _, other = passes.register_pass(problem, estimate, made_at, coarse_search=False, start=relative @ start,
                                         stop=settled)

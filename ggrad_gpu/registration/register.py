@@ -151,9 +151,10 @@ def register_affine(
         Stop a level when a step moves no pixel of the overlap by more than
         this (in that level's pixels).
     stop : callable, optional
-        Called with the level-0 matrix after each level but the finest;
-        True skips the finer levels (e.g. a start that has come back next to
-        a known result needs no more precision to say so).
+        Called as ``stop(matrix, level)`` with the level-0 matrix after each
+        level but the finest (``level`` ``k``: pixels of ``2**k`` of the
+        images'); True skips the finer levels (e.g. a start that has come
+        back next to a known result needs no more precision to say so).
 
     Returns
     -------
@@ -205,7 +206,7 @@ def register_affine(
         level_matrix, used, converged = level.optimise(_to_level(matrix, k), max_iter, tolerance)
         matrix = _from_level(level_matrix, k)
         iterations += used
-        if k > 0 and stop is not None and stop(matrix):
+        if k > 0 and stop is not None and stop(matrix, k):
             break
     problem = _degenerate(matrix, initial_matrix)
     if problem:
