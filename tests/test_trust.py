@@ -303,8 +303,8 @@ def test_starts_that_stay_away_are_judged_as_after_their_finer_levels(monkeypatc
 
     def counting(*args, stop=None, **kwargs):
         levels = []
-        result = register_pass(*args, stop=None if stop is None else lambda m, level: levels.append(m) or stop(m, level),
-                               **kwargs)
+        counted = None if stop is None else lambda m, level: levels.append(m) or stop(m, level)
+        result = register_pass(*args, stop=counted, **kwargs)
         calls.append(len(levels))
         return result
 

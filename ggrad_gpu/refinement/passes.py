@@ -385,8 +385,9 @@ def register_pass(problem: Problem, estimate: Estimate, placement, *, coarse_sea
         registration = AffineRegistration(np.eye(3), math.inf, math.inf, 0, False,
                                           message="too few valid pixels to register")
     else:
+        placed = None if stop is None else lambda matrix, level: stop(placement @ matrix, level)
         registration = register_affine(fixed, moving, initial=start, moving_mask=mask, coarse_search=coarse_search,
-                                       stop=None if stop is None else lambda matrix, level: stop(placement @ matrix, level))
+                                       stop=placed)
     _add_seconds(problem, "register", time.perf_counter() - clock)
     return registration, placement @ registration.matrix
 

@@ -54,8 +54,8 @@ from . import basins, passes
 
 __all__ = ["AWAY_LEVEL_PIXELS", "AWAY_SHARE", "BLOCKS_ACROSS", "FIT_SIGMAS", "FIT_TOLERANCE", "MAX_SPREAD_PX",
            "Alternative", "Spread", "FAR_MOVE_CUBE_PX", "MAX_SPREAD_CUBE_PX", "WEAK_FIT", "alternative_distance",
-           "assess", "fit_covariance",
-           "fit_spread", "is_far_move", "needs_alternatives", "spread", "spread_limit", "verdict_with_spread"]
+           "assess", "fit_covariance", "fit_spread", "is_far_move", "needs_alternatives", "spread", "spread_limit",
+           "verdict_with_spread"]
 
 # An alternative counts when its fair fit is at least the result's less this
 # share of what the result leaves unexplained (1 - fit), and at least less 0.01.
