@@ -88,6 +88,25 @@ def test_signal_subspace_keeps_missing_pixels_and_dead_bands():
     np.testing.assert_array_equal(result.values[5:8, 10:12], noisy[5:8, 10:12])
 
 
+def test_the_projections_totals_come_from_the_cube_by_one_product():
+    # What intensity_scale reads of a lazy projection (preparation.prepare_cube): NaN left out, as
+    # nansum of the projected cube leaves them out; pixels with a missing live band are not compared
+    # (the projection keeps them as they are, and they hold no data for the totals).
+    _, noisy = _low_rank(3)
+    noisy[5:8, 10:12, 4] = np.nan
+    noisy[:, :, 7] = np.nan  # a band without data
+    subspace = signal_subspace(noisy)
+    complete = np.isfinite(np.delete(noisy, 7, axis=2)).all(axis=2)
+    expected = np.nansum(subspace.values, axis=2, dtype=np.float64)
+    np.testing.assert_allclose(subspace.totals(noisy)[complete], expected[complete], rtol=1e-10)
+    if has_module("dask"):
+        import dask.array as da
+
+        lazy = da.from_array(noisy, chunks=(13, 17, 5))
+        np.testing.assert_allclose(signal_subspace(lazy).totals(lazy).compute()[complete], expected[complete],
+                                   rtol=1e-10)
+
+
 @pytest.mark.skipif(not has_module("dask"), reason="dask is not installed")
 def test_signal_subspace_of_a_lazy_cube_equals_the_in_memory_one():
     import dask.array as da

@@ -85,6 +85,49 @@ class Subspace:
 
     values: object
     rank: int | None
+    # The projection (live bands, mean, noise scale, basis), for totals(); None where values is the input.
+    fit: tuple | None = None
+
+    def totals(self, cube):
+        """Each pixel's total over the bands of ``values`` (NaN left out), from ``cube`` by one product.
+
+        ``cube`` is the input the subspace was fitted to. The projection is
+        affine, so a pixel's total is ``cube @ w + c``: one pass over a lazy
+        ``cube`` with a product of one column, not one that projects every
+        band. Float64, lazy for a dask ``cube``. A pixel with a missing live
+        band (which ``values`` keeps as it is) gets the total of its
+        projection with the missing values as 0.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import scipy.ndimage as ndi
+        >>> rng = np.random.default_rng(0)
+        >>> clean = ndi.gaussian_filter(rng.random((40, 40, 2)), (2, 2, 0)) @ rng.random((2, 50))
+        >>> noisy = clean + 0.01 * rng.standard_normal(clean.shape)
+        >>> subspace = signal_subspace(noisy)
+        >>> bool(np.allclose(subspace.totals(noisy), subspace.values.sum(axis=2)))
+        True
+        """
+        if self.fit is None:
+            weights, offset = np.ones(cube.shape[2]), 0.0
+        else:
+            live, mean, scale, basis = (to_host(a).astype(np.float64) for a in self.fit)
+            live = live.astype(np.intp)
+            weights = np.ones(cube.shape[2])
+            weights[live] = basis @ (basis.T @ scale) / scale  # d total / d value of each live band
+            offset = float(mean.sum() - mean @ weights[live])
+        if is_dask_array(cube):
+            return cube.rechunk({2: -1}).map_blocks(_block_totals, weights, offset, drop_axis=2, dtype=np.float64)
+        return _block_totals(cube, weights, offset)
+
+
+def _block_totals(block, weights, offset):
+    """``block @ weights + offset`` per pixel, NaN as 0, in float64 (the products in the block's precision)."""
+    xp = array_module(block=block)
+    dtype = float_dtype(block.dtype)
+    values = xp.nan_to_num(block.astype(dtype, copy=False))
+    return (values @ to_device(weights, xp).astype(dtype)).astype(xp.float64) + offset
 
 
 def band_noise(cube, *, stride: int = 1):
@@ -196,7 +239,7 @@ def signal_subspace(cube) -> Subspace:
         values = cube.rechunk({2: -1}).map_blocks(_project, *fit, dtype=cube.dtype)
     else:
         values = _project(cube, *fit)
-    return Subspace(values, int(basis.shape[1]))
+    return Subspace(values, int(basis.shape[1]), fit)
 
 
 def _read(*parts):

@@ -42,7 +42,7 @@ EQUAL_TOTALS = 1e-3
 LOW_PERCENTILE = 1.0
 
 
-def intensity_scale(cube, with_data=None):
+def intensity_scale(cube, with_data=None, *, totals=None):
     """The factor that brings each pixel's spectrum total to the median total, or None.
 
     Parameters
@@ -51,6 +51,10 @@ def intensity_scale(cube, with_data=None):
         NumPy, CuPy or dask; NaN at missing values (left out of the totals).
     with_data : array of bool, shape (rows, cols), optional
         Pixels with data (None: all); the others get factor 1.
+    totals : array, shape (rows, cols), optional
+        The totals themselves, where they cost less another way (a lazy
+        projection's: :meth:`ggrad_gpu.core.denoise.Subspace.totals`);
+        ``cube`` is then not read.
 
     Returns
     -------
@@ -71,7 +75,10 @@ def intensity_scale(cube, with_data=None):
     >>> intensity_scale(cube) is None
     True
     """
-    if is_dask_array(cube):
+    if totals is not None:
+        totals = totals.compute() if is_dask_array(totals) else totals  # one read of what they come from
+        xp = array_module(totals=totals)
+    elif is_dask_array(cube):
         import dask.array as da
 
         totals = da.nansum(cube, axis=2, dtype=np.float64).compute()  # one read of the cube

@@ -210,11 +210,14 @@ def prepare_cube(cube, mask, xp, *, denoise: bool = False, normalise: bool = Fal
         prepared = PreparedCube(*prepare_lazy_cube(cube, mask, xp))
     else:
         prepared = _prepared_in_memory(cube, mask, xp)
+    totals = None
     if denoise:
         subspace = signal_subspace(prepared.values)
         if subspace.rank is not None:
             prepared = replace(prepared, denoised=subspace.values)
-    scale = intensity_scale(prepared.for_estimates, prepared.with_data) if normalise else None
+            if is_dask_array(prepared.values):  # the lazy projection's totals without projecting every band
+                totals = subspace.totals(prepared.values) if normalise else None
+    scale = intensity_scale(prepared.for_estimates, prepared.with_data, totals=totals) if normalise else None
     if scale is None:
         return prepared
     return replace(prepared, normalised=normalised(prepared.for_estimates, scale))
