@@ -45,8 +45,8 @@ from .preparation import (
     prepare_guide,
 )
 
-__all__ = ["Estimate", "Problem", "band_weights", "build_problem", "estimate_pass", "placement_key", "register_pass",
-           "registration_images", "resample"]
+__all__ = ["MIN_COARSE_SIDE", "Estimate", "Problem", "band_weights", "build_problem", "coarsened_psf", "coarsening",
+           "estimate_pass", "placement_key", "register_pass", "registration_images", "resample"]
 
 
 # The registration trusts grad_y where no level's blur draws more than this
@@ -253,7 +253,7 @@ def _estimate(problem: Problem, placement, step: int, bands, levels: int) -> Est
     shape = grid.level_shape(step)
     to_level = to_cube @ np.diag([step, step, 1.0])  # level pixel i sits at working coordinate step * i
     times = coarsening(problem, step)
-    values = cube.coarsened(times)  # a large lazy cube: written once, read by windows
+    values = cube.coarsened(times)  # made once; a large lazy cube's kept on disk and read by windows
     to_source = np.diag([0.5**times, 0.5**times, 1.0]) @ to_level  # its level-j pixel i sits at 2**j * i
     source = values if bands is None else values[:, :, xp.asarray(bands)]
     on_grid = warp_cube(source, to_source, shape, order=1)

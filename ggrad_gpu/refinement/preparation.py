@@ -215,8 +215,8 @@ def prepare_cube(cube, mask, xp, *, denoise: bool = False, normalise: bool = Fal
         subspace = signal_subspace(prepared.values)
         if subspace.rank is not None:
             prepared = replace(prepared, denoised=subspace.values)
-            if is_dask_array(prepared.values):  # the lazy projection's totals without projecting every band
-                totals = subspace.totals(prepared.values) if normalise else None
+            if normalise and is_dask_array(prepared.values):  # a lazy projection's totals, no band projected
+                totals = subspace.totals(prepared.values)
     scale = intensity_scale(prepared.for_estimates, prepared.with_data, totals=totals) if normalise else None
     if scale is None:
         return prepared
