@@ -9,6 +9,7 @@
 - :mod:`~ggrad_gpu.core.coverage`: which pixels hold data, and why the others do not.
 - :mod:`~ggrad_gpu.core.geometry`: coordinates, footprints, the working grid.
 - :mod:`~ggrad_gpu.core.denoise`: the cube on its signal subspace.
+- :mod:`~ggrad_gpu.core.factored`: a cube held as coefficients times a band basis.
 - :mod:`~ggrad_gpu.core.baselines`: band sum (eq. 2), band std (eq. 3), first PC.
 - :mod:`~ggrad_gpu.core.stage_model`: a mosaic's shared stage correction.
 

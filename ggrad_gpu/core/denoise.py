@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .._backend import array_module, to_device, to_host
 from .._lazy.chunked import is_dask_array
 from .._validation import all_finite, float_dtype
+from .factored import FactoredCube
 
-__all__ = ["BULK_LIMIT", "COMPONENTS", "FULL_EIGEN", "ITERATIONS", "MIN_PIXELS", "MIN_SIDE", "NOISE_PIXELS",
+__all__ = ["BULK_LIMIT", "COMPONENTS", "FACTORED_SHARE", "FULL_EIGEN", "ITERATIONS", "MIN_PIXELS", "MIN_SIDE", "NOISE_PIXELS",
            "PIXELS_PER_BAND", "PROJECT_BYTES", "RANK_MARGIN", "SAMPLE_PIXELS", "Subspace", "band_noise", "signal_subspace"]
 
 # A component counts as signal above this multiple of the noise edge.
@@ -62,6 +63,9 @@ COMPONENTS = 32
 # beyond, its largest components come from this many subspace iterations.
 FULL_EIGEN = 256
 ITERATIONS = 4
+# A projected cube is factored (FactoredCube) only where it has at most one coefficient per this
+# many bands: each estimate's per-band work is then a product of that few images.
+FACTORED_SHARE = 4
 # Bytes of pixels projected at once (each pixel's product is its own row: the
 # same values in any run length).
 PROJECT_BYTES = 8 << 20
@@ -87,6 +91,67 @@ class Subspace:
     rank: int | None
     # The projection (live bands, mean, noise scale, basis), for totals(); None where values is the input.
     fit: tuple | None = None
+
+    def projected(self, cube):
+        """``cube`` (the input the subspace was fitted to) projected on it: ``values``, lazily for a dask cube."""
+        if self.fit is None:
+            return cube
+        if is_dask_array(cube):
+            return cube.rechunk({2: -1}).map_blocks(_project, *self.fit, dtype=cube.dtype)
+        return _project(cube, *self.fit)
+
+    def factored(self, cube, *, dead_bands=None):
+        """``values`` as a :class:`ggrad_gpu.core.factored.FactoredCube` of ``cube``, or None.
+
+        ``cube`` is the in-memory input the subspace was fitted to, with every
+        value finite outside ``dead_bands`` (bands without any; they become
+        0, as the estimates read them). The coefficients are each pixel's
+        projection on the components and a 1 for the mean, and each band
+        without noise (kept as it is) is a coefficient of its own. None where
+        the cube was left as it is, or where that makes more than
+        ``bands / FACTORED_SHARE`` coefficients (the bands are then cheaper
+        as they are).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import scipy.ndimage as ndi
+        >>> rng = np.random.default_rng(0)
+        >>> clean = ndi.gaussian_filter(rng.random((40, 40, 2)), (2, 2, 0)) @ rng.random((2, 50))
+        >>> noisy = (clean + 0.01 * rng.standard_normal(clean.shape)).astype(np.float32)
+        >>> subspace = signal_subspace(noisy)
+        >>> factored = subspace.factored(noisy)
+        >>> factored.rank, bool(np.allclose(factored.dense(), subspace.values, atol=1e-5))
+        (3, True)
+        """
+        if self.fit is None:
+            return None
+        xp = array_module(cube=cube)
+        live, mean, scale, basis = self.fit
+        bands = cube.shape[2]
+        dtype = float_dtype(cube.dtype)
+        kept = np.setdiff1d(np.arange(bands), to_host(live))  # bands without noise: as they are
+        if dead_bands is not None:
+            kept = np.setdiff1d(kept, dead_bands)
+        rank = basis.shape[1] + 1 + kept.size
+        if rank * FACTORED_SHARE > bands:
+            return None
+        live_d = to_device(live, xp)
+        mean, scale, basis = (to_device(a, xp).astype(dtype) for a in (mean, scale, basis))
+        rows = xp.zeros((rank, bands), dtype=dtype)
+        rows[: basis.shape[1], live_d] = (basis * scale[:, None]).T
+        rows[basis.shape[1], live_d] = mean
+        rows[basis.shape[1] + 1 + xp.arange(kept.size), xp.asarray(kept)] = 1
+        pixels = cube.reshape(-1, bands)
+        coefficients = xp.empty((pixels.shape[0], rank), dtype=dtype)
+        coefficients[:, basis.shape[1]] = 1
+        step = max(1, PROJECT_BYTES // (bands * np.dtype(dtype).itemsize))
+        for start in range(0, pixels.shape[0], step):  # runs of pixels, as _project
+            chosen = pixels[start:start + step, live_d].astype(dtype)
+            coefficients[start:start + step, : basis.shape[1]] = ((chosen - mean) / scale) @ basis
+        if kept.size:
+            coefficients[:, basis.shape[1] + 1:] = pixels[:, xp.asarray(kept)]
+        return FactoredCube(coefficients.reshape(cube.shape[:2] + (rank,)), rows)
 
     def totals(self, cube):
         """Each pixel's total over the bands of ``values`` (NaN left out), from ``cube`` by one product.
@@ -183,13 +248,16 @@ def _noise(centre, up, down, left, right):
     return 1.4826 * spread.astype(xp.float64) / math.sqrt(1.25)
 
 
-def signal_subspace(cube) -> Subspace:
+def signal_subspace(cube, *, project: bool = True) -> Subspace:
     """The cube projected on the principal components that stand clear of its noise.
 
     Parameters
     ----------
     cube : array, shape (rows, cols, bands)
         NumPy, CuPy or a dask array; NaN at missing values.
+    project : bool, default True
+        False: only the subspace is found (``values`` is None where ``rank``
+        is not), for :meth:`Subspace.factored`.
 
     Returns
     -------
@@ -235,11 +303,8 @@ def signal_subspace(cube) -> Subspace:
     if basis is None:
         return Subspace(cube, None)
     fit = (live, mean, scale, basis)
-    if is_dask_array(cube):
-        values = cube.rechunk({2: -1}).map_blocks(_project, *fit, dtype=cube.dtype)
-    else:
-        values = _project(cube, *fit)
-    return Subspace(values, int(basis.shape[1]), fit)
+    subspace = Subspace(None, int(basis.shape[1]), fit)
+    return replace(subspace, values=subspace.projected(cube)) if project else subspace
 
 
 def _read(*parts):

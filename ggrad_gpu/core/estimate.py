@@ -18,6 +18,7 @@ from .._lazy.chunked import checkpoint, combine_bands_chunked, is_dask_array, le
 from .._memory import retry_smaller
 from .._validation import all_finite, check_array, check_levels, check_mask, float_dtype, power_of_two_scale
 from .coverage import Coverage, NoDataError, excluded_levels, fill_gaps, valid_pixels
+from .factored import is_factored
 from .filters import iter_sobel_blocks, sobel_block_rows, sobel_magnitude
 from .level_weights import level_weights_matrix, manual_level_weights, solve_level_weights
 from .nnls import GramAccumulator, nnls_gram, rounding_ridge, spurious_blas_flags_ignored
@@ -76,7 +77,9 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", co
         Brightfield (guide) image, NumPy or CuPy.
     cube : array, shape (rows, cols, bands)
         Hyperspectral cube already on the guide's grid, bands last, in the
-        same array module as ``guide``.
+        same array module as ``guide``; or a
+        :class:`ggrad_gpu.core.factored.FactoredCube` of that shape (its
+        coefficients in that module), which is never made whole.
     levels : int, default 4
         Gaussian pyramid levels ``K`` (level 0 is the guide grid).
     weights : "auto" or (alpha, beta)
@@ -129,19 +132,23 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", co
     (1.0, 1.0)
     """
     check_array(guide, "guide", (2,), "2-D (rows, cols)")
-    check_array(cube, "cube", (3,), "3-D (rows, cols, bands)")
+    factored = is_factored(cube)
+    if factored:
+        check_array(cube.coefficients, "cube.coefficients", (3,), "3-D (rows, cols, rank)")
+    else:
+        check_array(cube, "cube", (3,), "3-D (rows, cols, bands)")
     if cube.shape[:2] != guide.shape:
         raise ValueError(
             f"cube must be on the guide's grid: cube has {cube.shape[0]} x {cube.shape[1]} pixels, "
             f"guide has {guide.shape[0]} x {guide.shape[1]}"
         )
     coverage = _checked_coverage(coverage, guide.shape)
-    xp = array_module(guide=guide, cube=cube, **coverage.maps())
+    xp = array_module(guide=guide, cube=cube.coefficients if factored else cube, **coverage.maps())
     levels = check_levels(levels, guide.shape, image="guide")
     manual = None if isinstance(weights, str) and weights == "auto" else manual_level_weights(weights, levels)
     guide = _filled(guide, coverage.guide_missing, "guide", xp)
     # A lazy cube (a warp of a cube beyond memory) is computed once here, not per reading step below.
-    cube = _filled(checkpoint(cube), coverage.cube_gaps, "cube", xp)
+    cube = _filled(cube if factored else checkpoint(cube), coverage.cube_gaps, "cube", xp)
     gaps = coverage.gaps
     excluded = excluded_levels(gaps, levels)
 
@@ -156,9 +163,11 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", co
     if guide_unit != 1.0:
         guide = guide * dtype.type(guide_unit)
     if (band_units != 1.0).any():
-        cube_level = cube_level * xp.asarray(band_units, dtype=dtype)
+        cube_level = (cube_level.band_scaled(band_units) if factored
+                      else cube_level * xp.asarray(band_units, dtype=dtype))
         scale = scale * band_units
-    cube_level = checkpoint(cube_level)  # a lazy cube is read once per step below: computed once
+    if not factored:
+        cube_level = checkpoint(cube_level)  # a lazy cube is read once per step below: computed once
     guide_pyramid = gaussian_pyramid(guide, levels)
     shape = guide.shape
     channel_weights = np.zeros((levels, cube.shape[2]))
@@ -166,7 +175,7 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", co
     cube_levels = xp.empty((levels,) + shape, dtype=dtype)
     for k in range(levels):
         if k > 0:
-            cube_level = checkpoint(blur_decimate(cube_level))
+            cube_level = cube_level.pixelwise(blur_decimate) if factored else checkpoint(blur_decimate(cube_level))
         target = sobel_magnitude(guide_pyramid[k])
         used = None if excluded[k] is None else ~excluded[k]
         gram, rhs = level_gram(cube_level, target, used)
@@ -205,6 +214,12 @@ def _checked_coverage(coverage, shape) -> Coverage:
 
 def _filled(image, gaps, name, xp):
     """``image`` with stand-ins at ``gaps`` (if any), checked finite everywhere else (naming ``name``)."""
+    if is_factored(image):  # the fill is a gather, the same for every band: of the coefficients
+        filled = image if gaps is None else image.pixelwise(lambda values: fill_gaps(values, gaps))
+        if not (all_finite(filled.coefficients, xp) and all_finite(filled.basis, xp)):
+            where = "" if gaps is None else " where coverage says it holds data"
+            raise ValueError(f"{name} contains NaN or inf values{where}")
+        return filled
     if gaps is not None:
         image = fill_gaps(image, gaps)
     if not all_finite(image, xp):
@@ -226,7 +241,7 @@ def _band_scale(cube, xp) -> np.ndarray:
     A cheap read of 1/64 of the cube; an underestimate only makes
     :func:`_without_flat_bands` keep more bands.
     """
-    sample = cube[::8, ::8]
+    sample = cube.dense(slice(None, None, 8), slice(None, None, 8)) if is_factored(cube) else cube[::8, ::8]
     return to_host(xp.abs(sample).max(axis=(0, 1))).astype(np.float64)
 
 
@@ -270,7 +285,7 @@ def level_gram(cube_level, target, mask=None, *, rows=None):
     """
     if is_dask_array(cube_level):
         return level_gram_chunked(cube_level, target, mask, kernel=level_gram)
-    xp = array_module(cube_level=cube_level)
+    xp = array_module(target=target)
     if rows is None:
         rows = sobel_block_rows(cube_level.shape, cube_level.dtype, xp)
 
@@ -302,7 +317,7 @@ def combine_bands(cube_level, x):
     """
     if is_dask_array(cube_level):
         return combine_bands_chunked(cube_level, x, kernel=combine_bands)
-    xp = array_module(cube_level=cube_level)
+    xp = array_module(cube_level=cube_level.coefficients if is_factored(cube_level) else cube_level)
     active = np.flatnonzero(x > 0)
     out = xp.zeros(cube_level.shape[:2], dtype=cube_level.dtype)
     if active.size == 0:

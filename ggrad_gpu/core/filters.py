@@ -22,6 +22,8 @@ import numpy as np
 from .._backend import array_module
 from .._memory import block_rows, retry_smaller
 from .._validation import check_array, float_dtype
+from .factored import is_factored
+from .nnls import spurious_blas_flags_ignored
 
 __all__ = ["iter_sobel_blocks", "sobel_block_rows", "sobel_magnitude"]
 
@@ -153,10 +155,15 @@ def iter_sobel_blocks(x, *, rows: int | None = None, bands=None) -> Iterator[tup
     >>> bool(np.allclose(whole, sobel_magnitude(cube)))
     True
     """
-    xp = array_module(x=x)
+    factored = is_factored(x)
+    xp = array_module(x=x.coefficients if factored else x)
     dtype = float_dtype(x.dtype)
     n_rows = x.shape[0]
-    if bands is not None:
+    if factored:
+        if bands is not None:
+            x, bands = x.bands(bands), None  # the basis's columns: no band of the cube is made
+        x = x.astype(dtype, copy=False)
+    elif bands is not None:
         bands = xp.asarray(bands)  # once, not per block
     tail = x.shape[2:] if bands is None else (len(bands),)
     shape = (n_rows, x.shape[1]) + tail
@@ -167,7 +174,8 @@ def iter_sobel_blocks(x, *, rows: int | None = None, bands=None) -> Iterator[tup
     def allocate(rows):
         # Where the buffers do not fit, blocks get fewer rows (and the caller sees that).
         step = min(rows, _cache_rows(shape, dtype, xp))
-        workspace = _Workspace(step, x.shape[1], tail, dtype, xp)
+        kind = _FactoredWorkspace if factored else _Workspace
+        workspace = kind(step, x.shape[1], tail, dtype, xp)
         return workspace, xp.empty((rows, x.shape[1]) + tail, dtype=dtype), step
 
     (workspace, buffer, step), rows = retry_smaller(allocate, rows, stage=STAGE, unit="rows")
@@ -193,6 +201,11 @@ class _Workspace:
 
     def sobel(self, x, start, stop, bands, out):
         """Write the Sobel magnitude of rows ``start:stop`` (and ``bands``) into ``out``."""
+        grad_rows, grad_cols = self.gradients(x, start, stop, bands)
+        _magnitude(grad_rows, grad_cols, out, self.xp)
+
+    def gradients(self, x, start, stop, bands):
+        """The two Sobel derivatives of rows ``start:stop`` (and ``bands``): views of the buffers."""
         n = stop - start
         padded = self._pad(x, start, stop, bands)
         scratch, grad_rows, grad_cols = self.scratch[:n], self.grad_rows[:n], self.grad_cols[:n]
@@ -207,12 +220,7 @@ class _Workspace:
         scratch += padded[1:-1]
         scratch += padded[1:-1]
         xp.subtract(scratch[:, 2:], scratch[:, :-2], out=grad_cols)
-        # sqrt(a*a + b*b): libm's hypot is several times slower on the CPU and
-        # the magnitudes here are far from float overflow.
-        grad_rows *= grad_rows
-        grad_cols *= grad_cols
-        grad_rows += grad_cols
-        xp.sqrt(grad_rows, out=out)
+        return grad_rows, grad_cols
 
     def _pad(self, x, start, stop, bands):
         """Rows ``start:stop`` (and ``bands``) with a one-pixel halo on both axes.
@@ -233,3 +241,44 @@ class _Workspace:
         padded[:, 0] = padded[:, 1]
         padded[:, -1] = padded[:, -2]
         return padded
+
+
+class _FactoredWorkspace:
+    """Buffers for one block of a :class:`ggrad_gpu.core.factored.FactoredCube`.
+
+    The derivatives are linear in each band, so they are taken of the
+    coefficient images (a few) and brought to the bands by one product with
+    the basis each; only the magnitude runs over every band.
+    """
+
+    def __init__(self, rows, cols, tail, dtype, xp):
+        self.xp = xp
+        self.rows, self.cols, self.dtype = rows, cols, dtype
+        self.coefficients = None  # made for the first cube it sees (its rank)
+        self.grad_rows = xp.empty((rows * cols,) + tail, dtype=dtype)
+        self.grad_cols = xp.empty((rows * cols,) + tail, dtype=dtype)
+
+    def sobel(self, x, start, stop, bands, out):
+        """Write the Sobel magnitude of rows ``start:stop`` of the factored ``x`` into ``out``."""
+        if self.coefficients is None:
+            self.coefficients = _Workspace(self.rows, self.cols, (x.rank,), self.dtype, self.xp)
+        pixels = (stop - start) * self.cols
+        grad_rows, grad_cols = self.grad_rows[:pixels], self.grad_cols[:pixels]
+        rows, cols = self.coefficients.gradients(x.coefficients, start, stop, None)
+        xp = self.xp
+        with spurious_blas_flags_ignored():
+            xp.matmul(rows.reshape(pixels, -1), x.basis, out=grad_rows)
+            xp.matmul(cols.reshape(pixels, -1), x.basis, out=grad_cols)
+        _magnitude(grad_rows, grad_cols, out.reshape(grad_rows.shape), xp)
+
+
+def _magnitude(grad_rows, grad_cols, out, xp) -> None:
+    """``sqrt(a*a + b*b)`` into ``out``, the two derivatives used as scratch.
+
+    libm's hypot is several times slower on the CPU, and the magnitudes here
+    are far from float overflow.
+    """
+    grad_rows *= grad_rows
+    grad_cols *= grad_cols
+    grad_rows += grad_cols
+    xp.sqrt(grad_rows, out=out)

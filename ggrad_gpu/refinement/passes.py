@@ -28,6 +28,7 @@ from .._lazy.chunked import is_dask_array
 from ..core import baselines
 from ..core.coverage import Coverage, fill_gaps, level_on_grid, valid_pixels
 from ..core.estimate import GlobalGradient, estimate_global_gradient
+from ..core.factored import is_factored
 from ..core.filters import sobel_magnitude
 from ..core.geometry import WorkingGrid, cube_output_grid, footprint_mask, pixels_per_cube_pixel
 from ..core.pyramid import upsample_level
@@ -255,8 +256,7 @@ def _estimate(problem: Problem, placement, step: int, bands, levels: int) -> Est
     times = coarsening(problem, step)
     values = cube.coarsened(times)  # made once; a large lazy cube's kept on disk and read by windows
     to_source = np.diag([0.5**times, 0.5**times, 1.0]) @ to_level  # its level-j pixel i sits at 2**j * i
-    source = values if bands is None else values[:, :, xp.asarray(bands)]
-    on_grid = warp_cube(source, to_source, shape, order=1)
+    on_grid = _warped(values, bands, to_source, shape, xp)
     if cube.dead_bands is not None:
         dead = cube.dead_bands if bands is None else np.flatnonzero(np.isin(bands, cube.dead_bands))
         on_grid = _zeroed_bands(on_grid, dead, xp)
@@ -473,8 +473,29 @@ def _on_working_grid(gradient: GlobalGradient, coverage: Coverage, step: int, sh
     return replace(estimate, gradient=replace(gradient, valid=valid))
 
 
+def _warped(values, bands, matrix, shape, xp):
+    """``values`` (or its ``bands``) warped by ``matrix`` onto ``shape``: factored where that is smaller.
+
+    A :class:`ggrad_gpu.core.factored.FactoredCube` stays factored (its
+    coefficient images warped) while it has fewer coefficients than the
+    bands read; else the bands are made from it first, at its own
+    resolution.
+    """
+    if is_factored(values):
+        source = values if bands is None else values.bands(bands)
+        if source.rank < source.shape[2]:
+            return source.pixelwise(lambda coefficients: warp_cube(coefficients, matrix, shape, order=1))
+        values, bands = source.dense(), None
+    source = values if bands is None else values[:, :, xp.asarray(bands)]
+    return warp_cube(source, matrix, shape, order=1)
+
+
 def _zeroed_bands(on_grid, bands, xp):
     """``on_grid`` with ``bands`` set to 0 (in place for an in-memory array; lazily for a dask one)."""
+    if is_factored(on_grid):
+        zero = np.ones(on_grid.shape[2])
+        zero[bands] = 0.0
+        return on_grid.band_scaled(zero)
     if is_dask_array(on_grid):
         zero = np.zeros(on_grid.shape[2], dtype=bool)
         zero[bands] = True

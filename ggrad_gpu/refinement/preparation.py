@@ -21,6 +21,7 @@ from .._memory import block_rows, retry_smaller
 from .._validation import all_finite, float_dtype, to_gray
 from ..core.coverage import fill_gaps
 from ..core.denoise import signal_subspace
+from ..core.factored import is_factored
 from ..core.geometry import WorkingGrid, block_mean, pixels_per_cube_pixel
 from ..core.intensity import intensity_scale, normalised
 from ..core.pyramid import blur_decimate
@@ -85,11 +86,13 @@ class PreparedCube:
     dead_bands : numpy.ndarray of int or None
         Bands without any finite value (None: there are none); the estimates
         read them as 0, ``registered`` keeps them NaN.
-    denoised : array or None
+    denoised : array, FactoredCube or None
         ``values`` projected on their signal subspace
         (:func:`ggrad_gpu.core.denoise.signal_subspace`), which the
-        estimates read instead; None: they read ``values``.
-    normalised : array or None
+        estimates read instead; None: they read ``values``. An in-memory
+        cube without missing values keeps it factored where it has few
+        components for its bands (:meth:`ggrad_gpu.core.denoise.Subspace.factored`).
+    normalised : array, FactoredCube or None
         What the estimates read otherwise, divided per pixel by its
         spectrum's total (:mod:`ggrad_gpu.core.intensity`); the estimates
         then read it instead.
@@ -140,7 +143,7 @@ class PreparedCube:
         if times not in self.coarse:
             level = keep_source(self.for_estimates)  # a large lazy cube: its stored copy, read once more
             for _ in range(times):
-                level = blur_decimate(level)
+                level = level.pixelwise(blur_decimate) if is_factored(level) else blur_decimate(level)
             self.coarse[times] = held_once(level)
         return self.coarse[times]
 
@@ -212,15 +215,26 @@ def prepare_cube(cube, mask, xp, *, denoise: bool = False, normalise: bool = Fal
         prepared = _prepared_in_memory(cube, mask, xp)
     totals = None
     if denoise:
-        subspace = signal_subspace(prepared.values)
+        lazy = is_dask_array(prepared.values)
+        subspace = signal_subspace(prepared.values, project=lazy or prepared.with_data is not None)
         if subspace.rank is not None:
-            prepared = replace(prepared, denoised=subspace.values)
-            if normalise and is_dask_array(prepared.values):  # a lazy projection's totals, no band projected
+            # In memory and complete, the projection is kept factored where that is smaller.
+            denoised = subspace.values
+            if denoised is None:
+                denoised = subspace.factored(prepared.values, dead_bands=prepared.dead_bands)
+            if denoised is None:
+                denoised = subspace.projected(prepared.values)
+            prepared = replace(prepared, denoised=denoised)
+            if normalise and lazy:  # a lazy projection's totals, no band projected
                 totals = subspace.totals(prepared.values)
+            elif normalise and is_factored(denoised):
+                totals = denoised.totals().astype(xp.float64)
     scale = intensity_scale(prepared.for_estimates, prepared.with_data, totals=totals) if normalise else None
     if scale is None:
         return prepared
-    return replace(prepared, normalised=normalised(prepared.for_estimates, scale))
+    estimated = prepared.for_estimates
+    scaled = estimated.pixel_scaled(scale) if is_factored(estimated) else normalised(estimated, scale)
+    return replace(prepared, normalised=scaled)
 
 
 def _prepared_in_memory(cube, mask, xp) -> PreparedCube:
