@@ -14,12 +14,15 @@ is that work at this machine's rates measured in the same run:
 
 - the GEMM rate of a float32 ``a.T @ a`` (a SYRK, ``N L^2`` flops, the count
   of DESIGN's Performance model) on blocks of the size eq. 5's products use,
-  for the Gram products (``GramAccumulator.add``: rows x (bands + 1)^2) and
-  the denoising's projection (``4 N L k``);
+  for the Gram products (``GramAccumulator.add``: rows x (bands + 1)^2), the
+  denoising's projection (``4 N L k``, or ``2 N L k`` for its coefficients
+  where the projection stays factored) and a factored cube's derivatives
+  (``4 N r L`` per level, ``r`` coefficients);
 - the memory bandwidth of a large array copy (read + write, ``ggrad bench``'s
   ``machine``), for the warps (the cube read, the output written), the
   estimates' pyramid and Sobel passes (each level of the cube read twice and
-  written once) and the denoising (the cube read and written).
+  written once; a factored cube's coefficients so, and its bands' magnitudes
+  written and read once) and the denoising (the cube read and written).
 
 The floor is a lower bound (every byte at copy speed, every flop at GEMM
 speed, nothing overlapped); ``x floor`` is the stage's time over it. Timings
@@ -70,6 +73,7 @@ class Counter:
 def counting(counter: Counter):
     """Wrap the stages' workhorses so that ``counter`` sees their work (restored on exit)."""
     from ggrad_gpu.core import denoise, nnls
+    from ggrad_gpu.core.factored import is_factored
     from ggrad_gpu.refinement import passes, preparation
 
     saved = []
@@ -89,8 +93,18 @@ def counting(counter: Counter):
     def estimate_bytes(original):
         def call(guide, cube, *args, **kwargs):
             levels = kwargs.get("levels", 4)
-            pyramid = sum(cube.nbytes / 4**k for k in range(levels))
-            counter.add(nbytes=3 * pyramid, stage="estimate")  # each level read twice, written once
+            if is_factored(cube):
+                # The coefficients' pyramid (each level read twice, written once); per level, the
+                # bands' two derivatives as products with the basis, their magnitudes written once
+                # and read once (by the Gram products).
+                pixels = sum(cube.shape[0] * cube.shape[1] / 4**k for k in range(levels))
+                bands, itemsize = cube.shape[2], cube.dtype.itemsize
+                counter.add(flops=4 * pixels * cube.rank * bands,
+                            nbytes=3 * pixels * cube.rank * itemsize + 2 * pixels * bands * itemsize,
+                            stage="estimate")
+            else:
+                pyramid = sum(cube.nbytes / 4**k for k in range(levels))
+                counter.add(nbytes=3 * pyramid, stage="estimate")  # each level read twice, written once
             return original(guide, cube, *args, **kwargs)
         return call
 
@@ -101,6 +115,14 @@ def counting(counter: Counter):
             counter.add(nbytes=source + getattr(out, "nbytes", 0),
                         stage=counter.stage if counter.stage in ("warp", "prepare") else "resample")
             return out
+        return call
+
+    def factor_work(original):
+        def call(self, cube, **kwargs):
+            live, _, _, basis = self.fit
+            pixels = cube.shape[0] * cube.shape[1]
+            counter.add(flops=2 * pixels * len(live) * basis.shape[1], nbytes=cube.nbytes, stage="prepare")
+            return original(self, cube, **kwargs)
         return call
 
     def project_work(original):
@@ -123,6 +145,7 @@ def counting(counter: Counter):
     patch(passes, "warp_cube", warp_bytes)
     patch(preparation, "warp_cube", warp_bytes)
     patch(denoise, "_project", project_work)
+    patch(denoise.Subspace, "factored", factor_work)
     patch(passes, "resample", within("warp"))
     patch(passes, "build_problem", within("prepare"))
     try:

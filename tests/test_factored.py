@@ -138,3 +138,36 @@ def test_refine_is_the_same_with_the_projection_factored_or_dense(monkeypatch):
     shape = phantom.guide.shape
     assert target_registration_error(factored.matrix, dense.matrix, shape).max < 0.02
     assert target_registration_error(factored.matrix, phantom.matrix, shape).mean < 0.5
+
+
+def test_a_lazy_cube_s_coefficients_are_held_in_memory_within_the_limit():
+    da = pytest.importorskip("dask.array")
+    cube = _noisy_low_rank(shape=(64, 72), bands=64)
+    lazy = da.from_array(cube, chunks=(16, 24, 64))
+    prepared = prepare_cube(lazy, None, np, denoise=True)
+    factored = prepared.denoised
+    assert is_factored(factored)
+    # Held: computed once, read from memory; nothing of the cube's own graph is left to run again.
+    graph = factored.coefficients.__dask_graph__()
+    assert not any(lazy.name in str(key) for key in graph)
+    coefficients = factored.coefficients.compute()
+    assert coefficients.shape == (64, 72, factored.rank)
+    assert factored.coefficients.chunks[:2] == lazy.chunks[:2]
+    expected = signal_subspace(cube).values
+    np.testing.assert_allclose(factored.dense().compute(), expected, atol=2e-5 * np.abs(expected).max())
+    # Where twice the coefficients (with the normalised ones) take over an eighth of the limit: the
+    # lazy projection, as before.
+    limit = 8 * 2 * coefficients.nbytes - 1
+    dense = prepare_cube(lazy, None, np, denoise=True, normalise=True, memory_limit=limit).denoised
+    assert not is_factored(dense) and hasattr(dense, "dask")
+
+
+def test_an_estimate_of_chunked_coefficients_is_the_in_memory_one():
+    da = pytest.importorskip("dask.array")
+    cube = _random_factored(np, shape=(50, 44), rank=3, bands=30)
+    guide = np.asarray(cube.dense()[:, :, 0] + cube.dense()[:, :, 7], dtype=np.float32)
+    chunked = cube.pixelwise(lambda c: da.from_array(c, chunks=(13, 20, -1)))
+    in_memory = estimate_global_gradient(guide, cube, levels=2)
+    lazy = estimate_global_gradient(guide, chunked, levels=2)
+    np.testing.assert_allclose(np.asarray(lazy.grad_y), in_memory.grad_y, atol=1e-4 * np.abs(in_memory.grad_y).max())
+    np.testing.assert_allclose(lazy.channel_weights, in_memory.channel_weights, atol=1e-3)

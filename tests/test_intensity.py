@@ -145,7 +145,11 @@ def test_a_lazy_cube_is_refined_with_normalised_spectra_as_in_memory():
         lazy = refine(phantom.guide, da.from_array(phantom.cube, chunks=(16, 20, 40)), initial=phantom.initial,
                       backend="numpy")
     assert in_memory.quality["normalised"] and lazy.quality["normalised"]
-    assert target_registration_error(lazy.matrix, in_memory.matrix, phantom.guide.shape).max < 1e-3
+    # The registration stops once its (damped) step is under 1e-3 px: from images 1e-5 apart (the
+    # chunked Gram sums), two runs stop up to a few hundredths of a pixel apart (0.022 px measured).
+    assert target_registration_error(lazy.matrix, in_memory.matrix, phantom.guide.shape).max < 0.05
+    for result in (in_memory, lazy):
+        assert target_registration_error(result.matrix, phantom.matrix, phantom.guide.shape).mean < 0.2
 
 
 @pytest.mark.slow  # over 0.75 s: the fast lane stays under a minute

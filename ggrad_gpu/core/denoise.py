@@ -103,12 +103,13 @@ class Subspace:
     def factored(self, cube, *, dead_bands=None):
         """``values`` as a :class:`ggrad_gpu.core.factored.FactoredCube` of ``cube``, or None.
 
-        ``cube`` is the in-memory input the subspace was fitted to, with every
-        value finite outside ``dead_bands`` (bands without any; they become
-        0, as the estimates read them). The coefficients are each pixel's
+        ``cube`` is the input the subspace was fitted to, with every value
+        finite outside ``dead_bands`` (bands without any; they become 0, as
+        the estimates read them). The coefficients are each pixel's
         projection on the components and a 1 for the mean, and each band
-        without noise (kept as it is) is a coefficient of its own. None where
-        the cube was left as it is, or where that makes more than
+        without noise (kept as it is) is a coefficient of its own; lazy for
+        a dask ``cube`` (one product per chunk, bands whole). None where the
+        cube was left as it is, or where that makes more than
         ``bands / FACTORED_SHARE`` coefficients (the bands are then cheaper
         as they are).
 
@@ -126,32 +127,29 @@ class Subspace:
         """
         if self.fit is None:
             return None
-        xp = array_module(cube=cube)
         live, mean, scale, basis = self.fit
         bands = cube.shape[2]
-        dtype = float_dtype(cube.dtype)
         kept = np.setdiff1d(np.arange(bands), to_host(live))  # bands without noise: as they are
         if dead_bands is not None:
             kept = np.setdiff1d(kept, dead_bands)
-        rank = basis.shape[1] + 1 + kept.size
+        components = basis.shape[1]
+        rank = components + 1 + kept.size
         if rank * FACTORED_SHARE > bands:
             return None
-        live_d = to_device(live, xp)
-        mean, scale, basis = (to_device(a, xp).astype(dtype) for a in (mean, scale, basis))
-        rows = xp.zeros((rank, bands), dtype=dtype)
-        rows[: basis.shape[1], live_d] = (basis * scale[:, None]).T
-        rows[basis.shape[1], live_d] = mean
-        rows[basis.shape[1] + 1 + xp.arange(kept.size), xp.asarray(kept)] = 1
-        pixels = cube.reshape(-1, bands)
-        coefficients = xp.empty((pixels.shape[0], rank), dtype=dtype)
-        coefficients[:, basis.shape[1]] = 1
-        step = max(1, PROJECT_BYTES // (bands * np.dtype(dtype).itemsize))
-        for start in range(0, pixels.shape[0], step):  # runs of pixels, as _project
-            chosen = pixels[start:start + step, live_d].astype(dtype)
-            coefficients[start:start + step, : basis.shape[1]] = ((chosen - mean) / scale) @ basis
-        if kept.size:
-            coefficients[:, basis.shape[1] + 1:] = pixels[:, xp.asarray(kept)]
-        return FactoredCube(coefficients.reshape(cube.shape[:2] + (rank,)), rows)
+        lazy = is_dask_array(cube)
+        xp = array_module(cube=cube._meta if lazy else cube)
+        dtype = float_dtype(cube.dtype)
+        rows = np.zeros((rank, bands))
+        rows[:components, to_host(live)] = (to_host(basis) * to_host(scale)[:, None]).T
+        rows[components, to_host(live)] = to_host(mean)
+        rows[components + 1 + np.arange(kept.size), kept] = 1
+        fit = (live, mean, scale, basis, kept)
+        if lazy:
+            coefficients = cube.rechunk({2: -1}).map_blocks(_coefficients, *fit, chunks=cube.chunks[:2] + ((rank,),),
+                                                            dtype=dtype)
+        else:
+            coefficients = _coefficients(cube, *fit)
+        return FactoredCube(coefficients, to_device(rows, xp).astype(dtype))
 
     def totals(self, cube):
         """Each pixel's total over the bands of ``values`` (NaN left out), from ``cube`` by one product.
@@ -334,6 +332,26 @@ def _project(block, live, mean, scale, basis):
         projected = xp.where(xp.isfinite(projected).all(axis=1, keepdims=True), projected, chosen)
         out[start:start + step, live] = projected.astype(out.dtype)
     return out.reshape(shape)
+
+
+def _coefficients(block, live, mean, scale, basis, kept):
+    """``block``'s coefficients of :meth:`Subspace.factored`: its projection, a 1, its ``kept`` bands."""
+    xp = array_module(block=block)
+    shape = block.shape
+    pixels = block.reshape(-1, shape[2])
+    dtype = float_dtype(block.dtype)
+    live = to_device(live, xp)
+    mean, scale, basis = (to_device(a, xp).astype(dtype) for a in (mean, scale, basis))
+    components = basis.shape[1]
+    out = xp.empty((pixels.shape[0], components + 1 + kept.size), dtype=dtype)
+    out[:, components] = 1
+    step = max(1, PROJECT_BYTES // (shape[2] * np.dtype(dtype).itemsize))
+    for start in range(0, pixels.shape[0], step):  # runs of pixels, as _project
+        chosen = pixels[start:start + step, live].astype(dtype)
+        out[start:start + step, :components] = ((chosen - mean) / scale) @ basis
+    if kept.size:
+        out[:, components + 1:] = pixels[:, to_device(kept, xp)]
+    return out.reshape(shape[:2] + (out.shape[1],))
 
 
 def _components(scaled):

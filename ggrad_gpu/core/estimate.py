@@ -9,6 +9,7 @@ and combined with level weights ``alpha`` and ``beta`` (eqs. 6-9).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,7 @@ from .._lazy.chunked import checkpoint, combine_bands_chunked, is_dask_array, le
 from .._memory import retry_smaller
 from .._validation import all_finite, check_array, check_levels, check_mask, float_dtype, power_of_two_scale
 from .coverage import Coverage, NoDataError, excluded_levels, fill_gaps, valid_pixels
-from .factored import is_factored
+from .factored import FactoredCube, is_factored
 from .filters import iter_sobel_blocks, sobel_block_rows, sobel_magnitude
 from .level_weights import level_weights_matrix, manual_level_weights, solve_level_weights
 from .nnls import GramAccumulator, nnls_gram, rounding_ridge, spurious_blas_flags_ignored
@@ -148,7 +149,7 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", co
     manual = None if isinstance(weights, str) and weights == "auto" else manual_level_weights(weights, levels)
     guide = _filled(guide, coverage.guide_missing, "guide", xp)
     # A lazy cube (a warp of a cube beyond memory) is computed once here, not per reading step below.
-    cube = _filled(cube if factored else checkpoint(cube), coverage.cube_gaps, "cube", xp)
+    cube = _filled(cube.pixelwise(checkpoint) if factored else checkpoint(cube), coverage.cube_gaps, "cube", xp)
     gaps = coverage.gaps
     excluded = excluded_levels(gaps, levels)
 
@@ -166,8 +167,7 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", co
         cube_level = (cube_level.band_scaled(band_units) if factored
                       else cube_level * xp.asarray(band_units, dtype=dtype))
         scale = scale * band_units
-    if not factored:
-        cube_level = checkpoint(cube_level)  # a lazy cube is read once per step below: computed once
+    cube_level = cube_level.pixelwise(checkpoint) if factored else checkpoint(cube_level)  # read once per step
     guide_pyramid = gaussian_pyramid(guide, levels)
     shape = guide.shape
     channel_weights = np.zeros((levels, cube.shape[2]))
@@ -175,7 +175,8 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", co
     cube_levels = xp.empty((levels,) + shape, dtype=dtype)
     for k in range(levels):
         if k > 0:
-            cube_level = cube_level.pixelwise(blur_decimate) if factored else checkpoint(blur_decimate(cube_level))
+            cube_level = (cube_level.pixelwise(lambda c: checkpoint(blur_decimate(c))) if factored
+                          else checkpoint(blur_decimate(cube_level)))
         target = sobel_magnitude(guide_pyramid[k])
         used = None if excluded[k] is None else ~excluded[k]
         gram, rhs = level_gram(cube_level, target, used)
@@ -241,7 +242,12 @@ def _band_scale(cube, xp) -> np.ndarray:
     A cheap read of 1/64 of the cube; an underestimate only makes
     :func:`_without_flat_bands` keep more bands.
     """
-    sample = cube.dense(slice(None, None, 8), slice(None, None, 8)) if is_factored(cube) else cube[::8, ::8]
+    if is_factored(cube):
+        part = cube.coefficients[::8, ::8]
+        part = part.compute() if is_dask_array(part) else part
+        sample = (part.reshape(-1, cube.rank) @ cube.basis).reshape(part.shape[:2] + (cube.shape[2],))
+    else:
+        sample = cube[::8, ::8]
     return to_host(xp.abs(sample).max(axis=(0, 1))).astype(np.float64)
 
 
@@ -285,6 +291,9 @@ def level_gram(cube_level, target, mask=None, *, rows=None):
     """
     if is_dask_array(cube_level):
         return level_gram_chunked(cube_level, target, mask, kernel=level_gram)
+    if is_factored(cube_level) and is_dask_array(cube_level.coefficients):  # chunks of coefficients
+        kernel = functools.partial(_factored_kernel, level_gram, cube_level.basis)
+        return level_gram_chunked(cube_level.coefficients, target, mask, kernel=kernel)
     xp = array_module(target=target)
     if rows is None:
         rows = sobel_block_rows(cube_level.shape, cube_level.dtype, xp)
@@ -317,6 +326,9 @@ def combine_bands(cube_level, x):
     """
     if is_dask_array(cube_level):
         return combine_bands_chunked(cube_level, x, kernel=combine_bands)
+    if is_factored(cube_level) and is_dask_array(cube_level.coefficients):
+        kernel = functools.partial(_factored_kernel, combine_bands, cube_level.basis)
+        return combine_bands_chunked(cube_level.coefficients, x, kernel=kernel)
     xp = array_module(cube_level=cube_level.coefficients if is_factored(cube_level) else cube_level)
     active = np.flatnonzero(x > 0)
     out = xp.zeros(cube_level.shape[:2], dtype=cube_level.dtype)
@@ -334,6 +346,11 @@ def combine_bands(cube_level, x):
     retry_smaller(combine, rows, stage="gradient combination (gradG = A x, eq. 5)", unit="rows",
                   xp=xp)
     return out
+
+
+def _factored_kernel(kernel, basis, block, *args):
+    """``kernel`` (level_gram, combine_bands) of a chunk of a factored cube's coefficients."""
+    return kernel(FactoredCube(block, basis), *args)
 
 
 def _weighted_sum(levels_stack, weights, xp):

@@ -161,7 +161,8 @@ def build_problem(guide, cube, *, initial=None, progress=None, mask=None, option
                       f"{guide_shape[1]} pixels as (rows, cols, bands){hint}", UserWarning, stacklevel=3)
     return Problem(guide=prepare_guide(guide, grid, xp, absorbance=options.absorbance),
                    cube=prepare_cube(cube, mask, xp, denoise=options.denoise and options.method == "gradient",
-                                     normalise=options.normalise and options.method == "gradient"),
+                                     normalise=options.normalise and options.method == "gradient",
+                                     memory_limit=options.memory_limit),
                    initial=initial, grid=grid, levels=levels, options=options, xp=xp, timings={},
                    progress=progress or (lambda stage: None), guide_shape=guide_shape)
 

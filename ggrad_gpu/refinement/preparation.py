@@ -144,7 +144,7 @@ class PreparedCube:
             level = keep_source(self.for_estimates)  # a large lazy cube: its stored copy, read once more
             for _ in range(times):
                 level = level.pixelwise(blur_decimate) if is_factored(level) else blur_decimate(level)
-            self.coarse[times] = held_once(level)
+            self.coarse[times] = level.pixelwise(held_once) if is_factored(level) else held_once(level)
         return self.coarse[times]
 
     def as_given(self) -> "PreparedCube":
@@ -184,7 +184,8 @@ def prepare_guide(guide, grid: WorkingGrid, xp, *, absorbance: bool) -> Prepared
     return PreparedGuide(image, missing, flat)
 
 
-def prepare_cube(cube, mask, xp, *, denoise: bool = False, normalise: bool = False) -> PreparedCube:
+def prepare_cube(cube, mask, xp, *, denoise: bool = False, normalise: bool = False,
+                 memory_limit=None) -> PreparedCube:
     """The native cube on ``xp`` with NaN at missing values, and its pixels with data.
 
     With ``denoise``, also the cube projected on its signal subspace for the
@@ -192,7 +193,9 @@ def prepare_cube(cube, mask, xp, *, denoise: bool = False, normalise: bool = Fal
     ``normalise``, what the estimates read is divided per pixel by its
     spectrum's total (:mod:`ggrad_gpu.core.intensity`). Raises ValueError,
     naming ``cube``, when no pixel has data. A dask cube stays lazy
-    (:func:`ggrad_gpu._lazy.chunked.prepare_lazy_cube`), its projection too.
+    (:func:`ggrad_gpu._lazy.chunked.prepare_lazy_cube`); its projection's
+    coefficients are held in memory where they take at most an eighth of
+    ``memory_limit`` (bytes; None: no limit), else the projection is lazy too.
 
     Examples
     --------
@@ -214,27 +217,53 @@ def prepare_cube(cube, mask, xp, *, denoise: bool = False, normalise: bool = Fal
     else:
         prepared = _prepared_in_memory(cube, mask, xp)
     totals = None
+    lazy = is_dask_array(prepared.values)
     if denoise:
-        lazy = is_dask_array(prepared.values)
-        subspace = signal_subspace(prepared.values, project=lazy or prepared.with_data is not None)
+        subspace = signal_subspace(prepared.values, project=prepared.with_data is not None)
         if subspace.rank is not None:
-            # In memory and complete, the projection is kept factored where that is smaller.
             denoised = subspace.values
-            if denoised is None:
-                denoised = subspace.factored(prepared.values, dead_bands=prepared.dead_bands)
+            if denoised is None:  # complete: kept factored where that is smaller
+                denoised = _factored(subspace, prepared, memory_limit, copies=2 if normalise else 1)
             if denoised is None:
                 denoised = subspace.projected(prepared.values)
             prepared = replace(prepared, denoised=denoised)
-            if normalise and lazy:  # a lazy projection's totals, no band projected
+            if is_factored(denoised):
+                totals = denoised.totals().astype(xp.float64) if normalise else None
+            elif normalise and lazy:  # a lazy projection's totals, no band projected
                 totals = subspace.totals(prepared.values)
-            elif normalise and is_factored(denoised):
-                totals = denoised.totals().astype(xp.float64)
     scale = intensity_scale(prepared.for_estimates, prepared.with_data, totals=totals) if normalise else None
-    if scale is None:
-        return prepared
-    estimated = prepared.for_estimates
-    scaled = estimated.pixel_scaled(scale) if is_factored(estimated) else normalised(estimated, scale)
-    return replace(prepared, normalised=scaled)
+    if scale is not None:
+        estimated = prepared.for_estimates
+        scaled = estimated.pixel_scaled(scale) if is_factored(estimated) else normalised(estimated, scale)
+        prepared = replace(prepared, normalised=scaled)
+    if lazy and is_factored(prepared.denoised):
+        # Held in memory, read lazily: the estimates' warps of them stay chunked, within memory_limit.
+        chunks = prepared.values.chunks[:2]
+        prepared = replace(prepared, **{name: _chunked(getattr(prepared, name), chunks)
+                                        for name in ("denoised", "normalised") if getattr(prepared, name) is not None})
+    return prepared
+
+
+def _factored(subspace, prepared, memory_limit, copies):
+    """The projection of ``prepared.values`` factored (:meth:`Subspace.factored`) and in memory, or None.
+
+    A lazy cube's coefficients are computed here (one pass), where
+    ``copies`` of them (with the normalised ones) take at most an eighth of
+    ``memory_limit``; else None, and its estimates read the lazy projection.
+    """
+    factored = subspace.factored(prepared.values, dead_bands=prepared.dead_bands)
+    if factored is None or not is_dask_array(factored.coefficients):
+        return factored
+    if memory_limit is not None and copies * factored.coefficients.nbytes > memory_limit // 8:
+        return None
+    return factored.pixelwise(lambda coefficients: coefficients.compute())
+
+
+def _chunked(factored, chunks):
+    """``factored`` with its in-memory coefficients read as a dask array in ``chunks`` (rows, cols)."""
+    import dask.array as da
+
+    return factored.pixelwise(lambda coefficients: da.from_array(coefficients, chunks=chunks + (-1,)))
 
 
 def _prepared_in_memory(cube, mask, xp) -> PreparedCube:
