@@ -22,6 +22,7 @@ if has_module("dask"):
 
 from ggrad_gpu import refine, sobel_magnitude, warp_cube
 from ggrad_gpu._lazy.chunked import checkpoint, checkpoints, is_dask_array
+from ggrad_gpu.core import denoise
 from ggrad_gpu.core.coverage import fill_gaps
 from ggrad_gpu.core.estimate import combine_bands, level_gram
 from ggrad_gpu.core.pyramid import blur_decimate
@@ -182,6 +183,8 @@ def test_a_large_lazy_cube_is_kept_on_disk_once_and_warped_by_windows(monkeypatc
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _log=log, **k: _log.append(a) or _f(*a, **k))
     lazy = _lazy(sample.cube, (10, 12))
+    # The projection as bands (a factored one's few coefficients are held: tests/test_factored.py).
+    monkeypatch.setattr(denoise, "FACTORED_SHARE", 10**9)
     # The working grid given: under this limit it would be coarsened, and the cube with it.
     result = _refine(sample.guide, lazy, sample.initial, memory_limit=2 * sample.cube.nbytes, output_grid="cube",
                      working_shape=sample.guide.shape)

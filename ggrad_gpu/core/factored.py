@@ -101,8 +101,11 @@ class FactoredCube:
         return FactoredCube(self.coefficients.astype(dtype, copy=copy), self.basis.astype(dtype, copy=copy))
 
     def totals(self):
-        """Each pixel's total over the bands (rows, cols): one product of the coefficients."""
-        return self.coefficients @ self.basis.sum(axis=1)
+        """Each pixel's total over the bands (rows, cols), float64: one product of the coefficients.
+
+        Lazy where the coefficients are (a dask array).
+        """
+        return (self.coefficients @ self.basis.sum(axis=1)).astype(np.float64)
 
 
 def is_factored(x) -> bool:

@@ -21,7 +21,7 @@ from .._memory import block_rows, retry_smaller
 from .._validation import all_finite, float_dtype, to_gray
 from ..core.coverage import fill_gaps
 from ..core.denoise import signal_subspace
-from ..core.factored import is_factored
+from ..core.factored import FactoredCube, is_factored
 from ..core.geometry import WorkingGrid, block_mean, pixels_per_cube_pixel
 from ..core.intensity import intensity_scale, normalised
 from ..core.pyramid import blur_decimate
@@ -112,6 +112,9 @@ class PreparedCube:
     normalised: object = None
     # coarsened's levels, made once (not an init field: a replace() copy reads other values).
     coarse: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # A lazy factored projection's coefficients ("base", held once per refine) and the normalising
+    # factors ("scale"); shared by replace() copies, which read the same coefficients.
+    held: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def for_estimates(self):
@@ -139,13 +142,34 @@ class PreparedCube:
         (True, True)
         """
         if times == 0:
-            return keep_source(self.for_estimates)
+            return self._source()
         if times not in self.coarse:
-            level = keep_source(self.for_estimates)  # a large lazy cube: its stored copy, read once more
+            level = self._source()  # a large lazy cube: its stored copy, read once more
             for _ in range(times):
                 level = level.pixelwise(blur_decimate) if is_factored(level) else blur_decimate(level)
             self.coarse[times] = level.pixelwise(held_once) if is_factored(level) else held_once(level)
         return self.coarse[times]
+
+    def _source(self):
+        """``for_estimates`` as the estimates read it: a large lazy cube kept on disk, lazy coefficients held.
+
+        The coefficients of a lazy factored projection are computed once
+        (:func:`ggrad_gpu._lazy.chunked.held_once`: in memory, else a
+        temporary store) and read as chunks; the normalised spectra are them
+        times each pixel's factor, chunk by chunk.
+        """
+        values = self.for_estimates
+        if not (is_factored(values) and is_dask_array(values.coefficients)):
+            return keep_source(values)
+        base = self.held.get("base")
+        if base is None:
+            base = held_once(self.denoised.coefficients)
+            if not is_dask_array(base):
+                base = _as_chunks(base, self.values.chunks[:2])
+            self.held["base"] = base
+        if self.normalised is not None:
+            base = _pixel_scaled(base, self.held["scale"])
+        return FactoredCube(base, values.basis)
 
     def as_given(self) -> "PreparedCube":
         """This cube without its normalised spectra: the estimates read ``denoised`` (or ``values``)."""
@@ -223,47 +247,61 @@ def prepare_cube(cube, mask, xp, *, denoise: bool = False, normalise: bool = Fal
         if subspace.rank is not None:
             denoised = subspace.values
             if denoised is None:  # complete: kept factored where that is smaller
-                denoised = _factored(subspace, prepared, memory_limit, copies=2 if normalise else 1)
+                denoised = _factored(subspace, prepared, memory_limit)
             if denoised is None:
                 denoised = subspace.projected(prepared.values)
             prepared = replace(prepared, denoised=denoised)
             if is_factored(denoised):
-                totals = denoised.totals().astype(xp.float64) if normalise else None
+                totals = denoised.totals() if normalise else None
             elif normalise and lazy:  # a lazy projection's totals, no band projected
                 totals = subspace.totals(prepared.values)
     scale = intensity_scale(prepared.for_estimates, prepared.with_data, totals=totals) if normalise else None
-    if scale is not None:
+    factored = is_factored(prepared.denoised)
+    if lazy and factored:
+        # Their coefficients are read as chunks (the warps of them stay chunked, within
+        # memory_limit); the normalised ones are made from them chunk by chunk (_source).
+        if not is_dask_array(prepared.denoised.coefficients):
+            prepared.held["base"] = _as_chunks(prepared.denoised.coefficients, prepared.values.chunks[:2])
+            prepared = replace(prepared, denoised=prepared.denoised.pixelwise(lambda _: prepared.held["base"]))
+        if scale is not None:
+            prepared.held["scale"] = scale
+            prepared = replace(prepared, normalised=FactoredCube(
+                _pixel_scaled(prepared.denoised.coefficients, scale), prepared.denoised.basis))
+    elif scale is not None:
         estimated = prepared.for_estimates
-        scaled = estimated.pixel_scaled(scale) if is_factored(estimated) else normalised(estimated, scale)
+        scaled = estimated.pixel_scaled(scale) if factored else normalised(estimated, scale)
         prepared = replace(prepared, normalised=scaled)
-    if lazy and is_factored(prepared.denoised):
-        # Held in memory, read lazily: the estimates' warps of them stay chunked, within memory_limit.
-        chunks = prepared.values.chunks[:2]
-        prepared = replace(prepared, **{name: _chunked(getattr(prepared, name), chunks)
-                                        for name in ("denoised", "normalised") if getattr(prepared, name) is not None})
     return prepared
 
 
-def _factored(subspace, prepared, memory_limit, copies):
-    """The projection of ``prepared.values`` factored (:meth:`Subspace.factored`) and in memory, or None.
+def _factored(subspace, prepared, memory_limit):
+    """The projection of ``prepared.values`` factored (:meth:`Subspace.factored`), or None.
 
-    A lazy cube's coefficients are computed here (one pass), where
-    ``copies`` of them (with the normalised ones) take at most an eighth of
-    ``memory_limit``; else None, and its estimates read the lazy projection.
+    A lazy cube's coefficients are computed here (one pass) where they take
+    at most an eighth of ``memory_limit``; else they stay lazy, and
+    :meth:`PreparedCube.coarsened` holds them once per refine.
     """
     factored = subspace.factored(prepared.values, dead_bands=prepared.dead_bands)
     if factored is None or not is_dask_array(factored.coefficients):
         return factored
-    if memory_limit is not None and copies * factored.coefficients.nbytes > memory_limit // 8:
-        return None
+    if memory_limit is not None and factored.coefficients.nbytes > memory_limit // 8:
+        return factored
     return factored.pixelwise(lambda coefficients: coefficients.compute())
 
 
-def _chunked(factored, chunks):
-    """``factored`` with its in-memory coefficients read as a dask array in ``chunks`` (rows, cols)."""
+def _as_chunks(coefficients, chunks):
+    """In-memory ``coefficients`` read as a dask array in ``chunks`` (rows, cols), all of them whole."""
     import dask.array as da
 
-    return factored.pixelwise(lambda coefficients: da.from_array(coefficients, chunks=chunks + (-1,)))
+    return da.from_array(coefficients, chunks=chunks + (-1,))
+
+
+def _pixel_scaled(coefficients, scale):
+    """Lazy ``coefficients`` (rows, cols, rank) times each pixel's ``scale``, chunk by chunk."""
+    import dask.array as da
+
+    factors = da.from_array(scale.astype(coefficients.dtype), chunks=coefficients.chunks[:2])
+    return coefficients * factors[:, :, None]
 
 
 def _prepared_in_memory(cube, mask, xp) -> PreparedCube:
