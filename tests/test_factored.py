@@ -156,20 +156,21 @@ def test_a_lazy_cube_s_coefficients_are_held_in_memory_within_the_limit():
     assert factored.coefficients.chunks[:2] == lazy.chunks[:2]
     expected = signal_subspace(cube).values
     np.testing.assert_allclose(factored.dense().compute(), expected, atol=2e-5 * np.abs(expected).max())
-    # Over an eighth of the limit: lazy until a refine's block holds them once, on disk here; the
-    # normalised spectra are made from what is held.
+    # Over an eighth of the limit: read from the cube until a refine's block holds them once (on disk
+    # here), and the normalisation decided from what is held.
     limit = 8 * coefficients.nbytes - 1
     prepared = prepare_cube(lazy, None, np, denoise=True, normalise=True, memory_limit=limit)
-    assert is_factored(prepared.normalised)
+    assert prepared.unheld and prepared.normalised is None
     assert any(lazy.name in str(key) for key in prepared.denoised.coefficients.__dask_graph__())
     with checkpoints(limit):
-        source = prepared.coarsened(0)
-        as_given = prepared.as_given().coarsened(0)
-        assert stored_path(prepared.held["base"]) is not None
-        assert prepared.as_given().held["base"] is prepared.held["base"]  # held once for both
+        held = prepared.held_coefficients()
+        assert not held.unheld and stored_path(held.denoised.coefficients) is not None
+        assert held.held_coefficients() is held
         expected_normalised = normalised(expected, intensity_scale(expected))
+        source = held.coarsened(0)
         np.testing.assert_allclose(source.dense().compute(), expected_normalised,
                                    atol=2e-5 * np.abs(expected_normalised).max())
+        as_given = held.as_given().coarsened(0)
         np.testing.assert_allclose(as_given.dense().compute(), expected, atol=2e-5 * np.abs(expected).max())
 
 

@@ -323,6 +323,9 @@ def refine(
 
     held, chunk_bytes = _checkpoint_budget(problem)
     with checkpoints(held, chunk_bytes=chunk_bytes):  # where a lazy cube's intermediate steps are kept
+        start = time.perf_counter()
+        problem = replace(problem, cube=problem.cube.held_coefficients())  # a large projection's, computed once
+        timings["prepare"] += time.perf_counter() - start
         first = basins.first_estimate(problem)
         # The first registration from several coarse peaks, the best fit kept (basins).
         registration, placement, candidates = basins.first_registration(problem, first)

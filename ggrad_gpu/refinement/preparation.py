@@ -112,9 +112,10 @@ class PreparedCube:
     normalised: object = None
     # coarsened's levels, made once (not an init field: a replace() copy reads other values).
     coarse: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-    # A lazy factored projection's coefficients ("base", held once per refine) and the normalising
-    # factors ("scale"); shared by replace() copies, which read the same coefficients.
-    held: dict = field(default_factory=dict, repr=False, compare=False)
+    # A lazy factored projection whose coefficients are still read from the cube (until
+    # held_coefficients), and whether the estimates then read them normalised (if that fits).
+    unheld: bool = False
+    pending_normalise: bool = False
 
     @property
     def for_estimates(self):
@@ -142,34 +143,35 @@ class PreparedCube:
         (True, True)
         """
         if times == 0:
-            return self._source()
+            return keep_source(self.for_estimates)
         if times not in self.coarse:
-            level = self._source()  # a large lazy cube: its stored copy, read once more
+            level = keep_source(self.for_estimates)  # a large lazy cube: its stored copy, read once more
             for _ in range(times):
                 level = level.pixelwise(blur_decimate) if is_factored(level) else blur_decimate(level)
             self.coarse[times] = level.pixelwise(held_once) if is_factored(level) else held_once(level)
         return self.coarse[times]
 
-    def _source(self):
-        """``for_estimates`` as the estimates read it: a large lazy cube kept on disk, lazy coefficients held.
+    def held_coefficients(self) -> "PreparedCube":
+        """This cube with a lazy factored projection's coefficients held, and normalised if asked.
 
-        The coefficients of a lazy factored projection are computed once
-        (:func:`ggrad_gpu._lazy.chunked.held_once`: in memory, else a
-        temporary store) and read as chunks; the normalised spectra are them
-        times each pixel's factor, chunk by chunk.
+        For ``refine``'s :func:`ggrad_gpu._lazy.chunked.checkpoints` block:
+        the coefficients are computed once from the cube (one pass) and kept
+        in memory or in a temporary store (:func:`ggrad_gpu._lazy.chunked.held_once`),
+        read as chunks; the totals that decide the normalisation
+        (:func:`ggrad_gpu.core.intensity.intensity_scale`) come from them, and
+        the normalised spectra are them times each pixel's factor, chunk by
+        chunk. Anything else is returned as it is.
         """
-        values = self.for_estimates
-        if not (is_factored(values) and is_dask_array(values.coefficients)):
-            return keep_source(values)
-        base = self.held.get("base")
-        if base is None:
-            base = held_once(self.denoised.coefficients)
-            if not is_dask_array(base):
-                base = _as_chunks(base, self.values.chunks[:2])
-            self.held["base"] = base
-        if self.normalised is not None:
-            base = _pixel_scaled(base, self.held["scale"])
-        return FactoredCube(base, values.basis)
+        if not self.unheld:
+            return self
+        factored = self.denoised
+        base = held_once(factored.coefficients)
+        if not is_dask_array(base):
+            base = _as_chunks(base, self.values.chunks[:2])
+        held = replace(self, denoised=FactoredCube(base, factored.basis), unheld=False, pending_normalise=False)
+        if not self.pending_normalise:
+            return held
+        return _normalised(held, intensity_scale(None, held.with_data, totals=held.denoised.totals()))
 
     def as_given(self) -> "PreparedCube":
         """This cube without its normalised spectra: the estimates read ``denoised`` (or ``values``)."""
@@ -245,48 +247,48 @@ def prepare_cube(cube, mask, xp, *, denoise: bool = False, normalise: bool = Fal
     if denoise:
         subspace = signal_subspace(prepared.values, project=prepared.with_data is not None)
         if subspace.rank is not None:
-            denoised = subspace.values
+            denoised, unheld = subspace.values, False
             if denoised is None:  # complete: kept factored where that is smaller
-                denoised = _factored(subspace, prepared, memory_limit)
+                denoised, unheld = _factored(subspace, prepared, memory_limit)
             if denoised is None:
                 denoised = subspace.projected(prepared.values)
+            if unheld:  # read from the cube until refine holds them: the totals come from what is held
+                return replace(prepared, denoised=denoised, unheld=True, pending_normalise=normalise)
             prepared = replace(prepared, denoised=denoised)
             if is_factored(denoised):
                 totals = denoised.totals() if normalise else None
             elif normalise and lazy:  # a lazy projection's totals, no band projected
                 totals = subspace.totals(prepared.values)
     scale = intensity_scale(prepared.for_estimates, prepared.with_data, totals=totals) if normalise else None
-    factored = is_factored(prepared.denoised)
-    if lazy and factored:
-        # Their coefficients are read as chunks (the warps of them stay chunked, within
-        # memory_limit); the normalised ones are made from them chunk by chunk (_source).
-        if not is_dask_array(prepared.denoised.coefficients):
-            prepared.held["base"] = _as_chunks(prepared.denoised.coefficients, prepared.values.chunks[:2])
-            prepared = replace(prepared, denoised=prepared.denoised.pixelwise(lambda _: prepared.held["base"]))
-        if scale is not None:
-            prepared.held["scale"] = scale
-            prepared = replace(prepared, normalised=FactoredCube(
-                _pixel_scaled(prepared.denoised.coefficients, scale), prepared.denoised.basis))
-    elif scale is not None:
-        estimated = prepared.for_estimates
-        scaled = estimated.pixel_scaled(scale) if factored else normalised(estimated, scale)
-        prepared = replace(prepared, normalised=scaled)
-    return prepared
+    return _normalised(prepared, scale)
+
+
+def _normalised(prepared, scale):
+    """``prepared`` with its normalised spectra for the estimates (``scale`` per pixel), or as it is (None)."""
+    if scale is None:
+        return prepared
+    estimated = prepared.for_estimates
+    if not is_factored(estimated):
+        return replace(prepared, normalised=normalised(estimated, scale))
+    if is_dask_array(estimated.coefficients):  # chunk by chunk, from the coefficients held
+        return replace(prepared, normalised=estimated.pixelwise(lambda coefficients: _pixel_scaled(coefficients, scale)))
+    return replace(prepared, normalised=estimated.pixel_scaled(scale))
 
 
 def _factored(subspace, prepared, memory_limit):
-    """The projection of ``prepared.values`` factored (:meth:`Subspace.factored`), or None.
+    """The projection of ``prepared.values`` factored (:meth:`Subspace.factored`), or None; and whether unheld.
 
     A lazy cube's coefficients are computed here (one pass) where they take
-    at most an eighth of ``memory_limit``; else they stay lazy, and
-    :meth:`PreparedCube.coarsened` holds them once per refine.
+    at most an eighth of ``memory_limit``, and read as chunks; else they
+    stay lazy (unheld: True) until :meth:`PreparedCube.held_coefficients`.
     """
     factored = subspace.factored(prepared.values, dead_bands=prepared.dead_bands)
     if factored is None or not is_dask_array(factored.coefficients):
-        return factored
+        return factored, False
     if memory_limit is not None and factored.coefficients.nbytes > memory_limit // 8:
-        return factored
-    return factored.pixelwise(lambda coefficients: coefficients.compute())
+        return factored, True
+    chunks = prepared.values.chunks[:2]
+    return factored.pixelwise(lambda coefficients: _as_chunks(coefficients.compute(), chunks)), False
 
 
 def _as_chunks(coefficients, chunks):
