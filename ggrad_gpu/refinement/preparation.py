@@ -219,9 +219,11 @@ def prepare_cube(cube, mask, xp, *, denoise: bool = False, normalise: bool = Fal
     ``normalise``, what the estimates read is divided per pixel by its
     spectrum's total (:mod:`ggrad_gpu.core.intensity`). Raises ValueError,
     naming ``cube``, when no pixel has data. A dask cube stays lazy
-    (:func:`ggrad_gpu._lazy.chunked.prepare_lazy_cube`); its projection's
-    coefficients are held in memory where they take at most an eighth of
-    ``memory_limit`` (bytes; None: no limit), else the projection is lazy too.
+    (:func:`ggrad_gpu._lazy.chunked.prepare_lazy_cube`); a factored
+    projection's coefficients are computed here and held in memory where
+    they take at most an eighth of ``memory_limit`` (bytes; None: no limit),
+    else they stay lazy (``unheld``) until ``refine`` holds them
+    (:meth:`PreparedCube.held_coefficients`) and decides the normalisation.
 
     Examples
     --------
