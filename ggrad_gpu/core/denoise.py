@@ -317,41 +317,49 @@ def _read(*parts):
 def _project(block, live, mean, scale, basis):
     """``block`` with its ``live`` bands projected on ``basis`` (noise-scaled), where all of them are finite."""
     xp = array_module(block=block)
-    shape = block.shape
-    pixels = block.reshape(-1, shape[2])
-    dtype = float_dtype(block.dtype)  # float32 stays float32
-    live = to_device(live, xp)
-    mean, scale, basis = (to_device(a, xp).astype(dtype) for a in (mean, scale, basis))
+    pixels = block.reshape(-1, block.shape[2])
+    live, mean, scale, basis = _fit_on(block, live, mean, scale, basis)
     out = pixels.copy()
-    # In runs of pixels: the product's temporaries stay near PROJECT_BYTES, not
-    # several copies of the block (a 64 MiB chunk of a streamed cube held ~6).
-    step = max(1, PROJECT_BYTES // (shape[2] * np.dtype(dtype).itemsize))
-    for start in range(0, pixels.shape[0], step):
-        chosen = pixels[start:start + step, live].astype(dtype)
-        projected = (((chosen - mean) / scale) @ basis) @ basis.T * scale + mean
+    for rows, chosen, coefficients in _runs(pixels, live, mean, scale, basis):
+        projected = coefficients @ basis.T * scale + mean
         projected = xp.where(xp.isfinite(projected).all(axis=1, keepdims=True), projected, chosen)
-        out[start:start + step, live] = projected.astype(out.dtype)
-    return out.reshape(shape)
+        out[rows, live] = projected.astype(out.dtype)
+    return out.reshape(block.shape)
 
 
 def _coefficients(block, live, mean, scale, basis, kept):
     """``block``'s coefficients of :meth:`Subspace.factored`: its projection, a 1, its ``kept`` bands."""
     xp = array_module(block=block)
-    shape = block.shape
-    pixels = block.reshape(-1, shape[2])
-    dtype = float_dtype(block.dtype)
-    live = to_device(live, xp)
-    mean, scale, basis = (to_device(a, xp).astype(dtype) for a in (mean, scale, basis))
+    pixels = block.reshape(-1, block.shape[2])
+    live, mean, scale, basis = _fit_on(block, live, mean, scale, basis)
     components = basis.shape[1]
-    out = xp.empty((pixels.shape[0], components + 1 + kept.size), dtype=dtype)
+    out = xp.empty((pixels.shape[0], components + 1 + kept.size), dtype=mean.dtype)
     out[:, components] = 1
-    step = max(1, PROJECT_BYTES // (shape[2] * np.dtype(dtype).itemsize))
-    for start in range(0, pixels.shape[0], step):  # runs of pixels, as _project
-        chosen = pixels[start:start + step, live].astype(dtype)
-        out[start:start + step, :components] = ((chosen - mean) / scale) @ basis
+    for rows, _, coefficients in _runs(pixels, live, mean, scale, basis):
+        out[rows, :components] = coefficients
     if kept.size:
         out[:, components + 1:] = pixels[:, to_device(kept, xp)]
-    return out.reshape(shape[:2] + (out.shape[1],))
+    return out.reshape(block.shape[:2] + (out.shape[1],))
+
+
+def _fit_on(block, live, mean, scale, basis):
+    """The projection's arrays on ``block``'s device, in its float dtype (float32 stays float32)."""
+    xp = array_module(block=block)
+    dtype = float_dtype(block.dtype)
+    return (to_device(live, xp),) + tuple(to_device(a, xp).astype(dtype) for a in (mean, scale, basis))
+
+
+def _runs(pixels, live, mean, scale, basis):
+    """``(rows, chosen, coefficients)`` for runs of ``pixels``: their live bands and their components' coefficients.
+
+    In runs of pixels: the product's temporaries stay near PROJECT_BYTES, not
+    several copies of the block (a 64 MiB chunk of a streamed cube held ~6).
+    """
+    step = max(1, PROJECT_BYTES // (pixels.shape[1] * mean.dtype.itemsize))
+    for start in range(0, pixels.shape[0], step):
+        rows = slice(start, start + step)
+        chosen = pixels[rows, live].astype(mean.dtype)
+        yield rows, chosen, ((chosen - mean) / scale) @ basis
 
 
 def _components(scaled):

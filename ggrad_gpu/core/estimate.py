@@ -19,7 +19,7 @@ from .._lazy.chunked import checkpoint, combine_bands_chunked, is_dask_array, le
 from .._memory import retry_smaller
 from .._validation import all_finite, check_array, check_levels, check_mask, float_dtype, power_of_two_scale
 from .coverage import Coverage, NoDataError, excluded_levels, fill_gaps, valid_pixels
-from .factored import FactoredCube, is_factored
+from .factored import FactoredCube, imagewise, is_factored
 from .filters import iter_sobel_blocks, sobel_block_rows, sobel_magnitude
 from .level_weights import level_weights_matrix, manual_level_weights, solve_level_weights
 from .nnls import GramAccumulator, nnls_gram, rounding_ridge, spurious_blas_flags_ignored
@@ -149,7 +149,7 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", co
     manual = None if isinstance(weights, str) and weights == "auto" else manual_level_weights(weights, levels)
     guide = _filled(guide, coverage.guide_missing, "guide", xp)
     # A lazy cube (a warp of a cube beyond memory) is computed once here, not per reading step below.
-    cube = _filled(cube.pixelwise(checkpoint) if factored else checkpoint(cube), coverage.cube_gaps, "cube", xp)
+    cube = _filled(imagewise(checkpoint, cube), coverage.cube_gaps, "cube", xp)
     gaps = coverage.gaps
     excluded = excluded_levels(gaps, levels)
 
@@ -167,7 +167,7 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", co
         cube_level = (cube_level.band_scaled(band_units) if factored
                       else cube_level * xp.asarray(band_units, dtype=dtype))
         scale = scale * band_units
-    cube_level = cube_level.pixelwise(checkpoint) if factored else checkpoint(cube_level)  # read once per step
+    cube_level = imagewise(checkpoint, cube_level)  # a lazy cube is read once per step below: computed once
     guide_pyramid = gaussian_pyramid(guide, levels)
     shape = guide.shape
     channel_weights = np.zeros((levels, cube.shape[2]))
@@ -175,8 +175,7 @@ def estimate_global_gradient(guide, cube, *, levels: int = 4, weights="auto", co
     cube_levels = xp.empty((levels,) + shape, dtype=dtype)
     for k in range(levels):
         if k > 0:
-            cube_level = (cube_level.pixelwise(lambda c: checkpoint(blur_decimate(c))) if factored
-                          else checkpoint(blur_decimate(cube_level)))
+            cube_level = imagewise(lambda images: checkpoint(blur_decimate(images)), cube_level)
         target = sobel_magnitude(guide_pyramid[k])
         used = None if excluded[k] is None else ~excluded[k]
         gram, rhs = level_gram(cube_level, target, used)

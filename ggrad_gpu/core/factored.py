@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._backend import array_module
+from .._lazy.chunked import is_dask_array
 
-__all__ = ["FactoredCube", "is_factored"]
+__all__ = ["FactoredCube", "imagewise", "is_factored"]
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,16 @@ class FactoredCube:
         return FactoredCube(self.coefficients, self.basis * xp.asarray(factors, dtype=self.basis.dtype))
 
     def pixel_scaled(self, factors) -> "FactoredCube":
-        """Each pixel's spectrum multiplied by its entry of ``factors`` (rows, cols)."""
-        return FactoredCube(self.coefficients * factors.astype(self.dtype)[:, :, None], self.basis)
+        """Each pixel's spectrum multiplied by its entry of ``factors`` (rows, cols; in memory).
+
+        Lazy coefficients (a dask array) are scaled chunk by chunk.
+        """
+        factors = factors.astype(self.dtype)
+        if is_dask_array(self.coefficients):
+            import dask.array as da
+
+            factors = da.from_array(factors, chunks=self.coefficients.chunks[:2])
+        return FactoredCube(self.coefficients * factors[:, :, None], self.basis)
 
     def astype(self, dtype, copy: bool = True) -> "FactoredCube":
         """Coefficients and basis in ``dtype``."""
@@ -106,6 +115,23 @@ class FactoredCube:
         Lazy where the coefficients are (a dask array).
         """
         return (self.coefficients @ self.basis.sum(axis=1)).astype(np.float64)
+
+
+def imagewise(operation, cube):
+    """``operation`` (linear, the same for every band: a warp, a blur, a gather, a checkpoint) of ``cube``.
+
+    A :class:`FactoredCube`'s coefficient images go through it; any other
+    cube goes through it whole.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> cube = FactoredCube(np.arange(8.0).reshape(2, 2, 2), np.ones((2, 3)))
+    >>> flipped = imagewise(lambda images: images[::-1], cube)
+    >>> bool(np.array_equal(flipped.dense(), cube.dense()[::-1])), imagewise(np.negative, np.ones(2)).tolist()
+    (True, [-1.0, -1.0])
+    """
+    return cube.pixelwise(operation) if is_factored(cube) else operation(cube)
 
 
 def is_factored(x) -> bool:

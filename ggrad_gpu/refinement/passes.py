@@ -28,7 +28,7 @@ from .._lazy.chunked import is_dask_array
 from ..core import baselines
 from ..core.coverage import Coverage, fill_gaps, level_on_grid, valid_pixels
 from ..core.estimate import GlobalGradient, estimate_global_gradient
-from ..core.factored import is_factored
+from ..core.factored import imagewise, is_factored
 from ..core.filters import sobel_magnitude
 from ..core.geometry import WorkingGrid, cube_output_grid, footprint_mask, pixels_per_cube_pixel
 from ..core.pyramid import upsample_level
@@ -485,7 +485,7 @@ def _warped(values, bands, matrix, shape, xp):
     if is_factored(values):
         source = values if bands is None else values.bands(bands)
         if source.rank < source.shape[2]:
-            return source.pixelwise(lambda coefficients: warp_cube(coefficients, matrix, shape, order=1))
+            return imagewise(lambda images: warp_cube(images, matrix, shape, order=1), source)
         values, bands = source.dense(), None
     source = values if bands is None else values[:, :, xp.asarray(bands)]
     return warp_cube(source, matrix, shape, order=1)

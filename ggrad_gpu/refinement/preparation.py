@@ -21,7 +21,7 @@ from .._memory import block_rows, retry_smaller
 from .._validation import all_finite, float_dtype, to_gray
 from ..core.coverage import fill_gaps
 from ..core.denoise import signal_subspace
-from ..core.factored import FactoredCube, is_factored
+from ..core.factored import FactoredCube, imagewise, is_factored
 from ..core.geometry import WorkingGrid, block_mean, pixels_per_cube_pixel
 from ..core.intensity import intensity_scale, normalised
 from ..core.pyramid import blur_decimate
@@ -147,8 +147,8 @@ class PreparedCube:
         if times not in self.coarse:
             level = keep_source(self.for_estimates)  # a large lazy cube: its stored copy, read once more
             for _ in range(times):
-                level = level.pixelwise(blur_decimate) if is_factored(level) else blur_decimate(level)
-            self.coarse[times] = level.pixelwise(held_once) if is_factored(level) else held_once(level)
+                level = imagewise(blur_decimate, level)
+            self.coarse[times] = imagewise(held_once, level)
         return self.coarse[times]
 
     def held_coefficients(self) -> "PreparedCube":
@@ -270,11 +270,8 @@ def _normalised(prepared, scale):
     if scale is None:
         return prepared
     estimated = prepared.for_estimates
-    if not is_factored(estimated):
-        return replace(prepared, normalised=normalised(estimated, scale))
-    if is_dask_array(estimated.coefficients):  # chunk by chunk, from the coefficients held
-        return replace(prepared, normalised=estimated.pixelwise(lambda coefficients: _pixel_scaled(coefficients, scale)))
-    return replace(prepared, normalised=estimated.pixel_scaled(scale))
+    scaled = estimated.pixel_scaled(scale) if is_factored(estimated) else normalised(estimated, scale)
+    return replace(prepared, normalised=scaled)
 
 
 def _factored(subspace, prepared, memory_limit):
@@ -298,14 +295,6 @@ def _as_chunks(coefficients, chunks):
     import dask.array as da
 
     return da.from_array(coefficients, chunks=chunks + (-1,))
-
-
-def _pixel_scaled(coefficients, scale):
-    """Lazy ``coefficients`` (rows, cols, rank) times each pixel's ``scale``, chunk by chunk."""
-    import dask.array as da
-
-    factors = da.from_array(scale.astype(coefficients.dtype), chunks=coefficients.chunks[:2])
-    return coefficients * factors[:, :, None]
 
 
 def _prepared_in_memory(cube, mask, xp) -> PreparedCube:
