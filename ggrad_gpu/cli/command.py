@@ -48,6 +48,7 @@ import numpy as np
 from .. import synthetic
 from .._backend import BACKENDS, resolve_backend, to_device
 from .._memory import keep_freed_memory, return_freed_memory
+from .._pages import small_pages
 from .._version import __version__
 from ..core.estimate import estimate_global_gradient
 from ..core.filters import sobel_magnitude
@@ -269,7 +270,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     previous = _handle_sigterm()
     try:
-        return args.run(args)
+        with small_pages():  # reading, refining and writing: new arrays on small pages where huge ones stall
+            return args.run(args)
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, Terminated)
         left = ("the same command continues the mosaic" if args.command == "mosaic"  # resumable by design

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .._backend import array_module, is_cupy_array, to_device
+from .._pages import small_pages
 from .._lazy.chunked import checkpoints, chunk_budget
 from ..core.estimate import GlobalGradient
 from ..registration.register import AffineRegistration
@@ -121,6 +122,7 @@ class Refinement:
     output_to_guide: np.ndarray | None = None
 
 
+@small_pages()  # new arrays fault in on small pages where huge ones would stall (_pages)
 def refine(
     guide,
     cube,
