@@ -136,21 +136,28 @@ class GramAccumulator:
         a = columns.reshape(-1, bands)
         b = target.reshape(-1)
         w = None if weights is None else weights.reshape(-1)
+        kept = None
         if w is not None and xp is np:
             # A row of weight 0 adds nothing but its ~bands**2 flops: a partial field's margin
             # was half a tile's level-0 rows. (On a GPU, finding them costs a device sync.)
             kept = np.flatnonzero(w)
-            if kept.size < w.size:
-                a, b, w = a[kept], b[kept], w[kept]
+            if kept.size == w.size:
+                kept = None
+            else:
+                b, w = b[kept], w[kept]
+        count = a.shape[0] if kept is None else kept.size
         share = PROMOTE_SHARE if self.product_dtype.itemsize > a.dtype.itemsize else COPY_SHARE
-        step = block_rows((a.shape[0], bands + 1), self.product_dtype.itemsize, xp,
+        step = block_rows((count, bands + 1), self.product_dtype.itemsize, xp,
                           target_bytes=default_block_bytes(xp) // share)
-        buffer = xp.empty((min(step, a.shape[0]), bands + 1), dtype=self.product_dtype)
+        buffer = xp.empty((min(step, count), bands + 1), dtype=self.product_dtype)
         products = xp.zeros((bands + 1, bands + 1), dtype=xp.float64)
-        for start in range(0, a.shape[0], step):
+        for start in range(0, count, step):
             rows = slice(start, start + step)
-            part = buffer[: min(step, a.shape[0] - start)]
-            part[:, :bands] = a[rows]
+            part = buffer[: min(step, count - start)]
+            if kept is None:
+                part[:, :bands] = a[rows]
+            else:  # the kept rows gathered a buffer at a time: no copy of the whole chunk
+                part[:, :bands] = a[kept[rows]]
             part[:, bands] = b[rows]
             if w is not None:
                 part *= w[rows].astype(self.product_dtype)[:, None]
