@@ -319,11 +319,10 @@ def _project(block, live, mean, scale, basis):
     xp = array_module(block=block)
     pixels = block.reshape(-1, block.shape[2])
     live, mean, scale, basis = _fit_on(block, live, mean, scale, basis)
-    every = live.size == pixels.shape[1]
     out = pixels.copy()
     for rows, coefficients in _runs(pixels, live, mean, scale, basis):
         projected = coefficients @ basis.T * scale + mean
-        chosen = pixels[rows] if every else pixels[rows, live]
+        chosen = _live_bands(pixels, rows, live)
         projected = xp.where(xp.isfinite(projected).all(axis=1, keepdims=True), projected, chosen)
         out[rows, live] = projected.astype(out.dtype)
     return out.reshape(block.shape)
@@ -362,15 +361,19 @@ def _runs(pixels, live, mean, scale, basis):
     no gather (a 64 MiB chunk, 28 components: 181 -> 24 ms on one core).
     """
     xp = array_module(pixels=pixels)
-    every = live.size == pixels.shape[1]  # live is sorted and unique: every band, in order
     scaled_basis = basis / scale[:, None]
     step = max(1, PROJECT_BYTES // (pixels.shape[1] * mean.dtype.itemsize))
     buffer = xp.empty((min(step, pixels.shape[0]), live.size), dtype=mean.dtype)
     for start in range(0, pixels.shape[0], step):
         rows = slice(start, start + step)
-        chosen = pixels[rows] if every else pixels[rows, live]
+        chosen = _live_bands(pixels, rows, live)
         centred = xp.subtract(chosen, mean, out=buffer[: chosen.shape[0]])
         yield rows, centred @ scaled_basis
+
+
+def _live_bands(pixels, rows, live):
+    """``pixels[rows, live]``; a view, not a gather, where every band is live (``live`` is sorted and unique)."""
+    return pixels[rows] if live.size == pixels.shape[1] else pixels[rows, live]
 
 
 def _components(scaled):
