@@ -242,9 +242,10 @@ def _band_scale(cube, xp) -> np.ndarray:
     :func:`_without_flat_bands` keep more bands.
     """
     if is_factored(cube):
-        part = cube.coefficients[::8, ::8]
-        part = part.compute() if is_dask_array(part) else part
-        sample = (part.reshape(-1, cube.rank) @ cube.basis).reshape(part.shape[:2] + (cube.shape[2],))
+        part = cube.pixelwise(lambda coefficients: coefficients[::8, ::8])
+        if is_dask_array(part.coefficients):  # lazy coefficients: only the sample's are read
+            part = part.pixelwise(lambda coefficients: coefficients.compute())
+        sample = part.dense()
     else:
         sample = cube[::8, ::8]
     return to_host(xp.abs(sample).max(axis=(0, 1))).astype(np.float64)
