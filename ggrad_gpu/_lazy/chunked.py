@@ -55,6 +55,7 @@ __all__ = [
     "spatial_chunks",
     "stored_path",
     "warp_cube_chunked",
+    "warp_source_windows",
 ]
 
 # Bytes of one cube chunk (all bands) when a stage chooses the chunks: a task
@@ -347,7 +348,8 @@ def stored_path(x) -> str | None:
 def read_window(path, rows, cols):
     """Rows ``rows[0]:rows[1]`` and columns ``cols`` of a Zarr array, reflected beyond its edges.
 
-    ``path`` is the array's store path, or the opened array. Over store
+    ``path`` is the array's store path, the opened array, or a
+    :class:`~ggrad_gpu._lazy.window_cache.WindowCache` over it. Over store
     chunks beyond :data:`LARGE_STORE_CHUNK` the window is read one chunk at a
     time, so that one decoded chunk is held at once. Reflection as SciPy's ``mode="reflect"`` (``d c b a | a b c d``);
     ranges may reach up to the array's size beyond either edge.
@@ -365,12 +367,17 @@ def read_window(path, rows, cols):
     """
     import zarr
 
+    from .window_cache import WindowCache
+
     array = zarr.open_array(path, mode="r") if isinstance(path, str) else path
     (r0, r1), (c0, c1) = rows, cols
     n, m = array.shape[:2]
     a0, a1, b0, b1 = max(r0, 0), min(r1, n), max(c0, 0), min(c1, m)
-    pad = ((a0 - r0, r1 - a1), (b0 - c0, c1 - b1)) + ((0, 0),) * (array.ndim - 2)
-    window = _read_by_chunks(array, a0, a1, b0, b1)
+    pad = ((a0 - r0, r1 - a1), (b0 - c0, c1 - b1)) + ((0, 0),) * (len(array.shape) - 2)
+    if isinstance(array, WindowCache):
+        window = array.read(a0, a1, b0, b1)
+    else:
+        window = _read_by_chunks(array, a0, a1, b0, b1)
     return np.pad(window, pad, mode="symmetric") if any(any(p) for p in pad) else window
 
 
@@ -517,13 +524,14 @@ def warp_cube_chunked(cube, matrix, output_shape, *, order: int, kernel, chunks=
             chunks = tuple(max(1, int(side / shrink)) for side in chunks)
     meta = cube._meta
     path = stored_path(cube) if store is None else store  # on disk: each block reads its window from the store
+    windows = warp_source_windows(matrix, output_shape, chunks, cube.shape, order)
     rows = []
-    for r0 in range(0, output_shape[0], chunks[0]):
+    for i, r0 in enumerate(range(0, output_shape[0], chunks[0])):
         r1 = min(r0 + chunks[0], output_shape[0])
         row = []
-        for c0 in range(0, output_shape[1], chunks[1]):
+        for j, c0 in enumerate(range(0, output_shape[1], chunks[1])):
             c1 = min(c0 + chunks[1], output_shape[1])
-            window = _source_window(matrix, (r0, r1, c0, c1), cube.shape, _WARP_PAD[order])
+            window = windows[i, j]
             if window is None:  # the block maps outside the cube: NaN, read nothing
                 row.append(da.full((r1 - r0, c1 - c0, bands), np.nan, dtype=dtype, chunks=(r1 - r0, c1 - c0, bands)))
                 continue
@@ -538,6 +546,31 @@ def warp_cube_chunked(cube, matrix, output_shape, *, order: int, kernel, chunks=
             row.append(da.from_delayed(task, (r1 - r0, c1 - c0, bands), dtype=dtype, meta=meta))
         rows.append(row)
     return _stitched(rows)
+
+
+def warp_source_windows(matrix, output_shape, chunks, cube_shape, order: int) -> dict:
+    """The cube's window that each output block of :func:`warp_cube_chunked` reads.
+
+    Returns
+    -------
+    dict
+        ``(block_row, block_col) -> [(w0, w1), (v0, v1)]``, the rows and
+        columns of the cube (clipped to it), or None where the block maps
+        outside the cube.
+
+    Examples
+    --------
+    >>> windows = warp_source_windows(np.eye(3), (10, 10), (5, 5), (8, 8, 2), order=1)
+    >>> windows[0, 0], windows[1, 1]  # the pad of 2 beyond each block; block (1, 1) reads the cube's last rows
+    ([(0, 7), (0, 7)], [(3, 8), (3, 8)])
+    """
+    windows = {}
+    for i, r0 in enumerate(range(0, output_shape[0], chunks[0])):
+        r1 = min(r0 + chunks[0], output_shape[0])
+        for j, c0 in enumerate(range(0, output_shape[1], chunks[1])):
+            c1 = min(c0 + chunks[1], output_shape[1])
+            windows[i, j] = _source_window(matrix, (r0, r1, c0, c1), cube_shape, _WARP_PAD[order])
+    return windows
 
 
 def _warp_window(path, rows, cols, meta, matrix, shape, order, kernel):
