@@ -414,3 +414,24 @@ def test_keep_freed_memory_reuses_a_freed_array_instead_of_faulting_in_fresh_pag
     _, fresh = faults("default")
     assert took == "True"
     assert fresh > 20_000 and kept < 1_000, (fresh, kept)
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc_trim")
+def test_trim_freed_memory_gives_freed_heap_pages_back():
+    # Blocks from the heap (not mapped apart), freed below a survivor so the heap's top cannot shrink.
+    code = """
+import re
+from ggrad_gpu._memory import trim_freed_memory
+def resident():
+    return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+blocks = [bytearray(1 << 20) for _ in range(200)]
+survivor = bytearray(1 << 10)
+del blocks
+before = resident()
+trimmed = trim_freed_memory()
+print(trimmed, before - resident())
+"""
+    environ = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 << 20), MALLOC_TRIM_THRESHOLD_=str(1 << 30))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, check=True)
+    trimmed, released = result.stdout.split()
+    assert trimmed == "True" and int(released) > 150 << 20, result.stdout

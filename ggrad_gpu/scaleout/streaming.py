@@ -32,6 +32,7 @@ import numpy as np
 
 from .._lazy.chunked import chunk_budget, warp_cube_chunked, warp_source_windows
 from .._lazy.window_cache import WindowCache
+from .._memory import trim_freed_memory
 from .._version import __version__
 from ..core.warp import warp_cube
 from ..refinement.options import WORKING_BYTES_PER_PIXEL, resume_settings
@@ -51,11 +52,11 @@ WRITE_CHUNK_COST = 3
 # Chunk-sized buffers a computed chunk holds while its write (the result and
 # its encoded copy) runs beside the next chunk's computation.
 WRITTEN_CHUNK_COST = 2
-# The write's window cache (WindowCache): at least this many of the store's
-# chunks where that leaves a thread, at most the larger number: on the 4 GiB
+# The write's window cache (WindowCache), in the store's chunks: on the 4 GiB
 # cube (64 chunks of 64 MiB) under 1 GiB, 4, 6 and 8 took the write from 56 s
-# to 29, 26 and 24 s and its peak from 0.43 to 0.88, 0.97 and 1.08 GiB.
-CACHE_STORE_CHUNKS = (4, 6)
+# to 26, 22 and 24 s, and the run's peak from 1.01 GiB to 1.01, 1.20 and
+# more (4 keeps the peak the refine itself reaches).
+CACHE_STORE_CHUNKS = 4
 # A task's peak in its chunks (the store's chunk decoded, the window or projection it is copied
 # to, the result, a temporary): what a thread holds at once.
 TASK_CHUNKS = 4
@@ -103,22 +104,28 @@ class StreamPlan:
         what is left. Each thread holds the store chunk it decodes and
         :data:`WRITE_CHUNK_COST` chunks of its own while it computes, and
         :data:`WRITTEN_CHUNK_COST` more while that chunk is written beside
-        the next; the cache takes what is left, within :data:`CACHE_STORE_CHUNKS`.
+        the next. There are as many threads as leave room for a cache of
+        :data:`CACHE_STORE_CHUNKS` store chunks (at least one thread), and the
+        cache takes at most that.
 
         Examples
         --------
         >>> plan = StreamPlan(limit=1 << 30, threads=1, chunk_bytes=32 << 20, store_chunk_bytes=64 << 20,
         ...                   minimum=320 << 20, guide_bytes=64 << 20)
         >>> threads, cache = plan.write_plan(64 << 20, cpus=2)
-        >>> threads, cache >> 20  # one thread leaves room for the most, 6 store chunks; two would leave 3
-        (1, 384)
+        >>> threads, cache >> 20  # a second thread would leave no room for the cache
+        (1, 256)
+        >>> plan = StreamPlan(limit=400 << 20, threads=1, chunk_bytes=32 << 20, store_chunk_bytes=64 << 20,
+        ...                   minimum=320 << 20, guide_bytes=64 << 20)
+        >>> plan.write_plan(64 << 20, cpus=2)  # the task alone fills the limit: one thread, no cache
+        (1, 0)
         """
         free = self.limit - self.guide_bytes
         task = self.store_chunk_bytes + (WRITE_CHUNK_COST + WRITTEN_CHUNK_COST) * chunk_bytes
-        least, most = (count * self.store_chunk_bytes for count in CACHE_STORE_CHUNKS)
+        cache = CACHE_STORE_CHUNKS * self.store_chunk_bytes
         cpus = _usable_cpus() if cpus is None else cpus
-        threads = int(max(1, min(cpus, (free - least) // max(task, 1))))
-        return threads, int(min(most, max(0, free - threads * task)))
+        threads = int(max(1, min(cpus, (free - cache) // max(task, 1))))
+        return threads, int(min(cache, max(0, free - threads * task)))
 
 
 def stream_plan(limit: int, cube, guide_shape, *, store_chunks=None, cpus: int | None = None) -> StreamPlan:
@@ -320,6 +327,7 @@ def _stream(guide, cube_data, out, options, plan, store, *, guide_path, initial_
         # cycles wait for the collector) before the cube-sized write.
         del refinement
         gc.collect()
+        trim_freed_memory()
         say(f"refined: the transform is in {out / 'transform.json'}; now writing registered.zarr")
     else:
         say(f"continuing {out}: the transform of the interrupted run is reused")
