@@ -137,6 +137,46 @@ def test_signal_subspace_reads_each_chunk_of_a_store_once(tmp_path, monkeypatch)
     assert len(reads) == lazy.npartitions == 9  # one read per chunk (six strided slices touch them all)
 
 
+@pytest.mark.parametrize("missing", [False, True])
+def test_a_lazy_cube_s_preparation_reads_each_chunk_once_for_its_checks_and_its_subspace(tmp_path, monkeypatch,
+                                                                                        missing):
+    """The missing values and the subspace's samples come from one pass, and the subspace is the one read apart."""
+    import dask.array as da
+
+    from ggrad_gpu.refinement import preparation
+
+    zarr = pytest.importorskip("zarr")
+    _, noisy = _low_rank(3, shape=(150, 170))
+    noisy = noisy.astype(np.float32)
+    mask = None
+    if missing:
+        noisy[40:44, 50:60, 5] = np.nan
+        mask = np.ones(noisy.shape[:2], bool)
+        mask[100:, :20] = False
+    store = zarr.open_array(str(tmp_path / "cube.zarr"), mode="w", shape=noisy.shape, chunks=(50, 60, 40),
+                            dtype="f4")
+    store[:] = noisy
+    lazy = da.from_zarr(str(tmp_path / "cube.zarr"))
+    reads, found = [], []
+    original = type(store).__getitem__
+    monkeypatch.setattr(type(store), "__getitem__", lambda self, key: reads.append(key) or original(self, key))
+    subspace = preparation.signal_subspace
+
+    def found_with_reads(*args, **kwargs):
+        found.append((subspace(*args, **kwargs), len(reads)))
+        return found[-1][0]
+
+    monkeypatch.setattr(preparation, "signal_subspace", found_with_reads)
+    preparation.prepare_cube(lazy, mask, np, denoise=True, memory_limit=1 << 40)
+    ((result, read_by_then),) = found
+    assert read_by_then == lazy.npartitions == 9  # before: 18, the checks' pass and the samples' pass
+    # The reference: the subspace of the prepared values in memory, read by signal_subspace itself.
+    expected = signal_subspace(preparation.prepare_cube(noisy, mask, np).values, project=False)
+    assert result.rank == expected.rank == 3
+    for got, want in zip(result.fit, expected.fit):
+        np.testing.assert_array_equal(got, want)
+
+
 def _default_phantom(index):
     case = draw_cases(index + 1, seed=3030)[index]  # the trust sweep's draws: 27-45 px off
     return make_phantom(bands=60, signatures="separate", **{**case.phantom_kwargs(), "seed": 500 + case.seed})

@@ -440,20 +440,27 @@ def _persisted(x):
 # --------------------------------------------------------------------------- the cube
 
 
-def prepare_lazy_cube(cube, mask, xp):
-    """A dask cube's ``(values, with_data, dead_bands)``, as ``refinement.preparation.prepare_cube`` gives them.
+def prepare_lazy_cube(cube, mask, xp, *, samples=()):
+    """A dask cube's ``(values, with_data, dead_bands, sampled)``; the first three as ``prepare_cube`` gives them.
 
     One pass over the cube finds the bands with data and, per pixel, how
     many bands are finite; ``values`` stays lazy (NaN at missing values, on
     the device chunk by chunk when ``xp`` is CuPy), the maps are computed.
+    ``samples``: ``(rows, cols)`` indices read in the same pass, ``sampled``
+    being ``values`` at each (in memory; the same numbers as
+    ``values[index].compute()``).
 
     Examples
     --------
     >>> import dask.array as da
     >>> cube = np.ones((4, 4, 3)); cube[0, 0, 1] = np.nan; cube[..., 2] = np.nan  # band 2 is empty
-    >>> values, with_data, dead = prepare_lazy_cube(da.from_array(cube, chunks=2), None, np)
+    >>> values, with_data, dead, (corner,) = prepare_lazy_cube(da.from_array(cube, chunks=2), None, np,
+    ...                                                        samples=[(slice(0, 2), slice(0, 1))])
     >>> is_dask_array(values), dead.tolist(), int(with_data.sum())  # pixel (0, 0) lacks band 1
     (True, [2], 15)
+    >>> corner[:, 0]
+    array([[ 1., nan, nan],
+           [ 1.,  1., nan]])
     """
     import dask
     import dask.array as da
@@ -466,18 +473,30 @@ def prepare_lazy_cube(cube, mask, xp):
     finite = da.isfinite(cube)
     if mask is not None:
         finite = finite & da.from_array(np.asarray(mask), chunks=cube.chunks[:2])[:, :, None]
-    present, count = dask.compute(finite.any(axis=(0, 1)), finite.sum(axis=2, dtype=np.int32))
+    present, count, *sampled = dask.compute(finite.any(axis=(0, 1)), finite.sum(axis=2, dtype=np.int32),
+                                            *[cube[index] for index in samples])
     present = np.asarray(present) if xp is np else present.get()
     if not present.any():
         raise ValueError("cube has no finite value (inside mask)")
     with_data = count == int(present.sum())
     if bool(present.all()) and bool(with_data.all()):
-        return cube, None, None
+        return cube, None, None, sampled
     if not bool(with_data.any()):
         raise ValueError("cube has no pixel with a finite value in every band (inside mask)")
-    values = da.where(finite, cube.astype(float_dtype(cube.dtype)), np.nan)
+    dtype = float_dtype(cube.dtype)
+    values = da.where(finite, cube.astype(dtype), np.nan)
+    # The samples as ``values`` has them: the same elementwise where, on the pixels read.
+    sampled = [_where_finite(part, None if mask is None else np.asarray(mask)[index], dtype, xp)
+               for part, index in zip(sampled, samples)]
     dead = np.flatnonzero(~present)
-    return values, to_device(with_data, xp) if not bool(with_data.all()) else None, dead if dead.size else None
+    return values, to_device(with_data, xp) if not bool(with_data.all()) else None, dead if dead.size else None, sampled
+
+
+def _where_finite(part, mask, dtype, xp):
+    finite = xp.isfinite(part)
+    if mask is not None:
+        finite &= xp.asarray(mask)[:, :, None]
+    return xp.where(finite, part.astype(dtype), np.nan)
 
 
 # --------------------------------------------------------------------------- warp

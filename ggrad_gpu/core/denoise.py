@@ -34,7 +34,8 @@ from .._validation import all_finite, float_dtype
 from .factored import FactoredCube
 
 __all__ = ["BULK_LIMIT", "COMPONENTS", "FACTORED_SHARE", "FULL_EIGEN", "ITERATIONS", "MIN_PIXELS", "MIN_SIDE", "NOISE_PIXELS",
-           "PIXELS_PER_BAND", "PROJECT_BYTES", "RANK_MARGIN", "SAMPLE_PIXELS", "Subspace", "band_noise", "signal_subspace"]
+           "PIXELS_PER_BAND", "PROJECT_BYTES", "RANK_MARGIN", "SAMPLE_PIXELS", "Subspace", "band_noise", "signal_subspace",
+           "subspace_samples"]
 
 # A component counts as signal above this multiple of the noise edge.
 RANK_MARGIN = 1.5
@@ -224,9 +225,39 @@ def band_noise(cube, *, stride: int = 1):
 
 def _neighbours(cube, stride):
     """The sampled interior pixels of ``cube`` and their four neighbours: five strided slices."""
-    rows, cols = cube.shape[:2]
-    return [cube[r0 : rows - 2 + r0 : stride, c0 : cols - 2 + c0 : stride]
+    return [cube[index] for index in _neighbour_indices(cube.shape, stride)]
+
+
+def _neighbour_indices(shape, stride):
+    rows, cols = shape[:2]
+    return [(slice(r0, rows - 2 + r0, stride), slice(c0, cols - 2 + c0, stride))
             for r0, c0 in ((1, 1), (0, 1), (2, 1), (1, 0), (1, 2))]
+
+
+def subspace_samples(shape) -> list:
+    """The slices of a cube of ``shape`` that :func:`signal_subspace` reads; none for a map it leaves as it is.
+
+    Each is a ``(rows, cols)`` index: the noise's five strided slices
+    (sampled pixels and their four neighbours), then the sample of spectra
+    the components are fitted to. A streamed cube's preparation reads them
+    in its own pass over the store and hands them to :func:`signal_subspace`
+    (``samples``), rather than reading the store once more.
+
+    Examples
+    --------
+    >>> from ggrad_gpu.core.denoise import subspace_samples
+    >>> samples = subspace_samples((200, 300, 40))
+    >>> len(samples), samples[-1]  # five for the noise, then every 3rd pixel of every 3rd row
+    (6, (slice(None, None, 3), slice(None, None, 3)))
+    >>> subspace_samples((2, 50, 20))  # no interior pixel: left as it is
+    []
+    """
+    rows, cols = shape[:2]
+    if rows < 3 or cols < 3 or rows * cols < min(MIN_PIXELS, PIXELS_PER_BAND * MIN_SIDE):
+        return []
+    stride = max(1, math.ceil(math.sqrt(rows * cols / SAMPLE_PIXELS)))
+    noise_stride = max(1, math.ceil(math.sqrt(rows * cols / NOISE_PIXELS)))
+    return _neighbour_indices(shape, noise_stride) + [(slice(None, None, stride), slice(None, None, stride))]
 
 
 def _noise(centre, up, down, left, right):
@@ -246,7 +277,7 @@ def _noise(centre, up, down, left, right):
     return 1.4826 * spread.astype(xp.float64) / math.sqrt(1.25)
 
 
-def signal_subspace(cube, *, project: bool = True) -> Subspace:
+def signal_subspace(cube, *, project: bool = True, samples=None) -> Subspace:
     """The cube projected on the principal components that stand clear of its noise.
 
     Parameters
@@ -256,6 +287,10 @@ def signal_subspace(cube, *, project: bool = True) -> Subspace:
     project : bool, default True
         False: only the subspace is found (``values`` is None where ``rank``
         is not), for :meth:`Subspace.factored`.
+    samples : list of arrays, optional
+        ``cube`` at each index of :func:`subspace_samples`, already read (a
+        streamed cube's pass over its store reads them beside its own
+        statistics); by default they are read here.
 
     Returns
     -------
@@ -279,13 +314,17 @@ def signal_subspace(cube, *, project: bool = True) -> Subspace:
     (2, True)
     """
     rows, cols, bands = cube.shape
-    if rows < 3 or cols < 3 or rows * cols < min(MIN_PIXELS, PIXELS_PER_BAND * MIN_SIDE):
+    indices = subspace_samples(cube.shape)
+    if not indices:
         return Subspace(cube, None)
-    stride = max(1, math.ceil(math.sqrt(rows * cols / SAMPLE_PIXELS)))
     # The noise's slices and the sample in one read: a strided slice of a chunked store touches
     # every chunk, so six reads were six passes over a streamed cube (96 s of 4 GiB, now one pass).
-    *neighbours, sample = _read(*_neighbours(cube, max(1, math.ceil(math.sqrt(rows * cols / NOISE_PIXELS)))),
-                                cube[::stride, ::stride])
+    if samples is None:
+        samples = _read(*[cube[index] for index in indices])
+    elif len(samples) != len(indices):
+        raise ValueError(f"samples must hold the cube at the {len(indices)} indices of subspace_samples; "
+                         f"got {len(samples)} arrays")
+    *neighbours, sample = samples
     sigma = _noise(*neighbours)
     xp = array_module(sigma=sigma)
     live = np.flatnonzero(to_host(xp.isfinite(sigma) & (sigma > 0)))

@@ -20,7 +20,7 @@ from .._lazy.chunked import held_once, is_dask_array, keep_source, prepare_lazy_
 from .._memory import block_rows, retry_smaller
 from .._validation import all_finite, float_dtype, to_gray
 from ..core.coverage import fill_gaps
-from ..core.denoise import signal_subspace
+from ..core.denoise import signal_subspace, subspace_samples
 from ..core.factored import FactoredCube, imagewise, is_factored
 from ..core.geometry import WorkingGrid, block_mean, pixels_per_cube_pixel
 from ..core.intensity import intensity_scale, normalised
@@ -240,14 +240,18 @@ def prepare_cube(cube, mask, xp, *, denoise: bool = False, normalise: bool = Fal
     >>> bool(np.isnan(prepared.values[2, 2]).all()), bool(np.isfinite(cube[2, 2]).all())  # a copy: cube unchanged
     (True, True)
     """
+    samples = None
     if is_dask_array(cube):
-        prepared = PreparedCube(*prepare_lazy_cube(cube, mask, xp))
+        # The denoising's samples read in the same pass as the missing values (one read of the store, not two).
+        values, with_data, dead_bands, samples = prepare_lazy_cube(
+            cube, mask, xp, samples=subspace_samples(cube.shape) if denoise else ())
+        prepared = PreparedCube(values, with_data, dead_bands)
     else:
         prepared = _prepared_in_memory(cube, mask, xp)
     totals = None
     lazy = is_dask_array(prepared.values)
     if denoise:
-        subspace = signal_subspace(prepared.values, project=prepared.with_data is not None)
+        subspace = signal_subspace(prepared.values, project=prepared.with_data is not None, samples=samples or None)
         if subspace.rank is not None:
             denoised, unheld = subspace.values, False
             if denoised is None:  # complete: kept factored where that is smaller
