@@ -53,9 +53,9 @@ WRITE_CHUNK_COST = 3
 # its encoded copy) runs beside the next chunk's computation.
 WRITTEN_CHUNK_COST = 2
 # The write's window cache (WindowCache), in the store's chunks: on the 4 GiB
-# cube (64 chunks of 64 MiB) under 1 GiB, 4, 6 and 8 took the write from 56 s
-# to 26, 22 and 24 s, and the run's peak from 1.01 GiB to 1.01, 1.20 and
-# more (4 keeps the peak the refine itself reaches).
+# cube (64 chunks of 64 MiB) under 1 GiB, 4 and 6 took the write from 56 s to
+# 25.5 and 22 s, and the run's peak to 1.01 and 1.20 GiB (the refine's own
+# peak is 0.97-1.02): 4 keep the peak where the refine puts it.
 CACHE_STORE_CHUNKS = 4
 # A task's peak in its chunks (the store's chunk decoded, the window or projection it is copied
 # to, the result, a temporary): what a thread holds at once.
