@@ -249,7 +249,8 @@ def test_a_streamed_run_s_peak_stays_within_the_limit_and_the_interpreter(tmp_pa
 
 
 @pytest.mark.slow
-def test_the_write_reads_in_the_cache_s_planned_order_and_writes_the_same_bits(files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("grid", ["cube", "guide", "working"])
+def test_the_write_reads_in_the_cache_s_planned_order_and_writes_the_same_bits(files, tmp_path, monkeypatch, grid):
     from ggrad_gpu._lazy import window_cache
     from ggrad_gpu.scaleout.streaming import StreamPlan
 
@@ -263,12 +264,13 @@ def test_the_write_reads_in_the_cache_s_planned_order_and_writes_the_same_bits(f
     monkeypatch.setattr(window_cache.WindowCache, "__init__", kept)
     # The tiny limit leaves this cube's cache no room; give it 1 MiB to see that the reads follow its plan.
     monkeypatch.setattr(StreamPlan, "write_plan", lambda self, chunk_bytes: (1, 1 << 20))
-    assert _refine(files, tmp_path / "out", "--memory-limit", LIMIT) == 0
+    assert _refine(files, tmp_path / "out", "--memory-limit", LIMIT, "--output-grid", grid) == 0
     (cache,) = caches
     # Decodes counted as they happen equal the plan's only where the windows came in the planned order.
     assert cache.decodes == cache.plan.decodes
     assert cache.decodes < 0.7 * cache.plan.touches, (cache.decodes, cache.plan.touches)
     store = _registered(tmp_path / "out")
+    assert store.attrs["output_grid"] == grid
     matrix = np.array(json.loads((tmp_path / "out" / "transform.json").read_text())["matrix"])
     reference = warp_cube(phantom.cube, matrix @ np.array(store.attrs["output_to_guide"]), store.shape[:2])
     np.testing.assert_array_equal(store[...], reference)
