@@ -365,7 +365,7 @@ def trim_freed_memory() -> bool:
     """
     try:
         malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
+    except (OSError, AttributeError, TypeError):  # not glibc (Windows takes no None)
         return False
     malloc_trim.argtypes, malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
     return bool(malloc_trim(0))
