@@ -189,14 +189,6 @@ class WindowCache:
     def shape(self):
         return self.array.shape
 
-    @property
-    def dtype(self):
-        return self.array.dtype
-
-    @property
-    def chunks(self):
-        return self.array.chunks
-
     def __getstate__(self):
         # Another process shares no memory with this one: it gets the array, no plan and nothing held.
         return {"array": self.array}

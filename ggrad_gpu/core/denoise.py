@@ -359,9 +359,8 @@ def _project(block, live, mean, scale, basis):
     pixels = block.reshape(-1, block.shape[2])
     live, mean, scale, basis = _fit_on(block, live, mean, scale, basis)
     out = pixels.copy()
-    for rows, coefficients in _runs(pixels, live, mean, scale, basis):
+    for rows, chosen, coefficients in _runs(pixels, live, mean, scale, basis):
         projected = coefficients @ basis.T * scale + mean
-        chosen = _live_bands(pixels, rows, live)
         projected = xp.where(xp.isfinite(projected).all(axis=1, keepdims=True), projected, chosen)
         out[rows, live] = projected.astype(out.dtype)
     return out.reshape(block.shape)
@@ -375,7 +374,7 @@ def _coefficients(block, live, mean, scale, basis, kept):
     components = basis.shape[1]
     out = xp.empty((pixels.shape[0], components + 1 + kept.size), dtype=mean.dtype)
     out[:, components] = 1
-    for rows, coefficients in _runs(pixels, live, mean, scale, basis):
+    for rows, _, coefficients in _runs(pixels, live, mean, scale, basis):
         out[rows, :components] = coefficients
     if kept.size:
         out[:, components + 1:] = pixels[:, to_device(kept, xp)]
@@ -390,7 +389,7 @@ def _fit_on(block, live, mean, scale, basis):
 
 
 def _runs(pixels, live, mean, scale, basis):
-    """``(rows, coefficients)`` for runs of ``pixels``: their live bands' coefficients on the components.
+    """``(rows, chosen, coefficients)`` for runs of ``pixels``: their live bands and those bands' coefficients.
 
     In runs of pixels through one buffer, so the temporaries stay near
     PROJECT_BYTES, not several copies of the block (a 64 MiB chunk of a
@@ -407,7 +406,7 @@ def _runs(pixels, live, mean, scale, basis):
         rows = slice(start, start + step)
         chosen = _live_bands(pixels, rows, live)
         centred = xp.subtract(chosen, mean, out=buffer[: chosen.shape[0]])
-        yield rows, centred @ scaled_basis
+        yield rows, chosen, centred @ scaled_basis
 
 
 def _live_bands(pixels, rows, live):
