@@ -8,7 +8,7 @@ the module ``pkg.name`` where there is one, else to ``pkg`` (its ``__init__``).
 The layers, bottom first (docs/ARCHITECTURE.md); a module may import its own
 group and any group on a lower line, never a group beside it on the same line:
 
-    base          _affine, _backend, _memory, _pages, _validation, _version, _lazy (dask dispatch, scratch)
+    base          _affine, _backend, _memory, _pages, _threads, _validation, _version, _lazy (dask dispatch, scratch)
     core | io     the paper's stages | files in and out (a leaf: it draws nothing)
     registration | synthetic
     refinement
@@ -36,7 +36,7 @@ LAYERS = [
     {"cli"},
     {"api"},
 ]
-BASE = {"_affine", "_backend", "_memory", "_pages", "_validation", "_version", "_lazy"}
+BASE = {"_affine", "_backend", "_memory", "_pages", "_threads", "_validation", "_version", "_lazy"}
 
 
 def group_of(module: str) -> str:

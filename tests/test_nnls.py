@@ -3,7 +3,7 @@ import pytest
 import scipy.optimize
 
 from ggrad_gpu import gram_products, nnls_gram
-from ggrad_gpu.core.nnls import GramAccumulator, nnls_kkt_residual
+from ggrad_gpu.core.nnls import GramAccumulator, _asymmetry, nnls_kkt_residual
 
 from helpers import assert_backend, host
 
@@ -81,6 +81,42 @@ def test_nnls_accepts_device_gram(xp):
 def test_nnls_rejects_bad_input(gram, rhs, match):
     with pytest.raises(ValueError, match=match):
         nnls_gram(gram, rhs)
+
+
+@pytest.mark.parametrize("n", [1, 5, 255, 256, 257, 600])
+def test_asymmetry_is_the_largest_difference_from_the_transpose(n):
+    rng = np.random.default_rng(n)
+    a = rng.standard_normal((n, n))
+    gram = a + a.T
+    assert _asymmetry(gram) == 0.0
+    for i, j in [(0, n - 1), (n - 1, 0), (n // 2, n // 3), (n - 1, n - 1)]:  # across tiles, inside one, diagonal
+        bent = gram.copy()
+        bent[i, j] += 0.5 + i
+        assert _asymmetry(bent) == np.abs(bent - bent.T).max()
+
+
+@pytest.mark.parametrize("usable", ["all", "some"])
+def test_nnls_leaves_its_float64_inputs_as_they_were(usable):
+    rng = np.random.default_rng(7)
+    a, b = problem(rng, "constant" if usable == "some" else "random")
+    gram, rhs = a.T @ a, a.T @ b
+    kept = gram.copy(), rhs.copy()
+    x = nnls_gram(gram, rhs, ridge=1e-6)
+    np.testing.assert_array_equal(gram, kept[0])
+    np.testing.assert_array_equal(rhs, kept[1])
+    # The same answer as from copies (the path a float32 or device input takes).
+    np.testing.assert_array_equal(x, nnls_gram(gram.astype(np.float64, copy=True), rhs.copy(), ridge=1e-6))
+
+
+def test_nnls_rejects_an_asymmetric_gram_and_inf():
+    gram = np.eye(300)
+    gram[3, 290] = 1.0
+    with pytest.raises(ValueError, match="symmetric"):
+        nnls_gram(gram, np.ones(300))
+    with pytest.raises(ValueError, match="finite"):
+        nnls_gram(np.diag([1.0, np.inf]), np.ones(2))
+    with pytest.raises(ValueError, match="finite"):
+        nnls_gram(np.eye(2), np.array([1.0, np.nan]))
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 64, 10_000])

@@ -177,6 +177,39 @@ def test_band_chunks_and_blocks_do_not_change_the_result(xp, order, monkeypatch)
     np.testing.assert_array_equal(blocked, whole)
 
 
+@pytest.mark.parametrize("order", [1, 3])
+def test_threads_do_not_change_the_result(order, monkeypatch):
+    cube = random_cube((15, 17, 7), seed=9)
+    cube[4, 5, 2] = np.nan  # the renormalised and the nearest-NaN paths use each thread's scratch
+    matrix = MATRICES["all"]
+    monkeypatch.setattr(warp_module, "MIN_THREAD_VALUES", 1)
+    monkeypatch.setattr(warp_module, "host_threads", lambda: 1)
+    alone = warp_cube(cube, matrix, SHAPE, order=order)
+    reference = scipy_per_band(np.nan_to_num(cube), matrix, SHAPE, order)
+    inside = footprint(cube.shape[:2], matrix, SHAPE)
+    np.testing.assert_allclose(alone[inside][:, [0, 1, 3]], reference[inside][:, [0, 1, 3]], atol=1e-5)
+    started = []
+    real_pool = warp_module.ThreadPoolExecutor
+
+    def counted(max_workers, **kwargs):
+        started.append(max_workers)
+        return real_pool(max_workers=max_workers, **kwargs)
+
+    monkeypatch.setattr(warp_module, "ThreadPoolExecutor", counted)
+    monkeypatch.setattr(warp_module, "block_rows", lambda shape, itemsize, xp: 5)  # several blocks per thread
+    for threads in (2, 3, 1000):  # 1000: one pixel per thread at most
+        monkeypatch.setattr(warp_module, "host_threads", lambda threads=threads: threads)
+        np.testing.assert_array_equal(warp_cube(cube, matrix, SHAPE, order=order, band_chunk=3), alone)
+    assert started == [2] * 3 + [3] * 3 + [SHAPE[0] * SHAPE[1]] * 3  # one pool per chunk of bands
+
+
+def test_a_small_warp_runs_in_the_calling_thread(monkeypatch):
+    monkeypatch.setattr(warp_module, "host_threads", lambda: 4)
+    monkeypatch.setattr(warp_module, "ThreadPoolExecutor", None)  # any pool would fail
+    cube = random_cube((15, 17, 7))
+    assert warp_cube(cube, MATRICES["shift"], SHAPE).shape == SHAPE + (7,)
+
+
 def test_warp_errors():
     cube = np.ones((3, 3, 1))
     with pytest.raises(ValueError, match="order must be 1 or 3; got 2"):

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import numbers
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import sparse
@@ -25,6 +27,7 @@ from scipy import sparse
 from .._backend import array_module, ndimage_module
 from .._lazy.chunked import is_dask_array, warp_cube_chunked
 from .._memory import block_rows, retry_smaller
+from .._threads import host_threads, spans
 from .._validation import check_array, check_matrix, float_dtype
 from .geometry import check_output_shape, in_footprint, map_points
 
@@ -37,6 +40,8 @@ ORDERS = (1, 3)
 # does for mode="nearest", so that the boundary matches it (the prefilter's
 # pole, sqrt(3) - 2, decays to about 1e-7 over 12 pixels).
 _SPLINE_PAD = 12
+# Output values (points times bands) a thread gets at least: below this, starting it costs more than it saves.
+MIN_THREAD_VALUES = 1 << 20
 
 
 def warp_cube(cube, matrix, output_shape, *, order: int = 1, band_chunk: int | None = None):
@@ -132,27 +137,44 @@ def warp_cube(cube, matrix, output_shape, *, order: int = 1, band_chunk: int | N
     # one block stays near the memory budget even with thousands of bands;
     # the sums hold a few (pixels, bands) temporaries at a time.
     pixels = out.reshape(-1, n_bands)
-    # Sized for all bands, so that a smaller band_chunk only lowers the peak
-    # (its points per block stay; their spectra shrink).
-    block = block_rows((pixels.shape[0], point_bytes(order, n_bands, dtype.itemsize)), 1, xp)
     out_cols = output_shape[1]
+    block = None  # points per block: sized by the first chunk's sampler (its temporaries)
 
-    def resample_block(sampler, bands, start, size):
-        index = xp.arange(start, min(start + size, pixels.shape[0]))
+    def resample_block(sampler, bands, start, stop, size):
+        index = xp.arange(start, min(start + size, stop))
         r = (index // out_cols).astype(xp.float64)
         c = (index % out_cols).astype(xp.float64)
         q_rows, q_cols = map_points(matrix, r, c)
         sampler(q_rows, q_cols, out=pixels[start : start + index.shape[0], bands])
         return start + index.shape[0]
 
+    def resample_span(sampler, bands, span, size):
+        start, stop = span
+        while start < stop:
+            run = functools.partial(resample_block, sampler, bands, start, stop)
+            start, size = retry_smaller(run, size, stage=STAGE, unit="output pixels", xp=xp)
+        return size
+
+    # On the host, runs of output pixels in threads (SciPy's sparse product and NumPy's
+    # loops release the GIL; each output pixel is computed alone, so the values do not
+    # depend on the runs). Fresh output pages are faulted in by both threads too.
+    threads = host_threads() if xp is np else 1
+    runs = spans(pixels.shape[0], threads, minimum=max(1, MIN_THREAD_VALUES // max(n_bands, 1)))
+
     def resample_chunk(first, size):
         nonlocal block  # the block size that last fitted (kept when this chunk fails)
         bands = slice(first, min(first + size, n_bands))
         sampler = _Sampler(cube[:, :, bands], order, dtype, xp)
-        start = 0
-        while start < pixels.shape[0]:
-            run = functools.partial(resample_block, sampler, bands, start)
-            start, block = retry_smaller(run, block, stage=STAGE, unit="output pixels", xp=xp)
+        if block is None:
+            # Sized for all bands, so that a smaller band_chunk only lowers the peak (its points
+            # per block stay; their spectra shrink), and the threads' blocks together within one budget.
+            bytes_per_point = point_bytes(order, n_bands, dtype.itemsize, spectra=sampler.spectra)
+            block = max(1, block_rows((pixels.shape[0], bytes_per_point), 1, xp) // len(runs))
+        if len(runs) == 1:
+            block = resample_span(sampler, bands, runs[0], block)
+        else:
+            with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="ggrad-warp") as pool:
+                block = min(pool.map(lambda span: resample_span(sampler, bands, span, block), runs))
         return bands.stop
 
     # Out of memory even with one-pixel blocks: the chunk's set-up holds too
@@ -164,25 +186,28 @@ def warp_cube(cube, matrix, output_shape, *, order: int = 1, band_chunk: int | N
     return out
 
 
-def point_bytes(order: int, bands: int, itemsize: int) -> int:
+def point_bytes(order: int, bands: int, itemsize: int, *, spectra: int = 4) -> int:
     """Bytes of temporaries per output point of a block: its spectra and its taps.
 
-    Four (points, bands) spectra (the gathered tap, the kept weight with
-    NaN, and the output block as it is written and read back: on the CPU
-    this keeps a block's spectra near cache size), per tap an ``intp`` index
+    ``spectra`` (points, bands) arrays (:attr:`_Sampler.spectra`: on a GPU
+    four, the gathered tap, the kept weight with NaN, and the output block
+    as it is written and read back; on the host the sparse product's result,
+    and with NaN the kept weight and its product), per tap an ``intp`` index
     and a weight in the cube's dtype, and the per-axis taps (float64
-    weights, their cast, ``intp`` indices) and coordinates. The taps do not
+    weights, their cast, ``intp`` indices) and coordinates; on the host
+    (fewer than four spectra) also the sparse matrix's copies of the taps,
+    its indices cast to 32 bits and its row pointers. The taps do not
     shrink with the bands, so with few bands they are most of a block.
 
     Examples
     --------
     >>> from ggrad_gpu.core.warp import point_bytes
-    >>> point_bytes(1, 1000, 4), point_bytes(1, 1, 4)
-    (16192, 208)
-    
+    >>> point_bytes(1, 1000, 4), point_bytes(1, 1, 4), point_bytes(1, 1000, 4, spectra=1)
+    (16192, 208, 4264)
     """
     taps, axis_taps = (4, 2) if order == 1 else (16, 4)
-    return 4 * bands * itemsize + taps * (8 + itemsize) + 2 * axis_taps * (16 + itemsize) + 64
+    sparse_matrix = taps * (8 + 4 + itemsize) + 8 if spectra < 4 else 0
+    return spectra * bands * itemsize + taps * (8 + itemsize) + 2 * axis_taps * (16 + itemsize) + 64 + sparse_matrix
 
 
 def _check_matrix(matrix) -> np.ndarray:
@@ -212,7 +237,7 @@ class _Sampler:
         # decide whether it needs NaN bookkeeping; NaN-free chunks skip it.
         has_nan = bool(xp.isnan(values.min()))
         self.missing = self.finite = None
-        self.buffers = None  # scratch for one tap (and the kept weights), reused across blocks
+        self._scratch = threading.local()  # each thread's scratch (see _buffers), reused across blocks
         if order == 1:
             self.pad = 0
             if has_nan:
@@ -223,6 +248,7 @@ class _Sampler:
                 values = xp.where(missing, 0, values).astype(dtype, copy=False)
             # SciPy's sparse product copies a strided operand at every call: once here instead.
             self.source = values.reshape(-1, n_bands) if xp is not np else np.ascontiguousarray(values).reshape(-1, n_bands)
+            self.spectra = self._spectra()
             return
         if has_nan:
             missing = xp.isnan(values)
@@ -237,6 +263,29 @@ class _Sampler:
             ndi.spline_filter1d(coefficients, 3, axis=axis, output=coefficients, mode="nearest")
         self.pad = pad
         self.source = coefficients.reshape(-1, n_bands)
+        self.spectra = self._spectra()
+
+    def _spectra(self) -> int:
+        """(points, bands) temporaries a block holds at once (:func:`point_bytes`)."""
+        if self.xp is not np:
+            return 4  # the gathered tap, the kept weights, the output block written and read back
+        return 1 if self.finite is None else 3  # the product; the kept weights and their product
+
+    def _buffers(self, points):
+        """This thread's scratch for ``points`` points: ``(tap, kept)``, each None where unused.
+
+        A tap is gathered into ``tap`` on a GPU (the host's sparse product
+        needs none); ``kept`` holds the finite taps' weight where NaN is
+        renormalised.
+        """
+        xp, bands = self.xp, self.source.shape[1]
+        buffers = getattr(self._scratch, "buffers", None)
+        if buffers is None or buffers[0] < points:
+            tap = None if xp is np else xp.empty((points, bands), dtype=self.dtype)
+            kept = None if self.finite is None else xp.empty((points, bands), dtype=self.dtype)
+            buffers = self._scratch.buffers = (points, tap, kept)
+        _, tap, kept = buffers
+        return (None if tap is None else tap[:points]), (None if kept is None else kept[:points])
 
     def __call__(self, q_rows, q_cols, out):
         """Write the values at cube coordinates ``(q_rows, q_cols)`` into ``out`` (points, bands)."""
@@ -257,13 +306,9 @@ class _Sampler:
         # A point beyond the footprint gets NaN weights, so the sums below make
         # it NaN in every band: no extra pass over the spectra, no mask indexing.
         xp.copyto(weights, xp.nan, where=~in_footprint(q_rows, q_cols, (n_rows, n_cols)))
-        if self.buffers is None or self.buffers.shape[1] < points:
-            count = 1 if self.finite is None else 2
-            self.buffers = xp.empty((count, points, self.source.shape[1]), dtype=self.dtype)
-        tap = self.buffers[0, :points]
+        tap, kept = self._buffers(points)
         _weighted_sum(self.source, index, weights, xp, tap, out)
         if self.finite is not None:
-            kept = self.buffers[1, :points]
             # Bilinear with NaN: ``out`` summed the finite taps, ``kept`` is
             # their weight. It equals the total weight, bit for bit (same
             # sums, times 1), unless a tap with weight is NaN; renormalise
@@ -339,7 +384,7 @@ def _weighted_sum(source, index, weights, xp, tap, out):
     or how many are resampled together: each output value is
     ``w_0 x_0 + w_1 x_1 + ...``, rounded after each product and each sum, in
     tap order (``einsum`` and BLAS pick their summation order by shape).
-    ``tap`` is scratch of the shape of ``out``.
+    ``tap`` is scratch of the shape of ``out`` (None on the host, whose sparse product needs none).
 
     On NumPy the taps are the rows of a sparse matrix (``points`` rows, ``k``
     entries each, zero weights kept), and SciPy's CSR-times-dense product

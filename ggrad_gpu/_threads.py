@@ -1,0 +1,72 @@
+"""Threads for host (NumPy) work that releases the GIL: as many as the BLAS pool may use now.
+
+NumPy's element-wise loops are single-threaded, and so are SciPy's sparse
+products; both release the GIL on large arrays, so a stage can split its
+output between threads. The count follows the BLAS thread pool's current
+limit, which is what a caller lowers to share the cores
+(``ggrad_gpu.scaleout.tasks`` runs mosaic tiles side by side with
+``threadpoolctl.threadpool_limits``), so a stage never takes more cores than
+its BLAS products would.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+__all__ = ["host_threads", "spans"]
+
+
+@functools.cache
+def _blas_pools():
+    """threadpoolctl's controller of the loaded BLAS libraries (built once: a scan of the loaded libraries)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # an optional speed-up: one thread without it
+        return None
+    return ThreadpoolController().select(user_api="blas")
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else max(1, os.cpu_count() or 1)
+
+
+def host_threads() -> int:
+    """Threads a host stage may use now: the BLAS pool's current limit, within this process's cores.
+
+    Examples
+    --------
+    >>> from threadpoolctl import threadpool_limits
+    >>> with threadpool_limits(limits=1, user_api="blas"):
+    ...     host_threads()
+    1
+    >>> 1 <= host_threads() <= (os.cpu_count() or 1)
+    True
+    """
+    pools = _blas_pools()
+    if pools is None or not pools.lib_controllers:
+        return 1
+    limit = max(int(pool.num_threads) for pool in pools.lib_controllers)
+    return max(1, min(limit, _cores()))
+
+
+def spans(count: int, parts: int, *, minimum: int = 1) -> list[tuple[int, int]]:
+    """``count`` items split into at most ``parts`` contiguous ``(start, stop)`` runs of at least ``minimum``.
+
+    Examples
+    --------
+    >>> spans(10, 3)
+    [(0, 4), (4, 7), (7, 10)]
+    >>> spans(10, 4, minimum=5)  # too few items for four runs of five
+    [(0, 5), (5, 10)]
+    >>> spans(0, 2)
+    []
+    """
+    parts = max(1, min(int(parts), int(count) // max(1, int(minimum))))
+    if count <= 0:
+        return []
+    base, extra = divmod(int(count), parts)
+    bounds = [0]
+    for index in range(parts):
+        bounds.append(bounds[-1] + base + (index < extra))
+    return list(zip(bounds[:-1], bounds[1:]))
