@@ -1,3 +1,5 @@
+import threading
+
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
@@ -188,26 +190,35 @@ def test_threads_do_not_change_the_result(order, monkeypatch):
     reference = scipy_per_band(np.nan_to_num(cube), matrix, SHAPE, order)
     inside = footprint(cube.shape[:2], matrix, SHAPE)
     np.testing.assert_allclose(alone[inside][:, [0, 1, 3]], reference[inside][:, [0, 1, 3]], atol=1e-5)
-    started = []
-    real_pool = warp_module.ThreadPoolExecutor
+    runs, threads_seen = [], set()
+    real_parallel = warp_module.parallel
 
-    def counted(max_workers, **kwargs):
-        started.append(max_workers)
-        return real_pool(max_workers=max_workers, **kwargs)
+    def counted(function, items):
+        items = list(items)
+        runs.append(len(items))
 
-    monkeypatch.setattr(warp_module, "ThreadPoolExecutor", counted)
+        def noted(item):
+            threads_seen.add(threading.get_ident())
+            return function(item)
+
+        return real_parallel(noted, items)
+
+    monkeypatch.setattr(warp_module, "parallel", counted)
     monkeypatch.setattr(warp_module, "block_rows", lambda shape, itemsize, xp: 5)  # several blocks per thread
     for threads in (2, 3, 1000):  # 1000: one pixel per thread at most
         monkeypatch.setattr(warp_module, "host_threads", lambda threads=threads: threads)
         np.testing.assert_array_equal(warp_cube(cube, matrix, SHAPE, order=order, band_chunk=3), alone)
-    assert started == [2] * 3 + [3] * 3 + [SHAPE[0] * SHAPE[1]] * 3  # one pool per chunk of bands
+    assert runs == [2] * 3 + [3] * 3 + [SHAPE[0] * SHAPE[1]] * 3  # each chunk of bands split in runs
+    assert len(threads_seen) > 1
 
 
 def test_a_small_warp_runs_in_the_calling_thread(monkeypatch):
     monkeypatch.setattr(warp_module, "host_threads", lambda: 4)
-    monkeypatch.setattr(warp_module, "ThreadPoolExecutor", None)  # any pool would fail
+    seen = []
+    monkeypatch.setattr(warp_module, "parallel", lambda function, items: seen.append(len(items)) or [function(i) for i in items])
     cube = random_cube((15, 17, 7))
     assert warp_cube(cube, MATRICES["shift"], SHAPE).shape == SHAPE + (7,)
+    assert seen == [1]  # under MIN_THREAD_VALUES: one run
 
 
 def test_warp_errors():

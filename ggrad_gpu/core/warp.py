@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import numbers
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import sparse
@@ -27,7 +26,7 @@ from scipy import sparse
 from .._backend import array_module, ndimage_module
 from .._lazy.chunked import is_dask_array, warp_cube_chunked
 from .._memory import block_rows, retry_smaller
-from .._threads import host_threads, spans
+from .._threads import host_threads, parallel, spans
 from .._validation import check_array, check_matrix, float_dtype
 from .geometry import check_output_shape, in_footprint, map_points
 
@@ -170,11 +169,7 @@ def warp_cube(cube, matrix, output_shape, *, order: int = 1, band_chunk: int | N
             # per block stay; their spectra shrink), and the threads' blocks together within one budget.
             bytes_per_point = point_bytes(order, n_bands, dtype.itemsize, spectra=sampler.spectra)
             block = max(1, block_rows((pixels.shape[0], bytes_per_point), 1, xp) // len(runs))
-        if len(runs) == 1:
-            block = resample_span(sampler, bands, runs[0], block)
-        else:
-            with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="ggrad-warp") as pool:
-                block = min(pool.map(lambda span: resample_span(sampler, bands, span, block), runs))
+        block = min(parallel(lambda span: resample_span(sampler, bands, span, block), runs))
         return bands.stop
 
     # Out of memory even with one-pixel blocks: the chunk's set-up holds too
