@@ -22,7 +22,10 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
-__all__ = ["host_threads", "parallel", "spans"]
+__all__ = ["MIN_THREAD_VALUES", "host_threads", "parallel", "spans"]
+
+# Values (of a stage's output or input) a thread gets at least: below this, handing it over costs more than it saves.
+MIN_THREAD_VALUES = 1 << 20
 
 _pool_lock = threading.Lock()
 _pool = None  # one pool for the process, made on first use, as many threads as cores

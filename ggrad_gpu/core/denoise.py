@@ -30,6 +30,7 @@ import numpy as np
 
 from .._backend import array_module, to_device, to_host
 from .._lazy.chunked import is_dask_array
+from .._threads import MIN_THREAD_VALUES, host_threads, parallel, spans
 from .._validation import all_finite, float_dtype
 from .factored import FactoredCube
 
@@ -270,10 +271,18 @@ def _noise(centre, up, down, left, right):
     residual = xp.ascontiguousarray(residual.T)
     # nanmedian sorts band by band; the plain median sorts all at once.
     median = xp.median if all_finite(residual, xp) else xp.nanmedian
-    with warnings.catch_warnings():  # a band without data has no median: NaN, as documented
-        warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
-        middle = median(residual, axis=1)
-        spread = median(xp.abs(residual - middle[:, None]), axis=1)
+
+    def deviation(bands):
+        part = residual[bands[0] : bands[1]]
+        with warnings.catch_warnings():  # a band without data has no median: NaN, as documented
+            warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
+            middle = median(part, axis=1)
+            return median(xp.abs(part - middle[:, None]), axis=1)
+
+    # Each band's median alone: on the host, runs of bands in threads (the selection releases the GIL).
+    threads = host_threads() if xp is np else 1
+    runs = spans(residual.shape[0], threads, minimum=max(1, MIN_THREAD_VALUES // max(residual.shape[1], 1)))
+    spread = xp.concatenate(parallel(deviation, runs))
     return 1.4826 * spread.astype(xp.float64) / math.sqrt(1.25)
 
 

@@ -26,7 +26,7 @@ from scipy import sparse
 from .._backend import array_module, ndimage_module
 from .._lazy.chunked import is_dask_array, warp_cube_chunked
 from .._memory import block_rows, retry_smaller
-from .._threads import host_threads, parallel, spans
+from .._threads import MIN_THREAD_VALUES, host_threads, parallel, spans
 from .._validation import check_array, check_matrix, float_dtype
 from .geometry import check_output_shape, in_footprint, map_points
 
@@ -39,8 +39,6 @@ ORDERS = (1, 3)
 # does for mode="nearest", so that the boundary matches it (the prefilter's
 # pole, sqrt(3) - 2, decays to about 1e-7 over 12 pixels).
 _SPLINE_PAD = 12
-# Output values (points times bands) a thread gets at least: below this, starting it costs more than it saves.
-MIN_THREAD_VALUES = 1 << 20
 
 
 def warp_cube(cube, matrix, output_shape, *, order: int = 1, band_chunk: int | None = None):
