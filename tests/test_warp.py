@@ -215,7 +215,8 @@ def test_threads_do_not_change_the_result(order, monkeypatch):
 def test_a_small_warp_runs_in_the_calling_thread(monkeypatch):
     monkeypatch.setattr(warp_module, "host_threads", lambda: 4)
     seen = []
-    monkeypatch.setattr(warp_module, "parallel", lambda function, items: seen.append(len(items)) or [function(i) for i in items])
+    monkeypatch.setattr(warp_module, "parallel",
+                        lambda function, items: seen.append(len(items)) or [function(i) for i in items])
     cube = random_cube((15, 17, 7))
     assert warp_cube(cube, MATRICES["shift"], SHAPE).shape == SHAPE + (7,)
     assert seen == [1]  # under MIN_THREAD_VALUES: one run

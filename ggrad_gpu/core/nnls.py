@@ -321,7 +321,8 @@ def _asymmetry(gram, tile: int = 256) -> float:
     worst = 0.0
     for i in range(0, n, tile):
         for j in range(i + tile, n, tile):  # tiles above the diagonal; a diagonal tile against itself below
-            worst = max(worst, float(np.abs(gram[i : i + tile, j : j + tile] - gram[j : j + tile, i : i + tile].T).max()))
+            above, below = gram[i : i + tile, j : j + tile], gram[j : j + tile, i : i + tile]
+            worst = max(worst, float(np.abs(above - below.T).max()))
         block = gram[i : i + tile, i : i + tile]
         worst = max(worst, float(np.abs(block - block.T).max()))
     return worst
