@@ -31,6 +31,16 @@ _pool_lock = threading.Lock()
 _pool = None  # one pool for the process, made on first use, as many threads as cores
 
 
+def _forget_pool_in_child() -> None:
+    """A forked child has none of its parent's threads: it makes a pool of its own on first use."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # a fork copies the pool object but not its threads: it would wait for ever
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 @functools.cache
 def _blas_pools():
     """threadpoolctl's controller of the loaded BLAS libraries (built once: a scan of the loaded libraries)."""

@@ -1,5 +1,7 @@
 """ggrad_gpu._threads: the host threads a stage may use, and the pool that runs its parts."""
 
+import multiprocessing
+import os
 import threading
 import time
 
@@ -49,3 +51,21 @@ def test_parallel_waits_for_every_item_before_it_raises():
     with pytest.raises(ValueError, match="first item"):
         parallel(work, range(4))
     assert sorted(finished) == [1, 2, 3]  # none left running behind the error
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork: POSIX only")
+def test_a_forked_child_gets_a_pool_of_its_own():
+    from ggrad_gpu import _threads
+
+    def slow(item):
+        time.sleep(0.05)
+        return item
+
+    parallel(slow, range(4 * _threads._cores()))  # the parent's pool now holds all its threads, idle
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        # The child's copy of the pool counts those threads idle but has none of them: without a
+        # pool of its own, what it hands over would never run.
+        items = list(range(-_threads._cores() - 1, 0))
+        result = pool.apply_async(parallel, (abs, items))
+        assert result.get(timeout=30) == [abs(i) for i in items]
