@@ -208,11 +208,17 @@ def test_peak_memory_is_a_stated_multiple_of_the_input(big_cube, stage):
 
 
 @pytest.mark.parametrize("order", [1, 3])
-def test_smaller_band_chunks_do_not_raise_the_peak(big_cube, order):
+def test_smaller_band_chunks_do_not_raise_the_peak(big_cube, order, monkeypatch):
     # warp_cube's band_chunk: "smaller chunks bound the memory of the cubic
     # prefilter's coefficients and of the per-chunk NaN bookkeeping". Blocks
     # of output points are sized for all bands (their taps do not shrink with
-    # the bands), so a smaller chunk only lowers the peak.
+    # the bands), so a smaller chunk only lowers the peak. One thread: with
+    # two, whether their blocks' temporaries meet at the peak is the
+    # scheduler's choice, which failed this comparison in 2 of 4 runs beside
+    # another test run (the stated multiples above hold either way).
+    import ggrad_gpu.core.warp as warp_module
+
+    monkeypatch.setattr(warp_module, "host_threads", lambda: 1)
     peaks = {}
     for chunk in (None, 8):
         result, peak = traced(lambda: warp_cube(big_cube, AFFINE, BIG[:2], order=order, band_chunk=chunk))

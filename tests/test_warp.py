@@ -212,6 +212,26 @@ def test_threads_do_not_change_the_result(order, monkeypatch):
     assert len(threads_seen) > 1
 
 
+def test_many_threads_share_the_budget_in_blocks_of_an_eighth_at_the_least(monkeypatch):
+    cube = random_cube((15, 17, 7), seed=10)
+    alone = warp_cube(cube, MATRICES["all"], SHAPE)
+    sizes = []
+    real_call = warp_module._Sampler.__call__
+
+    def noted(self, q_rows, q_cols, out):
+        sizes.append(q_rows.shape[0])
+        return real_call(self, q_rows, q_cols, out)
+
+    monkeypatch.setattr(warp_module._Sampler, "__call__", noted)
+    monkeypatch.setattr(warp_module, "MIN_THREAD_VALUES", 1)
+    monkeypatch.setattr(warp_module, "block_rows", lambda shape, itemsize, xp: 80)  # the budget: 80 points
+    for threads, block in ((2, 40), (4, 20), (64, 10)):  # 64 threads: 80 // MAX_BLOCK_SPLIT, not 80 // 64
+        sizes.clear()
+        monkeypatch.setattr(warp_module, "host_threads", lambda threads=threads: threads)
+        np.testing.assert_array_equal(warp_cube(cube, MATRICES["all"], SHAPE), alone)
+        assert max(sizes) == block and sum(sizes) == SHAPE[0] * SHAPE[1]
+
+
 def test_a_small_warp_runs_in_the_calling_thread(monkeypatch):
     monkeypatch.setattr(warp_module, "host_threads", lambda: 4)
     seen = []

@@ -33,6 +33,9 @@ from .geometry import check_output_shape, in_footprint, map_points
 __all__ = ["point_bytes", "warp_cube"]
 
 STAGE = "warp_cube"
+# Threads share one block budget, each a block of budget / threads, but no smaller than
+# budget / MAX_BLOCK_SPLIT: a block's fixed cost (its taps, its sparse matrix) would dominate.
+MAX_BLOCK_SPLIT = 8
 
 ORDERS = (1, 3)
 # Edge padding before the cubic prefilter: what scipy.ndimage.affine_transform
@@ -164,9 +167,10 @@ def warp_cube(cube, matrix, output_shape, *, order: int = 1, band_chunk: int | N
         sampler = _Sampler(cube[:, :, bands], order, dtype, xp)
         if block is None:
             # Sized for all bands, so that a smaller band_chunk only lowers the peak (its points
-            # per block stay; their spectra shrink), and the threads' blocks together within one budget.
+            # per block stay; their spectra shrink), and the threads' blocks together within one
+            # budget; on many cores, within a few (a block an eighth of the budget at the least).
             bytes_per_point = point_bytes(order, n_bands, dtype.itemsize, spectra=sampler.spectra)
-            block = max(1, block_rows((pixels.shape[0], bytes_per_point), 1, xp) // len(runs))
+            block = max(1, block_rows((pixels.shape[0], bytes_per_point), 1, xp) // min(len(runs), MAX_BLOCK_SPLIT))
         block = min(parallel(lambda span: resample_span(sampler, bands, span, block), runs))
         return bands.stop
 
