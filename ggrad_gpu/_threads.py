@@ -22,7 +22,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
-__all__ = ["MIN_THREAD_VALUES", "host_threads", "parallel", "spans"]
+__all__ = ["MIN_THREAD_VALUES", "host_threads", "parallel", "spans", "usable_cores"]
 
 # Values (of a stage's output or input) a thread gets at least: below this, handing it over costs more than it saves.
 MIN_THREAD_VALUES = 1 << 20
@@ -51,7 +51,14 @@ def _blas_pools():
     return ThreadpoolController().select(user_api="blas")
 
 
-def _cores() -> int:
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the system says, else the machine's count).
+
+    Examples
+    --------
+    >>> 1 <= usable_cores() <= (os.cpu_count() or 1)
+    True
+    """
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else max(1, os.cpu_count() or 1)
 
 
@@ -71,7 +78,7 @@ def host_threads() -> int:
     if pools is None or not pools.lib_controllers:
         return 1
     limit = max(int(pool.num_threads) for pool in pools.lib_controllers)
-    return max(1, min(limit, _cores()))
+    return max(1, min(limit, usable_cores()))
 
 
 def spans(count: int, parts: int, *, minimum: int = 1) -> list[tuple[int, int]]:
@@ -114,7 +121,7 @@ def parallel(function, items) -> list:
         return [function(item) for item in items]
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=_cores(), thread_name_prefix="ggrad-host")
+            _pool = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="ggrad-host")
     others = [_pool.submit(function, item) for item in items[1:]]
     try:
         first = function(items[0])

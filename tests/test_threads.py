@@ -61,11 +61,11 @@ def test_a_forked_child_gets_a_pool_of_its_own():
         time.sleep(0.05)
         return item
 
-    parallel(slow, range(4 * _threads._cores()))  # the parent's pool now holds all its threads, idle
+    parallel(slow, range(4 * _threads.usable_cores()))  # the parent's pool now holds all its threads, idle
     context = multiprocessing.get_context("fork")
     with context.Pool(1) as pool:
         # The child's copy of the pool counts those threads idle but has none of them: without a
         # pool of its own, what it hands over would never run.
-        items = list(range(-_threads._cores() - 1, 0))
+        items = list(range(-_threads.usable_cores() - 1, 0))
         result = pool.apply_async(parallel, (abs, items))
         assert result.get(timeout=30) == [abs(i) for i in items]

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import platform
 import statistics
 import time
@@ -60,6 +59,7 @@ import scipy
 import scipy.ndimage as ndi
 
 from .._backend import resolve_backend, to_device, to_host
+from .._threads import usable_cores
 from ..core.estimate import estimate_global_gradient
 from ..core.estimate import combine_bands, level_gram
 from ..core.filters import sobel_magnitude
@@ -673,8 +673,7 @@ def machine(backend: str, quick: bool = False) -> dict:
                 model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
         except OSError:
             pass
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return {"device": f"CPU {model}, {cores} cores", "versions": f"Python {platform.python_version()}, "
+        return {"device": f"CPU {model}, {usable_cores()} cores", "versions": f"Python {platform.python_version()}, "
                 f"NumPy {np.__version__}, SciPy {scipy.__version__}", **limits}
     runtime, index = xp.cuda.runtime, xp.cuda.Device().id
     props = runtime.getDeviceProperties(index)

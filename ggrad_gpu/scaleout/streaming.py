@@ -33,6 +33,7 @@ import numpy as np
 from .._lazy.chunked import chunk_budget, warp_cube_chunked, warp_source_windows
 from .._lazy.window_cache import WindowCache
 from .._memory import trim_freed_memory
+from .._threads import usable_cores
 from .._version import __version__
 from ..core.warp import warp_cube
 from ..refinement.options import WORKING_BYTES_PER_PIXEL, resume_settings
@@ -123,7 +124,7 @@ class StreamPlan:
         free = self.limit - self.guide_bytes
         task = self.store_chunk_bytes + (WRITE_CHUNK_COST + WRITTEN_CHUNK_COST) * chunk_bytes
         cache = CACHE_STORE_CHUNKS * self.store_chunk_bytes
-        cpus = _usable_cpus() if cpus is None else cpus
+        cpus = usable_cores() if cpus is None else cpus
         threads = int(max(1, min(cpus, (free - cache) // max(task, 1))))
         return threads, int(min(cache, max(0, free - threads * task)))
 
@@ -151,16 +152,9 @@ def stream_plan(limit: int, cube, guide_shape, *, store_chunks=None, cpus: int |
     # to read any part of it (the working grid coarsens to fit what is left).
     minimum = fixed + TASK_CHUNKS * store_chunk
     # Tasks take at most half of what the guide leaves; the working grid's 2-D steps the rest.
-    cpus = _usable_cpus() if cpus is None else cpus
+    cpus = usable_cores() if cpus is None else cpus
     threads = int(max(1, min(cpus, (limit - fixed) // 2 // max(task, 1))))
     return StreamPlan(int(limit), threads, chunk_bytes, store_chunk, int(minimum), fixed)
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def check_memory_limit(plan: StreamPlan) -> None:

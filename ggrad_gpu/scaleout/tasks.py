@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import threading
 
+from .._threads import usable_cores
+
 __all__ = ["blas_threads", "default_in_flight", "run_tasks"]
 
 
@@ -44,14 +46,10 @@ def blas_threads(in_flight: int) -> int:
 
     Examples
     --------
-    >>> blas_threads(1) == _cores(), blas_threads(10 * _cores())
+    >>> blas_threads(1) == usable_cores(), blas_threads(10 * usable_cores())
     (True, 1)
     """
-    return max(1, _cores() // max(1, int(in_flight)))
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else max(1, os.cpu_count() or 1)
+    return max(1, usable_cores() // max(1, int(in_flight)))
 
 
 def run_tasks(function, arguments, *, client=None, max_in_flight=None, on_done=None) -> list:
