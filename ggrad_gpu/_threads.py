@@ -22,7 +22,9 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
-__all__ = ["MIN_THREAD_VALUES", "host_threads", "parallel", "spans", "usable_cores"]
+import numpy as np
+
+__all__ = ["MIN_THREAD_VALUES", "host_runs", "host_threads", "parallel", "spans", "usable_cores"]
 
 # Values (of a stage's output or input) a thread gets at least: below this, handing it over costs more than it saves.
 MIN_THREAD_VALUES = 1 << 20
@@ -101,6 +103,24 @@ def spans(count: int, parts: int, *, minimum: int = 1) -> list[tuple[int, int]]:
     for index in range(parts):
         bounds.append(bounds[-1] + base + (index < extra))
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+def host_runs(count: int, item_values: int, xp) -> list[tuple[int, int]]:
+    """``count`` items of ``item_values`` values each, in runs for :func:`parallel`.
+
+    On the host, one run per thread of :func:`host_threads`, each of at
+    least :data:`MIN_THREAD_VALUES` values; on a device (``xp`` not NumPy),
+    one run.
+
+    Examples
+    --------
+    >>> host_runs(10, 1 << 20, np) == spans(10, host_threads())
+    True
+    >>> host_runs(10, 1 << 20, None), host_runs(10, 8, np)  # another array module; too little work to share
+    ([(0, 10)], [(0, 10)])
+    """
+    threads = host_threads() if xp is np else 1
+    return spans(count, threads, minimum=max(1, MIN_THREAD_VALUES // max(int(item_values), 1)))
 
 
 def parallel(function, items) -> list:

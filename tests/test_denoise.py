@@ -42,14 +42,14 @@ def test_band_noise_recovers_known_noise_per_band(xp):
 
 @pytest.mark.parametrize("missing", [False, True])
 def test_band_noise_is_the_same_from_any_number_of_threads(monkeypatch, missing):
-    import ggrad_gpu.core.denoise as denoise
+    import ggrad_gpu._threads as threads_module
 
     cube = np.random.default_rng(3).standard_normal((40, 50, 9)).astype(np.float32) * np.arange(1, 10)
     if missing:
         cube[5, 6, 2] = np.nan  # nanmedian's path
         cube[:, :, 7] = np.nan  # a band without data: NaN
-    monkeypatch.setattr(denoise, "MIN_THREAD_VALUES", 1)
-    monkeypatch.setattr(denoise, "host_threads", lambda: 1)
+    monkeypatch.setattr(threads_module, "MIN_THREAD_VALUES", 1)
+    monkeypatch.setattr(threads_module, "host_threads", lambda: 1)
     alone = band_noise(cube)
     residual = (cube[1:-1, 1:-1] - 0.25 * (cube[:-2, 1:-1] + cube[2:, 1:-1] + cube[1:-1, :-2] + cube[1:-1, 2:]))
     residual = residual.reshape(-1, 9)
@@ -58,7 +58,7 @@ def test_band_noise_is_the_same_from_any_number_of_threads(monkeypatch, missing)
         mad = np.nanmedian(np.abs(residual - np.nanmedian(residual, axis=0)), axis=0)
     np.testing.assert_allclose(alone, 1.4826 * mad / np.sqrt(1.25), rtol=1e-6)
     for threads in (2, 4, 9, 20):
-        monkeypatch.setattr(denoise, "host_threads", lambda threads=threads: threads)
+        monkeypatch.setattr(threads_module, "host_threads", lambda threads=threads: threads)
         np.testing.assert_array_equal(band_noise(cube), alone)
 
 

@@ -216,9 +216,9 @@ def test_smaller_band_chunks_do_not_raise_the_peak(big_cube, order, monkeypatch)
     # two, whether their blocks' temporaries meet at the peak is the
     # scheduler's choice, which failed this comparison in 2 of 4 runs beside
     # another test run (the stated multiples above hold either way).
-    import ggrad_gpu.core.warp as warp_module
+    import ggrad_gpu._threads as threads_module
 
-    monkeypatch.setattr(warp_module, "host_threads", lambda: 1)
+    monkeypatch.setattr(threads_module, "host_threads", lambda: 1)
     peaks = {}
     for chunk in (None, 8):
         result, peak = traced(lambda: warp_cube(big_cube, AFFINE, BIG[:2], order=order, band_chunk=chunk))

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
+import ggrad_gpu._threads as threads_module
 import ggrad_gpu.core.warp as warp_module
 from ggrad_gpu import warp_cube
 from ggrad_gpu.synthetic import affine_about_center
@@ -184,8 +185,8 @@ def test_threads_do_not_change_the_result(order, monkeypatch):
     cube = random_cube((15, 17, 7), seed=9)
     cube[4, 5, 2] = np.nan  # the renormalised and the nearest-NaN paths use each thread's scratch
     matrix = MATRICES["all"]
-    monkeypatch.setattr(warp_module, "MIN_THREAD_VALUES", 1)
-    monkeypatch.setattr(warp_module, "host_threads", lambda: 1)
+    monkeypatch.setattr(threads_module, "MIN_THREAD_VALUES", 1)
+    monkeypatch.setattr(threads_module, "host_threads", lambda: 1)
     alone = warp_cube(cube, matrix, SHAPE, order=order)
     reference = scipy_per_band(np.nan_to_num(cube), matrix, SHAPE, order)
     inside = footprint(cube.shape[:2], matrix, SHAPE)
@@ -206,7 +207,7 @@ def test_threads_do_not_change_the_result(order, monkeypatch):
     monkeypatch.setattr(warp_module, "parallel", counted)
     monkeypatch.setattr(warp_module, "block_rows", lambda shape, itemsize, xp: 5)  # several blocks per thread
     for threads in (2, 3, 1000):  # 1000: one pixel per thread at most
-        monkeypatch.setattr(warp_module, "host_threads", lambda threads=threads: threads)
+        monkeypatch.setattr(threads_module, "host_threads", lambda threads=threads: threads)
         np.testing.assert_array_equal(warp_cube(cube, matrix, SHAPE, order=order, band_chunk=3), alone)
     assert runs == [2] * 3 + [3] * 3 + [SHAPE[0] * SHAPE[1]] * 3  # each chunk of bands split in runs
     assert len(threads_seen) > 1
@@ -223,17 +224,17 @@ def test_many_threads_share_the_budget_in_blocks_of_an_eighth_at_the_least(monke
         return real_call(self, q_rows, q_cols, out)
 
     monkeypatch.setattr(warp_module._Sampler, "__call__", noted)
-    monkeypatch.setattr(warp_module, "MIN_THREAD_VALUES", 1)
+    monkeypatch.setattr(threads_module, "MIN_THREAD_VALUES", 1)
     monkeypatch.setattr(warp_module, "block_rows", lambda shape, itemsize, xp: 80)  # the budget: 80 points
     for threads, block in ((2, 40), (4, 20), (64, 10)):  # 64 threads: 80 // MAX_BLOCK_SPLIT, not 80 // 64
         sizes.clear()
-        monkeypatch.setattr(warp_module, "host_threads", lambda threads=threads: threads)
+        monkeypatch.setattr(threads_module, "host_threads", lambda threads=threads: threads)
         np.testing.assert_array_equal(warp_cube(cube, MATRICES["all"], SHAPE), alone)
         assert max(sizes) == block and sum(sizes) == SHAPE[0] * SHAPE[1]
 
 
 def test_a_small_warp_runs_in_the_calling_thread(monkeypatch):
-    monkeypatch.setattr(warp_module, "host_threads", lambda: 4)
+    monkeypatch.setattr(threads_module, "host_threads", lambda: 4)
     seen = []
     monkeypatch.setattr(warp_module, "parallel",
                         lambda function, items: seen.append(len(items)) or [function(i) for i in items])

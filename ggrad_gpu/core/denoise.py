@@ -30,7 +30,7 @@ import numpy as np
 
 from .._backend import array_module, to_device, to_host
 from .._lazy.chunked import is_dask_array
-from .._threads import MIN_THREAD_VALUES, host_threads, parallel, spans
+from .._threads import host_runs, parallel
 from .._validation import all_finite, float_dtype
 from .factored import FactoredCube
 
@@ -280,9 +280,7 @@ def _noise(centre, up, down, left, right):
             return median(xp.abs(part - middle[:, None]), axis=1)
 
     # Each band's median alone: on the host, runs of bands in threads (the selection releases the GIL).
-    threads = host_threads() if xp is np else 1
-    runs = spans(residual.shape[0], threads, minimum=max(1, MIN_THREAD_VALUES // max(residual.shape[1], 1)))
-    spread = xp.concatenate(parallel(deviation, runs))
+    spread = xp.concatenate(parallel(deviation, host_runs(residual.shape[0], residual.shape[1], xp)))
     return 1.4826 * spread.astype(xp.float64) / math.sqrt(1.25)
 
 

@@ -26,7 +26,7 @@ from scipy import sparse
 from .._backend import array_module, ndimage_module
 from .._lazy.chunked import is_dask_array, warp_cube_chunked
 from .._memory import block_rows, retry_smaller
-from .._threads import MIN_THREAD_VALUES, host_threads, parallel, spans
+from .._threads import host_runs, parallel
 from .._validation import check_array, check_matrix, float_dtype
 from .geometry import check_output_shape, in_footprint, map_points
 
@@ -158,8 +158,7 @@ def warp_cube(cube, matrix, output_shape, *, order: int = 1, band_chunk: int | N
     # On the host, runs of output pixels in threads (SciPy's sparse product and NumPy's
     # loops release the GIL; each output pixel is computed alone, so the values do not
     # depend on the runs). Fresh output pages are faulted in by both threads too.
-    threads = host_threads() if xp is np else 1
-    runs = spans(pixels.shape[0], threads, minimum=max(1, MIN_THREAD_VALUES // max(n_bands, 1)))
+    runs = host_runs(pixels.shape[0], n_bands, xp)
 
     def resample_chunk(first, size):
         nonlocal block  # the block size that last fitted (kept when this chunk fails)
